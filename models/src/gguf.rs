@@ -1,0 +1,147 @@
+//! Reading GGUF files: typed metadata access and tensor loading.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::QTensor;
+use candle_core::Device;
+
+use crate::error::{ModelError, Result};
+
+/// An open GGUF file: its parsed header (metadata and tensor infos) and a
+/// reader positioned for tensor loads.
+pub struct GgufFile {
+    path: PathBuf,
+    content: Content,
+    reader: BufReader<File>,
+}
+
+impl GgufFile {
+    /// Opens `path` and parses its header; tensors are read later, on demand.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut reader = BufReader::new(file);
+        let content = Content::read(&mut reader).map_err(|e| ModelError::BadFormat {
+            path: path.to_path_buf(),
+            format: "GGUF",
+            message: e.to_string(),
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            content,
+            reader,
+        })
+    }
+
+    /// The file this was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Total bytes of tensor data, as declared by the tensor infos.
+    pub fn tensor_bytes(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let elems = t.shape.elem_count();
+                (elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+            })
+            .sum()
+    }
+
+    /// Whether the file has a tensor called `name`.
+    pub fn has_tensor(&self, name: &str) -> bool {
+        self.content.tensor_infos.contains_key(name)
+    }
+
+    /// Reads tensor `name` onto `device`, keeping its quantized type.
+    pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
+        if !self.has_tensor(name) {
+            return Err(ModelError::Tensor {
+                name: name.to_string(),
+                message: "missing from the weight file".into(),
+            });
+        }
+        Ok(self.content.tensor(&mut self.reader, name, device)?)
+    }
+
+    fn value(&self, key: &str) -> Result<&Value> {
+        self.content
+            .metadata
+            .get(key)
+            .ok_or_else(|| ModelError::Metadata {
+                key: key.to_string(),
+                message: "missing".into(),
+            })
+    }
+
+    fn typed<T>(&self, key: &str, f: impl FnOnce(&Value) -> candle_core::Result<T>) -> Result<T> {
+        f(self.value(key)?).map_err(|e| ModelError::Metadata {
+            key: key.to_string(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Whether a metadata key is present.
+    pub fn has(&self, key: &str) -> bool {
+        self.content.metadata.contains_key(key)
+    }
+
+    /// A string value.
+    pub fn string(&self, key: &str) -> Result<String> {
+        self.typed(key, |v| v.to_string().cloned())
+    }
+
+    /// An unsigned integer value of any width.
+    pub fn u32(&self, key: &str) -> Result<u32> {
+        self.typed(key, |v| match v {
+            Value::U64(x) => u32::try_from(*x)
+                .map_err(|_| candle_core::Error::Msg(format!("{x} does not fit in u32"))),
+            Value::I32(x) => {
+                u32::try_from(*x).map_err(|_| candle_core::Error::Msg(format!("{x} is negative")))
+            }
+            v => v.to_u32(),
+        })
+    }
+
+    /// An optional unsigned integer value.
+    pub fn opt_u32(&self, key: &str) -> Result<Option<u32>> {
+        if self.has(key) {
+            self.u32(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// A float value.
+    pub fn f32(&self, key: &str) -> Result<f32> {
+        self.typed(key, |v| v.to_f32())
+    }
+
+    /// A boolean value.
+    pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        if self.has(key) {
+            self.typed(key, |v| v.to_bool()).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// An array of strings.
+    pub fn strings(&self, key: &str) -> Result<Vec<String>> {
+        self.typed(key, |v| {
+            v.to_vec()?.iter().map(|x| x.to_string().cloned()).collect()
+        })
+    }
+
+    /// An array of integers (token types and the like).
+    pub fn i32s(&self, key: &str) -> Result<Vec<i32>> {
+        self.typed(key, |v| v.to_vec()?.iter().map(|x| x.to_i32()).collect())
+    }
+}

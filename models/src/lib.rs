@@ -1,0 +1,18 @@
+//! Kindling's models room: architectures, weight loading (GGUF), tokenizers
+//! and chat templates from the weight files, sampling, and per-sequence KV
+//! caches. Knows nothing of the engine, registry or HTTP above it.
+
+pub mod chat_template;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod llama;
+pub mod sampling;
+pub mod text;
+pub mod tokenizer;
+
+pub use candle_core::Device;
+pub use chat_template::ChatMessage;
+pub use error::{ModelError, Result};
+pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};
+pub use text::{Detokenizer, StopMatcher, StopOutcome, TextModel};

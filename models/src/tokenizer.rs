@@ -1,0 +1,246 @@
+//! Tokenizers built from GGUF metadata: vocabulary, merges, token types and
+//! special tokens all come from the weight file, no side files.
+
+use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+
+/// GGUF token types (`tokenizer.ggml.token_type`).
+const TOKEN_CONTROL: i32 = 3;
+const TOKEN_USER_DEFINED: i32 = 4;
+
+/// Control tokens that end a turn in the chat formats we know.
+const END_OF_GENERATION: &[&str] = &[
+    "<|endoftext|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "</s>",
+];
+
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// A byte-level BPE tokenizer with the model's special tokens.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    token_bytes: Vec<Vec<u8>>,
+    bos: Option<(u32, String)>,
+    eos: Option<(u32, String)>,
+    add_bos: bool,
+    end_of_generation: Vec<u32>,
+}
+
+impl Tokenizer {
+    /// Builds the tokenizer that `gguf` describes.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
+        let model = gguf.string("tokenizer.ggml.model")?;
+        if model != "gpt2" {
+            return Err(ModelError::Tokenizer(format!(
+                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is)"
+            )));
+        }
+        let tokens = gguf.strings("tokenizer.ggml.tokens")?;
+        let types = if gguf.has("tokenizer.ggml.token_type") {
+            gguf.i32s("tokenizer.ggml.token_type")?
+        } else {
+            vec![1; tokens.len()]
+        };
+        let merges = gguf
+            .strings("tokenizer.ggml.merges")?
+            .into_iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let vocab: Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        let pre = if gguf.has("tokenizer.ggml.pre") {
+            gguf.string("tokenizer.ggml.pre")?
+        } else {
+            "default".to_string()
+        };
+        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+        inner.with_decoder(Some(ByteLevel::default()));
+        let specials: Vec<AddedToken> = tokens
+            .iter()
+            .zip(&types)
+            .filter(|(_, ty)| matches!(**ty, TOKEN_CONTROL | TOKEN_USER_DEFINED))
+            .map(|(t, ty)| AddedToken::from(t.clone(), *ty == TOKEN_CONTROL))
+            .collect();
+        inner.add_special_tokens(&specials);
+
+        let special_id = |key: &str| -> Result<Option<(u32, String)>> {
+            Ok(match gguf.opt_u32(key)? {
+                Some(id) => tokens.get(id as usize).map(|t| (id, t.clone())),
+                None => None,
+            })
+        };
+        let bos = special_id("tokenizer.ggml.bos_token_id")?;
+        let eos = special_id("tokenizer.ggml.eos_token_id")?;
+        let mut end_of_generation: Vec<u32> = tokens
+            .iter()
+            .zip(&types)
+            .enumerate()
+            .filter(|(_, (t, ty))| **ty == TOKEN_CONTROL && END_OF_GENERATION.contains(&t.as_str()))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some((id, _)) = special_id(key)? {
+                end_of_generation.push(id);
+            }
+        }
+        end_of_generation.extend(eos.as_ref().map(|(id, _)| *id));
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+
+        let token_bytes = tokens
+            .iter()
+            .zip(&types)
+            .map(|(t, ty)| {
+                if matches!(*ty, TOKEN_CONTROL | TOKEN_USER_DEFINED) {
+                    t.as_bytes().to_vec()
+                } else {
+                    byte_level_bytes(t)
+                }
+            })
+            .collect();
+        Ok(Self {
+            inner,
+            token_bytes,
+            bos,
+            eos,
+            add_bos: gguf
+                .opt_bool("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(false),
+            end_of_generation,
+        })
+    }
+
+    /// Tokenizes `text`, reading special tokens written in it (as chat
+    /// templates produce them), and adds BOS when the model asks for it.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some((bos, _)) = &self.bos {
+            if self.add_bos && ids.first() != Some(bos) {
+                ids.insert(0, *bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Text of `ids`, leaving out control tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
+    /// The raw bytes one token stands for (control tokens: their text).
+    pub fn token_bytes(&self, id: u32) -> &[u8] {
+        self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether generating `id` ends the sequence.
+    pub fn is_end_of_generation(&self, id: u32) -> bool {
+        self.end_of_generation.binary_search(&id).is_ok()
+    }
+
+    /// The beginning-of-sequence token's text, for chat templates.
+    pub fn bos_text(&self) -> &str {
+        self.bos.as_ref().map_or("", |(_, t)| t)
+    }
+
+    /// The end-of-sequence token's text, for chat templates.
+    pub fn eos_text(&self) -> &str {
+        self.eos.as_ref().map_or("", |(_, t)| t)
+    }
+
+    /// Number of tokens in the vocabulary.
+    pub fn vocab_size(&self) -> usize {
+        self.token_bytes.len()
+    }
+}
+
+fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
+    let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
+    let split = |re: &str| -> Result<PreTokenizerWrapper> {
+        let pattern = SplitPattern::Regex(re.to_string());
+        let split = Split::new(pattern, SplitDelimiterBehavior::Isolated, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(Sequence::new(vec![split.into(), byte_level(false).into()]).into())
+    };
+    match pre {
+        // GPT-2's split, with every digit a token of its own.
+        "smollm" | "starcoder" | "refact" => {
+            Ok(Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into())
+        }
+        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
+        "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
+        "gpt2" | "gpt-2" | "default" => Ok(byte_level(true).into()),
+        other => Err(ModelError::Tokenizer(format!(
+            "pre-tokenizer `{other}` is not supported (smollm, llama-bpe, qwen2, gpt2 are)"
+        ))),
+    }
+}
+
+/// Undoes GPT-2's byte-to-unicode mapping: printable bytes map to themselves,
+/// the rest to U+0100 onwards in byte order.
+fn byte_level_bytes(token: &str) -> Vec<u8> {
+    let printable =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let shifted: Vec<u8> = (0u32..=255)
+        .filter(|b| !printable(*b))
+        .map(|b| b as u8)
+        .collect();
+    token
+        .chars()
+        .flat_map(|c| {
+            let c = c as u32;
+            if printable(c) {
+                vec![c as u8]
+            } else if let Some(b) = c.checked_sub(256).and_then(|i| shifted.get(i as usize)) {
+                vec![*b]
+            } else {
+                // Not a byte-level symbol: keep its UTF-8 form.
+                char::from_u32(c).map_or_else(Vec::new, |ch| ch.to_string().into_bytes())
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::byte_level_bytes;
+
+    #[test]
+    fn byte_level_symbols_map_back_to_bytes() {
+        assert_eq!(byte_level_bytes("Ġhello"), b" hello");
+        assert_eq!(byte_level_bytes("Ċ"), b"\n");
+        // "é" is two UTF-8 bytes, written as two byte-level symbols.
+        assert_eq!(byte_level_bytes("Ã©"), "é".as_bytes());
+    }
+}
