@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Regenerates tests/data/llama_cpp_reference.json: greedy token ids from llama.cpp.
+
+For each fixed prompt, llama.cpp (through llama-cpp-python) tokenizes the prompt
+and greedily decodes 32 tokens (argmax of the logits, no sampling, no penalties,
+continuing past end-of-turn tokens). `greedy_margins` records, per step, how far
+llama.cpp's chosen logit is above its runner-up: where that margin is small,
+two correct implementations may pick differently. `clear_text` is the output
+up to the first such near-tie (`clear_steps` tokens). Chat prompts are rendered first with the
+chat template stored in the GGUF, by Jinja2, as Hugging Face renders them.
+Kindling's known-answer tests must reproduce the prompt ids and the 32 ids.
+
+    python3 -m venv .venv-ref && .venv-ref/bin/pip install llama-cpp-python==0.3.36 jinja2 numpy
+    .venv-ref/bin/python scripts/llama_cpp_reference.py store/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+"""
+import json
+import sys
+from pathlib import Path
+
+import jinja2
+import llama_cpp
+import numpy as np
+
+STEPS = 32
+# Margins (in logits) under which llama.cpp's own choice is a near-tie.
+NEAR_TIE = 0.3
+COMPLETIONS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+CHATS = [
+    [{"role": "user", "content": "What is 2 + 2?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant."},
+        {"role": "user", "content": "Name three colours of the rainbow."},
+    ],
+]
+
+
+def render(template: str, messages, bos: str, eos: str) -> str:
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos
+    )
+
+
+def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
+    # Without logits_all, llama.cpp keeps only the last position's logits.
+    return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+
+def greedy(llm: llama_cpp.Llama, prompt_ids):
+    llm.reset()
+    llm.eval(prompt_ids)
+    out, margins = [], []
+    for _ in range(STEPS):
+        logits = last_logits(llm)
+        top2 = np.argsort(logits)[-2:]
+        tok = int(top2[1])
+        out.append(tok)
+        margins.append(round(float(logits[top2[1]] - logits[top2[0]]), 4))
+        llm.eval([tok])
+    return out, margins
+
+
+def main() -> None:
+    gguf = Path(sys.argv[1])
+    out_path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("tests/data/llama_cpp_reference.json")
+    llm = llama_cpp.Llama(str(gguf), n_ctx=2048, n_threads=2, seed=0, verbose=False)
+    meta = llm.metadata
+    template = meta["tokenizer.chat_template"]
+    tok = lambda i: llm.detokenize([i], special=True).decode("utf-8", "replace")
+    bos = tok(int(meta["tokenizer.ggml.bos_token_id"]))
+    eos = tok(int(meta["tokenizer.ggml.eos_token_id"]))
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
+    cases = [{"kind": "completion", "prompt": p} for p in COMPLETIONS]
+    cases += [{"kind": "chat", "messages": m, "prompt": render(template, m, bos, eos)} for m in CHATS]
+    for case in cases:
+        ids = llm.tokenize(case["prompt"].encode(), add_bos=add_bos, special=True)
+        case["prompt_ids"] = ids
+        case["greedy_ids"], case["greedy_margins"] = greedy(llm, ids)
+        case["greedy_text"] = llm.detokenize(case["greedy_ids"]).decode("utf-8", "replace")
+        clear = next((i for i, m in enumerate(case["greedy_margins"]) if m < NEAR_TIE), STEPS)
+        case["clear_steps"] = clear
+        case["clear_text"] = llm.detokenize(case["greedy_ids"][:clear]).decode("utf-8", "replace")
+    doc = {
+        "generator": f"llama-cpp-python {llama_cpp.__version__}, greedy argmax, n_ctx 2048",
+        "model": gguf.name,
+        "steps": STEPS,
+        "cases": cases,
+    }
+    out_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {len(cases)} cases to {out_path}")
+
+
+if __name__ == "__main__":
+    main()
