@@ -1,0 +1,242 @@
+//! The engine room: one worker per loaded model, on its own OS thread, fed
+//! by a bounded queue. Callers submit a validated request and read a stream
+//! of events; dropping the stream cancels the request.
+
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kindling_models::{ChatMessage, SamplingParams};
+use tokio::sync::{mpsc, oneshot};
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, tokenized as is.
+    Text(String),
+    /// Token ids, used as is.
+    Tokens(Vec<u32>),
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The input.
+    pub prompt: Prompt,
+    /// Most tokens to generate per choice; `None` = up to the context length.
+    pub max_tokens: Option<usize>,
+    /// Stop sequences; the output ends before the first one.
+    pub stop: Vec<String>,
+    /// Choices to generate from the one prompt.
+    pub n: usize,
+    /// Sampling parameters of choice 0; choice `i` uses seed `seed + i`.
+    pub sampling: SamplingParams,
+    /// Prefix each choice's text with the prompt text (legacy completions `echo`).
+    pub echo: bool,
+    /// Keep generating past end-of-turn tokens (benchmarks, fixed-length tests).
+    pub ignore_eos: bool,
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-turn token or stop sequence.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+}
+
+/// One alternative in a log-probability report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenAlternative {
+    /// The token's text (lossy where it is a partial UTF-8 sequence).
+    pub token: String,
+    /// Its raw bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+}
+
+/// Log-probability of one generated token and its top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub chosen: TokenAlternative,
+    /// The most likely tokens at that step.
+    pub top: Vec<TokenAlternative>,
+}
+
+/// What a worker reports while it serves a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// The prompt was accepted; generation begins.
+    Started {
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+    },
+    /// New text for one choice (may be empty when only log-probabilities are new).
+    Delta {
+        /// The choice.
+        index: usize,
+        /// The text.
+        text: String,
+        /// Log-probabilities of the tokens behind this text, when asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// A choice ended.
+    Finished {
+        /// The choice.
+        index: usize,
+        /// Why.
+        reason: FinishReason,
+        /// Tokens generated for it.
+        completion_tokens: usize,
+    },
+    /// The request failed; no more events follow.
+    Failed(EngineError),
+}
+
+/// The engine room's errors.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    /// The model's waiting queue is full.
+    #[error("model `{model}` has {queue} requests waiting; try again shortly")]
+    QueueFull {
+        /// The model.
+        model: String,
+        /// The queue's capacity.
+        queue: usize,
+    },
+    /// Prompt plus requested tokens exceed what a sequence may hold.
+    #[error("this model's maximum context length is {context} tokens; the prompt has {prompt_tokens} tokens and {max_tokens} more were requested")]
+    ContextLengthExceeded {
+        /// The model's context length.
+        context: usize,
+        /// Tokens in the prompt.
+        prompt_tokens: usize,
+        /// Tokens requested (at least 1 when left open).
+        max_tokens: usize,
+    },
+    /// The input itself is unusable (empty prompt, token id out of range, …).
+    #[error("{message}")]
+    InvalidInput {
+        /// The request parameter at fault.
+        param: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// The model could not be loaded.
+    #[error("model `{model}` failed to load: {reason}")]
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+    },
+    /// The model failed while computing.
+    #[error("model computation failed: {0}")]
+    Compute(String),
+    /// The worker is gone (shutting down).
+    #[error("model `{0}` is shutting down")]
+    Stopped(String),
+}
+
+/// Where and how to load a text model.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// The model's id, for logs and errors.
+    pub model: String,
+    /// The GGUF file.
+    pub path: PathBuf,
+    /// Cap on positions per sequence (default: the trained context).
+    pub context_length: Option<usize>,
+    /// Requests that may wait for the worker before new ones are refused.
+    pub queue_size: usize,
+}
+
+/// Facts about a loaded model.
+#[derive(Debug, Clone)]
+pub struct LoadedInfo {
+    /// Positions one sequence may hold.
+    pub context_length: usize,
+    /// Bytes of weights in the file.
+    pub weight_bytes: u64,
+}
+
+pub(crate) struct Job {
+    request: GenerateRequest,
+    events: mpsc::Sender<GenerateEvent>,
+}
+
+/// A cloneable way to reach a model's worker. The worker exits, and frees the
+/// model, when the last handle is dropped.
+#[derive(Clone)]
+pub struct EngineHandle {
+    model: Arc<str>,
+    queue_size: usize,
+    jobs: mpsc::Sender<Job>,
+    info: Arc<LoadedInfo>,
+}
+
+/// Events are buffered this deep per request before the worker waits for
+/// the client to catch up.
+const EVENT_BUFFER: usize = 256;
+
+impl EngineHandle {
+    /// Queues `request`; its events arrive on the returned receiver.
+    /// Dropping the receiver cancels the request at the next token.
+    pub fn submit(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        self.jobs
+            .try_send(Job { request, events })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
+                    model: self.model.to_string(),
+                    queue: self.queue_size,
+                },
+                mpsc::error::TrySendError::Closed(_) => {
+                    EngineError::Stopped(self.model.to_string())
+                }
+            })?;
+        Ok(rx)
+    }
+
+    /// Facts about the loaded model.
+    pub fn info(&self) -> &LoadedInfo {
+        &self.info
+    }
+}
+
+/// Starts a worker thread that loads the model described by `spec`, and
+/// resolves once it is ready to serve (or failed to load).
+pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
+    let (jobs, rx) = mpsc::channel(spec.queue_size.max(1));
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let name = format!("model-{}", spec.model);
+    let model: Arc<str> = Arc::from(spec.model.as_str());
+    let queue_size = spec.queue_size;
+    let thread_spec = spec.clone();
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || worker::run_worker(thread_spec, rx, ready_tx))
+        .map_err(|e| EngineError::LoadFailed {
+            model: spec.model.clone(),
+            reason: format!("cannot start worker thread: {e}"),
+        })?;
+    let info = ready_rx.await.map_err(|_| EngineError::LoadFailed {
+        model: spec.model.clone(),
+        reason: "the worker thread died while loading".into(),
+    })??;
+    Ok(EngineHandle {
+        model,
+        queue_size,
+        jobs,
+        info: Arc::new(info),
+    })
+}

@@ -1,0 +1,335 @@
+//! `POST /v1/chat/completions`.
+
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use kindling_models::ChatMessage;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::generation::{self, finish_name, Generation, SseItem};
+use super::log::RequestLog;
+use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
+use super::AppState;
+use crate::engine::{GenerateEvent, GenerateRequest, Prompt, TokenAlternative, TokenLogprob};
+use crate::registry::Purpose;
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    pub model: String,
+    pub messages: Vec<MessageIn>,
+    pub max_tokens: Option<i64>,
+    pub max_completion_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    pub logprobs: bool,
+    pub top_logprobs: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// One input message.
+#[derive(Debug, Deserialize)]
+pub struct MessageIn {
+    pub role: String,
+    #[serde(default)]
+    pub content: Option<Content>,
+}
+
+/// Message content: a string, or a list of parts of which we read the text ones.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+/// One content part.
+#[derive(Debug, Deserialize)]
+pub struct Part {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub text: Option<String>,
+}
+
+const MAX_TOP_LOGPROBS: i64 = 20;
+
+fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if input.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must contain at least one message",
+        ));
+    }
+    input
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = match m.role.as_str() {
+                "system" | "developer" => "system",
+                "user" => "user",
+                "assistant" => "assistant",
+                other => {
+                    return Err(ApiError::invalid(
+                        &format!("messages[{i}].role"),
+                        format!("role `{other}` is not supported (system, developer, user, assistant are)"),
+                    ))
+                }
+            };
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!("content part of type `{kind}` is not supported by this model (text is)"),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage { role: role.to_string(), content })
+        })
+        .collect()
+}
+
+/// The handler.
+pub async fn handle(
+    State(state): State<AppState>,
+    Extension(log): Extension<RequestLog>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    state.accepting()?;
+    log.model(&req.model);
+    log.user(req.sampling.user.as_deref());
+    let messages = messages(&req.messages)?;
+    let top_logprobs = match (req.logprobs, req.top_logprobs) {
+        (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}, got {k}"),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let max_tokens = match token_limit("max_completion_tokens", req.max_completion_tokens)? {
+        Some(m) => Some(m),
+        None => token_limit("max_tokens", req.max_tokens)?,
+    };
+    let defaults = state.registry.text_defaults(&req.model, Purpose::Chat)?;
+    let sampling = req.sampling.validate(&defaults, top_logprobs)?;
+    let request = GenerateRequest {
+        prompt: Prompt::Chat(messages),
+        max_tokens: max_tokens.or(defaults.max_tokens.map(|m| m as usize)),
+        stop: sampling.stop,
+        n: sampling.n,
+        sampling: sampling.params,
+        echo: false,
+        ignore_eos: req.sampling.ignore_eos,
+    };
+    let handle = state.registry.acquire(&req.model).await?;
+    let gen = generation::start(&handle, vec![request])
+        .await
+        .map_err(|e| e.param_or("messages"))?;
+    let meta = Meta {
+        id: format!("chatcmpl-{}", log.id()),
+        created: unix_now(),
+        model: req.model.clone(),
+        logprobs: req.logprobs,
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(generation::sse_response(
+            stream(gen, meta, include_usage, log.clone()),
+            log,
+        ));
+    }
+    let (choices, usage) = gen.collect().await?;
+    log.tokens(usage.prompt_tokens, usage.completion_tokens);
+    let choices = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| Choice {
+            index,
+            message: MessageOut {
+                role: "assistant",
+                content: c.text,
+                refusal: None,
+            },
+            logprobs: meta.logprobs.then(|| Logprobs::new(&c.logprobs)),
+            finish_reason: c.finish_reason.map(finish_name),
+        })
+        .collect();
+    let body = ChatCompletion {
+        id: meta.id,
+        object: "chat.completion",
+        created: meta.created,
+        model: meta.model,
+        choices,
+        usage,
+    };
+    Ok(Json(body).into_response())
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+}
+
+fn stream(
+    mut gen: Generation,
+    meta: Meta,
+    include_usage: bool,
+    log: RequestLog,
+) -> impl Stream<Item = SseItem> {
+    async_stream::stream! {
+        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
+            id: &meta.id,
+            object: "chat.completion.chunk",
+            created: meta.created,
+            model: &meta.model,
+            choices,
+            usage,
+        };
+        let choice = |index, delta, logprobs, finish_reason| ChunkChoice { index, delta, logprobs, finish_reason };
+        for index in 0..gen.choices {
+            let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
+            yield SseItem::chunk(&chunk(vec![choice(index, delta, None, None)], None));
+        }
+        while let Some(event) = gen.next().await {
+            match event {
+                GenerateEvent::Delta { index, text, logprobs } => {
+                    let lp = meta.logprobs.then(|| Logprobs::new(&logprobs));
+                    let delta = Delta { role: None, content: Some(text) };
+                    yield SseItem::chunk(&chunk(vec![choice(index, delta, lp, None)], None));
+                }
+                GenerateEvent::Finished { index, reason, .. } => {
+                    let delta = Delta { role: None, content: None };
+                    yield SseItem::chunk(&chunk(vec![choice(index, delta, None, Some(finish_name(reason)))], None));
+                }
+                GenerateEvent::Failed(e) => {
+                    yield SseItem::Error(e.into());
+                    return;
+                }
+                GenerateEvent::Started { .. } => {}
+            }
+        }
+        let usage = gen.usage.usage();
+        log.tokens(usage.prompt_tokens, usage.completion_tokens);
+        if include_usage {
+            yield SseItem::chunk(&chunk(Vec::new(), Some(usage)));
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ChatCompletion {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+    choices: Vec<Choice>,
+    usage: Usage,
+}
+
+#[derive(Serialize)]
+struct Choice {
+    index: usize,
+    message: MessageOut,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct MessageOut {
+    role: &'static str,
+    content: String,
+    refusal: Option<String>,
+}
+
+#[derive(Serialize)]
+struct ChatCompletionChunk<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<ChunkChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct ChunkChoice {
+    index: usize,
+    delta: Delta,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct Delta {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    role: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Logprobs {
+    content: Vec<LogprobEntry>,
+    refusal: Option<Vec<LogprobEntry>>,
+}
+
+#[derive(Serialize)]
+struct LogprobEntry {
+    token: String,
+    logprob: f32,
+    bytes: Vec<u8>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    top_logprobs: Option<Vec<LogprobEntry>>,
+}
+
+impl LogprobEntry {
+    fn new(alt: &TokenAlternative, top: Option<&[TokenAlternative]>) -> Self {
+        Self {
+            token: alt.token.clone(),
+            logprob: alt.logprob,
+            bytes: alt.bytes.clone(),
+            top_logprobs: top.map(|t| t.iter().map(|a| Self::new(a, None)).collect()),
+        }
+    }
+}
+
+impl Logprobs {
+    fn new(tokens: &[TokenLogprob]) -> Self {
+        Self {
+            content: tokens
+                .iter()
+                .map(|t| LogprobEntry::new(&t.chosen, Some(&t.top)))
+                .collect(),
+            refusal: None,
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! `POST /v1/completions` (the legacy text-completion API).
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Extension, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::ApiJson;
+use super::generation::{self, finish_name, Generation, SseItem};
+use super::log::RequestLog;
+use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
+use super::AppState;
+use crate::engine::{GenerateEvent, GenerateRequest, Prompt, TokenLogprob};
+use crate::registry::Purpose;
+
+/// The request body.
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    pub model: String,
+    pub prompt: PromptIn,
+    pub max_tokens: Option<i64>,
+    #[serde(default)]
+    pub stream: bool,
+    pub stream_options: Option<StreamOptions>,
+    pub logprobs: Option<i64>,
+    #[serde(default)]
+    pub echo: bool,
+    pub suffix: Option<String>,
+    pub best_of: Option<i64>,
+    #[serde(flatten)]
+    pub sampling: SamplingFields,
+}
+
+/// `prompt`: a string, a list of strings, token ids, or a list of token-id lists.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Tokens(Vec<u32>),
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// OpenAI's default for this endpoint.
+const DEFAULT_MAX_TOKENS: usize = 16;
+const MAX_LOGPROBS: i64 = 5;
+const MAX_PROMPTS: usize = 64;
+
+fn prompts(p: PromptIn) -> Result<Vec<Prompt>, ApiError> {
+    let prompts: Vec<Prompt> = match p {
+        PromptIn::Text(t) => vec![Prompt::Text(t)],
+        PromptIn::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+        PromptIn::Tokens(ids) => vec![Prompt::Tokens(ids)],
+        PromptIn::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+    };
+    if prompts.is_empty() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "`prompt` must not be an empty list",
+        ));
+    }
+    if prompts.len() > MAX_PROMPTS {
+        return Err(ApiError::invalid(
+            "prompt",
+            format!(
+                "at most {MAX_PROMPTS} prompts per request, got {}",
+                prompts.len()
+            ),
+        ));
+    }
+    Ok(prompts)
+}
+
+/// The handler.
+pub async fn handle(
+    State(state): State<AppState>,
+    Extension(log): Extension<RequestLog>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    state.accepting()?;
+    log.model(&req.model);
+    log.user(req.sampling.user.as_deref());
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid(
+            "suffix",
+            "`suffix` (fill-in-the-middle) is not supported",
+        ));
+    }
+    let top_logprobs = match req.logprobs {
+        Some(k) if !(0..=MAX_LOGPROBS).contains(&k) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                format!("`logprobs` must be between 0 and {MAX_LOGPROBS}, got {k}"),
+            ))
+        }
+        k => k.map(|k| k as usize),
+    };
+    if req.echo && top_logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "echo",
+            "`echo` with `logprobs` (prompt log-probabilities) is not supported",
+        ));
+    }
+    let max_tokens = token_limit("max_tokens", req.max_tokens)?;
+    let defaults = state
+        .registry
+        .text_defaults(&req.model, Purpose::Completion)?;
+    let sampling = req.sampling.validate(&defaults, top_logprobs)?;
+    if req.best_of.is_some_and(|b| b != sampling.n as i64) {
+        return Err(ApiError::invalid(
+            "best_of",
+            "`best_of` is not supported unless equal to `n`",
+        ));
+    }
+    let requests = prompts(req.prompt)?
+        .into_iter()
+        .map(|prompt| GenerateRequest {
+            prompt,
+            max_tokens: Some(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+            stop: sampling.stop.clone(),
+            n: sampling.n,
+            sampling: sampling.params.clone(),
+            echo: req.echo,
+            ignore_eos: req.sampling.ignore_eos,
+        })
+        .collect();
+    let handle = state.registry.acquire(&req.model).await?;
+    let gen = generation::start(&handle, requests)
+        .await
+        .map_err(|e| e.param_or("prompt"))?;
+    let meta = Meta {
+        id: format!("cmpl-{}", log.id()),
+        created: unix_now(),
+        model: req.model.clone(),
+        logprobs: top_logprobs.is_some(),
+    };
+    if req.stream {
+        let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
+        return Ok(generation::sse_response(
+            stream(gen, meta, include_usage, log.clone()),
+            log,
+        ));
+    }
+    let (choices, usage) = gen.collect().await?;
+    log.tokens(usage.prompt_tokens, usage.completion_tokens);
+    let choices = choices
+        .into_iter()
+        .enumerate()
+        .map(|(index, c)| Choice {
+            index,
+            logprobs: meta.logprobs.then(|| Logprobs::new(&c.logprobs, 0)),
+            text: c.text,
+            finish_reason: c.finish_reason.map(finish_name),
+        })
+        .collect();
+    let body = Completion {
+        id: &meta.id,
+        object: "text_completion",
+        created: meta.created,
+        model: &meta.model,
+        choices,
+        usage: Some(usage),
+    };
+    Ok(Json(body).into_response())
+}
+
+struct Meta {
+    id: String,
+    created: u64,
+    model: String,
+    logprobs: bool,
+}
+
+fn stream(
+    mut gen: Generation,
+    meta: Meta,
+    include_usage: bool,
+    log: RequestLog,
+) -> impl Stream<Item = SseItem> {
+    async_stream::stream! {
+        let chunk = |choices: Vec<Choice>, usage: Option<Usage>| Completion {
+            id: &meta.id,
+            object: "text_completion",
+            created: meta.created,
+            model: &meta.model,
+            choices,
+            usage,
+        };
+        // Text offsets continue across chunks, per choice.
+        let mut offsets = vec![0usize; gen.choices];
+        while let Some(event) = gen.next().await {
+            match event {
+                GenerateEvent::Delta { index, text, logprobs } => {
+                    let start = offsets.get(index).copied().unwrap_or(0);
+                    let lp = meta.logprobs.then(|| Logprobs::new(&logprobs, start));
+                    if let Some(o) = offsets.get_mut(index) {
+                        *o += text.len();
+                    }
+                    yield SseItem::chunk(&chunk(vec![Choice { index, text, logprobs: lp, finish_reason: None }], None));
+                }
+                GenerateEvent::Finished { index, reason, .. } => {
+                    let choice = Choice { index, text: String::new(), logprobs: None, finish_reason: Some(finish_name(reason)) };
+                    yield SseItem::chunk(&chunk(vec![choice], None));
+                }
+                GenerateEvent::Failed(e) => {
+                    yield SseItem::Error(e.into());
+                    return;
+                }
+                GenerateEvent::Started { .. } => {}
+            }
+        }
+        let usage = gen.usage.usage();
+        log.tokens(usage.prompt_tokens, usage.completion_tokens);
+        if include_usage {
+            yield SseItem::chunk(&chunk(Vec::new(), Some(usage)));
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Completion<'a> {
+    id: &'a str,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    choices: Vec<Choice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    usage: Option<Usage>,
+}
+
+#[derive(Serialize)]
+struct Choice {
+    index: usize,
+    text: String,
+    logprobs: Option<Logprobs>,
+    finish_reason: Option<&'static str>,
+}
+
+/// The legacy log-probability layout: parallel arrays.
+#[derive(Serialize)]
+struct Logprobs {
+    tokens: Vec<String>,
+    token_logprobs: Vec<f32>,
+    top_logprobs: Vec<BTreeMap<String, f32>>,
+    text_offset: Vec<usize>,
+}
+
+impl Logprobs {
+    fn new(tokens: &[TokenLogprob], start: usize) -> Self {
+        let mut offset = start;
+        let mut out = Self {
+            tokens: vec![],
+            token_logprobs: vec![],
+            top_logprobs: vec![],
+            text_offset: vec![],
+        };
+        for t in tokens {
+            out.tokens.push(t.chosen.token.clone());
+            out.token_logprobs.push(t.chosen.logprob);
+            out.top_logprobs
+                .push(t.top.iter().map(|a| (a.token.clone(), a.logprob)).collect());
+            out.text_offset.push(offset);
+            offset += t.chosen.bytes.len();
+        }
+        out
+    }
+}

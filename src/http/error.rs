@@ -1,0 +1,207 @@
+//! Every error a client can see, in the OpenAI shape
+//! (`{"error": {"message", "type", "param", "code"}}`), and the one place
+//! where errors of the rooms below become HTTP status codes.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::engine::EngineError;
+use crate::registry::RegistryError;
+
+/// An error response.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// OpenAI `type`.
+    pub kind: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// The request parameter at fault.
+    pub param: Option<String>,
+    /// Machine-readable code.
+    pub code: Option<&'static str>,
+    /// Seconds to wait before retrying (sets `Retry-After`).
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Detail<'a>,
+}
+
+/// The inner object of an error body; also sent as an SSE event when a
+/// stream fails after it started.
+#[derive(Serialize)]
+pub struct Detail<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400: a parameter has a bad value.
+    pub fn invalid(param: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message).param(param)
+    }
+
+    /// 400: the request is malformed as a whole.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    /// 404 for a path no route serves.
+    pub fn no_route(method: &str, path: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            format!("no route for {method} {path}"),
+        )
+        .code("not_found")
+    }
+
+    /// 405 for a known path with another method.
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            "method not allowed on this path",
+        )
+        .code("method_not_allowed")
+    }
+
+    /// 413: the body is over the configured limit.
+    pub fn too_large(limit: u64) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+        .code("request_too_large")
+    }
+
+    /// 503: the daemon is shutting down.
+    pub fn shutting_down() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the server is shutting down",
+        )
+        .code("shutting_down")
+        .retry(1)
+    }
+
+    /// Sets the parameter at fault.
+    pub fn param(mut self, param: &str) -> Self {
+        self.param = Some(param.to_string());
+        self
+    }
+
+    /// Sets the parameter at fault unless one is already named.
+    pub fn param_or(mut self, param: &str) -> Self {
+        if self.param.is_none() {
+            self.param = Some(param.to_string());
+        }
+        self
+    }
+
+    fn code(mut self, code: &'static str) -> Self {
+        self.code = Some(code);
+        self
+    }
+
+    fn retry(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds);
+        self
+    }
+
+    /// The inner error object.
+    pub fn detail(&self) -> Detail<'_> {
+        Detail {
+            message: &self.message,
+            kind: self.kind,
+            param: self.param.as_deref(),
+            code: self.code,
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = e.to_string();
+        match e {
+            EngineError::QueueFull { .. } => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+                    .code("rate_limit_exceeded")
+                    .retry(1)
+            }
+            EngineError::ContextLengthExceeded { .. } => {
+                Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+                    .code("context_length_exceeded")
+            }
+            EngineError::InvalidInput { param, .. } => Self::invalid(param, message),
+            EngineError::LoadFailed { .. } => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("model_load_failed")
+                    .retry(5)
+            }
+            EngineError::Stopped(_) => Self::shutting_down(),
+            EngineError::Compute(_) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+                    .code("internal_error")
+            }
+        }
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let message = e.to_string();
+        match e {
+            RegistryError::NotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+                    .param("model")
+                    .code("model_not_found")
+            }
+            RegistryError::WrongKind { .. } => {
+                Self::invalid("model", message).code("model_not_supported")
+            }
+            RegistryError::Engine(e) => e.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::warn!(status = self.status.as_u16(), code = ?self.code, "{}", self.message);
+        }
+        let mut resp = (
+            self.status,
+            Json(Body {
+                error: self.detail(),
+            }),
+        )
+            .into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}

@@ -1,0 +1,222 @@
+//! Plumbing shared by the text endpoints: submitting to the engine, waiting
+//! for the prompt to be accepted (so its errors get a proper status), then
+//! either collecting every event or streaming them as server-sent events.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::error::ApiError;
+use super::log::RequestLog;
+use super::wire::Usage;
+use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
+
+type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send>>;
+
+/// A running generation: one engine request per prompt, their choices
+/// numbered prompt by prompt.
+pub struct Generation {
+    events: EventStream,
+    /// Choices over all prompts.
+    pub choices: usize,
+    /// Token counts so far.
+    pub usage: UsageCounter,
+}
+
+/// Counts tokens as events pass.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct UsageCounter {
+    prompt: usize,
+    completion: usize,
+}
+
+impl UsageCounter {
+    fn observe(&mut self, event: &GenerateEvent) {
+        match event {
+            GenerateEvent::Started { prompt_tokens } => self.prompt += prompt_tokens,
+            GenerateEvent::Finished {
+                completion_tokens, ..
+            } => self.completion += completion_tokens,
+            _ => {}
+        }
+    }
+
+    /// The totals.
+    pub fn usage(&self) -> Usage {
+        Usage::new(self.prompt, self.completion)
+    }
+}
+
+fn renumber(event: GenerateEvent, offset: usize) -> GenerateEvent {
+    match event {
+        GenerateEvent::Delta {
+            index,
+            text,
+            logprobs,
+        } => GenerateEvent::Delta {
+            index: index + offset,
+            text,
+            logprobs,
+        },
+        GenerateEvent::Finished {
+            index,
+            reason,
+            completion_tokens,
+        } => GenerateEvent::Finished {
+            index: index + offset,
+            reason,
+            completion_tokens,
+        },
+        other => other,
+    }
+}
+
+/// Submits `requests` (one per prompt) and waits until the first prompt is
+/// accepted. Later prompts report their errors in the event stream.
+pub async fn start(
+    handle: &EngineHandle,
+    requests: Vec<GenerateRequest>,
+) -> Result<Generation, ApiError> {
+    let per_prompt = requests.first().map_or(1, |r| r.n);
+    let choices = per_prompt * requests.len();
+    let mut receivers = Vec::with_capacity(requests.len());
+    for request in requests {
+        receivers.push(handle.submit(request)?);
+    }
+    let mut usage = UsageCounter::default();
+    if let Some(first) = receivers.first_mut() {
+        match first.recv().await {
+            Some(event @ GenerateEvent::Started { .. }) => usage.observe(&event),
+            Some(GenerateEvent::Failed(e)) => return Err(e.into()),
+            Some(_) | None => {
+                return Err(crate::engine::EngineError::Compute(
+                    "the model worker stopped unexpectedly".into(),
+                )
+                .into())
+            }
+        }
+    }
+    let streams = receivers
+        .into_iter()
+        .enumerate()
+        .map(|(i, rx)| ReceiverStream::new(rx).map(move |e| renumber(e, i * per_prompt)));
+    Ok(Generation {
+        events: Box::pin(futures::stream::select_all(streams)),
+        choices,
+        usage,
+    })
+}
+
+/// One finished choice.
+#[derive(Debug, Default)]
+pub struct ChoiceOutput {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    pub finish_reason: Option<FinishReason>,
+}
+
+impl Generation {
+    /// The next event, with usage counted. A stream that ends before every
+    /// choice finished means the worker died.
+    pub async fn next(&mut self) -> Option<GenerateEvent> {
+        let event = self.events.next().await?;
+        self.usage.observe(&event);
+        Some(event)
+    }
+
+    /// Runs to the end and returns every choice.
+    pub async fn collect(mut self) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
+        let mut out: Vec<ChoiceOutput> =
+            (0..self.choices).map(|_| ChoiceOutput::default()).collect();
+        while let Some(event) = self.next().await {
+            match event {
+                GenerateEvent::Delta {
+                    index,
+                    text,
+                    logprobs,
+                } => {
+                    if let Some(c) = out.get_mut(index) {
+                        c.text.push_str(&text);
+                        c.logprobs.extend(logprobs);
+                    }
+                }
+                GenerateEvent::Finished { index, reason, .. } => {
+                    if let Some(c) = out.get_mut(index) {
+                        c.finish_reason = Some(reason);
+                    }
+                }
+                GenerateEvent::Failed(e) => return Err(e.into()),
+                GenerateEvent::Started { .. } => {}
+            }
+        }
+        if out.iter().any(|c| c.finish_reason.is_none()) {
+            return Err(
+                crate::engine::EngineError::Compute("generation ended early".into()).into(),
+            );
+        }
+        Ok((out, self.usage.usage()))
+    }
+}
+
+/// The wire name of a finish reason.
+pub fn finish_name(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length => "length",
+    }
+}
+
+/// One SSE payload.
+pub enum SseItem {
+    /// A chunk, serialized as JSON.
+    Chunk(serde_json::Value),
+    /// A failure after the stream started: an error object, then the end.
+    Error(ApiError),
+}
+
+impl SseItem {
+    /// A chunk from any serializable value.
+    pub fn chunk<T: Serialize>(value: &T) -> Self {
+        match serde_json::to_value(value) {
+            Ok(v) => SseItem::Chunk(v),
+            Err(e) => SseItem::Error(crate::engine::EngineError::Compute(e.to_string()).into()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorEvent<'a> {
+    error: super::error::Detail<'a>,
+}
+
+/// A `text/event-stream` response: each item as `data: {json}`, then
+/// `data: [DONE]`. The request's log line is written when the stream ends
+/// or the client goes away.
+pub fn sse_response<S>(items: S, log: RequestLog) -> Response
+where
+    S: Stream<Item = SseItem> + Send + 'static,
+{
+    let stream = async_stream::stream! {
+        let _log = log.finish_on_drop();
+        let mut items = std::pin::pin!(items);
+        while let Some(item) = items.next().await {
+            match item {
+                SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v.to_string())),
+                SseItem::Error(e) => {
+                    let body = serde_json::json!(ErrorEvent { error: e.detail() });
+                    yield Ok(Event::default().data(body.to_string()));
+                    return;
+                }
+            }
+        }
+        yield Ok(Event::default().data("[DONE]"));
+    };
+    let mut resp = Sse::new(stream).into_response();
+    resp.extensions_mut().insert(super::log::Deferred);
+    resp
+}

@@ -1,0 +1,28 @@
+//! Liveness and readiness probes (also under KServe's `/v2/health/*`).
+
+use std::sync::atomic::Ordering;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::AppState;
+
+/// 200 while the process serves HTTP at all.
+pub async fn live() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// 200 while new requests are accepted; 503 once shutdown has begun, so
+/// load balancers stop sending traffic while in-flight requests drain.
+pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
+    if state.draining.load(Ordering::SeqCst) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+    } else {
+        (StatusCode::OK, Json(json!({ "status": "ready" })))
+    }
+}

@@ -1,0 +1,164 @@
+//! One structured log line per request: id, method, path, status, model,
+//! token counts and latency. Streaming responses log when the stream ends.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+/// Marks a response whose log line is written later, by its body stream.
+#[derive(Clone, Copy)]
+pub struct Deferred;
+
+#[derive(Default)]
+struct Fields {
+    model: Option<String>,
+    user: Option<String>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+}
+
+struct Inner {
+    id: String,
+    method: String,
+    path: String,
+    started: Instant,
+    status: Mutex<u16>,
+    fields: Mutex<Fields>,
+    done: AtomicBool,
+}
+
+/// A request's log record; handlers add the model and token counts.
+#[derive(Clone)]
+pub struct RequestLog(Arc<Inner>);
+
+impl RequestLog {
+    /// The request id (from `x-request-id`, or generated).
+    pub fn id(&self) -> &str {
+        &self.0.id
+    }
+
+    fn fields(&self) -> std::sync::MutexGuard<'_, Fields> {
+        self.0.fields.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the model the request is for.
+    pub fn model(&self, model: &str) {
+        self.fields().model = Some(model.to_string());
+    }
+
+    /// Records the end-user id the client sent.
+    pub fn user(&self, user: Option<&str>) {
+        self.fields().user = user.map(str::to_string);
+    }
+
+    /// Records token counts.
+    pub fn tokens(&self, prompt: usize, completion: usize) {
+        let mut f = self.fields();
+        f.prompt_tokens = prompt;
+        f.completion_tokens = completion;
+    }
+
+    /// Writes the line now (once).
+    fn finish(&self, note: &str) {
+        if self.0.done.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let f = self.fields();
+        // 499: the client closed the connection before a response was sent.
+        let status = match *self.0.status.lock().unwrap_or_else(|e| e.into_inner()) {
+            0 => 499,
+            s => s,
+        };
+        let latency_ms = self.0.started.elapsed().as_secs_f64() * 1e3;
+        let quiet = self.0.path.starts_with("/health") || self.0.path.starts_with("/v2/health");
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    request_id = %self.0.id,
+                    method = %self.0.method,
+                    path = %self.0.path,
+                    status,
+                    model = f.model.as_deref().unwrap_or("-"),
+                    user = f.user.as_deref().unwrap_or("-"),
+                    prompt_tokens = f.prompt_tokens,
+                    completion_tokens = f.completion_tokens,
+                    latency_ms = format_args!("{latency_ms:.1}"),
+                    "{note}"
+                )
+            };
+        }
+        if quiet {
+            line!(debug);
+        } else {
+            line!(info);
+        }
+    }
+
+    /// A guard that writes the line when dropped: at the end of a stream,
+    /// or when the client disconnects mid-stream.
+    pub fn finish_on_drop(&self) -> FinishOnDrop {
+        FinishOnDrop {
+            log: self.clone(),
+            note: "request (stream ended)",
+            armed: true,
+        }
+    }
+}
+
+/// See [`RequestLog::finish_on_drop`].
+pub struct FinishOnDrop {
+    log: RequestLog,
+    note: &'static str,
+    armed: bool,
+}
+
+impl Drop for FinishOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.log.finish(self.note);
+        }
+    }
+}
+
+/// Middleware: assigns the request id, lets handlers fill in the record,
+/// and logs the line (or leaves it to a streaming body).
+pub async fn log_requests(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
+    let log = RequestLog(Arc::new(Inner {
+        id: id.clone(),
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        started: Instant::now(),
+        status: Mutex::new(0),
+        fields: Mutex::new(Fields::default()),
+        done: AtomicBool::new(false),
+    }));
+    req.extensions_mut().insert(log.clone());
+    // Written if the client disconnects before the handler answers.
+    let mut abandoned = FinishOnDrop {
+        log: log.clone(),
+        note: "request (client disconnected)",
+        armed: true,
+    };
+    let mut resp = next.run(req).await;
+    abandoned.armed = false;
+    let status: StatusCode = resp.status();
+    *log.0.status.lock().unwrap_or_else(|e| e.into_inner()) = status.as_u16();
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    if resp.extensions().get::<Deferred>().is_none() {
+        log.finish("request");
+    }
+    resp
+}

@@ -1,0 +1,248 @@
+//! Wire types and validation shared by the OpenAI text endpoints.
+
+use kindling_models::SamplingParams;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use crate::config::GenerationDefaults;
+
+/// `stop`: one string or a list.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum StopSpec {
+    /// A single stop sequence.
+    One(String),
+    /// Up to four stop sequences.
+    Many(Vec<String>),
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a last chunk with token usage.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields common to chat and text completions, including the
+/// extensions (`top_k`, `min_p`, `repetition_penalty`) other servers accept.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SamplingFields {
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+    pub n: Option<i64>,
+    pub stop: Option<StopSpec>,
+    pub presence_penalty: Option<f32>,
+    pub frequency_penalty: Option<f32>,
+    pub seed: Option<i64>,
+    /// End-user id; recorded in the request log.
+    pub user: Option<String>,
+    pub top_k: Option<i64>,
+    pub min_p: Option<f32>,
+    pub repetition_penalty: Option<f32>,
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+/// Token counts of a response.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+impl Usage {
+    pub fn new(prompt_tokens: usize, completion_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        }
+    }
+}
+
+/// The validated sampling part of a request.
+#[derive(Debug, Clone)]
+pub struct ValidSampling {
+    pub params: SamplingParams,
+    pub stop: Vec<String>,
+    pub n: usize,
+}
+
+/// Most choices one request may ask for.
+pub const MAX_N: i64 = 128;
+/// Most stop sequences.
+pub const MAX_STOP: usize = 4;
+
+fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32, lo_open: bool) -> Result<(), ApiError> {
+    match v {
+        Some(x) if x.is_nan() || x > hi || x < lo || (lo_open && x == lo) => {
+            let open = if lo_open { "(" } else { "[" };
+            Err(ApiError::invalid(
+                param,
+                format!("`{param}` must be in {open}{lo}, {hi}], got {x}"),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
+impl SamplingFields {
+    /// Checks every value, then fills what the request left out from the
+    /// model's defaults and OpenAI's.
+    pub fn validate(
+        &self,
+        defaults: &GenerationDefaults,
+        top_logprobs: Option<usize>,
+    ) -> Result<ValidSampling, ApiError> {
+        in_range("temperature", self.temperature, 0.0, 2.0, false)?;
+        in_range("top_p", self.top_p, 0.0, 1.0, true)?;
+        in_range("presence_penalty", self.presence_penalty, -2.0, 2.0, false)?;
+        in_range(
+            "frequency_penalty",
+            self.frequency_penalty,
+            -2.0,
+            2.0,
+            false,
+        )?;
+        in_range("min_p", self.min_p, 0.0, 1.0, false)?;
+        in_range(
+            "repetition_penalty",
+            self.repetition_penalty,
+            0.0,
+            10.0,
+            true,
+        )?;
+        let n = self.n.unwrap_or(1);
+        if !(1..=MAX_N).contains(&n) {
+            return Err(ApiError::invalid(
+                "n",
+                format!("`n` must be between 1 and {MAX_N}, got {n}"),
+            ));
+        }
+        let top_k = match self.top_k {
+            None => defaults.top_k.unwrap_or(0) as usize,
+            Some(-1) => 0,
+            Some(k) if k >= 0 => usize::try_from(k).unwrap_or(usize::MAX),
+            Some(k) => {
+                return Err(ApiError::invalid(
+                    "top_k",
+                    format!("`top_k` must be -1 (off), 0 (off) or positive, got {k}"),
+                ))
+            }
+        };
+        let stop = match &self.stop {
+            None => Vec::new(),
+            Some(StopSpec::One(s)) => vec![s.clone()],
+            Some(StopSpec::Many(v)) => v.clone(),
+        };
+        if stop.len() > MAX_STOP {
+            return Err(ApiError::invalid(
+                "stop",
+                format!(
+                    "at most {MAX_STOP} stop sequences are allowed, got {}",
+                    stop.len()
+                ),
+            ));
+        }
+        if stop.iter().any(String::is_empty) {
+            return Err(ApiError::invalid(
+                "stop",
+                "stop sequences must not be empty",
+            ));
+        }
+        let params = SamplingParams {
+            temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
+            top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
+            top_k,
+            min_p: self.min_p.or(defaults.min_p).unwrap_or(0.0),
+            presence_penalty: self.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+            repetition_penalty: self
+                .repetition_penalty
+                .or(defaults.repetition_penalty)
+                .unwrap_or(1.0),
+            // Same seed + same request = same output; no seed = a fresh one.
+            seed: self.seed.map_or_else(rand::random, |s| s as u64),
+            top_logprobs,
+        };
+        Ok(ValidSampling {
+            params,
+            stop,
+            n: n as usize,
+        })
+    }
+}
+
+/// Validates a token limit named `param` (at least 1).
+pub fn token_limit(param: &str, v: Option<i64>) -> Result<Option<usize>, ApiError> {
+    match v {
+        None => Ok(None),
+        Some(x) if x >= 1 => Ok(Some(usize::try_from(x).unwrap_or(usize::MAX))),
+        Some(x) => Err(ApiError::invalid(
+            param,
+            format!("`{param}` must be at least 1, got {x}"),
+        )),
+    }
+}
+
+/// Seconds since the Unix epoch, for `created`.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(json: &str) -> SamplingFields {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn bad_values_name_their_parameter() {
+        let d = GenerationDefaults::default();
+        for (json, param) in [
+            (r#"{"temperature": -0.1}"#, "temperature"),
+            (r#"{"temperature": 2.5}"#, "temperature"),
+            (r#"{"top_p": 0}"#, "top_p"),
+            (r#"{"top_p": 1.5}"#, "top_p"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"presence_penalty": 3}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -2.5}"#, "frequency_penalty"),
+            (r#"{"top_k": -3}"#, "top_k"),
+            (r#"{"min_p": 1.1}"#, "min_p"),
+            (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (r#"{"stop": ["a","b","c","d","e"]}"#, "stop"),
+            (r#"{"stop": ""}"#, "stop"),
+        ] {
+            let err = fields(json).validate(&d, None).unwrap_err();
+            assert_eq!(err.param.as_deref(), Some(param), "{json}");
+            assert_eq!(err.status, 400);
+        }
+    }
+
+    #[test]
+    fn defaults_fill_gaps_and_requests_win() {
+        let d = GenerationDefaults {
+            temperature: Some(0.3),
+            top_k: Some(40),
+            ..Default::default()
+        };
+        let v = fields(r#"{"stop": "x", "seed": 5}"#)
+            .validate(&d, Some(2))
+            .unwrap();
+        assert_eq!(v.params.temperature, 0.3);
+        assert_eq!(v.params.top_k, 40);
+        assert_eq!(v.params.seed, 5);
+        assert_eq!(v.params.top_logprobs, Some(2));
+        assert_eq!(v.stop, vec!["x".to_string()]);
+        let v = fields(r#"{"temperature": 0, "top_k": -1}"#)
+            .validate(&d, None)
+            .unwrap();
+        assert_eq!((v.params.temperature, v.params.top_k), (0.0, 0));
+    }
+}

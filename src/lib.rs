@@ -1,0 +1,9 @@
+//! Kindling: a self-hosted model-serving daemon with an OpenAI-compatible API.
+//!
+//! Rooms, each depending only on those to its right:
+//! `http` → `registry` → `engine` → `kindling_models` → `kindling_kernels`.
+
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod registry;

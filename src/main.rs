@@ -1,0 +1,152 @@
+//! The `kindling` binary: parse the command line, read the config, wire the
+//! rooms together, serve.
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kindling::config::{Config, Environment};
+use kindling::http::{self, AppState};
+use kindling::registry::Registry;
+use tracing_subscriber::EnvFilter;
+
+/// Kindling: a self-hosted model-serving daemon with an OpenAI-compatible API.
+///
+/// Models are declared in manifests and loaded on the first request for them.
+#[derive(Parser)]
+#[command(name = "kindling", version, about, long_about = None)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the daemon and serve the OpenAI-compatible API.
+    ///
+    /// The listen address is, in order of precedence: --listen, then
+    /// 0.0.0.0:$PORT when the PORT environment variable is set (as Knative
+    /// does), then `server.listen` in the config file, then 127.0.0.1:8080.
+    /// Logs go to stdout; RUST_LOG sets the filter (default: info).
+    /// SIGTERM or Ctrl-C stops accepting requests, lets in-flight ones finish
+    /// for up to `server.shutdown_timeout`, and exits 0.
+    Serve {
+        /// The daemon's settings file.
+        #[arg(
+            long,
+            short,
+            value_name = "PATH",
+            default_value = "configs/kindling.toml"
+        )]
+        config: PathBuf,
+        /// Address and port to listen on, e.g. 127.0.0.1:8080 or 0.0.0.0:80
+        /// (port 0 picks a free one).
+        #[arg(long, short, value_name = "ADDR:PORT")]
+        listen: Option<SocketAddr>,
+    },
+    /// Check the config and manifests, and list the models they declare.
+    Models {
+        /// The daemon's settings file.
+        #[arg(
+            long,
+            short,
+            value_name = "PATH",
+            default_value = "configs/kindling.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(env: &Environment) {
+    let filter = env
+        .rust_log
+        .as_deref()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .init();
+}
+
+async fn serve(config: Config) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+    let addr = listener.local_addr()?;
+    let registry = Arc::new(Registry::new(&config));
+    let state = AppState::new(registry.clone(), config.server.max_body_size);
+    tracing::info!(
+        config = %config.path.display(),
+        models = config.models.len(),
+        "listening on http://{addr}"
+    );
+    http::serve(
+        listener,
+        state,
+        shutdown_signal(),
+        config.server.shutdown_timeout,
+    )
+    .await?;
+    registry.unload_all();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let env = Environment::from_process();
+    match args.command {
+        Command::Serve { config, listen } => {
+            init_logging(&env);
+            let config = Config::load(&config, listen, &env)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(serve(config))
+        }
+        Command::Models { config } => {
+            let config = Config::load(&config, None, &env)?;
+            for m in config.models.values() {
+                println!("{}\t{:?}\t{}", m.id, m.kind, m.weights.path.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kindling: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
