@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs Kindling's whole test suite on a fresh machine:
+#   1. fetches the demo models (skipped when present and verified),
+#   2. runs every Rust test (unit, known-answer, HTTP integration),
+#   3. drives the daemon with the official OpenAI Python client, in a venv.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+scripts/fetch-models.sh
+
+cargo test --workspace --locked
+
+venv=${KINDLING_TEST_VENV:-$root/.venv}
+if [[ ! -x $venv/bin/python ]]; then
+    python3 -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+cargo build --locked --bin kindling
+KINDLING_BIN="$root/target/debug/kindling" "$venv/bin/python" -m pytest -q tests/python

@@ -1,0 +1,232 @@
+//! `/v1/chat/completions` over HTTP against the real daemon and model.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn chat(content: &str, extra: Value) -> Value {
+    let mut body = json!({
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+    });
+    body.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    body
+}
+
+#[tokio::test]
+async fn non_streaming_chat_has_the_openai_shape() {
+    let server = Server::start();
+    let (status, headers, body) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat(
+            "What is 2 + 2?",
+            json!({"temperature": 0, "max_tokens": 40}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(headers.contains_key("x-request-id"));
+    assert_eq!(body["object"], "chat.completion");
+    assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert_eq!(body["model"], MODEL);
+    assert!(body["created"].as_u64().unwrap() > 1_600_000_000);
+    let choice = &body["choices"][0];
+    assert_eq!(choice["index"], 0);
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap();
+    assert!(content.contains('4'), "{content}");
+    assert_eq!(choice["finish_reason"], "stop");
+    let usage = &body["usage"];
+    let (p, c) = (
+        usage["prompt_tokens"].as_u64().unwrap(),
+        usage["completion_tokens"].as_u64().unwrap(),
+    );
+    // The template adds SmolLM's default system prompt: the prompt is far longer than the question.
+    assert!(p > 20, "{usage}");
+    assert!((1..=40).contains(&c));
+    assert_eq!(usage["total_tokens"].as_u64().unwrap(), p + c);
+}
+
+#[tokio::test]
+async fn streaming_chat_sends_role_content_finish_usage_and_done() {
+    let server = Server::start();
+    let params = json!({"temperature": 0, "max_tokens": 12, "ignore_eos": true});
+    let (_, _, whole) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("Tell me about the sea.", params.clone()),
+    )
+    .await;
+    let mut stream_params = params;
+    stream_params["stream"] = json!(true);
+    stream_params["stream_options"] = json!({"include_usage": true});
+    let data = post_stream(
+        &server,
+        "/v1/chat/completions",
+        &chat("Tell me about the sea.", stream_params),
+    )
+    .await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert!(chunks.iter().all(|c| c["id"] == chunks[0]["id"]));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .filter_map(|ch| ch["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(
+        text,
+        whole["choices"][0]["message"]["content"].as_str().unwrap()
+    );
+    let finishes: Vec<&Value> = chunks
+        .iter()
+        .flat_map(|c| c["choices"].as_array().unwrap())
+        .map(|ch| &ch["finish_reason"])
+        .filter(|f| !f.is_null())
+        .collect();
+    assert_eq!(finishes, vec![&json!("length")]);
+    let last = chunks.last().unwrap();
+    assert_eq!(last["choices"].as_array().unwrap().len(), 0);
+    assert_eq!(last["usage"]["completion_tokens"], 12);
+    assert_eq!(last["usage"], whole["usage"]);
+}
+
+#[tokio::test]
+async fn streaming_without_include_usage_sends_no_usage() {
+    let server = Server::start();
+    let data = post_stream(
+        &server,
+        "/v1/chat/completions",
+        &chat("Hi", json!({"max_tokens": 4, "stream": true})),
+    )
+    .await;
+    assert_eq!(data.last().unwrap(), "[DONE]");
+    for d in &data[..data.len() - 1] {
+        let v: Value = serde_json::from_str(d).unwrap();
+        assert!(v.get("usage").is_none_or(Value::is_null), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn same_seed_same_output_and_other_seeds_differ() {
+    let server = Server::start();
+    let run = |seed: u64| {
+        let body = chat(
+            "Write a short poem about rivers.",
+            json!({"temperature": 1.0, "seed": seed, "max_tokens": 24, "ignore_eos": true}),
+        );
+        let server = &server;
+        async move {
+            let (s, _, b) = post(server, "/v1/chat/completions", &body).await;
+            assert_eq!(s, 200, "{b}");
+            b["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let a = run(1234).await;
+    assert_eq!(a, run(1234).await);
+    let others = [run(1).await, run(2).await, run(3).await];
+    assert!(
+        others.iter().any(|o| *o != a),
+        "three other seeds all gave {a:?}"
+    );
+}
+
+#[tokio::test]
+async fn stop_sequences_cut_the_output_before_them() {
+    let server = Server::start();
+    let params = json!({"temperature": 0, "max_tokens": 30, "ignore_eos": true});
+    let (_, _, full) = post(
+        &server,
+        "/v1/chat/completions",
+        &chat("Count from one to ten in words.", params.clone()),
+    )
+    .await;
+    let full = full["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Stop on a word from the middle of the greedy answer.
+    let words: Vec<&str> = full.split_whitespace().collect();
+    assert!(words.len() > 4, "{full:?}");
+    let stop = words[words.len() / 2];
+    let cut = &full[..full.find(stop).unwrap()];
+    for stop_value in [json!(stop), json!(["@@never@@", stop])] {
+        let mut p = params.clone();
+        p["stop"] = stop_value;
+        let (_, _, b) = post(
+            &server,
+            "/v1/chat/completions",
+            &chat("Count from one to ten in words.", p.clone()),
+        )
+        .await;
+        assert_eq!(
+            b["choices"][0]["message"]["content"], cut,
+            "stop {stop:?} in {full:?}"
+        );
+        assert_eq!(b["choices"][0]["finish_reason"], "stop");
+        p["stream"] = json!(true);
+        let data = post_stream(
+            &server,
+            "/v1/chat/completions",
+            &chat("Count from one to ten in words.", p),
+        )
+        .await;
+        let text: String = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str::<Value>(d).unwrap())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(text, cut);
+    }
+}
+
+#[tokio::test]
+async fn n_choices_and_logprobs() {
+    let server = Server::start();
+    let body = chat(
+        "Say something.",
+        json!({"n": 3, "seed": 7, "max_tokens": 6, "logprobs": true, "top_logprobs": 3, "ignore_eos": true}),
+    );
+    let (status, _, b) = post(&server, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{b}");
+    let choices = b["choices"].as_array().unwrap();
+    assert_eq!(choices.len(), 3);
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], i);
+        let content = c["logprobs"]["content"].as_array().unwrap();
+        assert_eq!(content.len(), 6);
+        let text: String = content
+            .iter()
+            .map(|t| t["token"].as_str().unwrap())
+            .collect();
+        assert_eq!(text, c["message"]["content"].as_str().unwrap());
+        for t in content {
+            let lp = t["logprob"].as_f64().unwrap();
+            assert!(lp <= 0.0);
+            let top = t["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 3);
+            assert!(top[0]["logprob"].as_f64().unwrap() >= lp - 1e-6);
+            assert!(t["bytes"].as_array().is_some());
+        }
+    }
+    assert_eq!(b["usage"]["completion_tokens"], 18);
+}

@@ -1,0 +1,231 @@
+//! Starts the real `kindling` binary on 127.0.0.1:0 with the real demo model
+//! and talks to it over HTTP.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const MODEL: &str = "smollm2-135m";
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn store() -> PathBuf {
+    std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from)
+}
+
+/// A fresh, empty directory for one test.
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "kindling-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A `kindling.toml` using the repo's manifests and store, plus `extra`.
+pub fn write_config(extra: &str) -> PathBuf {
+    let dir = temp_dir();
+    let path = dir.join("kindling.toml");
+    let text = format!(
+        "{extra}\n[models]\nmanifests = {:?}\nstore = {:?}\n",
+        repo().join("configs/models"),
+        store()
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Server {
+    /// The daemon with the repo's default config.
+    pub fn start() -> Self {
+        Self::spawn(&repo().join("configs/kindling.toml"), &[])
+    }
+
+    /// The daemon with the default settings plus `extra` TOML sections.
+    pub fn with_config(extra: &str) -> Self {
+        Self::spawn(&write_config(extra), &[])
+    }
+
+    pub fn spawn(config: &Path, env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kindling"));
+        cmd.args(["serve", "--config"]).arg(config);
+        if !env.iter().any(|(k, _)| *k == "PORT") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        cmd.env("RUST_LOG", "info").env_remove("PORT");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        for pipe in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(addr) = line.split("listening on http://").nth(1) {
+                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "kindling did not start:\n{}",
+                    lines.lock().unwrap().join("\n")
+                );
+            }
+        };
+        let addr = addr.replace("0.0.0.0", "127.0.0.1");
+        Self {
+            child,
+            base: format!("http://{addr}"),
+            lines,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn logs(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if self
+                .lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains(needle))
+            {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    pub fn sigterm(&self) {
+        let ok = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .unwrap()
+}
+
+/// POSTs `body` and returns the status, headers and parsed JSON body.
+pub async fn post(
+    server: &Server,
+    path: &str,
+    body: &Value,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    let resp = client()
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap();
+    let json =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON ({status}): {text}"));
+    (status, headers, json)
+}
+
+/// POSTs a streaming request and returns every SSE `data:` payload, in order.
+pub async fn post_stream(server: &Server, path: &str, body: &Value) -> Vec<String> {
+    let resp = client()
+        .post(server.url(path))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "stream request failed");
+    let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/event-stream"), "content-type {ct}");
+    sse_data(&resp.text().await.unwrap())
+}
+
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Asserts the OpenAI error shape and returns the error object.
+pub fn error_of(body: &Value) -> &Value {
+    let e = &body["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "no message: {body}"
+    );
+    assert!(e["type"].is_string(), "no type: {body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "missing param/code: {body}"
+    );
+    e
+}

@@ -1,0 +1,115 @@
+"""Drives a real Kindling daemon with the official `openai` Python client.
+
+Started by scripts/test.sh with KINDLING_BIN pointing at the built binary.
+"""
+import os
+import queue
+import subprocess
+import threading
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "smollm2-135m"
+
+
+@pytest.fixture(scope="module")
+def client():
+    binary = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "debug" / "kindling"))
+    proc = subprocess.Popen(
+        [binary, "serve", "--config", str(ROOT / "configs" / "kindling.toml"), "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    addresses: "queue.Queue[str]" = queue.Queue()
+    log = []
+
+    def drain():
+        for line in proc.stdout:
+            log.append(line)
+            if "listening on http://" in line:
+                addresses.put(line.split("listening on http://")[1].split()[0])
+
+    threading.Thread(target=drain, daemon=True).start()
+    try:
+        address = addresses.get(timeout=20)
+    except queue.Empty:
+        proc.kill()
+        pytest.fail("kindling did not start:\n" + "".join(log))
+    yield OpenAI(base_url=f"http://{address}/v1", api_key="not-needed", max_retries=0)
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0, "".join(log)
+
+
+def test_models_list_and_retrieve(client):
+    ids = [m.id for m in client.models.list()]
+    assert MODEL in ids
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
+def test_chat_completion(client):
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is 2 + 2?"}],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert r.object == "chat.completion"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert "4" in choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_chat_streaming_equals_non_streaming(client):
+    args = dict(
+        model=MODEL,
+        messages=[{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a colour."}],
+        temperature=0,
+        max_tokens=16,
+    )
+    whole = client.chat.completions.create(**args).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **args))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_completions_streaming_and_not(client):
+    r = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert r.object == "text_completion"
+    assert "Paris" in r.choices[0].text
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == r.choices[0].text
+
+
+def test_seed_reproduces(client):
+    args = dict(model=MODEL, messages=[{"role": "user", "content": "Invent a word."}], seed=42, max_tokens=12)
+    a = client.chat.completions.create(**args).choices[0].message.content
+    b = client.chat.completions.create(**args).choices[0].message.content
+    assert a == b
+
+
+def test_errors_surface_as_openai_exceptions(client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    assert e.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=100000)
+    assert e.value.body["code"] == "context_length_exceeded"
