@@ -189,6 +189,29 @@ async fn over_the_context_is_400_context_length_exceeded() {
 }
 
 #[tokio::test]
+async fn a_default_max_tokens_shrinks_to_fit_the_context() {
+    // A 256-position context with a default of 512 tokens: a prompt that
+    // leaves room for fewer is served, not refused; an explicit limit is not.
+    let manifest = format!(
+        "id = \"tiny-context\"\nkind = \"chat\"\nformat = \"gguf\"\narchitecture = \"llama\"\ncontext_length = 256\n[weights]\npath = {:?}\n[defaults]\nmax_tokens = 512\n",
+        store().join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf")
+    );
+    let server = Server::spawn(&config_with_manifest(&manifest), &[]);
+    let messages = json!([{"role": "user", "content": "word ".repeat(200)}]);
+    let body = json!({"model": "tiny-context", "messages": messages, "ignore_eos": true});
+    let (status, _, b) = post(&server, "/v1/chat/completions", &body).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["usage"]["total_tokens"], 256);
+    assert_eq!(b["choices"][0]["finish_reason"], "length");
+    let body = json!({"model": "tiny-context", "messages": messages, "max_tokens": 100});
+    let (status, _, b) = post(&server, "/v1/chat/completions", &body).await;
+    assert_eq!(
+        (status, &error_of(&b)["code"]),
+        (400, &json!("context_length_exceeded"))
+    );
+}
+
+#[tokio::test]
 async fn body_over_the_limit_is_413() {
     let server = Server::with_config("[server]\nmax_body_size = \"16KiB\"\n");
     let big = "x".repeat(20 * 1024);

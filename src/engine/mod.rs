@@ -26,8 +26,12 @@ pub enum Prompt {
 pub struct GenerateRequest {
     /// The input.
     pub prompt: Prompt,
-    /// Most tokens to generate per choice; `None` = up to the context length.
+    /// Most tokens to generate per choice, as the client asked; prompt plus
+    /// this must fit the context. `None` = up to the context length.
     pub max_tokens: Option<usize>,
+    /// A default limit for when the client named none; unlike `max_tokens`
+    /// it shrinks to fit the context instead of failing the request.
+    pub default_max_tokens: Option<usize>,
     /// Stop sequences; the output ends before the first one.
     pub stop: Vec<String>,
     /// Choices to generate from the one prompt.

@@ -145,10 +145,12 @@ fn generate(
 ) -> Result<(), Halt> {
     let ids = prompt_ids(model, &req.prompt)?;
     let context = model.max_positions();
-    let max_tokens = req
-        .max_tokens
-        .unwrap_or(context.saturating_sub(ids.len()))
-        .max(1);
+    let room = context.saturating_sub(ids.len());
+    let max_tokens = match req.max_tokens {
+        Some(m) => m,
+        None => req.default_max_tokens.map_or(room, |d| d.min(room)),
+    }
+    .max(1);
     if ids.len() + max_tokens > context {
         return Err(Halt::Failed(EngineError::ContextLengthExceeded {
             context,

@@ -3,17 +3,17 @@
 use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use kindling_models::ChatMessage;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{self, finish_name, Generation, SseItem};
+use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
 use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
 use super::AppState;
-use crate::engine::{GenerateEvent, GenerateRequest, Prompt, TokenAlternative, TokenLogprob};
+use crate::engine::{GenerateRequest, Prompt, TokenAlternative, TokenLogprob};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -139,7 +139,8 @@ pub async fn handle(
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
     let request = GenerateRequest {
         prompt: Prompt::Chat(messages),
-        max_tokens: max_tokens.or(defaults.max_tokens.map(|m| m as usize)),
+        max_tokens,
+        default_max_tokens: defaults.max_tokens.map(|m| m as usize),
         stop: sampling.stop,
         n: sampling.n,
         sampling: sampling.params,
@@ -190,57 +191,78 @@ pub async fn handle(
     Ok(Json(body).into_response())
 }
 
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    logprobs: bool,
+fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseItem {
+    SseItem::chunk(&ChatCompletionChunk {
+        id: &meta.id,
+        object: "chat.completion.chunk",
+        created: meta.created,
+        model: &meta.model,
+        choices,
+        usage,
+    })
 }
 
 fn stream(
-    mut gen: Generation,
+    gen: Generation,
     meta: Meta,
     include_usage: bool,
     log: RequestLog,
 ) -> impl Stream<Item = SseItem> {
-    async_stream::stream! {
-        let chunk = |choices: Vec<ChunkChoice>, usage: Option<Usage>| ChatCompletionChunk {
-            id: &meta.id,
-            object: "chat.completion.chunk",
-            created: meta.created,
-            model: &meta.model,
-            choices,
-            usage,
+    // The first chunk of each choice carries the assistant role.
+    let roles: Vec<SseItem> = (0..gen.choices)
+        .map(|index| {
+            let delta = Delta {
+                role: Some("assistant"),
+                content: Some(String::new()),
+            };
+            chunk(
+                &meta,
+                vec![ChunkChoice {
+                    index,
+                    delta,
+                    logprobs: None,
+                    finish_reason: None,
+                }],
+                None,
+            )
+        })
+        .collect();
+    let step_meta = meta.clone();
+    let render = move |step| {
+        let choice = match step {
+            Step::Delta {
+                index,
+                text,
+                logprobs,
+            } => ChunkChoice {
+                index,
+                delta: Delta {
+                    role: None,
+                    content: Some(text),
+                },
+                logprobs: step_meta.logprobs.then(|| Logprobs::new(&logprobs)),
+                finish_reason: None,
+            },
+            Step::Finished { index, reason } => ChunkChoice {
+                index,
+                delta: Delta {
+                    role: None,
+                    content: None,
+                },
+                logprobs: None,
+                finish_reason: Some(finish_name(reason)),
+            },
         };
-        let choice = |index, delta, logprobs, finish_reason| ChunkChoice { index, delta, logprobs, finish_reason };
-        for index in 0..gen.choices {
-            let delta = Delta { role: Some("assistant"), content: Some(String::new()) };
-            yield SseItem::chunk(&chunk(vec![choice(index, delta, None, None)], None));
-        }
-        while let Some(event) = gen.next().await {
-            match event {
-                GenerateEvent::Delta { index, text, logprobs } => {
-                    let lp = meta.logprobs.then(|| Logprobs::new(&logprobs));
-                    let delta = Delta { role: None, content: Some(text) };
-                    yield SseItem::chunk(&chunk(vec![choice(index, delta, lp, None)], None));
-                }
-                GenerateEvent::Finished { index, reason, .. } => {
-                    let delta = Delta { role: None, content: None };
-                    yield SseItem::chunk(&chunk(vec![choice(index, delta, None, Some(finish_name(reason)))], None));
-                }
-                GenerateEvent::Failed(e) => {
-                    yield SseItem::Error(e.into());
-                    return;
-                }
-                GenerateEvent::Started { .. } => {}
-            }
-        }
-        let usage = gen.usage.usage();
-        log.tokens(usage.prompt_tokens, usage.completion_tokens);
-        if include_usage {
-            yield SseItem::chunk(&chunk(Vec::new(), Some(usage)));
-        }
-    }
+        chunk(&step_meta, vec![choice], None)
+    };
+    let usage = move |usage| chunk(&meta, Vec::new(), Some(usage));
+    futures::stream::iter(roles).chain(generation::sse_events(
+        gen,
+        include_usage,
+        log,
+        render,
+        usage,
+    ))
 }
 
 #[derive(Serialize)]

@@ -10,11 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{self, finish_name, Generation, SseItem};
+use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
 use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
 use super::AppState;
-use crate::engine::{GenerateEvent, GenerateRequest, Prompt, TokenLogprob};
+use crate::engine::{GenerateRequest, Prompt, TokenLogprob};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -121,6 +121,7 @@ pub async fn handle(
         .map(|prompt| GenerateRequest {
             prompt,
             max_tokens: Some(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
+            default_max_tokens: None,
             stop: sampling.stop.clone(),
             n: sampling.n,
             sampling: sampling.params.clone(),
@@ -168,57 +169,55 @@ pub async fn handle(
     Ok(Json(body).into_response())
 }
 
-struct Meta {
-    id: String,
-    created: u64,
-    model: String,
-    logprobs: bool,
-}
-
 fn stream(
-    mut gen: Generation,
+    gen: Generation,
     meta: Meta,
     include_usage: bool,
     log: RequestLog,
 ) -> impl Stream<Item = SseItem> {
-    async_stream::stream! {
-        let chunk = |choices: Vec<Choice>, usage: Option<Usage>| Completion {
+    let chunk = |meta: &Meta, choices: Vec<Choice>, usage: Option<Usage>| {
+        SseItem::chunk(&Completion {
             id: &meta.id,
             object: "text_completion",
             created: meta.created,
             model: &meta.model,
             choices,
             usage,
-        };
-        // Text offsets continue across chunks, per choice.
-        let mut offsets = vec![0usize; gen.choices];
-        while let Some(event) = gen.next().await {
-            match event {
-                GenerateEvent::Delta { index, text, logprobs } => {
-                    let start = offsets.get(index).copied().unwrap_or(0);
-                    let lp = meta.logprobs.then(|| Logprobs::new(&logprobs, start));
-                    if let Some(o) = offsets.get_mut(index) {
-                        *o += text.len();
-                    }
-                    yield SseItem::chunk(&chunk(vec![Choice { index, text, logprobs: lp, finish_reason: None }], None));
+        })
+    };
+    // Text offsets continue across chunks, per choice.
+    let mut offsets = vec![0usize; gen.choices];
+    let step_meta = meta.clone();
+    let render = move |step| {
+        let choice = match step {
+            Step::Delta {
+                index,
+                text,
+                logprobs,
+            } => {
+                let start = offsets.get(index).copied().unwrap_or(0);
+                let logprobs = step_meta.logprobs.then(|| Logprobs::new(&logprobs, start));
+                if let Some(o) = offsets.get_mut(index) {
+                    *o += text.len();
                 }
-                GenerateEvent::Finished { index, reason, .. } => {
-                    let choice = Choice { index, text: String::new(), logprobs: None, finish_reason: Some(finish_name(reason)) };
-                    yield SseItem::chunk(&chunk(vec![choice], None));
+                Choice {
+                    index,
+                    text,
+                    logprobs,
+                    finish_reason: None,
                 }
-                GenerateEvent::Failed(e) => {
-                    yield SseItem::Error(e.into());
-                    return;
-                }
-                GenerateEvent::Started { .. } => {}
             }
-        }
-        let usage = gen.usage.usage();
-        log.tokens(usage.prompt_tokens, usage.completion_tokens);
-        if include_usage {
-            yield SseItem::chunk(&chunk(Vec::new(), Some(usage)));
-        }
-    }
+            Step::Finished { index, reason } => Choice {
+                index,
+                text: String::new(),
+                logprobs: None,
+                finish_reason: Some(finish_name(reason)),
+            },
+        };
+        chunk(&step_meta, vec![choice], None)
+    };
+    let usage = move |usage| chunk(&meta, Vec::new(), Some(usage));
+    generation::sse_events(gen, include_usage, log, render, usage)
 }
 
 #[derive(Serialize)]

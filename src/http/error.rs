@@ -95,6 +95,16 @@ impl ApiError {
         .code("request_too_large")
     }
 
+    /// 500: a bug; the details stay in the server log.
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal error (see the server log)",
+        )
+        .code("internal_error")
+    }
+
     /// 503: the daemon is shutting down.
     pub fn shutting_down() -> Self {
         Self::new(

@@ -163,6 +163,62 @@ impl Generation {
     }
 }
 
+/// Identity of a response, shared by its chunks.
+#[derive(Clone)]
+pub struct Meta {
+    pub id: String,
+    pub created: u64,
+    pub model: String,
+    /// Whether the client asked for log-probabilities.
+    pub logprobs: bool,
+}
+
+/// What an endpoint renders as one streamed chunk.
+pub enum Step {
+    /// New text (and log-probabilities) for a choice.
+    Delta {
+        index: usize,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// A choice ended.
+    Finished { index: usize, reason: FinishReason },
+}
+
+/// Streams a generation: each step rendered by `chunk`, a failure as an
+/// error event, and at the end, if asked, the usage rendered by `usage`.
+/// The request log gets the token counts.
+pub fn sse_events<C, U>(
+    mut gen: Generation,
+    include_usage: bool,
+    log: RequestLog,
+    mut chunk: C,
+    usage: U,
+) -> impl Stream<Item = SseItem>
+where
+    C: FnMut(Step) -> SseItem,
+    U: FnOnce(Usage) -> SseItem,
+{
+    async_stream::stream! {
+        while let Some(event) = gen.next().await {
+            match event {
+                GenerateEvent::Delta { index, text, logprobs } => yield chunk(Step::Delta { index, text, logprobs }),
+                GenerateEvent::Finished { index, reason, .. } => yield chunk(Step::Finished { index, reason }),
+                GenerateEvent::Failed(e) => {
+                    yield SseItem::Error(e.into());
+                    return;
+                }
+                GenerateEvent::Started { .. } => {}
+            }
+        }
+        let totals = gen.usage.usage();
+        log.tokens(totals.prompt_tokens, totals.completion_tokens);
+        if include_usage {
+            yield usage(totals);
+        }
+    }
+}
+
 /// The wire name of a finish reason.
 pub fn finish_name(reason: FinishReason) -> &'static str {
     match reason {

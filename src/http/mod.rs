@@ -55,6 +55,17 @@ impl AppState {
     }
 }
 
+/// A panic in a handler is a bug: log it, answer 500, keep serving.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    tracing::error!(panic = what, "request handler panicked");
+    axum::response::IntoResponse::into_response(ApiError::internal())
+}
+
 async fn no_route(req: Request) -> ApiError {
     ApiError::no_route(req.method().as_str(), req.uri().path())
 }
@@ -74,6 +85,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(limit))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            panic_response,
+        ))
         .layer(axum::middleware::from_fn(log::log_requests))
         .with_state(state)
 }

@@ -47,6 +47,20 @@ pub fn write_config(extra: &str) -> PathBuf {
     path
 }
 
+/// A `kindling.toml` serving only the model `manifest` declares.
+pub fn config_with_manifest(manifest: &str) -> PathBuf {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    std::fs::write(dir.join("models/model.toml"), manifest).unwrap();
+    let path = dir.join("kindling.toml");
+    std::fs::write(
+        &path,
+        format!("[models]\nmanifests = \"models\"\nstore = {:?}\n", store()),
+    )
+    .unwrap();
+    path
+}
+
 pub struct Server {
     child: Child,
     pub base: String,
