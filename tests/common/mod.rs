@@ -103,10 +103,15 @@ impl Server {
             let tx = tx.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(addr) = line.split("listening on http://").nth(1) {
-                        let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-                    }
+                    let addr = line
+                        .split("listening on http://")
+                        .nth(1)
+                        .map(|a| a.split_whitespace().next().unwrap_or("").to_string());
+                    // Store the line before announcing it, so logs() has it.
                     lines.lock().unwrap().push(line);
+                    if let Some(addr) = addr {
+                        let _ = tx.send(addr);
+                    }
                 }
             });
         }
