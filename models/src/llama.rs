@@ -3,7 +3,7 @@
 //! The model holds only weights; each sequence brings its own
 //! [`SequenceCache`], so one model can serve many sequences.
 
-use candle_core::quantized::QMatMul;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
 
@@ -101,20 +101,47 @@ impl RmsNorm {
     }
 }
 
-fn qmatmul(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<QMatMul> {
-    Ok(QMatMul::from_qtensor(gguf.tensor(name, device)?)?)
+/// A projection with quantized weights. Q4_1 on the CPU runs our kernel
+/// (candle's Q4_1 dot product is scalar); other types run candle's.
+enum Linear {
+    Candle(QMatMul),
+    Q4_1(kindling_kernels::Q4_1Matrix),
+}
+
+impl Linear {
+    fn from_qtensor(q: QTensor) -> Result<Self> {
+        if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() {
+            let (rows, cols) = q.shape().dims2()?;
+            let bytes = q.data()?;
+            return Ok(Self::Q4_1(kindling_kernels::Q4_1Matrix::from_ggml_bytes(
+                &bytes, rows, cols,
+            )?));
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(m) => m.forward(x)?,
+            Self::Q4_1(m) => m.forward(x)?,
+        })
+    }
+}
+
+fn qmatmul(gguf: &mut GgufFile, name: &str, device: &Device) -> Result<Linear> {
+    Linear::from_qtensor(gguf.tensor(name, device)?)
 }
 
 struct Block {
     attn_norm: RmsNorm,
-    q: QMatMul,
-    k: QMatMul,
-    v: QMatMul,
-    o: QMatMul,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
 }
 
 impl Block {
@@ -148,7 +175,7 @@ pub struct Llama {
     embed: Embedding,
     blocks: Vec<Block>,
     norm: RmsNorm,
-    lm_head: QMatMul,
+    lm_head: Linear,
     cos: Tensor,
     sin: Tensor,
     max_positions: usize,
@@ -167,7 +194,7 @@ impl Llama {
         let lm_head = if gguf.has_tensor("output.weight") {
             qmatmul(gguf, "output.weight", device)?
         } else {
-            QMatMul::from_qtensor(embed_q)?
+            Linear::from_qtensor(embed_q)?
         };
         let blocks = (0..cfg.layers)
             .map(|i| Block::load(gguf, i, &cfg, device))
@@ -257,7 +284,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
-        let heads = |m: &QMatMul, n: usize| -> Result<Tensor> {
+        let heads = |m: &Linear, n: usize| -> Result<Tensor> {
             Ok(m.forward(x)?
                 .reshape((b, t, n, hd))?
                 .transpose(1, 2)?
@@ -287,7 +314,7 @@ impl Llama {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
-        Ok(block.o.forward(&y)?)
+        block.o.forward(&y)
     }
 }
 

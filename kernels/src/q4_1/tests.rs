@@ -1,0 +1,122 @@
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+
+fn random_matrix(rows: usize, cols: usize, rng: &mut StdRng) -> (Q4_1Matrix, Vec<u8>) {
+    let mut bytes = Vec::with_capacity(rows * cols / BLOCK * BLOCK_BYTES);
+    for _ in 0..rows * cols / BLOCK {
+        bytes.extend_from_slice(&f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
+        bytes.extend_from_slice(&f16::from_f32(rng.random_range(-0.4f32..0.0)).to_le_bytes());
+        bytes.extend((0..16).map(|_| rng.random::<u8>()));
+    }
+    (
+        Q4_1Matrix::from_ggml_bytes(&bytes, rows, cols).unwrap(),
+        bytes,
+    )
+}
+
+fn random_rows(m: usize, cols: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..m * cols)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect()
+}
+
+#[test]
+fn simd_dot_matches_reference() {
+    let mut rng = StdRng::seed_from_u64(5);
+    for cols in [32, 64, 576, 1536] {
+        let (w, _) = random_matrix(1, cols, &mut rng);
+        let x = random_rows(1, cols, &mut rng);
+        let mut xq = vec![BlockQ8_1::default(); cols / BLOCK];
+        quantize_q8_1(&x, &mut xq);
+        let want = dot_reference(&w.blocks, &xq);
+        let got = dot_fn()(&w.blocks, &xq);
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs().max(1.0),
+            "{cols}: {got} vs {want}"
+        );
+    }
+    eprintln!("SIMD dot product in use: {}", simd_available());
+}
+
+#[test]
+fn q8_1_quantization_follows_ggml() {
+    let x: Vec<f32> = (0..32).map(|i| (i as f32 - 16.0) * 0.25).collect();
+    let mut q = [BlockQ8_1::default()];
+    quantize_q8_1(&x, &mut q);
+    // amax = 4.0: d = 4/127, values scale by 127/4 = 31.75 and round half to even.
+    assert_eq!(q[0].d, f16::from_f32(4.0 / 127.0).to_f32());
+    assert_eq!(q[0].qs[0], -127);
+    assert_eq!(q[0].qs[2], -111); // -3.5 * 31.75 = -111.125
+    assert_eq!(q[0].qs[18], 16); // 0.5 * 31.75 = 15.875
+    let sum: i32 = q[0].qs.iter().map(|&v| i32::from(v)).sum();
+    assert_eq!(q[0].s, f16::from_f32(4.0 / 127.0 * sum as f32).to_f32());
+    let zeros = [0f32; 32];
+    quantize_q8_1(&zeros, &mut q);
+    assert_eq!((q[0].d, q[0].s, q[0].qs), (0.0, 0.0, [0; 32]));
+}
+
+#[test]
+fn matmul_matches_dequantized_reference() {
+    let mut rng = StdRng::seed_from_u64(9);
+    for (m, rows, cols) in [
+        (1, 576, 576),
+        (1, 37, 64),
+        (3, 130, 96),
+        (17, 192, 576),
+        (128, 64, 1536),
+    ] {
+        let (w, _) = random_matrix(rows, cols, &mut rng);
+        let x = random_rows(m, cols, &mut rng);
+        let xt = Tensor::from_vec(x.clone(), (1, m, cols), &Device::Cpu).unwrap();
+        let got = w.forward(&xt).unwrap();
+        assert_eq!(got.dims(), &[1, m, rows]);
+        let got: Vec<f32> = got.flatten_all().unwrap().to_vec1().unwrap();
+        let dense = Tensor::from_vec(w.dequantize(), (rows, cols), &Device::Cpu).unwrap();
+        let want: Vec<f32> = Tensor::from_vec(x, (m, cols), &Device::Cpu)
+            .unwrap()
+            .matmul(&dense.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        // The only difference is 8-bit activations: error grows with sqrt(cols).
+        let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 0.02 * scale,
+            "{m}x{rows}x{cols}: worst {worst}, scale {scale}"
+        );
+    }
+    let (w, _) = random_matrix(8, 64, &mut rng);
+    assert!(w.matmul(&[], dot_fn()).is_empty());
+}
+
+#[test]
+fn simd_and_reference_matmuls_agree() {
+    let mut rng = StdRng::seed_from_u64(11);
+    let (w, _) = random_matrix(200, 576, &mut rng);
+    let x = random_rows(5, 576, &mut rng);
+    let a = w.matmul(&x, dot_fn());
+    let b = w.matmul(&x, dot_reference);
+    for (p, q) in a.iter().zip(&b) {
+        assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    assert!(Q4_1Matrix::from_ggml_bytes(&[0; 20], 1, 33).is_err());
+    assert!(Q4_1Matrix::from_ggml_bytes(&[0; 19], 1, 32).is_err());
+    let mut rng = StdRng::seed_from_u64(1);
+    let (w, _) = random_matrix(4, 64, &mut rng);
+    let x = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(w.forward(&x).is_err());
+}
