@@ -178,6 +178,17 @@ async fn full_queue_is_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn many_prompts_take_one_queue_slot() {
+    let server = Server::with_config("[engine]\nqueue_size = 1\n");
+    let prompts: Vec<String> = (0..6).map(|i| format!("Fact number {i}:")).collect();
+    let body = json!({"model": MODEL, "prompt": prompts, "max_tokens": 2, "ignore_eos": true});
+    let (status, _, b) = post(&server, "/v1/completions", &body).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 6);
+    assert_eq!(b["usage"]["completion_tokens"], 12);
+}
+
+#[tokio::test]
 async fn client_disconnect_stops_generation() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

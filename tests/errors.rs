@@ -94,6 +94,20 @@ async fn invalid_values_are_400_naming_the_parameter() {
             json!({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}),
             "messages[0].content[0]",
         ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools",
+        ),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (
+            json!({"response_format": {"type": "json_object"}}),
+            "response_format",
+        ),
+        (json!({"logit_bias": {"42": 5}}), "logit_bias"),
+        (
+            json!({"stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
     ] {
         let (status, _, b) = post(&server, "/v1/chat/completions", &chat(extra.clone())).await;
         assert_eq!(status, 400, "{extra} -> {b}");
@@ -111,6 +125,14 @@ async fn invalid_values_are_400_naming_the_parameter() {
         ),
         (json!({"model": MODEL, "prompt": [999999]}), "prompt"),
         (json!({"model": MODEL, "prompt": ""}), "prompt"),
+        (
+            json!({"model": MODEL, "prompt": ["a", "b", "c"], "n": 50}),
+            "n",
+        ),
+        (
+            json!({"model": MODEL, "prompt": "x", "stream_options": {"include_usage": true}}),
+            "stream_options",
+        ),
     ] {
         let (status, _, b) = post(&server, "/v1/completions", &body).await;
         assert_eq!(status, 400, "{body} -> {b}");

@@ -127,11 +127,13 @@ impl Sampler {
         let p = &self.params;
         if p.repetition_penalty != 1.0 {
             for (l, _) in logits.iter_mut().zip(&self.seen).filter(|(_, s)| **s) {
-                *l = if *l > 0.0 {
+                let penalized = if *l > 0.0 {
                     *l / p.repetition_penalty
                 } else {
                     *l * p.repetition_penalty
                 };
+                // A tiny penalty must not turn a logit into ±infinity.
+                *l = penalized.clamp(f32::MIN, f32::MAX);
             }
         }
         if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
@@ -145,11 +147,18 @@ impl Sampler {
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
+        // Scale the distance from the top logit, so a tiny temperature gives
+        // 0 and -inf (greedy), never inf - inf.
         let mut cands: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / p.temperature))
+            .map(|(i, &l)| (i as u32, (l - top) / p.temperature))
             .collect();
         if cands.is_empty() {
             return argmax(logits);
@@ -158,8 +167,7 @@ impl Sampler {
         if p.top_k > 0 {
             cands.truncate(p.top_k);
         }
-        let max = cands[0].1;
-        let mut probs: Vec<f32> = cands.iter().map(|(_, l)| (l - max).exp()).collect();
+        let mut probs: Vec<f32> = cands.iter().map(|(_, l)| l.exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|x| *x /= sum);
         let mut keep = probs.len();
@@ -283,6 +291,33 @@ mod tests {
             let mut s = Sampler::new(p, &[], 4);
             for _ in 0..20 {
                 assert_eq!(s.sample(&logits).token, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_temperatures_and_penalties_stay_sane() {
+        let logits: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 64) as f32) * 0.3 - 5.0)
+            .collect();
+        let best = argmax(&logits);
+        for p in [
+            params(1e-38),
+            SamplingParams {
+                repetition_penalty: 1e-38,
+                ..params(1.0)
+            },
+            SamplingParams {
+                repetition_penalty: 1e-38,
+                top_logprobs: Some(2),
+                ..params(1e-38)
+            },
+        ] {
+            let mut s = Sampler::new(p, &[best], 64);
+            let out = s.sample(&logits);
+            assert_eq!(out.token, best);
+            if let Some(lp) = out.logprobs {
+                assert!(lp.logprob.is_finite() && lp.top.iter().all(|t| t.1.is_finite()));
             }
         }
     }

@@ -24,8 +24,9 @@ pub enum Prompt {
 /// A validated generation request.
 #[derive(Debug, Clone)]
 pub struct GenerateRequest {
-    /// The input.
-    pub prompt: Prompt,
+    /// The inputs: one for chat, one or more for text completions. Choice
+    /// `i` of prompt `p` is numbered `p * n + i`.
+    pub prompts: Vec<Prompt>,
     /// Most tokens to generate per choice, as the client asked; prompt plus
     /// this must fit the context. `None` = up to the context length.
     pub max_tokens: Option<usize>,
@@ -34,7 +35,7 @@ pub struct GenerateRequest {
     pub default_max_tokens: Option<usize>,
     /// Stop sequences; the output ends before the first one.
     pub stop: Vec<String>,
-    /// Choices to generate from the one prompt.
+    /// Choices to generate from each prompt.
     pub n: usize,
     /// Sampling parameters of choice 0; choice `i` uses seed `seed + i`.
     pub sampling: SamplingParams,
@@ -76,9 +77,9 @@ pub struct TokenLogprob {
 /// What a worker reports while it serves a request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum GenerateEvent {
-    /// The prompt was accepted; generation begins.
+    /// Every prompt was accepted; generation begins.
     Started {
-        /// Tokens in the prompt.
+        /// Tokens in all prompts together.
         prompt_tokens: usize,
     },
     /// New text for one choice (may be empty when only log-probabilities are new).
@@ -161,15 +162,6 @@ pub struct LoadSpec {
     pub queue_size: usize,
 }
 
-/// Facts about a loaded model.
-#[derive(Debug, Clone)]
-pub struct LoadedInfo {
-    /// Positions one sequence may hold.
-    pub context_length: usize,
-    /// Bytes of weights in the file.
-    pub weight_bytes: u64,
-}
-
 pub(crate) struct Job {
     request: GenerateRequest,
     events: mpsc::Sender<GenerateEvent>,
@@ -182,7 +174,6 @@ pub struct EngineHandle {
     model: Arc<str>,
     queue_size: usize,
     jobs: mpsc::Sender<Job>,
-    info: Arc<LoadedInfo>,
 }
 
 /// Events are buffered this deep per request before the worker waits for
@@ -210,11 +201,6 @@ impl EngineHandle {
             })?;
         Ok(rx)
     }
-
-    /// Facts about the loaded model.
-    pub fn info(&self) -> &LoadedInfo {
-        &self.info
-    }
 }
 
 /// Starts a worker thread that loads the model described by `spec`, and
@@ -233,7 +219,7 @@ pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
             model: spec.model.clone(),
             reason: format!("cannot start worker thread: {e}"),
         })?;
-    let info = ready_rx.await.map_err(|_| EngineError::LoadFailed {
+    ready_rx.await.map_err(|_| EngineError::LoadFailed {
         model: spec.model.clone(),
         reason: "the worker thread died while loading".into(),
     })??;
@@ -241,6 +227,5 @@ pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
         model,
         queue_size,
         jobs,
-        info: Arc::new(info),
     })
 }

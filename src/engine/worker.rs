@@ -2,7 +2,7 @@
 //! a time, streaming tokens back and stopping as soon as the client is gone.
 
 use std::panic::AssertUnwindSafe;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kindling_models::kv_cache::SequenceCache;
 use kindling_models::{
@@ -12,7 +12,7 @@ use kindling_models::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    EngineError, FinishReason, GenerateEvent, GenerateRequest, Job, LoadSpec, LoadedInfo, Prompt,
+    EngineError, FinishReason, GenerateEvent, GenerateRequest, Job, LoadSpec, Prompt,
     TokenAlternative, TokenLogprob,
 };
 
@@ -23,7 +23,7 @@ const PREFILL_CHUNK: usize = 512;
 pub(super) fn run_worker(
     spec: LoadSpec,
     mut jobs: mpsc::Receiver<Job>,
-    ready: oneshot::Sender<Result<LoadedInfo, EngineError>>,
+    ready: oneshot::Sender<Result<(), EngineError>>,
 ) {
     let started = Instant::now();
     let model = match TextModel::load_gguf(&spec.path, spec.context_length, &Device::Cpu) {
@@ -36,19 +36,15 @@ pub(super) fn run_worker(
             return;
         }
     };
-    let info = LoadedInfo {
-        context_length: model.max_positions(),
-        weight_bytes: model.weight_bytes(),
-    };
     tracing::info!(
         model = %spec.model,
         path = %spec.path.display(),
-        context = info.context_length,
-        weight_bytes = info.weight_bytes,
+        context = model.max_positions(),
+        weight_bytes = model.weight_bytes(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    if ready.send(Ok(info)).is_err() {
+    if ready.send(Ok(())).is_err() {
         return;
     }
     while let Some(job) = jobs.blocking_recv() {
@@ -90,8 +86,29 @@ fn serve(model: &TextModel, job: Job) {
     let _ = events.blocking_send(GenerateEvent::Failed(error));
 }
 
+/// How long a client may leave its event buffer full (it stopped reading
+/// but kept the connection) before its request is cancelled, so one stalled
+/// client cannot hold the model's worker.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn emit(events: &mpsc::Sender<GenerateEvent>, event: GenerateEvent) -> Result<(), Halt> {
-    events.blocking_send(event).map_err(|_| Halt::Cancelled)
+    let mut event = event;
+    let mut stalled_since = None;
+    loop {
+        match events.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Halt::Cancelled),
+            Err(mpsc::error::TrySendError::Full(back)) => {
+                let since = *stalled_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STALL_TIMEOUT {
+                    tracing::warn!("cancelling a request whose client stopped reading");
+                    return Err(Halt::Cancelled);
+                }
+                event = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+    }
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> Halt {
@@ -143,64 +160,82 @@ fn generate(
     req: &GenerateRequest,
     events: &mpsc::Sender<GenerateEvent>,
 ) -> Result<(), Halt> {
-    let ids = prompt_ids(model, &req.prompt)?;
+    // Every prompt is checked before any output, so a bad one fails the
+    // whole request with a proper status.
     let context = model.max_positions();
-    let room = context.saturating_sub(ids.len());
-    let max_tokens = match req.max_tokens {
-        Some(m) => m,
-        None => req.default_max_tokens.map_or(room, |d| d.min(room)),
+    let mut prompts = Vec::with_capacity(req.prompts.len());
+    for prompt in &req.prompts {
+        let ids = prompt_ids(model, prompt)?;
+        let room = context.saturating_sub(ids.len());
+        let max_tokens = match req.max_tokens {
+            Some(m) => m,
+            None => req.default_max_tokens.map_or(room, |d| d.min(room)),
+        }
+        .max(1);
+        if ids.len() + max_tokens > context {
+            return Err(Halt::Failed(EngineError::ContextLengthExceeded {
+                context,
+                prompt_tokens: ids.len(),
+                max_tokens,
+            }));
+        }
+        prompts.push((ids, max_tokens));
     }
-    .max(1);
-    if ids.len() + max_tokens > context {
-        return Err(Halt::Failed(EngineError::ContextLengthExceeded {
-            context,
-            prompt_tokens: ids.len(),
-            max_tokens,
-        }));
+    let prompt_tokens = prompts.iter().map(|(ids, _)| ids.len()).sum();
+    emit(events, GenerateEvent::Started { prompt_tokens })?;
+    for (p, (ids, max_tokens)) in prompts.iter().enumerate() {
+        generate_prompt(model, req, p * req.n, ids, *max_tokens, events)?;
     }
-    emit(
-        events,
-        GenerateEvent::Started {
-            prompt_tokens: ids.len(),
-        },
-    )?;
+    Ok(())
+}
 
+/// Prefills one prompt, then runs its `n` choices, numbered from `first`.
+fn generate_prompt(
+    model: &TextModel,
+    req: &GenerateRequest,
+    first: usize,
+    ids: &[u32],
+    max_tokens: usize,
+    events: &mpsc::Sender<GenerateEvent>,
+) -> Result<(), Halt> {
     let mut cache = model.new_cache();
-    let mut logits = None;
+    let mut logits = Vec::new();
     for chunk in ids.chunks(PREFILL_CHUNK) {
         if events.is_closed() {
             return Err(Halt::Cancelled);
         }
-        logits = Some(model.forward(chunk, &mut cache)?);
+        logits = model.forward(chunk, &mut cache)?;
     }
-    let logits = logits.ok_or_else(|| invalid("prompt", "the prompt is empty"))?;
     let echo = if req.echo {
-        model.tokenizer.decode(&ids)?
+        model.tokenizer.decode(ids)?
     } else {
         String::new()
     };
     // Choices share the prompt's prefill: each forks the cache; the last takes it.
     let mut shared = Some(cache);
-    for index in 0..req.n {
-        let cache = if index + 1 == req.n {
-            shared
-                .take()
-                .ok_or_else(|| Halt::Failed(EngineError::Compute("prefill cache lost".into())))?
-        } else {
-            shared
-                .as_ref()
-                .map(SequenceCache::fork)
-                .transpose()?
-                .ok_or_else(|| Halt::Failed(EngineError::Compute("prefill cache lost".into())))?
+    for i in 0..req.n {
+        let cache = match shared.take() {
+            Some(c) if i + 1 < req.n => {
+                let fork = c.fork()?;
+                shared = Some(c);
+                fork
+            }
+            Some(c) => c,
+            None => {
+                return Err(Halt::Failed(EngineError::Compute(
+                    "prefill cache lost".into(),
+                )))
+            }
         };
         let params = SamplingParams {
-            seed: req.sampling.seed.wrapping_add(index as u64),
+            seed: req.sampling.seed.wrapping_add(i as u64),
             ..req.sampling.clone()
         };
+        let index = first + i;
         emit_delta(events, index, echo.clone(), Vec::new())?;
         let choice = Choice {
             index,
-            ids: &ids,
+            ids,
             max_tokens,
             params,
         };
@@ -245,7 +280,6 @@ fn run_choice(
     events: &mpsc::Sender<GenerateEvent>,
 ) -> Result<(), Halt> {
     let tok = &model.tokenizer;
-    let context = model.max_positions();
     let mut sampler = Sampler::new(choice.params, choice.ids, tok.vocab_size());
     let mut detok = Detokenizer::default();
     let mut stops = StopMatcher::new(&req.stop);
@@ -272,7 +306,8 @@ fn run_choice(
             .map(|lp| vec![token_logprob(model, sampled.token, lp)])
             .unwrap_or_default();
         if !req.ignore_eos && tok.is_end_of_generation(sampled.token) {
-            emit_delta(events, choice.index, stops.flush(), logprobs)?;
+            // The end-of-turn token is not part of the text, nor of its log-probabilities.
+            emit_delta(events, choice.index, stops.flush(), Vec::new())?;
             return emit(events, finish(FinishReason::Stop, produced));
         }
         let piece = detok.push(tok, sampled.token)?;
@@ -283,7 +318,7 @@ fn run_choice(
             }
             StopOutcome::Continue(text) => emit_delta(events, choice.index, text, logprobs)?,
         }
-        if produced >= choice.max_tokens || cache.len() >= context {
+        if produced >= choice.max_tokens {
             emit_delta(events, choice.index, stops.flush(), Vec::new())?;
             return emit(events, finish(FinishReason::Length, produced));
         }

@@ -29,6 +29,10 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub response_format: Option<serde_json::Value>,
+    pub logit_bias: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -58,6 +62,55 @@ pub struct Part {
 }
 
 const MAX_TOP_LOGPROBS: i64 = 20;
+
+/// Features clients may send that this server does not implement: refuse
+/// them rather than answer as if they were honoured.
+fn unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
+    let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
+    if req
+        .tools
+        .as_ref()
+        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
+    {
+        return Err(ApiError::invalid("tools", "tool calling is not supported"));
+    }
+    if present(&req.tool_choice)
+        && req.tool_choice.as_ref().and_then(|v| v.as_str()) != Some("none")
+    {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "tool calling is not supported",
+        ));
+    }
+    let format = req
+        .response_format
+        .as_ref()
+        .and_then(|f| f.get("type"))
+        .and_then(|t| t.as_str());
+    if present(&req.response_format) && format != Some("text") {
+        return Err(ApiError::invalid(
+            "response_format",
+            "only `{\"type\": \"text\"}` is supported",
+        ));
+    }
+    if req
+        .logit_bias
+        .as_ref()
+        .is_some_and(|b| b.as_object().is_none_or(|o| !o.is_empty()))
+    {
+        return Err(ApiError::invalid(
+            "logit_bias",
+            "`logit_bias` is not supported",
+        ));
+    }
+    if req.stream_options.is_some() && !req.stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
+    }
+    Ok(())
+}
 
 fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
     if input.is_empty() {
@@ -113,6 +166,7 @@ pub async fn handle(
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.model(&req.model);
+    unsupported(&req)?;
     log.user(req.sampling.user.as_deref());
     let messages = messages(&req.messages)?;
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
@@ -138,7 +192,7 @@ pub async fn handle(
     let defaults = state.registry.text_defaults(&req.model, Purpose::Chat)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
     let request = GenerateRequest {
-        prompt: Prompt::Chat(messages),
+        prompts: vec![Prompt::Chat(messages)],
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
         stop: sampling.stop,
@@ -148,7 +202,7 @@ pub async fn handle(
         ignore_eos: req.sampling.ignore_eos,
     };
     let handle = state.registry.acquire(&req.model).await?;
-    let gen = generation::start(&handle, vec![request])
+    let gen = generation::start(&handle, request)
         .await
         .map_err(|e| e.param_or("messages"))?;
     let meta = Meta {
@@ -305,7 +359,6 @@ struct ChatCompletionChunk<'a> {
 struct ChunkChoice {
     index: usize,
     delta: Delta,
-    #[serde(skip_serializing_if = "Option::is_none")]
     logprobs: Option<Logprobs>,
     finish_reason: Option<&'static str>,
 }

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
-use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
+use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage, MAX_CHOICES};
 use super::AppState;
 use crate::engine::{GenerateRequest, Prompt, TokenLogprob};
 use crate::registry::Purpose;
@@ -83,6 +83,12 @@ pub async fn handle(
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.model(&req.model);
+    if req.stream_options.is_some() && !req.stream {
+        return Err(ApiError::invalid(
+            "stream_options",
+            "`stream_options` is only allowed with `stream: true`",
+        ));
+    }
     log.user(req.sampling.user.as_deref());
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid(
@@ -116,21 +122,31 @@ pub async fn handle(
             "`best_of` is not supported unless equal to `n`",
         ));
     }
-    let requests = prompts(req.prompt)?
-        .into_iter()
-        .map(|prompt| GenerateRequest {
-            prompt,
-            max_tokens: Some(max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-            default_max_tokens: None,
-            stop: sampling.stop.clone(),
-            n: sampling.n,
-            sampling: sampling.params.clone(),
-            echo: req.echo,
-            ignore_eos: req.sampling.ignore_eos,
-        })
-        .collect();
+    let prompts = prompts(req.prompt)?;
+    if prompts.len() * sampling.n > MAX_CHOICES {
+        return Err(ApiError::invalid(
+            "n",
+            format!(
+                "{} prompts × n = {} asks for more than {MAX_CHOICES} choices",
+                prompts.len(),
+                sampling.n
+            ),
+        ));
+    }
+    let request = GenerateRequest {
+        prompts,
+        max_tokens,
+        // OpenAI's default for this endpoint (the manifest's `max_tokens`
+        // default is for chat); it shrinks to fit the context.
+        default_max_tokens: Some(DEFAULT_MAX_TOKENS),
+        stop: sampling.stop,
+        n: sampling.n,
+        sampling: sampling.params,
+        echo: req.echo,
+        ignore_eos: req.sampling.ignore_eos,
+    };
     let handle = state.registry.acquire(&req.model).await?;
-    let gen = generation::start(&handle, requests)
+    let gen = generation::start(&handle, request)
         .await
         .map_err(|e| e.param_or("prompt"))?;
     let meta = Meta {

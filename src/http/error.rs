@@ -122,9 +122,9 @@ impl ApiError {
         self
     }
 
-    /// Sets the parameter at fault unless one is already named.
+    /// Names the parameter at fault for a client error that names none.
     pub fn param_or(mut self, param: &str) -> Self {
-        if self.param.is_none() {
+        if self.param.is_none() && self.status == StatusCode::BAD_REQUEST {
             self.param = Some(param.to_string());
         }
         self

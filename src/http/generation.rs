@@ -14,12 +14,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::error::ApiError;
 use super::log::RequestLog;
 use super::wire::Usage;
-use crate::engine::{EngineHandle, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
+use crate::engine::{
+    EngineError, EngineHandle, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob,
+};
 
 type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send>>;
 
-/// A running generation: one engine request per prompt, their choices
-/// numbered prompt by prompt.
+/// A running generation: its events, and how many choices it will finish.
 pub struct Generation {
     events: EventStream,
     /// Choices over all prompts.
@@ -52,61 +53,24 @@ impl UsageCounter {
     }
 }
 
-fn renumber(event: GenerateEvent, offset: usize) -> GenerateEvent {
-    match event {
-        GenerateEvent::Delta {
-            index,
-            text,
-            logprobs,
-        } => GenerateEvent::Delta {
-            index: index + offset,
-            text,
-            logprobs,
-        },
-        GenerateEvent::Finished {
-            index,
-            reason,
-            completion_tokens,
-        } => GenerateEvent::Finished {
-            index: index + offset,
-            reason,
-            completion_tokens,
-        },
-        other => other,
-    }
-}
-
-/// Submits `requests` (one per prompt) and waits until the first prompt is
-/// accepted. Later prompts report their errors in the event stream.
+/// Submits `request` and waits until the engine accepts its prompts, so
+/// that their errors (context length, bad token ids…) get a proper status.
 pub async fn start(
     handle: &EngineHandle,
-    requests: Vec<GenerateRequest>,
+    request: GenerateRequest,
 ) -> Result<Generation, ApiError> {
-    let per_prompt = requests.first().map_or(1, |r| r.n);
-    let choices = per_prompt * requests.len();
-    let mut receivers = Vec::with_capacity(requests.len());
-    for request in requests {
-        receivers.push(handle.submit(request)?);
-    }
+    let choices = request.n * request.prompts.len();
+    let mut rx = handle.submit(request)?;
     let mut usage = UsageCounter::default();
-    if let Some(first) = receivers.first_mut() {
-        match first.recv().await {
-            Some(event @ GenerateEvent::Started { .. }) => usage.observe(&event),
-            Some(GenerateEvent::Failed(e)) => return Err(e.into()),
-            Some(_) | None => {
-                return Err(crate::engine::EngineError::Compute(
-                    "the model worker stopped unexpectedly".into(),
-                )
-                .into())
-            }
+    match rx.recv().await {
+        Some(event @ GenerateEvent::Started { .. }) => usage.observe(&event),
+        Some(GenerateEvent::Failed(e)) => return Err(e.into()),
+        Some(_) | None => {
+            return Err(EngineError::Compute("the model worker stopped unexpectedly".into()).into())
         }
     }
-    let streams = receivers
-        .into_iter()
-        .enumerate()
-        .map(|(i, rx)| ReceiverStream::new(rx).map(move |e| renumber(e, i * per_prompt)));
     Ok(Generation {
-        events: Box::pin(futures::stream::select_all(streams)),
+        events: Box::pin(ReceiverStream::new(rx)),
         choices,
         usage,
     })
@@ -200,16 +164,24 @@ where
     U: FnOnce(Usage) -> SseItem,
 {
     async_stream::stream! {
+        let mut unfinished = gen.choices;
         while let Some(event) = gen.next().await {
             match event {
                 GenerateEvent::Delta { index, text, logprobs } => yield chunk(Step::Delta { index, text, logprobs }),
-                GenerateEvent::Finished { index, reason, .. } => yield chunk(Step::Finished { index, reason }),
+                GenerateEvent::Finished { index, reason, .. } => {
+                    unfinished = unfinished.saturating_sub(1);
+                    yield chunk(Step::Finished { index, reason });
+                }
                 GenerateEvent::Failed(e) => {
                     yield SseItem::Error(e.into());
                     return;
                 }
                 GenerateEvent::Started { .. } => {}
             }
+        }
+        if unfinished > 0 {
+            yield SseItem::Error(EngineError::Compute("generation ended early".into()).into());
+            return;
         }
         let totals = gen.usage.usage();
         log.tokens(totals.prompt_tokens, totals.completion_tokens);
@@ -230,7 +202,7 @@ pub fn finish_name(reason: FinishReason) -> &'static str {
 /// One SSE payload.
 pub enum SseItem {
     /// A chunk, serialized as JSON.
-    Chunk(serde_json::Value),
+    Chunk(String),
     /// A failure after the stream started: an error object, then the end.
     Error(ApiError),
 }
@@ -238,9 +210,9 @@ pub enum SseItem {
 impl SseItem {
     /// A chunk from any serializable value.
     pub fn chunk<T: Serialize>(value: &T) -> Self {
-        match serde_json::to_value(value) {
+        match serde_json::to_string(value) {
             Ok(v) => SseItem::Chunk(v),
-            Err(e) => SseItem::Error(crate::engine::EngineError::Compute(e.to_string()).into()),
+            Err(e) => SseItem::Error(EngineError::Compute(e.to_string()).into()),
         }
     }
 }
@@ -262,7 +234,7 @@ where
         let mut items = std::pin::pin!(items);
         while let Some(item) = items.next().await {
             match item {
-                SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v.to_string())),
+                SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v)),
                 SseItem::Error(e) => {
                     let body = serde_json::json!(ErrorEvent { error: e.detail() });
                     yield Ok(Event::default().data(body.to_string()));

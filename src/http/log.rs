@@ -10,6 +10,13 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
 
+/// Client-chosen strings are cut to this many characters in the log.
+const LOGGED_CHARS: usize = 128;
+
+fn clip(s: &str) -> String {
+    s.chars().take(LOGGED_CHARS).collect()
+}
+
 /// Marks a response whose log line is written later, by its body stream.
 #[derive(Clone, Copy)]
 pub struct Deferred;
@@ -48,12 +55,12 @@ impl RequestLog {
 
     /// Records the model the request is for.
     pub fn model(&self, model: &str) {
-        self.fields().model = Some(model.to_string());
+        self.fields().model = Some(clip(model));
     }
 
     /// Records the end-user id the client sent.
     pub fn user(&self, user: Option<&str>) {
-        self.fields().user = user.map(str::to_string);
+        self.fields().user = user.map(clip);
     }
 
     /// Records token counts.

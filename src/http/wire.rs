@@ -72,6 +72,8 @@ pub struct ValidSampling {
 
 /// Most choices one request may ask for.
 pub const MAX_N: i64 = 128;
+/// Most choices over all prompts of one request.
+pub const MAX_CHOICES: usize = 128;
 /// Most stop sequences.
 pub const MAX_STOP: usize = 4;
 

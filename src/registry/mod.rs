@@ -165,9 +165,11 @@ impl Registry {
                 }
             }
         };
-        let result = load.await;
+        let result = load.clone().await;
         let mut slot = entry.slot();
-        if matches!(*slot, Slot::Loading(_)) {
+        // Only the load this request waited on may settle the slot: a newer
+        // load (after a failure or an unload) must not be overwritten.
+        if matches!(&*slot, Slot::Loading(current) if current.ptr_eq(&load)) {
             *slot = match &result {
                 Ok(handle) => Slot::Ready(handle.clone()),
                 // Left cold: the next request tries again.
