@@ -56,11 +56,18 @@ impl Default for ServerConfig {
 pub struct EngineConfig {
     /// Requests that may wait per model before new ones get 429.
     pub queue_size: usize,
+    /// How long a streaming client may stop reading (its buffer full, the
+    /// connection open) before its request is cancelled (`"30s"`).
+    #[serde(with = "humantime_serde_compat")]
+    pub stall_timeout: Duration,
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { queue_size: 64 }
+        Self {
+            queue_size: 64,
+            stall_timeout: Duration::from_secs(30),
+        }
     }
 }
 

@@ -190,18 +190,10 @@ async fn many_prompts_take_one_queue_slot() {
 
 #[tokio::test]
 async fn client_disconnect_stops_generation() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
 
     let server = Server::start();
-    // A raw connection, so that closing it really closes the socket.
-    let addr = server.base.trim_start_matches("http://").to_string();
-    let mut socket = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    let body = long_completion(4000, true).to_string();
-    let request = format!(
-        "POST /v1/completions HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut socket = raw_post(&server, "/v1/completions", &long_completion(4000, true)).await;
     let mut received = Vec::new();
     let mut buf = [0u8; 4096];
     while received.windows(6).filter(|w| w == b"data: ").count() < 3 {
@@ -215,7 +207,10 @@ async fn client_disconnect_stops_generation() {
     }
     drop(socket);
     assert!(
-        server.wait_for_log("generation cancelled", Duration::from_secs(10)),
+        server.wait_for_log(
+            "generation cancelled: the client went away",
+            Duration::from_secs(10)
+        ),
         "generation went on after the client left:\n{}",
         server.logs()
     );

@@ -6,6 +6,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use kindling_models::{ChatMessage, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
@@ -160,11 +161,14 @@ pub struct LoadSpec {
     pub context_length: Option<usize>,
     /// Requests that may wait for the worker before new ones are refused.
     pub queue_size: usize,
+    /// How long a client may leave its event buffer full before its request
+    /// is cancelled, so one stalled client cannot hold the worker.
+    pub stall_timeout: Duration,
 }
 
 pub(crate) struct Job {
     request: GenerateRequest,
-    events: mpsc::Sender<GenerateEvent>,
+    events: worker::Events,
 }
 
 /// A cloneable way to reach a model's worker. The worker exits, and frees the
@@ -173,6 +177,7 @@ pub(crate) struct Job {
 pub struct EngineHandle {
     model: Arc<str>,
     queue_size: usize,
+    stall_timeout: Duration,
     jobs: mpsc::Sender<Job>,
 }
 
@@ -187,7 +192,8 @@ impl EngineHandle {
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
+        let events = worker::Events::new(tx, self.stall_timeout);
         self.jobs
             .try_send(Job { request, events })
             .map_err(|e| match e {
@@ -211,6 +217,7 @@ pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
     let name = format!("model-{}", spec.model);
     let model: Arc<str> = Arc::from(spec.model.as_str());
     let queue_size = spec.queue_size;
+    let stall_timeout = spec.stall_timeout;
     let thread_spec = spec.clone();
     std::thread::Builder::new()
         .name(name)
@@ -226,6 +233,7 @@ pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
     Ok(EngineHandle {
         model,
         queue_size,
+        stall_timeout,
         jobs,
     })
 }

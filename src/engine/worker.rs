@@ -83,31 +83,59 @@ fn serve(model: &TextModel, job: Job) {
     if let EngineError::Compute(msg) = &error {
         tracing::error!(error = %msg, "generation failed");
     }
-    let _ = events.blocking_send(GenerateEvent::Failed(error));
+    let _ = events.send(GenerateEvent::Failed(error));
 }
 
-/// How long a client may leave its event buffer full (it stopped reading
-/// but kept the connection) before its request is cancelled, so one stalled
-/// client cannot hold the model's worker.
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Where a request's events go, and how long to wait for a client that has
+/// stopped reading before giving up on it.
+pub(crate) struct Events {
+    tx: mpsc::Sender<GenerateEvent>,
+    stall_timeout: Duration,
+}
 
-fn emit(events: &mpsc::Sender<GenerateEvent>, event: GenerateEvent) -> Result<(), Halt> {
-    let mut event = event;
-    let mut stalled_since = None;
-    loop {
-        match events.try_send(event) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Closed(_)) => return Err(Halt::Cancelled),
-            Err(mpsc::error::TrySendError::Full(back)) => {
-                let since = *stalled_since.get_or_insert_with(Instant::now);
-                if since.elapsed() > STALL_TIMEOUT {
-                    tracing::warn!("cancelling a request whose client stopped reading");
-                    return Err(Halt::Cancelled);
+impl Events {
+    pub(crate) fn new(tx: mpsc::Sender<GenerateEvent>, stall_timeout: Duration) -> Self {
+        Self { tx, stall_timeout }
+    }
+
+    /// Whether the client went away.
+    fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Sends `event`, waiting while the client's buffer is full, at most the
+    /// stall timeout: a client that keeps the connection but stops reading
+    /// must not hold the model's worker.
+    fn send(&self, event: GenerateEvent) -> Result<(), Halt> {
+        let mut event = event;
+        let mut stalled_since = None;
+        loop {
+            match self.tx.try_send(event) {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Halt::Cancelled),
+                Err(mpsc::error::TrySendError::Full(back)) => {
+                    let since = *stalled_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() > self.stall_timeout {
+                        tracing::warn!("generation cancelled: the client stopped reading");
+                        return Err(Halt::Cancelled);
+                    }
+                    event = back;
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-                event = back;
-                std::thread::sleep(Duration::from_millis(2));
             }
         }
+    }
+
+    /// Sends a delta unless it carries nothing.
+    fn delta(&self, index: usize, text: String, logprobs: Vec<TokenLogprob>) -> Result<(), Halt> {
+        if text.is_empty() && logprobs.is_empty() {
+            return Ok(());
+        }
+        self.send(GenerateEvent::Delta {
+            index,
+            text,
+            logprobs,
+        })
     }
 }
 
@@ -155,11 +183,7 @@ fn prompt_ids(model: &TextModel, prompt: &Prompt) -> Result<Vec<u32>, Halt> {
     Ok(ids)
 }
 
-fn generate(
-    model: &TextModel,
-    req: &GenerateRequest,
-    events: &mpsc::Sender<GenerateEvent>,
-) -> Result<(), Halt> {
+fn generate(model: &TextModel, req: &GenerateRequest, events: &Events) -> Result<(), Halt> {
     // Every prompt is checked before any output, so a bad one fails the
     // whole request with a proper status.
     let context = model.max_positions();
@@ -182,7 +206,7 @@ fn generate(
         prompts.push((ids, max_tokens));
     }
     let prompt_tokens = prompts.iter().map(|(ids, _)| ids.len()).sum();
-    emit(events, GenerateEvent::Started { prompt_tokens })?;
+    events.send(GenerateEvent::Started { prompt_tokens })?;
     for (p, (ids, max_tokens)) in prompts.iter().enumerate() {
         generate_prompt(model, req, p * req.n, ids, *max_tokens, events)?;
     }
@@ -196,7 +220,7 @@ fn generate_prompt(
     first: usize,
     ids: &[u32],
     max_tokens: usize,
-    events: &mpsc::Sender<GenerateEvent>,
+    events: &Events,
 ) -> Result<(), Halt> {
     let mut cache = model.new_cache();
     let mut logits = Vec::new();
@@ -232,7 +256,7 @@ fn generate_prompt(
             ..req.sampling.clone()
         };
         let index = first + i;
-        emit_delta(events, index, echo.clone(), Vec::new())?;
+        events.delta(index, echo.clone(), Vec::new())?;
         let choice = Choice {
             index,
             ids,
@@ -251,33 +275,13 @@ struct Choice<'a> {
     params: SamplingParams,
 }
 
-/// Sends a delta unless it carries nothing.
-fn emit_delta(
-    events: &mpsc::Sender<GenerateEvent>,
-    index: usize,
-    text: String,
-    logprobs: Vec<TokenLogprob>,
-) -> Result<(), Halt> {
-    if text.is_empty() && logprobs.is_empty() {
-        return Ok(());
-    }
-    emit(
-        events,
-        GenerateEvent::Delta {
-            index,
-            text,
-            logprobs,
-        },
-    )
-}
-
 fn run_choice(
     model: &TextModel,
     req: &GenerateRequest,
     choice: Choice<'_>,
     mut cache: SequenceCache,
     mut logits: Vec<f32>,
-    events: &mpsc::Sender<GenerateEvent>,
+    events: &Events,
 ) -> Result<(), Halt> {
     let tok = &model.tokenizer;
     let mut sampler = Sampler::new(choice.params, choice.ids, tok.vocab_size());
@@ -307,20 +311,20 @@ fn run_choice(
             .unwrap_or_default();
         if !req.ignore_eos && tok.is_end_of_generation(sampled.token) {
             // The end-of-turn token is not part of the text, nor of its log-probabilities.
-            emit_delta(events, choice.index, stops.flush(), Vec::new())?;
-            return emit(events, finish(FinishReason::Stop, produced));
+            events.delta(choice.index, stops.flush(), Vec::new())?;
+            return events.send(finish(FinishReason::Stop, produced));
         }
         let piece = detok.push(tok, sampled.token)?;
         match stops.push(&piece) {
             StopOutcome::Stopped(text) => {
-                emit_delta(events, choice.index, text, logprobs)?;
-                return emit(events, finish(FinishReason::Stop, produced));
+                events.delta(choice.index, text, logprobs)?;
+                return events.send(finish(FinishReason::Stop, produced));
             }
-            StopOutcome::Continue(text) => emit_delta(events, choice.index, text, logprobs)?,
+            StopOutcome::Continue(text) => events.delta(choice.index, text, logprobs)?,
         }
         if produced >= choice.max_tokens {
-            emit_delta(events, choice.index, stops.flush(), Vec::new())?;
-            return emit(events, finish(FinishReason::Length, produced));
+            events.delta(choice.index, stops.flush(), Vec::new())?;
+            return events.send(finish(FinishReason::Length, produced));
         }
         logits = model.forward(&[sampled.token], &mut cache)?;
     }
@@ -338,5 +342,52 @@ fn token_logprob(model: &TextModel, token: u32, lp: &TokenLogprobs) -> TokenLogp
     TokenLogprob {
         chosen: alt(token, lp.logprob),
         top: lp.top.iter().map(|&(id, l)| alt(id, l)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(i: usize) -> GenerateEvent {
+        GenerateEvent::Delta {
+            index: i,
+            text: "x".into(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_given_up_on() {
+        let (tx, mut rx) = mpsc::channel(2);
+        let events = Events::new(tx, Duration::from_millis(50));
+        assert!(events.send(delta(0)).is_ok());
+        assert!(events.send(delta(1)).is_ok());
+        // The buffer is full and nobody reads: the send gives up, it does not block.
+        let started = Instant::now();
+        assert!(matches!(events.send(delta(2)), Err(Halt::Cancelled)));
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // A reader that frees room in time lets the send through.
+        let reader = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(10));
+            let got = rx.blocking_recv();
+            (got, rx) // keep the channel open
+        });
+        assert!(events.send(delta(3)).is_ok());
+        let (got, _rx) = reader.join().unwrap();
+        assert!(got.is_some());
+    }
+
+    #[test]
+    fn a_client_that_left_cancels_at_once() {
+        let (tx, rx) = mpsc::channel(2);
+        let events = Events::new(tx, Duration::from_secs(60));
+        drop(rx);
+        assert!(events.is_closed());
+        assert!(matches!(events.send(delta(0)), Err(Halt::Cancelled)));
+        assert!(matches!(
+            events.delta(0, "x".into(), Vec::new()),
+            Err(Halt::Cancelled)
+        ));
     }
 }

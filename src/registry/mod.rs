@@ -8,7 +8,7 @@ use std::time::UNIX_EPOCH;
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 
-use crate::config::{Config, GenerationDefaults, ModelKind, ModelManifest};
+use crate::config::{Config, EngineConfig, GenerationDefaults, ModelKind, ModelManifest};
 use crate::engine::{self, EngineError, EngineHandle, LoadSpec};
 
 /// The registry room's errors.
@@ -79,7 +79,7 @@ impl Entry {
 /// The catalog of declared models and their state.
 pub struct Registry {
     entries: BTreeMap<String, Arc<Entry>>,
-    queue_size: usize,
+    engine: EngineConfig,
 }
 
 impl Registry {
@@ -104,7 +104,7 @@ impl Registry {
             .collect();
         Self {
             entries,
-            queue_size: config.engine.queue_size,
+            engine: config.engine.clone(),
         }
     }
 
@@ -184,7 +184,8 @@ impl Registry {
             model: manifest.id.clone(),
             path: manifest.weights.path.clone(),
             context_length: manifest.context_length,
-            queue_size: self.queue_size,
+            queue_size: self.engine.queue_size,
+            stall_timeout: self.engine.stall_timeout,
         };
         let model = manifest.id.clone();
         tracing::info!(model = %model, "loading model");
