@@ -24,6 +24,18 @@ struct Args {
     command: Command,
 }
 
+#[derive(clap::Args)]
+struct ConfigArgs {
+    /// The daemon's settings file.
+    #[arg(
+        long,
+        short,
+        value_name = "PATH",
+        default_value = "configs/kindling.toml"
+    )]
+    config: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Start the daemon and serve the OpenAI-compatible API.
@@ -35,14 +47,8 @@ enum Command {
     /// SIGTERM or Ctrl-C stops accepting requests, lets in-flight ones finish
     /// for up to `server.shutdown_timeout`, and exits 0.
     Serve {
-        /// The daemon's settings file.
-        #[arg(
-            long,
-            short,
-            value_name = "PATH",
-            default_value = "configs/kindling.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
         /// Address and port to listen on, e.g. 127.0.0.1:8080 or 0.0.0.0:80
         /// (port 0 picks a free one).
         #[arg(long, short, value_name = "ADDR:PORT")]
@@ -50,14 +56,8 @@ enum Command {
     },
     /// Check the config and manifests, and list the models they declare.
     Models {
-        /// The daemon's settings file.
-        #[arg(
-            long,
-            short,
-            value_name = "PATH",
-            default_value = "configs/kindling.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArgs,
     },
 }
 
@@ -125,14 +125,14 @@ fn run(args: Args) -> Result<()> {
     match args.command {
         Command::Serve { config, listen } => {
             init_logging(&env);
-            let config = Config::load(&config, listen, &env)?;
+            let config = Config::load(&config.config, listen, &env)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(serve(config))
         }
         Command::Models { config } => {
-            let config = Config::load(&config, None, &env)?;
+            let config = Config::load(&config.config, None, &env)?;
             for m in config.models.values() {
                 println!("{}\t{:?}\t{}", m.id, m.kind, m.weights.path.display());
             }

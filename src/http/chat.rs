@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
-use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage};
+use super::wire::{token_limit, SamplingFields, StreamOptions, Usage};
 use super::AppState;
 use crate::engine::{GenerateRequest, Prompt, TokenAlternative, TokenLogprob};
 use crate::registry::Purpose;
@@ -205,12 +205,7 @@ pub async fn handle(
     let gen = generation::start(&handle, request)
         .await
         .map_err(|e| e.param_or("messages"))?;
-    let meta = Meta {
-        id: format!("chatcmpl-{}", log.id()),
-        created: unix_now(),
-        model: req.model.clone(),
-        logprobs: req.logprobs,
-    };
+    let meta = Meta::new("chatcmpl", &log, &req.model, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return Ok(generation::sse_response(
@@ -218,8 +213,7 @@ pub async fn handle(
             log,
         ));
     }
-    let (choices, usage) = gen.collect().await?;
-    log.tokens(usage.prompt_tokens, usage.completion_tokens);
+    let (choices, usage) = gen.collect(&log).await?;
     let choices = choices
         .into_iter()
         .enumerate()

@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
-use super::wire::{token_limit, unix_now, SamplingFields, StreamOptions, Usage, MAX_CHOICES};
+use super::wire::{token_limit, SamplingFields, StreamOptions, Usage, MAX_CHOICES};
 use super::AppState;
 use crate::engine::{GenerateRequest, Prompt, TokenLogprob};
 use crate::registry::Purpose;
@@ -149,12 +149,7 @@ pub async fn handle(
     let gen = generation::start(&handle, request)
         .await
         .map_err(|e| e.param_or("prompt"))?;
-    let meta = Meta {
-        id: format!("cmpl-{}", log.id()),
-        created: unix_now(),
-        model: req.model.clone(),
-        logprobs: top_logprobs.is_some(),
-    };
+    let meta = Meta::new("cmpl", &log, &req.model, top_logprobs.is_some());
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         return Ok(generation::sse_response(
@@ -162,8 +157,7 @@ pub async fn handle(
             log,
         ));
     }
-    let (choices, usage) = gen.collect().await?;
-    log.tokens(usage.prompt_tokens, usage.completion_tokens);
+    let (choices, usage) = gen.collect(&log).await?;
     let choices = choices
         .into_iter()
         .enumerate()

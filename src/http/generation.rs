@@ -93,8 +93,11 @@ impl Generation {
         Some(event)
     }
 
-    /// Runs to the end and returns every choice.
-    pub async fn collect(mut self) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
+    /// Runs to the end and returns every choice; the token counts go to the log.
+    pub async fn collect(
+        mut self,
+        log: &RequestLog,
+    ) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
         let mut out: Vec<ChoiceOutput> =
             (0..self.choices).map(|_| ChoiceOutput::default()).collect();
         while let Some(event) = self.next().await {
@@ -123,7 +126,9 @@ impl Generation {
                 crate::engine::EngineError::Compute("generation ended early".into()).into(),
             );
         }
-        Ok((out, self.usage.usage()))
+        let usage = self.usage.usage();
+        log.tokens(usage.prompt_tokens, usage.completion_tokens);
+        Ok((out, usage))
     }
 }
 
@@ -135,6 +140,18 @@ pub struct Meta {
     pub model: String,
     /// Whether the client asked for log-probabilities.
     pub logprobs: bool,
+}
+
+impl Meta {
+    /// `id` is `prefix-<request id>`; `created` is now.
+    pub fn new(prefix: &str, log: &RequestLog, model: &str, logprobs: bool) -> Self {
+        Self {
+            id: format!("{prefix}-{}", log.id()),
+            created: super::wire::unix_now(),
+            model: model.to_string(),
+            logprobs,
+        }
+    }
 }
 
 /// What an endpoint renders as one streamed chunk.
