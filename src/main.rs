@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use kindling::config::{Config, Environment};
+use kindling::config::{Config, Environment, WeightSource};
 use kindling::http::{self, AppState};
+use kindling::metrics::Metrics;
 use kindling::registry::Registry;
 use tracing_subscriber::EnvFilter;
 
@@ -59,6 +60,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Download a model's weights into the store ahead of its first load
+    /// (models whose manifest names a Hugging Face repo).
+    Pull {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The model id, as in its manifest.
+        model: String,
+    },
 }
 
 fn init_logging(env: &Environment) {
@@ -78,8 +87,13 @@ async fn serve(config: Config) -> Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let registry = Arc::new(Registry::new(&config));
-    let state = AppState::new(registry.clone(), config.server.max_body_size);
+    let registry = Arc::new(Registry::new(&config, Arc::new(Metrics::new())));
+    registry.start_background();
+    let state = AppState::new(
+        registry.clone(),
+        config.server.max_body_size,
+        config.admin.enabled,
+    );
     tracing::info!(
         config = %config.path.display(),
         models = config.models.len(),
@@ -134,14 +148,30 @@ fn run(args: Args) -> Result<()> {
         Command::Models { config } => {
             let config = Config::load(&config.config, None, &env)?;
             for m in config.models.values() {
-                println!("{}\t{:?}\t{}", m.id, m.kind, m.weights.path.display());
+                let source = match &m.weights {
+                    WeightSource::Local(p) => p.display().to_string(),
+                    WeightSource::Hub { repo, revision, .. } => format!("hf:{repo}@{revision}"),
+                };
+                println!("{}\t{}\t{source}", m.id, m.kind.name());
             }
+            Ok(())
+        }
+        Command::Pull { config, model } => {
+            init_logging(&env);
+            let config = Config::load(&config.config, None, &env)?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            let registry = Registry::new(&config, Arc::new(Metrics::new()));
+            let path = runtime.block_on(registry.pull(&model))?;
+            println!("{model}: {}", path.display());
             Ok(())
         }
     }
 }
 
 fn main() -> ExitCode {
+    kindling::registry::tune_allocator();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -55,6 +55,37 @@ impl GgufFile {
             .sum()
     }
 
+    /// Checks that the file is long enough for every tensor its header
+    /// declares (a truncated download fails here, not halfway through a load).
+    pub fn check_complete(&self) -> Result<()> {
+        let needed = self
+            .content
+            .tensor_infos
+            .values()
+            .map(|t| {
+                let elems = t.shape.elem_count();
+                self.content.tensor_data_offset
+                    + t.offset
+                    + (elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+            })
+            .max()
+            .unwrap_or(0);
+        let len = std::fs::metadata(&self.path)
+            .map_err(|source| ModelError::Io {
+                path: self.path.clone(),
+                source,
+            })?
+            .len();
+        if len < needed {
+            return Err(ModelError::BadFormat {
+                path: self.path.clone(),
+                format: "GGUF",
+                message: format!("truncated: its tensors need {needed} bytes, the file has {len}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Whether the file has a tensor called `name`.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)

@@ -4,6 +4,7 @@
 
 pub mod chat_template;
 pub mod error;
+pub mod footprint;
 pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
@@ -14,5 +15,6 @@ pub mod tokenizer;
 pub use candle_core::Device;
 pub use chat_template::ChatMessage;
 pub use error::{ModelError, Result};
+pub use footprint::Footprint;
 pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use text::{Detokenizer, StopMatcher, StopOutcome, TextModel};

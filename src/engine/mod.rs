@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kindling_models::{ChatMessage, SamplingParams};
+use kindling_models::{ChatMessage, Footprint, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
 
 /// What to generate from.
@@ -141,10 +141,20 @@ pub enum EngineError {
         model: String,
         /// Why.
         reason: String,
+        /// Seconds until the next attempt is allowed, if it is held back.
+        retry_after: Option<u64>,
     },
     /// The model failed while computing.
     #[error("model computation failed: {0}")]
     Compute(String),
+    /// Loading must wait: there is no room for the model yet.
+    #[error("{message}")]
+    NoRoom {
+        /// Why, with the figures.
+        message: String,
+        /// Seconds after which a retry may succeed; `None` if it never will.
+        retry_after: Option<u64>,
+    },
     /// The worker is gone (shutting down).
     #[error("model `{0}` is shutting down")]
     Stopped(String),
@@ -164,6 +174,26 @@ pub struct LoadSpec {
     /// How long a client may leave its event buffer full before its request
     /// is cancelled, so one stalled client cannot hold the worker.
     pub stall_timeout: Duration,
+}
+
+/// Live KV caches a text worker may hold at once: the prompt's prefill and
+/// the choice being generated from a fork of it.
+pub const TEXT_SEQUENCES: usize = 2;
+
+/// Estimates the memory the model in `spec` will take once loaded and
+/// serving, from its weight file's header.
+pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
+    kindling_models::footprint::estimate_gguf_text(
+        &spec.path,
+        spec.context_length,
+        TEXT_SEQUENCES,
+        worker::PREFILL_CHUNK,
+    )
+    .map_err(|e| EngineError::LoadFailed {
+        model: spec.model.clone(),
+        reason: e.to_string(),
+        retry_after: None,
+    })
 }
 
 pub(crate) struct Job {
@@ -186,6 +216,11 @@ pub struct EngineHandle {
 const EVENT_BUFFER: usize = 256;
 
 impl EngineHandle {
+    /// Requests waiting for the worker.
+    pub fn queue_depth(&self) -> usize {
+        self.jobs.max_capacity() - self.jobs.capacity()
+    }
+
     /// Queues `request`; its events arrive on the returned receiver.
     /// Dropping the receiver cancels the request at the next token.
     pub fn submit(
@@ -209,11 +244,17 @@ impl EngineHandle {
     }
 }
 
+/// Resolves once a worker has exited and its model's memory is freed.
+pub type Stopped = oneshot::Receiver<()>;
+
 /// Starts a worker thread that loads the model described by `spec`, and
-/// resolves once it is ready to serve (or failed to load).
-pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
+/// resolves once it is ready to serve (or failed to load). The worker runs
+/// until the last handle is dropped and its queue is empty; `Stopped`
+/// resolves after it has freed the model.
+pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineError> {
     let (jobs, rx) = mpsc::channel(spec.queue_size.max(1));
     let (ready_tx, ready_rx) = oneshot::channel();
+    let (stopped_tx, stopped_rx) = oneshot::channel();
     let name = format!("model-{}", spec.model);
     let model: Arc<str> = Arc::from(spec.model.as_str());
     let queue_size = spec.queue_size;
@@ -221,19 +262,25 @@ pub async fn start(spec: LoadSpec) -> Result<EngineHandle, EngineError> {
     let thread_spec = spec.clone();
     std::thread::Builder::new()
         .name(name)
-        .spawn(move || worker::run_worker(thread_spec, rx, ready_tx))
+        .spawn(move || {
+            worker::run_worker(thread_spec, rx, ready_tx);
+            let _ = stopped_tx.send(());
+        })
         .map_err(|e| EngineError::LoadFailed {
             model: spec.model.clone(),
             reason: format!("cannot start worker thread: {e}"),
+            retry_after: None,
         })?;
     ready_rx.await.map_err(|_| EngineError::LoadFailed {
         model: spec.model.clone(),
         reason: "the worker thread died while loading".into(),
+        retry_after: None,
     })??;
-    Ok(EngineHandle {
+    let handle = EngineHandle {
         model,
         queue_size,
         stall_timeout,
         jobs,
-    })
+    };
+    Ok((handle, stopped_rx))
 }

@@ -18,7 +18,7 @@ use super::{
 
 /// Prompt tokens run per forward pass; between chunks the worker checks
 /// whether the client is still there.
-const PREFILL_CHUNK: usize = 512;
+pub(super) const PREFILL_CHUNK: usize = 512;
 
 pub(super) fn run_worker(
     spec: LoadSpec,
@@ -32,6 +32,7 @@ pub(super) fn run_worker(
             let _ = ready.send(Err(EngineError::LoadFailed {
                 model: spec.model.clone(),
                 reason: e.to_string(),
+                retry_after: None,
             }));
             return;
         }
@@ -50,6 +51,7 @@ pub(super) fn run_worker(
     while let Some(job) = jobs.blocking_recv() {
         serve(&model, job);
     }
+    drop(model);
     tracing::info!(model = %spec.model, "model unloaded");
 }
 

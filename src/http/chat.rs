@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
+use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step};
 use super::log::RequestLog;
 use super::wire::{token_limit, SamplingFields, StreamOptions, Usage};
 use super::AppState;
@@ -201,18 +201,24 @@ pub async fn handle(
         echo: false,
         ignore_eos: req.sampling.ignore_eos,
     };
-    let handle = state.registry.acquire(&req.model).await?;
-    let gen = generation::start(&handle, request)
-        .await
-        .map_err(|e| e.param_or("messages"))?;
+    let job = Job {
+        model: req.model.clone(),
+        request,
+        keep_alive: req.sampling.keep_alive()?,
+        param: "messages",
+        arrived: log.arrived(),
+    };
     let meta = Meta::new("chatcmpl", &log, &req.model, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        return Ok(generation::sse_response(
-            stream(gen, meta, include_usage, log.clone()),
-            log,
-        ));
+        let stream_log = log.clone();
+        return generation::stream_response(&state.registry, job, log, move |gen| {
+            stream(gen, meta, include_usage, stream_log)
+        })
+        .await;
     }
+    let gen = generation::start(&state.registry, job).await?;
+    let cold_load = gen.cold_load;
     let (choices, usage) = gen.collect(&log).await?;
     let choices = choices
         .into_iter()
@@ -236,7 +242,9 @@ pub async fn handle(
         choices,
         usage,
     };
-    Ok(Json(body).into_response())
+    let mut resp = Json(body).into_response();
+    generation::mark_cold(&mut resp, cold_load);
+    Ok(resp)
 }
 
 fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseItem {

@@ -165,10 +165,18 @@ impl From<EngineError> for ApiError {
                     .code("context_length_exceeded")
             }
             EngineError::InvalidInput { param, .. } => Self::invalid(param, message),
-            EngineError::LoadFailed { .. } => {
-                Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .code("model_load_failed")
-                    .retry(5)
+            EngineError::LoadFailed { retry_after, .. } => {
+                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("model_load_failed");
+                Self {
+                    retry_after: Some(retry_after.unwrap_or(1)),
+                    ..e
+                }
+            }
+            EngineError::NoRoom { retry_after, .. } => {
+                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("insufficient_memory");
+                Self { retry_after, ..e }
             }
             EngineError::Stopped(_) => Self::shutting_down(),
             EngineError::Compute(_) => {

@@ -4,6 +4,8 @@
 
 use std::convert::Infallible;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -14,19 +16,39 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::error::ApiError;
 use super::log::RequestLog;
 use super::wire::Usage;
-use crate::engine::{
-    EngineError, EngineHandle, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob,
-};
+use crate::config::KeepAlive;
+use crate::engine::{EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
+use crate::metrics::Metrics;
+use crate::registry::{Lease, Registry};
 
 type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send>>;
 
 /// A running generation: its events, and how many choices it will finish.
+/// It holds the model's lease until it is dropped.
 pub struct Generation {
     events: EventStream,
     /// Choices over all prompts.
     pub choices: usize,
     /// Token counts so far.
     pub usage: UsageCounter,
+    /// How long the model's load took, when this request waited for it.
+    pub cold_load: Option<Duration>,
+    first_token: Option<(Instant, Arc<Metrics>, String)>,
+    _lease: Lease,
+}
+
+/// A generation request for a model, before the model is at hand.
+pub struct Job {
+    /// The model id.
+    pub model: String,
+    /// What to generate.
+    pub request: GenerateRequest,
+    /// The request's `keep_alive`, if it named one.
+    pub keep_alive: Option<KeepAlive>,
+    /// The parameter blamed for prompt errors (`messages` or `prompt`).
+    pub param: &'static str,
+    /// When the request arrived (for time to first token).
+    pub arrived: Instant,
 }
 
 /// Counts tokens as events pass.
@@ -53,14 +75,24 @@ impl UsageCounter {
     }
 }
 
-/// Submits `request` and waits until the engine accepts its prompts, so
-/// that their errors (context length, bad token ids…) get a proper status.
-pub async fn start(
-    handle: &EngineHandle,
+/// Gets the model (loading it if cold), submits the request, and waits
+/// until the engine accepts its prompts, so that their errors (context
+/// length, bad token ids…) get a proper status.
+pub async fn start(registry: &Registry, job: Job) -> Result<Generation, ApiError> {
+    let lease = registry.acquire(&job.model, job.keep_alive).await?;
+    let first_token = Some((job.arrived, registry.metrics().clone(), job.model));
+    submit(lease, job.request, first_token)
+        .await
+        .map_err(|e| e.param_or(job.param))
+}
+
+async fn submit(
+    lease: Lease,
     request: GenerateRequest,
+    first_token: Option<(Instant, Arc<Metrics>, String)>,
 ) -> Result<Generation, ApiError> {
     let choices = request.n * request.prompts.len();
-    let mut rx = handle.submit(request)?;
+    let mut rx = lease.submit(request)?;
     let mut usage = UsageCounter::default();
     match rx.recv().await {
         Some(event @ GenerateEvent::Started { .. }) => usage.observe(&event),
@@ -73,6 +105,9 @@ pub async fn start(
         events: Box::pin(ReceiverStream::new(rx)),
         choices,
         usage,
+        cold_load: lease.cold_load,
+        first_token,
+        _lease: lease,
     })
 }
 
@@ -90,6 +125,14 @@ impl Generation {
     pub async fn next(&mut self) -> Option<GenerateEvent> {
         let event = self.events.next().await?;
         self.usage.observe(&event);
+        if matches!(event, GenerateEvent::Delta { .. }) {
+            if let Some((arrived, metrics, model)) = self.first_token.take() {
+                metrics
+                    .time_to_first_token
+                    .get_or_create(&Metrics::model(&model))
+                    .observe(arrived.elapsed().as_secs_f64());
+            }
+        }
         Some(event)
     }
 
@@ -220,6 +263,9 @@ pub fn finish_name(reason: FinishReason) -> &'static str {
 pub enum SseItem {
     /// A chunk, serialized as JSON.
     Chunk(String),
+    /// A comment line (`: …`), which clients ignore; keeps the connection
+    /// alive while a cold model loads.
+    Comment(String),
     /// A failure after the stream started: an error object, then the end.
     Error(ApiError),
 }
@@ -252,6 +298,7 @@ where
         while let Some(item) = items.next().await {
             match item {
                 SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v)),
+                SseItem::Comment(c) => yield Ok(Event::default().comment(c)),
                 SseItem::Error(e) => {
                     let body = serde_json::json!(ErrorEvent { error: e.detail() });
                     yield Ok(Event::default().data(body.to_string()));
@@ -264,4 +311,86 @@ where
     let mut resp = Sse::new(stream).into_response();
     resp.extensions_mut().insert(super::log::Deferred);
     resp
+}
+
+/// Seconds between SSE comments while a streaming request waits for its
+/// model to load.
+const LOADING_COMMENT_EVERY: Duration = Duration::from_secs(2);
+
+/// Header on responses that waited for their model to load.
+const COLD_START: &str = "x-kindling-cold-start";
+/// How long that load took, in milliseconds.
+const LOAD_MS: &str = "x-kindling-load-ms";
+
+/// Marks a response served from a cold load, with how long the load took.
+pub fn mark_cold(resp: &mut Response, load: Option<Duration>) {
+    if let Some(took) = load {
+        let headers = resp.headers_mut();
+        headers.insert(COLD_START, axum::http::HeaderValue::from_static("true"));
+        headers.insert(
+            LOAD_MS,
+            axum::http::HeaderValue::from(took.as_millis() as u64),
+        );
+    }
+}
+
+/// Answers a streaming request. A warm model's errors before the first
+/// token get a proper status; a cold model's response starts at once (its
+/// headers say it is cold) and carries SSE comments while the model loads,
+/// then the stream, or an error event if the load fails.
+pub async fn stream_response<F, S>(
+    registry: &Arc<Registry>,
+    job: Job,
+    log: RequestLog,
+    render: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce(Generation) -> S + Send + 'static,
+    S: Stream<Item = SseItem> + Send + 'static,
+{
+    if registry.is_resident(&job.model) {
+        let gen = start(registry, job).await?;
+        let load = gen.cold_load;
+        let mut resp = sse_response(render(gen), log);
+        mark_cold(&mut resp, load);
+        return Ok(resp);
+    }
+    let registry = registry.clone();
+    let items = async_stream::stream! {
+        let param = job.param;
+        let first_token = Some((job.arrived, registry.metrics().clone(), job.model.clone()));
+        let acquire = registry.acquire(&job.model, job.keep_alive);
+        tokio::pin!(acquire);
+        let mut tick = tokio::time::interval(LOADING_COMMENT_EVERY);
+        let lease = loop {
+            tokio::select! {
+                lease = &mut acquire => break lease,
+                _ = tick.tick() => yield SseItem::Comment(format!("loading model {}", job.model)),
+            }
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(e) => {
+                yield SseItem::Error(e.into());
+                return;
+            }
+        };
+        if let Some(took) = lease.cold_load {
+            yield SseItem::Comment(format!("model loaded in {} ms", took.as_millis()));
+        }
+        let gen = match submit(lease, job.request, first_token).await {
+            Ok(gen) => gen,
+            Err(e) => {
+                yield SseItem::Error(e.param_or(param));
+                return;
+            }
+        };
+        for await item in render(gen) {
+            yield item;
+        }
+    };
+    let mut resp = sse_response(items, log);
+    resp.headers_mut()
+        .insert(COLD_START, axum::http::HeaderValue::from_static("true"));
+    Ok(resp)
 }

@@ -5,16 +5,48 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
+
+use super::AppState;
+use crate::metrics::{Metrics, RequestLabels};
 
 /// Client-chosen strings are cut to this many characters in the log.
 const LOGGED_CHARS: usize = 128;
 
 fn clip(s: &str) -> String {
     s.chars().take(LOGGED_CHARS).collect()
+}
+
+/// The route a path belongs to, for metric labels (ids left out, so the
+/// label set stays small).
+fn endpoint(path: &str) -> &'static str {
+    const FIXED: [&str; 10] = [
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/models",
+        "/metrics",
+        "/admin/status",
+        "/health/live",
+        "/health/ready",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/",
+    ];
+    if let Some(p) = FIXED.iter().find(|p| **p == path) {
+        return p;
+    }
+    if path.starts_with("/v1/models/") {
+        "/v1/models/{id}"
+    } else if path.starts_with("/admin/models/") && path.ends_with("/load") {
+        "/admin/models/{id}/load"
+    } else if path.starts_with("/admin/models/") && path.ends_with("/unload") {
+        "/admin/models/{id}/unload"
+    } else {
+        "unmatched"
+    }
 }
 
 /// Marks a response whose log line is written later, by its body stream.
@@ -37,6 +69,7 @@ struct Inner {
     status: Mutex<u16>,
     fields: Mutex<Fields>,
     done: AtomicBool,
+    metrics: Arc<Metrics>,
 }
 
 /// A request's log record; handlers add the model and token counts.
@@ -51,6 +84,11 @@ impl RequestLog {
 
     fn fields(&self) -> std::sync::MutexGuard<'_, Fields> {
         self.0.fields.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the request arrived.
+    pub fn arrived(&self) -> Instant {
+        self.0.started
     }
 
     /// Records the model the request is for.
@@ -82,6 +120,15 @@ impl RequestLog {
             s => s,
         };
         let latency_ms = self.0.started.elapsed().as_secs_f64() * 1e3;
+        self.0
+            .metrics
+            .requests
+            .get_or_create(&RequestLabels {
+                endpoint: endpoint(&self.0.path).to_string(),
+                model: f.model.clone().unwrap_or_default(),
+                status: status.to_string(),
+            })
+            .inc();
         let quiet = self.0.path.starts_with("/health") || self.0.path.starts_with("/v2/health");
         macro_rules! line {
             ($level:ident) => {
@@ -134,7 +181,7 @@ impl Drop for FinishOnDrop {
 
 /// Middleware: assigns the request id, lets handlers fill in the record,
 /// and logs the line (or leaves it to a streaming body).
-pub async fn log_requests(mut req: Request, next: Next) -> Response {
+pub async fn log_requests(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = req
         .headers()
         .get("x-request-id")
@@ -149,6 +196,7 @@ pub async fn log_requests(mut req: Request, next: Next) -> Response {
         status: Mutex::new(0),
         fields: Mutex::new(Fields::default()),
         done: AtomicBool::new(false),
+        metrics: state.registry.metrics().clone(),
     }));
     req.extensions_mut().insert(log.clone());
     // Written if the client disconnects before the handler answers.

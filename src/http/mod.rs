@@ -1,6 +1,7 @@
 //! The http room: routes, OpenAI wire types, validation, SSE, and the
 //! mapping of errors to status codes. Knows nothing of tensors or threads.
 
+mod admin;
 mod chat;
 mod completions;
 pub mod error;
@@ -33,15 +34,18 @@ pub struct AppState {
     pub max_body_size: u64,
     /// Set once shutdown begins.
     pub draining: Arc<AtomicBool>,
+    /// Whether `/admin/*` is served.
+    pub admin: bool,
 }
 
 impl AppState {
     /// New state around `registry`.
-    pub fn new(registry: Arc<Registry>, max_body_size: u64) -> Self {
+    pub fn new(registry: Arc<Registry>, max_body_size: u64, admin: bool) -> Self {
         Self {
             registry,
             max_body_size,
             draining: Arc::new(AtomicBool::new(false)),
+            admin,
         }
     }
 
@@ -73,11 +77,18 @@ async fn no_route(req: Request) -> ApiError {
 /// The whole HTTP API.
 pub fn router(state: AppState) -> Router {
     let limit = usize::try_from(state.max_body_size).unwrap_or(usize::MAX);
-    Router::new()
+    let mut router = Router::new();
+    if state.admin {
+        router = router
+            .route("/admin/models/{*action}", post(admin::model_action))
+            .route("/admin/status", get(admin::status));
+    }
+    router
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::get))
+        .route("/metrics", get(admin::metrics))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
         .route("/v2/health/live", get(health::live))
@@ -88,7 +99,10 @@ pub fn router(state: AppState) -> Router {
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             panic_response,
         ))
-        .layer(axum::middleware::from_fn(log::log_requests))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            log::log_requests,
+        ))
         .with_state(state)
 }
 

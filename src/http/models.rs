@@ -1,4 +1,7 @@
-//! `GET /v1/models` and `GET /v1/models/{id}`.
+//! `GET /v1/models` and `GET /v1/models/{id}`: the OpenAI model objects,
+//! extended with each model's lifecycle state and memory.
+
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -8,6 +11,18 @@ use super::error::ApiError;
 use super::AppState;
 use crate::registry::{ModelSummary, RegistryError};
 
+fn unix(t: Option<SystemTime>) -> Option<f64> {
+    t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| (d.as_secs_f64() * 1e3).round() / 1e3)
+}
+
+/// Bytes received and expected while a model downloads.
+#[derive(Serialize)]
+pub struct DownloadObject {
+    done_bytes: u64,
+    total_bytes: u64,
+}
+
 #[derive(Serialize)]
 pub struct ModelObject {
     id: String,
@@ -16,16 +31,52 @@ pub struct ModelObject {
     owned_by: String,
     /// Extension: whether the weights are in memory now.
     loaded: bool,
+    /// `cold`, `downloading`, `loading`, `warm`, `busy`, `draining` or `failed`.
+    state: &'static str,
+    /// `chat` or `completion`.
+    kind: &'static str,
+    device: Option<String>,
+    estimated_bytes: Option<u64>,
+    measured_bytes: Option<u64>,
+    /// Unix time (seconds) the last request ended.
+    last_used: Option<f64>,
+    /// Keep-alive applied after the current requests (`"5m"`, `"forever"`).
+    keep_alive: String,
+    /// Unix time (seconds) it will be unloaded if no request comes.
+    keep_alive_until: Option<f64>,
+    pinned: bool,
+    requests_in_flight: usize,
+    queue_depth: usize,
+    download: Option<DownloadObject>,
+    /// Why the last load failed, while that failure holds.
+    error: Option<String>,
 }
 
 impl From<ModelSummary> for ModelObject {
     fn from(m: ModelSummary) -> Self {
+        let s = m.state;
         Self {
             id: m.id,
             object: "model",
             created: m.created,
             owned_by: m.owned_by,
-            loaded: m.loaded,
+            loaded: matches!(s.state, "warm" | "busy" | "draining"),
+            state: s.state,
+            kind: m.kind,
+            device: s.device,
+            estimated_bytes: s.estimated_bytes,
+            measured_bytes: s.measured_bytes,
+            last_used: unix(s.last_used),
+            keep_alive: s.keep_alive.to_string(),
+            keep_alive_until: unix(s.expires_at),
+            pinned: s.pinned,
+            requests_in_flight: s.in_flight,
+            queue_depth: s.queue_depth,
+            download: s.download.map(|(done_bytes, total_bytes)| DownloadObject {
+                done_bytes,
+                total_bytes,
+            }),
+            error: s.error,
         }
     }
 }

@@ -4,7 +4,7 @@ use kindling_models::SamplingParams;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::config::GenerationDefaults;
+use crate::config::{GenerationDefaults, KeepAlive};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -42,6 +42,22 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// How long the model stays loaded after this request: a duration like
+    /// `"10m"`, seconds, `0` (unload right after) or `-1` (forever).
+    pub keep_alive: Option<serde_json::Value>,
+}
+
+impl SamplingFields {
+    /// The validated `keep_alive`.
+    pub fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
+        self.keep_alive
+            .as_ref()
+            .map(|v| {
+                KeepAlive::from_value(v)
+                    .map_err(|e| ApiError::invalid("keep_alive", format!("`keep_alive`: {e}")))
+            })
+            .transpose()
+    }
 }
 
 /// Token counts of a response.

@@ -1,15 +1,27 @@
-//! The registry room: the model catalog and each model's load state.
-//! A model is loaded by the first request that needs it; concurrent requests
-//! for a model that is loading wait on that same load.
+//! The registry room: the model catalog and each model's lifecycle. Models
+//! load on the first request that needs them (one shared load however many
+//! requests wait), are charged against their device's memory budget, make
+//! room by evicting idle models, and unload when their keep-alive runs out.
+
+mod download;
+mod evict;
+pub mod lifecycle;
+mod loader;
+mod memory;
+#[cfg(test)]
+mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::UNIX_EPOCH;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
-use futures::future::{BoxFuture, FutureExt, Shared};
-
-use crate::config::{Config, EngineConfig, GenerationDefaults, ModelKind, ModelManifest};
-use crate::engine::{self, EngineError, EngineHandle, LoadSpec};
+use crate::config::{Config, GenerationDefaults, KeepAlive, ModelKind, ModelManifest};
+use crate::engine::EngineError;
+use crate::metrics::{gauge_value, Metrics};
+use lifecycle::{DeviceBudget, Lifecycle, Policy};
+pub use lifecycle::{DeviceSnapshot, Snapshot};
+pub use loader::EngineLoader;
+pub use memory::tune_allocator;
 
 /// The registry room's errors.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -50,42 +62,43 @@ pub struct ModelSummary {
     pub created: u64,
     /// Owner shown to clients.
     pub owned_by: String,
-    /// Whether its weights are in memory now.
-    pub loaded: bool,
+    /// `chat` or `completion`.
+    pub kind: &'static str,
+    /// Its lifecycle state.
+    pub state: Snapshot,
 }
 
-type SharedLoad = Shared<BoxFuture<'static, Result<EngineHandle, EngineError>>>;
-
-enum Slot {
-    Cold,
-    Loading(SharedLoad),
-    Ready(EngineHandle),
+/// The daemon's accounting, for `/admin/status`.
+#[derive(Debug, Clone)]
+pub struct Status {
+    /// Every device's budget and use.
+    pub devices: Vec<DeviceSnapshot>,
+    /// Every model.
+    pub models: Vec<ModelSummary>,
+    /// This process's resident memory, if known.
+    pub process_resident_bytes: Option<u64>,
 }
+
+/// A model in use by one request; see [`lifecycle::Lease`].
+pub type Lease = lifecycle::Lease<Arc<EngineLoader>>;
 
 struct Entry {
     manifest: ModelManifest,
     created: u64,
-    slot: Mutex<Slot>,
 }
 
-impl Entry {
-    fn slot(&self) -> MutexGuard<'_, Slot> {
-        // A panic while holding this lock cannot leave the slot half-written:
-        // every write is a single assignment, so a poisoned lock is still sound.
-        self.slot.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-/// The catalog of declared models and their state.
+/// The catalog of declared models and their lifecycle.
 pub struct Registry {
-    entries: BTreeMap<String, Arc<Entry>>,
-    engine: EngineConfig,
+    entries: BTreeMap<String, Entry>,
+    loader: Arc<EngineLoader>,
+    lifecycle: Lifecycle<Arc<EngineLoader>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
     /// A registry of the models `config` declares; none is loaded.
-    pub fn new(config: &Config) -> Self {
-        let entries = config
+    pub fn new(config: &Config, metrics: Arc<Metrics>) -> Self {
+        let entries: BTreeMap<String, Entry> = config
             .models
             .iter()
             .map(|(id, m)| {
@@ -97,34 +110,108 @@ impl Registry {
                 let entry = Entry {
                     manifest: m.clone(),
                     created,
-                    slot: Mutex::new(Slot::Cold),
                 };
-                (id.clone(), Arc::new(entry))
+                (id.clone(), entry)
             })
             .collect();
+        let cpu_total = memory::cpu_total();
+        let devices = config
+            .devices
+            .iter()
+            .map(|(name, d)| {
+                let budget = d.budget.resolve(cpu_total.unwrap_or(0));
+                let dev = DeviceBudget {
+                    budget,
+                    total: cpu_total,
+                };
+                (name.clone(), dev)
+            })
+            .collect();
+        let policies = config
+            .models
+            .iter()
+            .map(|(id, m)| {
+                let policy = Policy {
+                    device: m.device.clone(),
+                    pin: m.pin,
+                    keep_alive: m.keep_alive.unwrap_or(config.lifecycle.keep_alive),
+                };
+                (id.clone(), policy)
+            })
+            .collect();
+        let loader = Arc::new(EngineLoader::new(config));
+        let lifecycle = Lifecycle::new(
+            loader.clone(),
+            config.lifecycle.clone(),
+            devices,
+            policies,
+            metrics.clone(),
+        );
         Self {
             entries,
-            engine: config.engine.clone(),
+            loader,
+            lifecycle,
+            metrics,
         }
     }
 
-    fn summary(entry: &Entry) -> ModelSummary {
+    /// Background start-up work: estimates for models whose weights are
+    /// already here, then the loads of models marked `preload`. The daemon
+    /// serves meanwhile.
+    pub fn start_background(self: &Arc<Self>) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            for id in this.entries.keys() {
+                if let Some(bytes) = this.loader.estimate_local(id).await {
+                    this.lifecycle.note_estimate(id, bytes);
+                }
+            }
+        });
+        for (id, entry) in &self.entries {
+            if entry.manifest.preload {
+                let this = self.clone();
+                let id = id.clone();
+                tokio::spawn(async move {
+                    tracing::info!(model = %id, "preloading");
+                    if let Err(e) = this.load(&id).await {
+                        tracing::warn!(model = %id, error = %e, "preload failed");
+                    }
+                });
+            }
+        }
+    }
+
+    fn summary(&self, id: &str, entry: &Entry, state: Snapshot) -> ModelSummary {
         ModelSummary {
-            id: entry.manifest.id.clone(),
+            id: id.to_string(),
             created: entry.created,
             owned_by: entry.manifest.owned_by.clone(),
-            loaded: matches!(*entry.slot(), Slot::Ready(_)),
+            kind: entry.manifest.kind.name(),
+            state,
         }
     }
 
     /// Every declared model, by id.
     pub fn list(&self) -> Vec<ModelSummary> {
-        self.entries.values().map(|e| Self::summary(e)).collect()
+        let mut states = self.lifecycle.snapshots();
+        self.entries
+            .iter()
+            .filter_map(|(id, e)| Some(self.summary(id, e, states.remove(id)?)))
+            .collect()
     }
 
     /// One model, if declared.
     pub fn describe(&self, id: &str) -> Option<ModelSummary> {
-        self.entries.get(id).map(|e| Self::summary(e))
+        let entry = self.entries.get(id)?;
+        Some(self.summary(id, entry, self.lifecycle.snapshot(id)?))
+    }
+
+    /// Whether the model is loaded and serving (a request would not wait
+    /// for a load).
+    pub fn is_resident(&self, id: &str) -> bool {
+        self.lifecycle
+            .snapshot(id)
+            .is_some_and(|s| matches!(s.state, "warm" | "busy"))
     }
 
     /// The sampling defaults of a text model that can serve `purpose`.
@@ -144,71 +231,99 @@ impl Registry {
         Ok(entry.manifest.defaults.clone())
     }
 
-    fn entry(&self, id: &str) -> Result<&Arc<Entry>, RegistryError> {
+    fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
         self.entries
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))
     }
 
-    /// A handle to the model's worker, loading the model first if it is cold.
-    pub async fn acquire(&self, id: &str) -> Result<EngineHandle, RegistryError> {
-        let entry = self.entry(id)?;
-        let load = {
-            let mut slot = entry.slot();
-            match &*slot {
-                Slot::Ready(handle) => return Ok(handle.clone()),
-                Slot::Loading(load) => load.clone(),
-                Slot::Cold => {
-                    let load = self.start_load(&entry.manifest);
-                    *slot = Slot::Loading(load.clone());
-                    load
-                }
-            }
-        };
-        let result = load.clone().await;
-        let mut slot = entry.slot();
-        // Only the load this request waited on may settle the slot: a newer
-        // load (after a failure or an unload) must not be overwritten.
-        if matches!(&*slot, Slot::Loading(current) if current.ptr_eq(&load)) {
-            *slot = match &result {
-                Ok(handle) => Slot::Ready(handle.clone()),
-                // Left cold: the next request tries again.
-                Err(_) => Slot::Cold,
-            };
-        }
-        Ok(result?)
+    /// The model for one request, loading it first if it is cold.
+    /// `keep_alive` (from the request) applies after the request ends.
+    pub async fn acquire(
+        &self,
+        id: &str,
+        keep_alive: Option<KeepAlive>,
+    ) -> Result<Lease, RegistryError> {
+        self.entry(id)?;
+        Ok(self.lifecycle.acquire(id, keep_alive).await?)
     }
 
-    fn start_load(&self, manifest: &ModelManifest) -> SharedLoad {
-        let spec = LoadSpec {
-            model: manifest.id.clone(),
-            path: manifest.weights.path.clone(),
-            context_length: manifest.context_length,
-            queue_size: self.engine.queue_size,
-            stall_timeout: self.engine.stall_timeout,
-        };
-        let model = manifest.id.clone();
-        tracing::info!(model = %model, "loading model");
-        // The load runs as its own task, so it completes even if every
-        // request waiting for it goes away.
-        let task = tokio::spawn(engine::start(spec));
-        async move {
-            task.await.unwrap_or_else(|e| {
-                Err(EngineError::LoadFailed {
-                    model,
-                    reason: format!("load task failed: {e}"),
-                })
-            })
-        }
-        .boxed()
-        .shared()
+    /// Loads the model (if cold) and starts its keep-alive timer.
+    pub async fn load(&self, id: &str) -> Result<ModelSummary, RegistryError> {
+        drop(self.acquire(id, None).await?);
+        self.describe(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
     }
 
-    /// Drops every loaded model's handle; workers exit once their in-flight
-    /// requests release theirs.
+    /// Unloads the model, waiting up to `wait` for its memory to be freed
+    /// (a busy model drains its in-flight requests first).
+    pub async fn unload(&self, id: &str, wait: Duration) -> Result<ModelSummary, RegistryError> {
+        self.entry(id)?;
+        let stopped = self.lifecycle.unload(id)?;
+        let _ = tokio::time::timeout(wait, stopped).await;
+        self.describe(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
+    }
+
+    /// Devices, models and memory, for `/admin/status`.
+    pub fn status(&self) -> Status {
+        Status {
+            devices: self.lifecycle.devices(),
+            models: self.list(),
+            process_resident_bytes: memory::resident(),
+        }
+    }
+
+    /// Downloads a model's weights ahead of time, with a progress bar on
+    /// the terminal (`kindling pull`); returns the weight file.
+    pub async fn pull(&self, id: &str) -> Result<std::path::PathBuf, RegistryError> {
+        self.entry(id)?;
+        Ok(self.loader.fetch(id, Arc::default(), true).await?)
+    }
+
+    /// Unloads every model (at shutdown); workers exit once their in-flight
+    /// requests end.
     pub fn unload_all(&self) {
-        for entry in self.entries.values() {
-            *entry.slot() = Slot::Cold;
+        self.lifecycle.unload_all();
+    }
+
+    /// The metrics, with the registry's gauges brought up to date.
+    pub fn render_metrics(&self) -> String {
+        let m = &self.metrics;
+        let status = self.status();
+        for d in &status.devices {
+            let label = crate::metrics::DeviceLabel {
+                device: d.name.clone(),
+            };
+            m.device_budget
+                .get_or_create(&label)
+                .set(gauge_value(d.budget));
+            m.device_used.get_or_create(&label).set(gauge_value(d.used));
         }
+        let mut resident = 0;
+        for s in &status.models {
+            let label = Metrics::model(&s.id);
+            let st = &s.state;
+            resident += i64::from(matches!(st.state, "warm" | "busy" | "draining"));
+            m.model_estimated
+                .get_or_create(&label)
+                .set(gauge_value(st.estimated_bytes.unwrap_or(0)));
+            m.model_measured
+                .get_or_create(&label)
+                .set(gauge_value(st.measured_bytes.unwrap_or(0)));
+            m.queue_depth
+                .get_or_create(&label)
+                .set(st.queue_depth as i64);
+            m.in_flight.get_or_create(&label).set(st.in_flight as i64);
+        }
+        m.resident_models.set(resident);
+        m.process_resident
+            .set(gauge_value(status.process_resident_bytes.unwrap_or(0)));
+        m.render()
+    }
+
+    /// The shared metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 }

@@ -1,0 +1,147 @@
+//! How much memory a model will take, read from its weight files' headers
+//! before any weight is loaded: the registry uses it to decide whether a
+//! load fits and what to evict.
+
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::llama::LlamaConfig;
+
+/// A model's expected memory use, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Footprint {
+    /// Weights as they sit in memory once loaded.
+    pub weights: u64,
+    /// KV cache for every sequence slot at the full context length.
+    pub cache: u64,
+    /// Activations of the largest forward pass.
+    pub scratch: u64,
+}
+
+impl Footprint {
+    /// Everything together.
+    pub fn total(&self) -> u64 {
+        self.weights + self.cache + self.scratch
+    }
+}
+
+/// Estimates a GGUF text model run with `sequences` live KV caches of up to
+/// `context_length` positions (default: the trained context), and prompt
+/// chunks of `prefill_chunk` tokens. Also checks that the file holds every
+/// tensor its header declares, so a truncated download fails here, clearly.
+pub fn estimate_gguf_text(
+    path: &Path,
+    context_length: Option<usize>,
+    sequences: usize,
+    prefill_chunk: usize,
+) -> Result<Footprint> {
+    let gguf = GgufFile::open(path)?;
+    gguf.check_complete()?;
+    let cfg = LlamaConfig::from_gguf(&gguf)?;
+    let positions = context_length
+        .unwrap_or(cfg.trained_context)
+        .min(cfg.trained_context) as u64;
+    let f32s = 4u64;
+    let (hidden, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
+    let (heads, kv_heads, head_dim) = (cfg.heads as u64, cfg.kv_heads as u64, cfg.head_dim as u64);
+    let intermediate = gguf
+        .opt_u32("llama.feed_forward_length")?
+        .map_or(4 * hidden, u64::from);
+    // The token-embedding table is dequantized to f32 for lookups; rotary
+    // tables hold cos and sin for every position.
+    let weights = gguf.tensor_bytes() + vocab * hidden * f32s + 2 * positions * head_dim * f32s;
+    let cache = 2 * cfg.layers as u64 * kv_heads * head_dim * f32s * positions * sequences as u64;
+    let chunk = (prefill_chunk as u64).min(positions);
+    // Attention scores and their softmax for one chunk against the whole
+    // context, plus the MLP's gate/up/product and the residual stream.
+    let scratch = 2 * heads * chunk * positions * f32s
+        + 3 * chunk * intermediate * f32s
+        + 6 * chunk * hidden * f32s
+        + vocab * f32s;
+    Ok(Footprint {
+        weights,
+        cache,
+        scratch,
+    })
+}
+
+/// Bytes of tensor data a safetensors file declares, read from its header
+/// alone (8-byte length, then JSON with each tensor's `data_offsets`).
+pub fn safetensors_tensor_bytes(path: &Path) -> Result<u64> {
+    let bad = |message: String| ModelError::BadFormat {
+        path: path.to_path_buf(),
+        format: "safetensors",
+        message,
+    };
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(io)?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > 100 << 20 || 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length {header_len} does not fit the file"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(io)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    let mut end = 0u64;
+    let mut total = 0u64;
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let offsets = info
+            .get("data_offsets")
+            .and_then(|o| o.as_array())
+            .and_then(|o| Some((o.first()?.as_u64()?, o.get(1)?.as_u64()?)))
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
+        if offsets.1 < offsets.0 {
+            return Err(bad(format!("tensor `{name}` ends before it starts")));
+        }
+        total += offsets.1 - offsets.0;
+        end = end.max(offsets.1);
+    }
+    if 8 + header_len + end > file_len {
+        return Err(bad(format!(
+            "truncated: tensors need {} bytes, the file has {file_len}",
+            8 + header_len + end
+        )));
+    }
+    Ok(total)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_safetensors(dir: &Path, data_len: usize, declared: u64) -> std::path::PathBuf {
+        let header = format!(
+            "{{\"__metadata__\":{{\"format\":\"pt\"}},\"a\":{{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}},\"b\":{{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,{declared}]}}}}"
+        );
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header.as_bytes());
+        bytes.extend(vec![0u8; data_len]);
+        let p = dir.join(format!("t-{data_len}-{declared}.safetensors"));
+        std::fs::write(&p, bytes).unwrap();
+        p
+    }
+
+    #[test]
+    fn safetensors_sizes_come_from_the_header() {
+        let dir = std::env::temp_dir().join(format!("kindling-fp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(
+            safetensors_tensor_bytes(&write_safetensors(&dir, 12, 12)).unwrap(),
+            12
+        );
+        let e = safetensors_tensor_bytes(&write_safetensors(&dir, 10, 12)).unwrap_err();
+        assert!(e.to_string().contains("truncated"), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}

@@ -1,0 +1,309 @@
+//! Model manifests: one `*.toml` per model, declaring what it is, where its
+//! weights come from and how it lives (keep-alive, pinning, preloading).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use super::units::KeepAlive;
+
+/// What a model is served for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Chat and text completions.
+    Chat,
+    /// Text completions only (no chat template).
+    Completion,
+}
+
+impl ModelKind {
+    /// The name used in manifests and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Chat => "chat",
+            Self::Completion => "completion",
+        }
+    }
+}
+
+/// How the weights are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightFormat {
+    /// A single GGUF file (quantized or not).
+    Gguf,
+}
+
+/// The network's architecture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Architecture {
+    /// Llama-family decoders (Llama, SmolLM2, Mistral).
+    Llama,
+}
+
+/// `[weights]` as written: a local `path`, or a Hugging Face `repo` with
+/// `files`, a `revision` and optional `sha256` sums.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightsFile {
+    path: Option<PathBuf>,
+    repo: Option<String>,
+    revision: Option<String>,
+    #[serde(default)]
+    files: Vec<String>,
+    #[serde(default)]
+    sha256: BTreeMap<String, String>,
+}
+
+/// Where a model's weights come from, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WeightSource {
+    /// A file on this machine (relative paths resolved against the store).
+    Local(PathBuf),
+    /// Files of a Hugging Face repository, downloaded into the store on
+    /// first use.
+    Hub {
+        /// `owner/name`.
+        repo: String,
+        /// Branch, tag or commit.
+        revision: String,
+        /// Files to fetch; the first `.gguf` is the weight file.
+        files: Vec<String>,
+        /// Expected SHA-256 per file, lowercase hex, where known.
+        sha256: BTreeMap<String, String>,
+    },
+}
+
+/// `[defaults]` in a manifest: sampling defaults for requests that leave them out.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    /// Tokens to generate when the request names no limit.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f32>,
+    /// Nucleus sampling mass.
+    pub top_p: Option<f32>,
+    /// Top-k cut (0 = off).
+    pub top_k: Option<u32>,
+    /// Min-p cut (0 = off).
+    pub min_p: Option<f32>,
+    /// Repetition penalty (1 = off).
+    pub repetition_penalty: Option<f32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ManifestFile {
+    id: String,
+    kind: ModelKind,
+    format: WeightFormat,
+    architecture: Architecture,
+    weights: WeightsFile,
+    context_length: Option<usize>,
+    #[serde(default)]
+    defaults: GenerationDefaults,
+    #[serde(default = "default_owner")]
+    owned_by: String,
+    device: Option<String>,
+    keep_alive: Option<KeepAlive>,
+    #[serde(default)]
+    pin: bool,
+    #[serde(default)]
+    preload: bool,
+}
+
+/// One model manifest, validated, with its weight source resolved.
+#[derive(Debug, Clone)]
+pub struct ModelManifest {
+    /// The id clients use in `model`.
+    pub id: String,
+    /// What it is served for.
+    pub kind: ModelKind,
+    /// The weights' format.
+    pub format: WeightFormat,
+    /// The network's architecture.
+    pub architecture: Architecture,
+    /// Where the weights come from.
+    pub weights: WeightSource,
+    /// Positions per sequence (default: what the model was trained for).
+    pub context_length: Option<usize>,
+    /// Sampling defaults.
+    pub defaults: GenerationDefaults,
+    /// Free-form owner shown in `/v1/models`.
+    pub owned_by: String,
+    /// The device to load onto (default: the registry's choice).
+    pub device: Option<String>,
+    /// Overrides the daemon's default keep-alive.
+    pub keep_alive: Option<KeepAlive>,
+    /// Never evicted or expired once loaded.
+    pub pin: bool,
+    /// Loaded in the background at start-up.
+    pub preload: bool,
+    /// The manifest file.
+    pub source: PathBuf,
+}
+
+fn default_owner() -> String {
+    "kindling".to_string()
+}
+
+pub(super) fn load_manifests(dir: &Path, store: &Path) -> Result<BTreeMap<String, ModelManifest>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    let mut models = BTreeMap::new();
+    for file in files {
+        let manifest = load_manifest(&file, store)?;
+        if let Some(other) = models.get(&manifest.id) {
+            let other: &ModelManifest = other;
+            bail!(
+                "{}: id: `{}` is already declared by {}",
+                file.display(),
+                manifest.id,
+                other.source.display()
+            );
+        }
+        models.insert(manifest.id.clone(), manifest);
+    }
+    Ok(models)
+}
+
+/// Reads and validates one manifest; a local weight path comes back
+/// resolved against `store`. Whether the weights exist is checked when the
+/// model loads, so one missing file never stops the daemon.
+pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
+    let f = file.display();
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read manifest {f}"))?;
+    let m: ManifestFile = toml::from_str(&text).with_context(|| format!("invalid manifest {f}"))?;
+    if !valid_id(&m.id) {
+        bail!(
+            "{f}: id: expected 1-128 characters of letters, digits and - _ . : /, got `{}`",
+            m.id
+        );
+    }
+    let weights =
+        weight_source(m.weights, store).map_err(|e| anyhow::anyhow!("{f}: weights.{e}"))?;
+    if let Some(ctx) = m.context_length {
+        if ctx < 16 {
+            bail!("{f}: context_length: expected at least 16, got {ctx}");
+        }
+    }
+    check_defaults(&m.defaults).map_err(|e| anyhow::anyhow!("{f}: defaults.{e}"))?;
+    Ok(ModelManifest {
+        id: m.id,
+        kind: m.kind,
+        format: m.format,
+        architecture: m.architecture,
+        weights,
+        context_length: m.context_length,
+        defaults: m.defaults,
+        owned_by: m.owned_by,
+        device: m.device,
+        keep_alive: m.keep_alive,
+        pin: m.pin,
+        preload: m.preload,
+        source: file.to_path_buf(),
+    })
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+}
+
+fn weight_source(w: WeightsFile, store: &Path) -> std::result::Result<WeightSource, String> {
+    match (w.path, w.repo) {
+        (Some(path), None) => {
+            if w.revision.is_some() || !w.files.is_empty() || !w.sha256.is_empty() {
+                return Err(
+                    "path: `revision`, `files` and `sha256` go with `repo`, not `path`".into(),
+                );
+            }
+            Ok(WeightSource::Local(store.join(path)))
+        }
+        (None, Some(repo)) => {
+            let parts: Vec<&str> = repo.split('/').collect();
+            if parts.len() != 2 || parts.iter().any(|p| !valid_id(p) || p.starts_with('.')) {
+                return Err(format!("repo: expected `owner/name`, got `{repo}`"));
+            }
+            if !w.files.iter().any(|f| f.ends_with(".gguf")) {
+                return Err("files: expected the list of files to fetch, with one `.gguf`".into());
+            }
+            if let Some(f) = w
+                .files
+                .iter()
+                .find(|f| f.is_empty() || f.split('/').any(|c| c == ".." || c.is_empty()))
+            {
+                return Err(format!(
+                    "files: `{f}` is not a plain path inside the repository"
+                ));
+            }
+            let mut sha256 = BTreeMap::new();
+            for (file, sum) in w.sha256 {
+                if !w.files.contains(&file) {
+                    return Err(format!("sha256: `{file}` is not in `files`"));
+                }
+                if sum.len() != 64 || !sum.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(format!("sha256.{file}: expected 64 hex digits"));
+                }
+                sha256.insert(file, sum.to_ascii_lowercase());
+            }
+            Ok(WeightSource::Hub {
+                repo,
+                revision: w.revision.unwrap_or_else(|| "main".into()),
+                files: w.files,
+                sha256,
+            })
+        }
+        (Some(_), Some(_)) => Err("path: give either `path` or `repo`, not both".into()),
+        (None, None) => Err("path: expected `path` (a local file) or `repo` (Hugging Face)".into()),
+    }
+}
+
+fn check_defaults(d: &GenerationDefaults) -> std::result::Result<(), String> {
+    let check = |name: &str, v: Option<f32>, ok: fn(f32) -> bool, want: &str| match v {
+        Some(x) if !ok(x) => Err(format!("{name}: expected {want}, got {x}")),
+        _ => Ok(()),
+    };
+    check(
+        "temperature",
+        d.temperature,
+        |x| (0.0..=2.0).contains(&x),
+        "a number in [0, 2]",
+    )?;
+    check(
+        "top_p",
+        d.top_p,
+        |x| x > 0.0 && x <= 1.0,
+        "a number in (0, 1]",
+    )?;
+    check(
+        "min_p",
+        d.min_p,
+        |x| (0.0..=1.0).contains(&x),
+        "a number in [0, 1]",
+    )?;
+    check(
+        "repetition_penalty",
+        d.repetition_penalty,
+        |x| x > 0.0 && x <= 10.0,
+        "a number in (0, 10]",
+    )?;
+    if d.max_tokens == Some(0) {
+        return Err("max_tokens: expected at least 1".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,373 @@
+//! Configuration: the daemon's settings file (`kindling.toml`), the model
+//! manifests (`models/*.toml`) and the environment. This is the only module
+//! that reads environment variables. Every problem fails start-up with a
+//! message naming the file, the field and what was expected.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+mod manifest;
+mod units;
+
+pub use manifest::{
+    load_manifest, Architecture, GenerationDefaults, ModelKind, ModelManifest, WeightFormat,
+    WeightSource,
+};
+use units::{de_bytes, duration};
+pub use units::{parse_bytes, Budget, KeepAlive};
+
+/// Everything the daemon needs to start, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The settings file this came from.
+    pub path: PathBuf,
+    /// HTTP server settings.
+    pub server: ServerConfig,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Where model weights live.
+    pub store: PathBuf,
+    /// Model lifecycle settings.
+    pub lifecycle: LifecycleConfig,
+    /// Devices models may be placed on, by name (`cpu`).
+    pub devices: BTreeMap<String, DeviceConfig>,
+    /// The admin API.
+    pub admin: AdminConfig,
+    /// Where Hugging Face downloads come from.
+    pub hub: HubConfig,
+    /// The model catalog, by id.
+    pub models: BTreeMap<String, ModelManifest>,
+}
+
+/// `[server]` in `kindling.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Largest request body accepted (bytes or a size like `"4MiB"`).
+    #[serde(deserialize_with = "de_bytes")]
+    pub max_body_size: u64,
+    /// How long in-flight requests may run after SIGTERM (`"30s"`).
+    #[serde(with = "duration")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_body_size: 4 << 20,
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[engine]` in `kindling.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EngineConfig {
+    /// Requests that may wait per model before new ones get 429.
+    pub queue_size: usize,
+    /// How long a streaming client may stop reading (its buffer full, the
+    /// connection open) before its request is cancelled (`"30s"`).
+    #[serde(with = "duration")]
+    pub stall_timeout: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            queue_size: 64,
+            stall_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// `[lifecycle]` in `kindling.toml`: how models come and go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleConfig {
+    /// How long a model stays loaded after its last request, unless its
+    /// manifest or the request says otherwise.
+    pub keep_alive: KeepAlive,
+    /// How long a load may wait for memory to come free (idle models to be
+    /// evicted, busy ones to finish) before it fails with 503.
+    #[serde(with = "duration")]
+    pub load_timeout: Duration,
+    /// Wait before retrying a model whose load failed; doubles with each
+    /// further failure.
+    #[serde(with = "duration")]
+    pub retry_backoff: Duration,
+    /// The longest wait between retries.
+    #[serde(with = "duration")]
+    pub max_retry_backoff: Duration,
+}
+
+impl Default for LifecycleConfig {
+    fn default() -> Self {
+        Self {
+            keep_alive: KeepAlive::For(Duration::from_secs(300)),
+            load_timeout: Duration::from_secs(60),
+            retry_backoff: Duration::from_secs(5),
+            max_retry_backoff: Duration::from_secs(300),
+        }
+    }
+}
+
+/// `[devices.<name>]` in `kindling.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// Memory models may use on this device: bytes (`"6GiB"`) or a share
+    /// of what the device reports (`"80%"`).
+    pub budget: Budget,
+}
+
+/// `[admin]` in `kindling.toml`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve `/admin/*` (load, unload, status).
+    pub enabled: bool,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// `[hub]` in `kindling.toml`: the Hugging Face Hub client.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Base URL of the Hub or a mirror (default: the public Hub).
+    pub endpoint: Option<String>,
+    /// Access token for gated or private repositories (also `HF_TOKEN`).
+    #[serde(skip)]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct ModelsSection {
+    manifests: PathBuf,
+    store: PathBuf,
+}
+
+impl Default for ModelsSection {
+    fn default() -> Self {
+        Self {
+            manifests: PathBuf::from("models"),
+            store: PathBuf::from("../store"),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DaemonFile {
+    #[serde(default)]
+    server: ServerConfig,
+    #[serde(default)]
+    engine: EngineConfig,
+    #[serde(default)]
+    models: ModelsSection,
+    #[serde(default)]
+    lifecycle: LifecycleConfig,
+    #[serde(default)]
+    devices: BTreeMap<String, DeviceConfig>,
+    #[serde(default)]
+    admin: AdminConfig,
+    #[serde(default)]
+    hub: HubConfig,
+}
+
+/// Values taken from the process environment.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    /// `PORT`, as set by Knative and most container platforms.
+    pub port: Option<String>,
+    /// `RUST_LOG`, the log filter.
+    pub rust_log: Option<String>,
+    /// `HF_TOKEN`, for Hugging Face downloads.
+    pub hf_token: Option<String>,
+}
+
+impl Environment {
+    /// Reads the variables Kindling honours.
+    pub fn from_process() -> Self {
+        Self {
+            port: std::env::var("PORT").ok().filter(|p| !p.is_empty()),
+            rust_log: std::env::var("RUST_LOG").ok().filter(|p| !p.is_empty()),
+            hf_token: std::env::var("HF_TOKEN").ok().filter(|p| !p.is_empty()),
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` and the manifests it points at. `listen` (from the
+    /// command line) wins over `PORT`, which wins over the file.
+    pub fn load(path: &Path, listen: Option<SocketAddr>, env: &Environment) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
+        let file: DaemonFile = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let mut server = file.server;
+        if let Some(port) = &env.port {
+            let port: u16 = port.parse().with_context(|| {
+                format!("environment variable PORT: expected a port number, got `{port}`")
+            })?;
+            server.listen = SocketAddr::from(([0, 0, 0, 0], port));
+        }
+        if let Some(listen) = listen {
+            server.listen = listen;
+        }
+        if server.max_body_size < 1024 {
+            bail!(
+                "{}: server.max_body_size: expected at least 1KiB, got {} bytes",
+                path.display(),
+                server.max_body_size
+            );
+        }
+        if file.engine.queue_size == 0 {
+            bail!("{}: engine.queue_size: expected at least 1", path.display());
+        }
+        let store = base.join(&file.models.store);
+        let manifests = base.join(&file.models.manifests);
+        let models = manifest::load_manifests(&manifests, &store)
+            .with_context(|| format!("{}: models.manifests", path.display()))?;
+        let mut devices = file.devices;
+        if let Some(name) = devices.keys().find(|d| d.as_str() != "cpu") {
+            bail!(
+                "{}: devices.{name}: this build knows only the `cpu` device",
+                path.display()
+            );
+        }
+        devices.entry("cpu".into()).or_insert(DeviceConfig {
+            budget: Budget::Fraction(0.8),
+        });
+        for m in models.values() {
+            if let Some(d) = m.device.as_deref().filter(|d| !devices.contains_key(*d)) {
+                bail!(
+                    "{}: device: `{d}` is not declared in {} (known: {})",
+                    m.source.display(),
+                    path.display(),
+                    devices.keys().cloned().collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        let mut hub = file.hub;
+        hub.token = env.hf_token.clone();
+        Ok(Self {
+            path: path.to_path_buf(),
+            server,
+            engine: file.engine,
+            store,
+            models,
+            lifecycle: file.lifecycle,
+            devices,
+            admin: file.admin,
+            hub,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("kindling-config-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("models")).unwrap();
+        std::fs::create_dir_all(d.join("store")).unwrap();
+        std::fs::write(d.join("store/w.gguf"), b"x").unwrap();
+        d
+    }
+
+    const MANIFEST: &str = "id = \"m\"\nkind = \"chat\"\nformat = \"gguf\"\narchitecture = \"llama\"\n[weights]\npath = \"w.gguf\"\n";
+
+    #[test]
+    fn valid_config_loads_and_resolves_paths() {
+        let d = temp_dir("ok");
+        write(&d.join("models"), "m.toml", MANIFEST);
+        let cfg = write(&d, "k.toml", "[models]\nstore = \"store\"\n[server]\nmax_body_size = \"1MiB\"\nshutdown_timeout = \"5s\"\n");
+        let c = Config::load(&cfg, None, &Environment::default()).unwrap();
+        assert_eq!(c.server.max_body_size, 1 << 20);
+        assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(
+            c.models["m"].weights,
+            WeightSource::Local(d.join("store/w.gguf"))
+        );
+        let env = Environment {
+            port: Some("9000".into()),
+            ..Environment::default()
+        };
+        assert_eq!(
+            Config::load(&cfg, None, &env).unwrap().server.listen.port(),
+            9000
+        );
+        let cli = "127.0.0.1:7000".parse().ok();
+        assert_eq!(
+            Config::load(&cfg, cli, &env).unwrap().server.listen.port(),
+            7000
+        );
+    }
+
+    #[test]
+    fn errors_name_file_field_and_expectation() {
+        let d = temp_dir("bad");
+        let cfg = write(&d, "k.toml", "[models]\nstore = \"store\"\n");
+        let err = |manifest: &str| {
+            write(&d.join("models"), "m.toml", manifest);
+            format!(
+                "{:#}",
+                Config::load(&cfg, None, &Environment::default()).unwrap_err()
+            )
+        };
+        let e = err(&format!("{MANIFEST}colour = \"red\"\n"));
+        assert!(e.contains("m.toml") && e.contains("colour"), "{e}");
+        let e = err(&MANIFEST.replace("\"chat\"", "\"poetry\""));
+        assert!(
+            e.contains("m.toml") && e.contains("poetry") && e.contains("`chat`"),
+            "{e}"
+        );
+        let e = err(&MANIFEST.replace("path = \"w.gguf\"", "repo = \"org\"\nfiles = [\"a.gguf\"]"));
+        assert!(
+            e.contains("weights.repo") && e.contains("owner/name"),
+            "{e}"
+        );
+        let e = err(&format!("{MANIFEST}files = [\"a.gguf\"]\n"));
+        assert!(e.contains("weights.path") && e.contains("`repo`"), "{e}");
+        let e = err(&format!("device = \"cuda:0\"\n{MANIFEST}"));
+        assert!(e.contains("m.toml") && e.contains("cuda:0"), "{e}");
+        let e = err(&format!("keep_alive = \"soon\"\n{MANIFEST}"));
+        assert!(e.contains("m.toml") && e.contains("keep_alive"), "{e}");
+        let e = err(&format!("{MANIFEST}[defaults]\ntemperature = 9.0\n"));
+        assert!(
+            e.contains("defaults.temperature") && e.contains("[0, 2]"),
+            "{e}"
+        );
+        write(&d.join("models"), "m.toml", MANIFEST);
+        let bad = write(&d, "k2.toml", "[server]\nlisten = \"nowhere\"\n");
+        let e = format!(
+            "{:#}",
+            Config::load(&bad, None, &Environment::default()).unwrap_err()
+        );
+        assert!(e.contains("k2.toml") && e.contains("listen"), "{e}");
+    }
+}

@@ -1,0 +1,239 @@
+//! Prometheus metrics shared by the rooms: each room records its own events
+//! here; `GET /metrics` renders them in the OpenMetrics text format.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// `model` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// The model id.
+    pub model: String,
+}
+
+/// `model`, `outcome` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LoadLabels {
+    /// The model id.
+    pub model: String,
+    /// `ok` or `failed`.
+    pub outcome: String,
+}
+
+/// `model`, `reason` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EvictionLabels {
+    /// The model id.
+    pub model: String,
+    /// `idle_expired`, `memory_pressure` or `admin`.
+    pub reason: String,
+}
+
+/// `endpoint`, `model`, `status` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The route, e.g. `/v1/chat/completions`.
+    pub endpoint: String,
+    /// The model id (empty when none applies).
+    pub model: String,
+    /// The HTTP status code.
+    pub status: String,
+}
+
+/// `device` label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DeviceLabel {
+    /// The device name, e.g. `cpu`.
+    pub device: String,
+}
+
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.005, 2.0, 16))
+}
+
+/// Every metric Kindling exports.
+pub struct Metrics {
+    registry: Registry,
+    render_lock: Mutex<()>,
+    /// Model loads by outcome.
+    pub loads: Family<LoadLabels, Counter>,
+    /// Seconds each successful load took.
+    pub load_seconds: Histograms<ModelLabel>,
+    /// Unloads by reason.
+    pub evictions: Family<EvictionLabels, Counter>,
+    /// Finished HTTP requests.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Seconds from a generation request's arrival to its first token.
+    pub time_to_first_token: Histograms<ModelLabel>,
+    /// Models whose weights are in memory (set when rendering).
+    pub resident_models: Gauge,
+    /// Each device's budget (set when rendering).
+    pub device_budget: Family<DeviceLabel, Gauge>,
+    /// Bytes charged against each device (set when rendering).
+    pub device_used: Family<DeviceLabel, Gauge>,
+    /// Each model's estimate (set when rendering).
+    pub model_estimated: Family<ModelLabel, Gauge>,
+    /// Each model's measured footprint (set when rendering).
+    pub model_measured: Family<ModelLabel, Gauge>,
+    /// Requests waiting in each model's queue (set when rendering).
+    pub queue_depth: Family<ModelLabel, Gauge>,
+    /// Requests holding each model (set when rendering).
+    pub in_flight: Family<ModelLabel, Gauge>,
+    /// This process's resident memory (set when rendering).
+    pub process_resident: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Every metric registered, all at zero.
+    pub fn new() -> Self {
+        let mut r = Registry::default();
+        let hist = || Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let m = Self {
+            loads: Family::default(),
+            load_seconds: hist(),
+            evictions: Family::default(),
+            requests: Family::default(),
+            time_to_first_token: hist(),
+            resident_models: Gauge::default(),
+            device_budget: Family::default(),
+            device_used: Family::default(),
+            model_estimated: Family::default(),
+            model_measured: Family::default(),
+            queue_depth: Family::default(),
+            in_flight: Family::default(),
+            process_resident: Gauge::default(),
+            registry: Registry::default(),
+            render_lock: Mutex::new(()),
+        };
+        r.register(
+            "kindling_model_loads",
+            "Model loads, by outcome",
+            m.loads.clone(),
+        );
+        r.register(
+            "kindling_model_load_duration_seconds",
+            "Time to load a model, from the first request to ready",
+            m.load_seconds.clone(),
+        );
+        r.register(
+            "kindling_model_evictions",
+            "Models unloaded, by reason (idle_expired, memory_pressure, admin)",
+            m.evictions.clone(),
+        );
+        r.register(
+            "kindling_requests",
+            "HTTP requests, by endpoint, model and status",
+            m.requests.clone(),
+        );
+        r.register(
+            "kindling_time_to_first_token_seconds",
+            "Time from a generation request's arrival to its first token",
+            m.time_to_first_token.clone(),
+        );
+        r.register(
+            "kindling_models_resident",
+            "Models whose weights are in memory",
+            m.resident_models.clone(),
+        );
+        r.register(
+            "kindling_device_memory_budget_bytes",
+            "Memory models may use, per device",
+            m.device_budget.clone(),
+        );
+        r.register(
+            "kindling_device_memory_used_bytes",
+            "Memory charged to models, per device",
+            m.device_used.clone(),
+        );
+        r.register(
+            "kindling_model_memory_estimated_bytes",
+            "A model's memory estimate from its weight files' headers",
+            m.model_estimated.clone(),
+        );
+        r.register(
+            "kindling_model_memory_measured_bytes",
+            "A model's footprint measured when it last loaded",
+            m.model_measured.clone(),
+        );
+        r.register(
+            "kindling_model_queue_depth",
+            "Requests waiting in a model's queue",
+            m.queue_depth.clone(),
+        );
+        r.register(
+            "kindling_model_requests_in_flight",
+            "Requests holding a model",
+            m.in_flight.clone(),
+        );
+        r.register(
+            "kindling_process_resident_memory_bytes",
+            "Resident memory of the daemon",
+            m.process_resident.clone(),
+        );
+        Self { registry: r, ..m }
+    }
+
+    /// The model label for `model`.
+    pub fn model(model: &str) -> ModelLabel {
+        ModelLabel {
+            model: model.to_string(),
+        }
+    }
+
+    /// All metrics in the OpenMetrics text format.
+    pub fn render(&self) -> String {
+        let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot render metrics");
+        }
+        out
+    }
+}
+
+/// Saturating conversion for gauges.
+pub fn gauge_value(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_names_and_labels() {
+        let m = Metrics::new();
+        m.loads
+            .get_or_create(&LoadLabels {
+                model: "a".into(),
+                outcome: "ok".into(),
+            })
+            .inc();
+        m.load_seconds
+            .get_or_create(&Metrics::model("a"))
+            .observe(0.5);
+        let text = m.render();
+        assert!(
+            text.contains("kindling_model_loads_total{model=\"a\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("kindling_model_load_duration_seconds_count{model=\"a\"} 1"),
+            "{text}"
+        );
+    }
+}
