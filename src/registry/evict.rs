@@ -1,7 +1,7 @@
 //! Which idle models to evict to make room: least recently used first, and
 //! no more of them than needed.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 /// An idle, unpinned, resident model that may be evicted.
 #[derive(Debug, Clone)]
