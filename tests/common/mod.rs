@@ -61,6 +61,37 @@ pub fn config_with_manifest(manifest: &str) -> PathBuf {
     path
 }
 
+/// A `kindling.toml` with `daemon` settings serving `manifests` (file
+/// name, text); the store is the repo's.
+pub fn config_with_manifests(daemon: &str, manifests: &[(&str, &str)]) -> PathBuf {
+    let dir = temp_dir();
+    std::fs::create_dir_all(dir.join("models")).unwrap();
+    for (name, text) in manifests {
+        std::fs::write(dir.join("models").join(name), text).unwrap();
+    }
+    let path = dir.join("kindling.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "{daemon}\n[models]\nmanifests = \"models\"\nstore = {:?}\n",
+            store()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A manifest serving the demo GGUF (or `path`) as `id`, plus `extra` keys.
+pub fn demo_manifest(id: &str, path: Option<&Path>, extra: &str) -> String {
+    let path = path.map_or_else(
+        || "smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf".to_string(),
+        |p| p.display().to_string(),
+    );
+    format!(
+        "id = \"{id}\"\nkind = \"chat\"\nformat = \"gguf\"\narchitecture = \"llama\"\n{extra}\n[weights]\npath = {path:?}\n"
+    )
+}
+
 pub struct Server {
     child: Child,
     pub base: String,
@@ -131,6 +162,18 @@ impl Server {
             base: format!("http://{addr}"),
             lines,
         }
+    }
+
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The daemon's resident memory, read from /proc.
+    pub fn resident_bytes(&self) -> u64 {
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.pid())).unwrap();
+        let pages: u64 = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
+        pages * 4096
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -250,6 +293,65 @@ pub fn sse_data(body: &str) -> Vec<String> {
         .filter_map(|event| event.lines().find_map(|l| l.strip_prefix("data: ")))
         .map(str::to_string)
         .collect()
+}
+
+/// GETs `path` as JSON.
+pub async fn get_json(server: &Server, path: &str) -> Value {
+    client()
+        .get(server.url(path))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// One model's object from `/v1/models/{id}`.
+pub async fn model_state(server: &Server, id: &str) -> Value {
+    get_json(server, &format!("/v1/models/{id}")).await
+}
+
+/// Polls until the model reaches `state`, or panics after `timeout`.
+pub async fn wait_state(server: &Server, id: &str, state: &str, timeout: Duration) -> Value {
+    let start = Instant::now();
+    loop {
+        let m = model_state(server, id).await;
+        if m["state"] == state {
+            return m;
+        }
+        assert!(start.elapsed() < timeout, "{id} never became {state}: {m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The value of one series in `/metrics` (0 when absent).
+pub async fn metric(server: &Server, series: &str) -> f64 {
+    let text = client()
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A short chat request body for `model`.
+pub fn chat(model: &str, extra: Value) -> Value {
+    let mut body = serde_json::json!({
+        "model": model,
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "max_tokens": 2,
+        "temperature": 0,
+    });
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    body
 }
 
 /// Asserts the OpenAI error shape and returns the error object.
