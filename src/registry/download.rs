@@ -5,7 +5,7 @@
 //! no load trusts.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hf_hub::api::tokio::{ApiBuilder, Progress as HubProgress};
@@ -30,14 +30,15 @@ pub struct Request<'a> {
 }
 
 /// Reports progress to the registry and, every tenth of a file, to the log.
+/// hf-hub clones it for each chunk it fetches, so its counters are shared.
 #[derive(Clone)]
 struct Reporter {
     model: String,
     file: String,
     shared: Arc<Progress>,
     size: u64,
-    received: u64,
-    logged_tenths: u64,
+    received: Arc<AtomicU64>,
+    logged_tenths: Arc<AtomicU64>,
     bar: Option<indicatif::ProgressBar>,
 }
 
@@ -54,18 +55,17 @@ impl HubProgress for Reporter {
     }
 
     async fn update(&mut self, size: usize) {
-        self.received += size as u64;
+        let received = self.received.fetch_add(size as u64, Ordering::Relaxed) + size as u64;
         self.shared.done.fetch_add(size as u64, Ordering::Relaxed);
         if let Some(bar) = &self.bar {
             bar.inc(size as u64);
         }
-        let tenths = (self.received * 10).checked_div(self.size).unwrap_or(0);
-        if tenths > self.logged_tenths {
-            self.logged_tenths = tenths;
+        let tenths = (received * 10).checked_div(self.size).unwrap_or(0);
+        if self.logged_tenths.fetch_max(tenths, Ordering::Relaxed) < tenths {
             tracing::info!(
                 model = %self.model,
                 file = %self.file,
-                done = self.received,
+                done = received,
                 total = self.size,
                 "download progress {}%",
                 tenths * 10
@@ -106,6 +106,8 @@ pub async fn fetch(
     );
     let local = cache.repo(repo.clone());
     let remote = api.repo(repo);
+    progress.done.store(0, Ordering::Relaxed);
+    progress.total.store(0, Ordering::Relaxed);
     let mut paths = Vec::with_capacity(req.files.len());
     for file in req.files {
         if let Some(path) = local.get(file) {
@@ -118,8 +120,8 @@ pub async fn fetch(
             file: file.clone(),
             shared: progress.clone(),
             size: 0,
-            received: 0,
-            logged_tenths: 0,
+            received: Arc::default(),
+            logged_tenths: Arc::default(),
             bar: show_bar.then(|| {
                 let bar = indicatif::ProgressBar::new(0);
                 bar.set_style(
