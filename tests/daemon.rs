@@ -149,13 +149,19 @@ async fn port_variable_is_honoured() {
 async fn full_queue_is_429_with_retry_after() {
     let server = Server::with_config("[engine]\nqueue_size = 1\n");
     // One request runs, one waits in the queue; the third has no room.
-    let running = client()
+    let mut running = client()
         .post(server.url("/v1/completions"))
         .json(&long_completion(400, true))
         .send()
         .await
         .unwrap();
     assert_eq!(running.status(), 200);
+    // The model was cold: the stream's headers came at once; wait for the
+    // first token so that the request really holds the worker.
+    let mut seen = Vec::new();
+    while !seen.windows(5).any(|w| w == b"data:") {
+        seen.extend(running.chunk().await.unwrap().unwrap());
+    }
     let waiting = {
         let url = server.url("/v1/completions");
         tokio::spawn(async move {
