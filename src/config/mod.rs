@@ -329,6 +329,50 @@ mod tests {
     }
 
     #[test]
+    fn lifecycle_devices_and_hub_sections_load() {
+        let d = temp_dir("life");
+        write(
+            &d.join("models"),
+            "m.toml",
+            &format!("keep_alive = -1\npin = true\n{MANIFEST}"),
+        );
+        let cfg = write(
+            &d,
+            "k.toml",
+            "[models]\nstore = \"store\"\n[lifecycle]\nkeep_alive = \"90s\"\nload_timeout = \"5s\"\n[devices.cpu]\nbudget = \"2GiB\"\n[admin]\nenabled = false\n[hub]\nendpoint = \"http://127.0.0.1:1\"\n",
+        );
+        let env = Environment {
+            hf_token: Some("t".into()),
+            ..Environment::default()
+        };
+        let c = Config::load(&cfg, None, &env).unwrap();
+        assert_eq!(
+            c.lifecycle.keep_alive,
+            KeepAlive::For(Duration::from_secs(90))
+        );
+        assert_eq!(c.lifecycle.load_timeout, Duration::from_secs(5));
+        assert_eq!(c.devices["cpu"].budget, Budget::Bytes(2 << 30));
+        assert!(!c.admin.enabled);
+        assert_eq!(c.hub.token.as_deref(), Some("t"));
+        assert_eq!(c.models["m"].keep_alive, Some(KeepAlive::Forever));
+        assert!(c.models["m"].pin);
+        let bad = write(
+            &d,
+            "k2.toml",
+            "[models]\nstore = \"store\"\n[devices.gpu7]\nbudget = \"1GiB\"\n",
+        );
+        let e = format!("{:#}", Config::load(&bad, None, &env).unwrap_err());
+        assert!(e.contains("k2.toml") && e.contains("devices.gpu7"), "{e}");
+        let bad = write(
+            &d,
+            "k3.toml",
+            "[models]\nstore = \"store\"\n[devices.cpu]\nbudget = \"150%\"\n",
+        );
+        let e = format!("{:#}", Config::load(&bad, None, &env).unwrap_err());
+        assert!(e.contains("k3.toml") && e.contains("150"), "{e}");
+    }
+
+    #[test]
     fn errors_name_file_field_and_expectation() {
         let d = temp_dir("bad");
         let cfg = write(&d, "k.toml", "[models]\nstore = \"store\"\n");
