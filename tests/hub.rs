@@ -165,12 +165,25 @@ async fn hub_weights_download_on_first_load_and_never_half() {
     let body = chat("hubby", json!({}));
     let request = post(&server, "/v1/chat/completions", &body);
     let watch = async {
-        let m = wait_state(&server, "hubby", "downloading", Duration::from_secs(20)).await;
-        assert_eq!(
-            m["download"]["total_bytes"].as_u64(),
-            Some(hub.data.len() as u64),
-            "{m}"
-        );
+        // The size is known once the Hub has answered the first range request.
+        let start = std::time::Instant::now();
+        loop {
+            let m = model_state(&server, "hubby").await;
+            let total = m["download"]["total_bytes"].as_u64().unwrap_or(0);
+            if m["state"] == "downloading" && total > 0 {
+                assert_eq!(total, hub.data.len() as u64, "{m}");
+                assert!(
+                    m["download"]["done_bytes"].as_u64().unwrap() <= total,
+                    "{m}"
+                );
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "never saw the download: {m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     };
     let ((status, headers, body), ()) = tokio::join!(request, watch);
     assert_eq!(status, 200, "{body}");
@@ -183,6 +196,7 @@ async fn hub_weights_download_on_first_load_and_never_half() {
     );
     assert!(server.logs().contains("download progress"));
     // A later load uses the store: no new download.
+    hub.mode.store(GOOD, Ordering::SeqCst);
     let before = hub.body_requests.load(Ordering::SeqCst);
     let restarted = Server::spawn(&config, &[]);
     let (status, _, _) = post(

@@ -199,6 +199,11 @@ impl From<RegistryError> for ApiError {
             RegistryError::WrongKind { .. } => {
                 Self::invalid("model", message).code("model_not_supported")
             }
+            RegistryError::Loading(_) => {
+                Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+                    .code("model_loading")
+                    .retry(1)
+            }
             RegistryError::Engine(e) => e.into(),
         }
     }

@@ -39,6 +39,9 @@ pub enum RegistryError {
         /// What was asked of it.
         wanted: &'static str,
     },
+    /// The model is loading; it can be unloaded once loaded.
+    #[error("model `{0}` is loading; unload it once it has loaded")]
+    Loading(String),
     /// Loading or reaching the model failed.
     #[error(transparent)]
     Engine(#[from] EngineError),

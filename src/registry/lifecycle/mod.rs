@@ -359,17 +359,15 @@ impl<L: Loader> Lifecycle<L> {
 
     /// Unloads the model now (reason `admin`): at once if idle, after its
     /// in-flight requests otherwise. Resolves when its memory is freed.
-    pub fn unload(&self, id: &str) -> Result<BoxFuture<'static, ()>, EngineError> {
+    pub fn unload(&self, id: &str) -> Result<BoxFuture<'static, ()>, super::RegistryError> {
         let core = &self.core;
         let mut st = lock(&core.state);
-        let slot = st.models.get_mut(id).ok_or_else(|| unknown(id))?;
+        let slot = st
+            .models
+            .get_mut(id)
+            .ok_or_else(|| super::RegistryError::NotFound(id.to_string()))?;
         let stop = match &slot.phase {
-            Phase::Loading(_) => {
-                return Err(EngineError::NoRoom {
-                    message: format!("model `{id}` is loading; unload it once it has loaded"),
-                    retry_after: Some(1),
-                })
-            }
+            Phase::Loading(_) => return Err(super::RegistryError::Loading(id.to_string())),
             Phase::Failed { .. } => {
                 // An operator's unload also clears a failure's backoff.
                 slot.phase = Phase::Cold;
