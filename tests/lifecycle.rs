@@ -341,14 +341,7 @@ async fn admin_api_loads_unloads_and_reports() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 404);
-    let text = client()
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&server).await;
     for name in [
         "kindling_model_load_duration_seconds_bucket",
         "kindling_device_memory_budget_bytes{device=\"cpu\"}",

@@ -145,21 +145,12 @@ pub async fn handle(
         echo: req.echo,
         ignore_eos: req.sampling.ignore_eos,
     };
-    let job = Job {
-        model: req.model.clone(),
-        request,
-        keep_alive: req.sampling.keep_alive()?,
-        param: "prompt",
-        arrived: log.arrived(),
-    };
+    let job = Job::new(&req.model, request, &req.sampling, "prompt", &log)?;
     let meta = Meta::new("cmpl", &log, &req.model, top_logprobs.is_some());
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let stream_log = log.clone();
-        return generation::stream_response(&state.registry, job, log, move |gen| {
-            stream(gen, meta, include_usage, stream_log)
-        })
-        .await;
+        let render = move |gen, log| stream(gen, meta, include_usage, log);
+        return generation::stream_response(&state.registry, job, log, render).await;
     }
     let gen = generation::start(&state.registry, job).await?;
     let cold_load = gen.cold_load;

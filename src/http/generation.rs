@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::log::RequestLog;
-use super::wire::Usage;
+use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
 use crate::engine::{EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
 use crate::metrics::Metrics;
@@ -72,6 +72,25 @@ impl UsageCounter {
     /// The totals.
     pub fn usage(&self) -> Usage {
         Usage::new(self.prompt, self.completion)
+    }
+}
+
+impl Job {
+    /// A job for `model`, with the request's validated `keep_alive`.
+    pub fn new(
+        model: &str,
+        request: GenerateRequest,
+        fields: &SamplingFields,
+        param: &'static str,
+        log: &RequestLog,
+    ) -> Result<Self, ApiError> {
+        Ok(Self {
+            model: model.to_string(),
+            request,
+            keep_alive: fields.keep_alive()?,
+            param,
+            arrived: log.arrived(),
+        })
     }
 }
 
@@ -334,7 +353,8 @@ pub fn mark_cold(resp: &mut Response, load: Option<Duration>) {
     }
 }
 
-/// Answers a streaming request. A warm model's errors before the first
+/// Answers a streaming request; `render` turns the generation into chunks
+/// (it gets the request log for the token counts). A warm model's errors before the first
 /// token get a proper status; a cold model's response starts at once (its
 /// headers say it is cold) and carries SSE comments while the model loads,
 /// then the stream, or an error event if the load fails.
@@ -345,17 +365,18 @@ pub async fn stream_response<F, S>(
     render: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnOnce(Generation) -> S + Send + 'static,
+    F: FnOnce(Generation, RequestLog) -> S + Send + 'static,
     S: Stream<Item = SseItem> + Send + 'static,
 {
     if registry.is_resident(&job.model) {
         let gen = start(registry, job).await?;
         let load = gen.cold_load;
-        let mut resp = sse_response(render(gen), log);
+        let mut resp = sse_response(render(gen, log.clone()), log);
         mark_cold(&mut resp, load);
         return Ok(resp);
     }
     let registry = registry.clone();
+    let stream_log = log.clone();
     let items = async_stream::stream! {
         let param = job.param;
         let first_token = Some((job.arrived, registry.metrics().clone(), job.model.clone()));
@@ -385,7 +406,7 @@ where
                 return;
             }
         };
-        for await item in render(gen) {
+        for await item in render(gen, stream_log) {
             yield item;
         }
     };

@@ -325,17 +325,23 @@ pub async fn wait_state(server: &Server, id: &str, state: &str, timeout: Duratio
     }
 }
 
-/// The value of one series in `/metrics` (0 when absent).
-pub async fn metric(server: &Server, series: &str) -> f64 {
-    let text = client()
+/// The text of `/metrics`.
+pub async fn metrics_text(server: &Server) -> String {
+    client()
         .get(server.url("/metrics"))
         .send()
         .await
         .unwrap()
         .text()
         .await
-        .unwrap();
-    text.lines()
+        .unwrap()
+}
+
+/// The value of one series in `/metrics` (0 when absent).
+pub async fn metric(server: &Server, series: &str) -> f64 {
+    metrics_text(server)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
