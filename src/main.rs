@@ -93,7 +93,8 @@ async fn serve(config: Config) -> Result<()> {
         registry.clone(),
         config.server.max_body_size,
         config.admin.enabled,
-    );
+    )
+    .with_request_timeout(config.engine.request_timeout);
     tracing::info!(
         config = %config.path.display(),
         models = config.models.len(),

@@ -1,6 +1,7 @@
 //! Prometheus metrics shared by the rooms: each room records its own events
 //! here; `GET /metrics` renders them in the OpenMetrics text format.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -46,6 +47,14 @@ pub struct RequestLabels {
     pub status: String,
 }
 
+/// `model_name` label, as vLLM names it (for autoscaler triggers written
+/// against vLLM's metrics).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelNameLabel {
+    /// The model id.
+    pub model_name: String,
+}
+
 /// `device` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DeviceLabel {
@@ -58,6 +67,12 @@ type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
+
+fn token_latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
+}
+
+type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric Kindling exports.
 pub struct Metrics {
@@ -87,6 +102,26 @@ pub struct Metrics {
     pub queue_depth: Family<ModelLabel, Gauge>,
     /// Requests holding each model (set when rendering).
     pub in_flight: Family<ModelLabel, Gauge>,
+    /// Seconds between successive tokens of one choice.
+    pub inter_token_latency: Histograms<ModelLabel>,
+    /// Prompt tokens of requests that started.
+    pub prompt_tokens: Family<ModelLabel, Counter>,
+    /// Tokens generated, counted as choices finish.
+    pub generation_tokens: Family<ModelLabel, Counter>,
+    /// Sequences in each model's batch (set when rendering).
+    pub batch_running: Family<ModelLabel, Gauge>,
+    /// KV cache blocks in use per model (set when rendering).
+    pub kv_blocks_used: Family<ModelLabel, Gauge>,
+    /// KV cache blocks per model (set when rendering).
+    pub kv_blocks_total: Family<ModelLabel, Gauge>,
+    /// Tokens generated per second over the last ten seconds (set when rendering).
+    pub tokens_per_second: Family<ModelLabel, FloatGauge>,
+    /// vLLM's name for requests waiting (set when rendering).
+    pub vllm_waiting: Family<ModelNameLabel, Gauge>,
+    /// vLLM's name for requests running (set when rendering).
+    pub vllm_running: Family<ModelNameLabel, Gauge>,
+    /// vLLM's name for the KV cache's used share, 0 to 1 (set when rendering).
+    pub vllm_kv_usage: Family<ModelNameLabel, FloatGauge>,
     /// This process's resident memory (set when rendering).
     pub process_resident: Gauge,
 }
@@ -115,6 +150,18 @@ impl Metrics {
             model_measured: Family::default(),
             queue_depth: Family::default(),
             in_flight: Family::default(),
+            inter_token_latency: Histograms::new_with_constructor(
+                token_latency_histogram as fn() -> Histogram,
+            ),
+            prompt_tokens: Family::default(),
+            generation_tokens: Family::default(),
+            batch_running: Family::default(),
+            kv_blocks_used: Family::default(),
+            kv_blocks_total: Family::default(),
+            tokens_per_second: Family::default(),
+            vllm_waiting: Family::default(),
+            vllm_running: Family::default(),
+            vllm_kv_usage: Family::default(),
             process_resident: Gauge::default(),
             registry: Registry::default(),
             render_lock: Mutex::new(()),
@@ -180,11 +227,68 @@ impl Metrics {
             m.in_flight.clone(),
         );
         r.register(
+            "kindling_inter_token_latency_seconds",
+            "Time between successive tokens of one choice",
+            m.inter_token_latency.clone(),
+        );
+        r.register(
+            "kindling_prompt_tokens",
+            "Prompt tokens of generation requests that started",
+            m.prompt_tokens.clone(),
+        );
+        r.register(
+            "kindling_generation_tokens",
+            "Tokens generated (counted as choices finish)",
+            m.generation_tokens.clone(),
+        );
+        r.register(
+            "kindling_batch_running_sequences",
+            "Sequences in a model's running batch",
+            m.batch_running.clone(),
+        );
+        r.register(
+            "kindling_kv_cache_blocks_used",
+            "KV cache blocks in use",
+            m.kv_blocks_used.clone(),
+        );
+        r.register(
+            "kindling_kv_cache_blocks",
+            "KV cache blocks in a model's pool",
+            m.kv_blocks_total.clone(),
+        );
+        r.register(
+            "kindling_generation_tokens_per_second",
+            "Tokens generated per second, averaged over the last ten seconds",
+            m.tokens_per_second.clone(),
+        );
+        r.register(
+            "vllm:num_requests_waiting",
+            "Requests waiting for a place in the batch (vLLM's name)",
+            m.vllm_waiting.clone(),
+        );
+        r.register(
+            "vllm:num_requests_running",
+            "Sequences in the running batch (vLLM's name)",
+            m.vllm_running.clone(),
+        );
+        r.register(
+            "vllm:kv_cache_usage_perc",
+            "Share of the KV cache in use, 0 to 1 (vLLM's name)",
+            m.vllm_kv_usage.clone(),
+        );
+        r.register(
             "kindling_process_resident_memory_bytes",
             "Resident memory of the daemon",
             m.process_resident.clone(),
         );
         Self { registry: r, ..m }
+    }
+
+    /// The `model_name` label for `model`.
+    pub fn model_name(model: &str) -> ModelNameLabel {
+        ModelNameLabel {
+            model_name: model.to_string(),
+        }
     }
 
     /// The model label for `model`.

@@ -120,7 +120,7 @@ fn bad_config_fails_at_start_naming_file_and_field() {
         "{err}"
     );
     let dir = temp_dir();
-    std::fs::write(dir.join("bad.toml"), "id = \"x\"\nkind = \"chat\"\nformat = \"safetensors\"\narchitecture = \"llama\"\n[weights]\npath = \"a\"\n").unwrap();
+    std::fs::write(dir.join("bad.toml"), "id = \"x\"\nkind = \"chat\"\nformat = \"onnx\"\narchitecture = \"llama\"\n[weights]\npath = \"a\"\n").unwrap();
     let cfg = dir.join("kindling.toml");
     std::fs::write(
         &cfg,
@@ -147,8 +147,10 @@ async fn port_variable_is_honoured() {
 
 #[tokio::test]
 async fn full_queue_is_429_with_retry_after() {
-    let server = Server::with_config("[engine]\nqueue_size = 1\n");
-    // One request runs, one waits in the queue; the third has no room.
+    let server = Server::with_config("[engine]\nqueue_size = 1\nmax_sequences = 1\n");
+    // One request runs (the batch holds one sequence), one waits in the
+    // queue; the third has no room. When the first client leaves, its
+    // place goes to the waiting request.
     let mut running = client()
         .post(server.url("/v1/completions"))
         .json(&long_completion(400, true))

@@ -10,11 +10,13 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-/// Two ids for the demo GGUF, each with a 1024-token context (an estimate
-/// of about 360 MB), and a 500 MiB budget: one fits, two do not.
+/// Two ids for the demo GGUF, each with a 1024-token context and a
+/// 2048-position KV cache (an estimate of about 335 MB), and a 500 MiB
+/// budget: one fits, two do not.
 fn two_models(daemon: &str, a_extra: &str, b_extra: &str) -> Server {
-    let a = demo_manifest("a", None, &format!("context_length = 1024\n{a_extra}"));
-    let b = demo_manifest("b", None, &format!("context_length = 1024\n{b_extra}"));
+    let sizes = "context_length = 1024\nkv_cache_tokens = 2048";
+    let a = demo_manifest("a", None, &format!("{sizes}\n{a_extra}"));
+    let b = demo_manifest("b", None, &format!("{sizes}\n{b_extra}"));
     let daemon = format!("[devices.cpu]\nbudget = \"500MiB\"\n{daemon}");
     Server::spawn(
         &config_with_manifests(&daemon, &[("a.toml", &a), ("b.toml", &b)]),

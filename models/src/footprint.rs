@@ -27,39 +27,61 @@ impl Footprint {
     }
 }
 
-/// Estimates a GGUF text model run with `sequences` live KV caches of up to
-/// `context_length` positions (default: the trained context), and prompt
-/// chunks of `prefill_chunk` tokens. Also checks that the file holds every
-/// tensor its header declares, so a truncated download fails here, clearly.
-pub fn estimate_gguf_text(
-    path: &Path,
-    context_length: Option<usize>,
-    sequences: usize,
-    prefill_chunk: usize,
-) -> Result<Footprint> {
-    let gguf = GgufFile::open(path)?;
-    gguf.check_complete()?;
-    let cfg = LlamaConfig::from_gguf(&gguf)?;
-    let positions = context_length
+/// How a text model will be run, for its estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct TextServing {
+    /// Cap on positions per sequence (default: the trained context).
+    pub context_length: Option<usize>,
+    /// Positions the paged KV cache holds, across all sequences.
+    pub kv_cache_tokens: usize,
+    /// Tokens per forward pass (the prefill chunk budget).
+    pub batch_tokens: usize,
+    /// Sequences per forward pass.
+    pub sequences: usize,
+}
+
+/// Estimates a text model (a GGUF file or a Hugging Face folder) served as
+/// `serving` says. Also checks that the weight files hold every tensor
+/// their headers declare, so a truncated download fails here, clearly.
+pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
+    let f32s = 4u64;
+    let (cfg, weights) = if path.is_dir() {
+        let config = path.join("config.json");
+        let json = std::fs::read_to_string(&config).map_err(|source| ModelError::Io {
+            path: config,
+            source,
+        })?;
+        let cfg = LlamaConfig::from_hf_json(&json)?;
+        let mut elements = 0u64;
+        for file in crate::llama::weight_files(path)? {
+            elements += safetensors_header(&file)?.iter().map(|t| t.elements).sum::<u64>();
+        }
+        // Checkpoints are widened to f32; a tied output shares the table.
+        (cfg, elements * f32s)
+    } else {
+        let gguf = GgufFile::open(path)?;
+        gguf.check_complete()?;
+        let cfg = LlamaConfig::from_gguf(&gguf)?;
+        // The token-embedding table is dequantized to f32 for lookups.
+        let table = (cfg.vocab_size * cfg.hidden_size) as u64 * f32s;
+        (cfg, gguf.tensor_bytes() + table)
+    };
+    let positions = serving
+        .context_length
         .unwrap_or(cfg.trained_context)
         .min(cfg.trained_context) as u64;
-    let f32s = 4u64;
     let (hidden, vocab) = (cfg.hidden_size as u64, cfg.vocab_size as u64);
     let (heads, kv_heads, head_dim) = (cfg.heads as u64, cfg.kv_heads as u64, cfg.head_dim as u64);
-    let intermediate = gguf
-        .opt_u32("llama.feed_forward_length")?
-        .map_or(4 * hidden, u64::from);
-    // The token-embedding table is dequantized to f32 for lookups; rotary
-    // tables hold cos and sin for every position.
-    let weights = gguf.tensor_bytes() + vocab * hidden * f32s + 2 * positions * head_dim * f32s;
-    let cache = 2 * cfg.layers as u64 * kv_heads * head_dim * f32s * positions * sequences as u64;
-    let chunk = (prefill_chunk as u64).min(positions);
-    // Attention scores and their softmax for one chunk against the whole
-    // context, plus the MLP's gate/up/product and the residual stream.
-    let scratch = 2 * heads * chunk * positions * f32s
-        + 3 * chunk * intermediate * f32s
-        + 6 * chunk * hidden * f32s
-        + vocab * f32s;
+    let intermediate = cfg.intermediate_size as u64;
+    // Rotary tables hold cos and sin for every position.
+    let weights = weights + positions * head_dim * f32s;
+    let per_position = 2 * cfg.layers as u64 * kv_heads * head_dim * f32s;
+    let cache = per_position * serving.kv_cache_tokens.max(positions as usize) as u64;
+    let t = serving.batch_tokens as u64;
+    // Per token of a pass: q/k/v and attention output, the MLP's gate, up
+    // and product, the residual stream and norms; then logits per sequence.
+    let scratch = t * ((2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate + 6 * hidden) * f32s
+        + serving.sequences as u64 * vocab * f32s;
     Ok(Footprint {
         weights,
         cache,
@@ -67,9 +89,26 @@ pub fn estimate_gguf_text(
     })
 }
 
+/// A tensor as a safetensors header declares it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorInfo {
+    /// Its name.
+    pub name: String,
+    /// Number of elements.
+    pub elements: u64,
+    /// Bytes of data.
+    pub bytes: u64,
+}
+
 /// Bytes of tensor data a safetensors file declares, read from its header
 /// alone (8-byte length, then JSON with each tensor's `data_offsets`).
 pub fn safetensors_tensor_bytes(path: &Path) -> Result<u64> {
+    Ok(safetensors_header(path)?.iter().map(|t| t.bytes).sum())
+}
+
+/// The tensors a safetensors file declares, read from its header alone;
+/// fails if the file is shorter than the header says.
+pub fn safetensors_header(path: &Path) -> Result<Vec<TensorInfo>> {
     let bad = |message: String| ModelError::BadFormat {
         path: path.to_path_buf(),
         format: "safetensors",
@@ -94,7 +133,7 @@ pub fn safetensors_tensor_bytes(path: &Path) -> Result<u64> {
     let header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
     let mut end = 0u64;
-    let mut total = 0u64;
+    let mut tensors = Vec::new();
     for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
         let offsets = info
             .get("data_offsets")
@@ -104,7 +143,16 @@ pub fn safetensors_tensor_bytes(path: &Path) -> Result<u64> {
         if offsets.1 < offsets.0 {
             return Err(bad(format!("tensor `{name}` ends before it starts")));
         }
-        total += offsets.1 - offsets.0;
+        let elements = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|dims| dims.iter().filter_map(|d| d.as_u64()).product())
+            .unwrap_or(0);
+        tensors.push(TensorInfo {
+            name: name.clone(),
+            elements,
+            bytes: offsets.1 - offsets.0,
+        });
         end = end.max(offsets.1);
     }
     if 8 + header_len + end > file_len {
@@ -113,7 +161,7 @@ pub fn safetensors_tensor_bytes(path: &Path) -> Result<u64> {
             8 + header_len + end
         )));
     }
-    Ok(total)
+    Ok(tensors)
 }
 
 #[cfg(test)]

@@ -86,6 +86,13 @@ impl GgufFile {
         Ok(())
     }
 
+    /// The names of every tensor in the file, sorted.
+    pub fn tensor_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.content.tensor_infos.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     /// Whether the file has a tensor called `name`.
     pub fn has_tensor(&self, name: &str) -> bool {
         self.content.tensor_infos.contains_key(name)

@@ -1,15 +1,18 @@
-//! A per-sequence key/value cache owned by the caller, not by the model.
+//! The paged KV cache: one pool of fixed-size blocks per loaded model,
+//! shared by every sequence. A sequence owns a [`BlockTable`] naming its
+//! blocks in order, so sequences join and leave at any step without moving
+//! anyone else's keys and values.
 //!
-//! Keeping the cache outside the model lets one loaded model serve many
-//! sequences: each sequence carries its own cache, and `n > 1` choices fork
-//! the cache after a shared prefill.
+//! Blocks are reference-counted: `n > 1` choices fork a prompt's table and
+//! share its full blocks; the partly filled last block is copied, so a write
+//! never lands in a shared block.
 
-use candle_core::{DType, Device, Tensor};
+use kindling_kernels::PagedLayout;
 
-use crate::error::Result;
+use crate::error::{ModelError, Result};
 
 /// The shape of the cache a model needs per layer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CacheShape {
     /// Number of transformer layers.
     pub layers: usize,
@@ -17,124 +20,238 @@ pub struct CacheShape {
     pub kv_heads: usize,
     /// Dimension of one head.
     pub head_dim: usize,
-    /// Positions the cache may ever hold.
-    pub max_positions: usize,
 }
 
-struct LayerKv {
-    k: Tensor,
-    v: Tensor,
+impl CacheShape {
+    /// Bytes of keys and values one position takes across all layers (f32).
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+    }
 }
 
-/// Keys and values of every past position of one sequence, for every layer.
-pub struct SequenceCache {
+/// Positions per block.
+pub const BLOCK_SIZE: usize = 16;
+
+/// The blocks of one sequence, in position order.
+#[derive(Debug, Default)]
+pub struct BlockTable {
+    blocks: Vec<u32>,
+}
+
+impl BlockTable {
+    /// The block ids.
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
+
+    /// Positions the blocks can hold.
+    pub fn capacity(&self) -> usize {
+        self.blocks.len() * BLOCK_SIZE
+    }
+}
+
+/// A pool of key/value blocks for every layer of one model.
+pub struct KvCache {
     shape: CacheShape,
-    dtype: DType,
-    device: Device,
-    layers: Vec<LayerKv>,
-    capacity: usize,
-    len: usize,
+    layout: PagedLayout,
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    refs: Vec<u32>,
+    free: Vec<u32>,
 }
 
-/// Capacity is grown in steps of this many positions, so a short chat does
-/// not reserve the whole context up front.
-const GROW_STEP: usize = 256;
-
-impl SequenceCache {
-    /// An empty cache for a model of `shape`.
-    pub fn new(shape: CacheShape, dtype: DType, device: &Device) -> Self {
+impl KvCache {
+    /// A pool of `blocks` blocks. The memory is zero-filled on demand by the
+    /// OS, so untouched blocks cost address space, not resident memory.
+    pub fn new(shape: CacheShape, blocks: usize) -> Self {
+        let layout = PagedLayout {
+            block_size: BLOCK_SIZE,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+        };
+        let len = blocks * layout.block_len();
         Self {
             shape,
-            dtype,
-            device: device.clone(),
-            layers: Vec::new(),
-            capacity: 0,
-            len: 0,
+            layout,
+            keys: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
+            values: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
+            refs: vec![0; blocks],
+            // Popped from the end: hand out low ids first.
+            free: (0..blocks as u32).rev().collect(),
         }
     }
 
-    /// Positions already cached.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Blocks needed to hold `positions` positions.
+    pub fn blocks_for(positions: usize) -> usize {
+        positions.div_ceil(BLOCK_SIZE)
     }
 
-    /// Whether nothing has been cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Bytes of one block across all layers.
+    pub fn bytes_per_block(shape: &CacheShape) -> usize {
+        BLOCK_SIZE * shape.bytes_per_position()
     }
 
-    /// Bytes currently reserved by this cache.
-    pub fn reserved_bytes(&self) -> usize {
-        2 * self.shape.layers
-            * self.shape.kv_heads
-            * self.shape.head_dim
-            * self.capacity
-            * self.dtype.size_in_bytes()
+    /// The layout of one layer.
+    pub fn layout(&self) -> PagedLayout {
+        self.layout
     }
 
-    /// A deep copy: appends to the copy never show in the original.
-    pub fn fork(&self) -> Result<Self> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| {
-                Ok(LayerKv {
-                    k: l.k.copy()?,
-                    v: l.v.copy()?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Self {
-            shape: self.shape,
-            dtype: self.dtype,
-            device: self.device.clone(),
-            layers,
-            capacity: self.capacity,
-            len: self.len,
-        })
+    /// The model shape this pool was made for.
+    pub fn shape(&self) -> CacheShape {
+        self.shape
     }
 
-    /// Makes room for `extra` more positions, growing every layer's buffers.
-    pub(crate) fn reserve(&mut self, extra: usize) -> Result<()> {
-        let needed = self.len + extra;
-        if needed <= self.capacity {
-            return Ok(());
+    /// Blocks in the pool.
+    pub fn total_blocks(&self) -> usize {
+        self.refs.len()
+    }
+
+    /// Blocks no sequence holds.
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Grows `table` to hold `positions` positions. Returns `false`, and
+    /// changes nothing, if the pool lacks the blocks.
+    pub fn grow(&mut self, table: &mut BlockTable, positions: usize) -> bool {
+        let need = Self::blocks_for(positions).saturating_sub(table.blocks.len());
+        if need > self.free.len() {
+            return false;
         }
-        let capacity = needed
-            .div_ceil(GROW_STEP)
-            .saturating_mul(GROW_STEP)
-            .min(self.shape.max_positions.max(needed));
-        let dims = (1, self.shape.kv_heads, capacity, self.shape.head_dim);
-        let mut layers = Vec::with_capacity(self.shape.layers);
-        for i in 0..self.shape.layers {
-            let k = Tensor::zeros(dims, self.dtype, &self.device)?;
-            let v = Tensor::zeros(dims, self.dtype, &self.device)?;
-            if let Some(old) = self.layers.get(i) {
-                if self.len > 0 {
-                    k.slice_set(&old.k.narrow(2, 0, self.len)?, 2, 0)?;
-                    v.slice_set(&old.v.narrow(2, 0, self.len)?, 2, 0)?;
-                }
+        for _ in 0..need {
+            if let Some(b) = self.free.pop() {
+                self.refs[b as usize] = 1;
+                table.blocks.push(b);
             }
-            layers.push(LayerKv { k, v });
         }
-        self.layers = layers;
-        self.capacity = capacity;
+        true
+    }
+
+    /// Returns `table`'s blocks to the pool (shared blocks once their last
+    /// holder lets go) and empties it.
+    pub fn release(&mut self, table: &mut BlockTable) {
+        for b in table.blocks.drain(..) {
+            let r = &mut self.refs[b as usize];
+            *r = r.saturating_sub(1);
+            if *r == 0 {
+                self.free.push(b);
+            }
+        }
+    }
+
+    /// A table for a copy of the sequence in `table` holding `len`
+    /// positions: full blocks are shared, a partly filled last block is
+    /// copied. `None` if no block is free for the copy.
+    pub fn fork(&mut self, table: &BlockTable, len: usize) -> Option<BlockTable> {
+        let full = len / BLOCK_SIZE;
+        let partial = len % BLOCK_SIZE != 0;
+        if partial && self.free.is_empty() {
+            return None;
+        }
+        let mut blocks = table.blocks[..full.min(table.blocks.len())].to_vec();
+        for &b in &blocks {
+            self.refs[b as usize] += 1;
+        }
+        if partial {
+            let src = table.blocks[full];
+            let dst = self.free.pop()?;
+            self.refs[dst as usize] = 1;
+            let n = self.layout.block_len();
+            let (s, d) = (src as usize * n, dst as usize * n);
+            for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
+                layer.copy_within(s..s + n, d);
+            }
+            blocks.push(dst);
+        }
+        Some(BlockTable { blocks })
+    }
+
+    /// Writes keys and values (`[rows, kv_heads * head_dim]`) of `layer`:
+    /// row `r` goes to position `positions[r]` of `tables[r]`.
+    pub fn write(
+        &mut self,
+        layer: usize,
+        tables: &[&[u32]],
+        positions: &[usize],
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
+        let d = self.layout.head_dim;
+        let row_len = self.layout.kv_heads * d;
+        if k.len() != positions.len() * row_len || v.len() != k.len() || tables.len() != positions.len() {
+            return Err(ModelError::Tensor {
+                name: "kv".into(),
+                message: format!("{} values for {} rows of {row_len}", k.len(), positions.len()),
+            });
+        }
+        let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        for (r, (&p, table)) in positions.iter().zip(tables).enumerate() {
+            let Some(&block) = table.get(p / BLOCK_SIZE) else {
+                return Err(ModelError::Tensor {
+                    name: "kv".into(),
+                    message: format!("position {p} is beyond the sequence's {} blocks", table.len()),
+                });
+            };
+            for h in 0..self.layout.kv_heads {
+                let at = self.layout.offset(block, h, p % BLOCK_SIZE);
+                let from = r * row_len + h * d;
+                keys[at..at + d].copy_from_slice(&k[from..from + d]);
+                values[at..at + d].copy_from_slice(&v[from..from + d]);
+            }
+        }
         Ok(())
     }
 
-    /// Writes `k`/`v` (`[1, kv_heads, t, head_dim]`) for `layer` after the
-    /// cached positions and returns all keys and values up to them.
-    pub(crate) fn append(&self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
-        let t = k.dim(2)?;
-        let slot = &self.layers[layer];
-        slot.k.slice_set(k, 2, self.len)?;
-        slot.v.slice_set(v, 2, self.len)?;
-        let total = self.len + t;
-        Ok((slot.k.narrow(2, 0, total)?, slot.v.narrow(2, 0, total)?))
+    /// Keys and values of `layer`, for attention.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(blocks: usize) -> KvCache {
+        KvCache::new(CacheShape { layers: 2, kv_heads: 1, head_dim: 2 }, blocks)
     }
 
-    /// Marks `t` more positions as cached, once every layer has appended.
-    pub(crate) fn advance(&mut self, t: usize) {
-        self.len += t;
+    #[test]
+    fn grow_is_all_or_nothing_and_release_returns_blocks() {
+        let mut kv = pool(3);
+        let mut a = BlockTable::default();
+        assert!(kv.grow(&mut a, BLOCK_SIZE + 1));
+        assert_eq!((a.blocks().len(), kv.free_blocks()), (2, 1));
+        let mut b = BlockTable::default();
+        assert!(!kv.grow(&mut b, 2 * BLOCK_SIZE));
+        assert_eq!((b.blocks().len(), kv.free_blocks()), (0, 1));
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 3);
+        assert!(kv.grow(&mut b, 3 * BLOCK_SIZE));
+    }
+
+    #[test]
+    fn fork_shares_full_blocks_and_copies_the_partial_one() {
+        let mut kv = pool(4);
+        let mut a = BlockTable::default();
+        let len = BLOCK_SIZE + 3;
+        assert!(kv.grow(&mut a, len));
+        let positions: Vec<usize> = (0..len).collect();
+        let vals: Vec<f32> = (0..len * 2).map(|x| x as f32).collect();
+        let tables = vec![a.blocks(); len];
+        for layer in 0..2 {
+            kv.write(layer, &tables, &positions, &vals, &vals).unwrap();
+        }
+        let mut b = kv.fork(&a, len).unwrap();
+        assert_eq!(b.blocks()[0], a.blocks()[0]);
+        assert_ne!(b.blocks()[1], a.blocks()[1]);
+        let (k, _) = kv.layer(1);
+        let at = |t: &BlockTable, p: usize| kv.layout().offset(t.blocks()[p / BLOCK_SIZE], 0, p % BLOCK_SIZE);
+        assert_eq!(k[at(&b, len - 1)], k[at(&a, len - 1)]);
+        // The shared block survives one holder's release.
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 4 - 2);
+        kv.release(&mut b);
+        assert_eq!(kv.free_blocks(), 4);
     }
 }

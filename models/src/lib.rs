@@ -1,6 +1,6 @@
 //! Kindling's models room: architectures, weight loading (GGUF), tokenizers
-//! and chat templates from the weight files, sampling, and per-sequence KV
-//! caches. Knows nothing of the engine, registry or HTTP above it.
+//! and chat templates from the weight files, sampling, and the paged KV
+//! cache. Knows nothing of the engine, registry or HTTP above it.
 
 pub mod chat_template;
 pub mod error;
@@ -16,5 +16,7 @@ pub use candle_core::Device;
 pub use chat_template::ChatMessage;
 pub use error::{ModelError, Result};
 pub use footprint::Footprint;
+pub use kv_cache::{BlockTable, CacheShape, KvCache};
+pub use llama::BatchItem;
 pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use text::{Detokenizer, StopMatcher, StopOutcome, TextModel};

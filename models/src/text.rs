@@ -4,13 +4,11 @@
 
 use std::path::Path;
 
-use candle_core::Device;
-
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::kv_cache::SequenceCache;
-use crate::llama::Llama;
+use crate::kv_cache::{CacheShape, KvCache};
+use crate::llama::{BatchItem, Llama};
 use crate::tokenizer::Tokenizer;
 
 /// A text model ready to generate.
@@ -24,27 +22,57 @@ pub struct TextModel {
 }
 
 impl TextModel {
-    /// Loads a GGUF model onto `device`; `context_length` caps the positions
-    /// a sequence may use (default: the trained context).
-    pub fn load_gguf(path: &Path, context_length: Option<usize>, device: &Device) -> Result<Self> {
+    /// Loads a model from a GGUF file or a Hugging Face folder
+    /// (`config.json`, `tokenizer.json`, `*.safetensors`); `context_length`
+    /// caps the positions a sequence may use (default: the trained context).
+    pub fn load(path: &Path, context_length: Option<usize>) -> Result<Self> {
+        if path.is_dir() {
+            Self::load_safetensors(path, context_length)
+        } else {
+            Self::load_gguf(path, context_length)
+        }
+    }
+
+    /// Loads a GGUF model.
+    pub fn load_gguf(path: &Path, context_length: Option<usize>) -> Result<Self> {
         let mut gguf = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let template = if gguf.has("tokenizer.chat_template") {
-            let src = gguf.string("tokenizer.chat_template")?;
-            Some(ChatTemplate::new(
-                &src,
-                tokenizer.bos_text(),
-                tokenizer.eos_text(),
-            )?)
+            Some(gguf.string("tokenizer.chat_template")?)
         } else {
             None
         };
-        let model = Llama::from_gguf(&mut gguf, context_length.unwrap_or(usize::MAX), device)?;
+        let model = Llama::from_gguf(&mut gguf, context_length.unwrap_or(usize::MAX))?;
+        Self::assemble(model, tokenizer, template, gguf.tensor_bytes())
+    }
+
+    /// Loads a Hugging Face model folder.
+    pub fn load_safetensors(dir: &Path, context_length: Option<usize>) -> Result<Self> {
+        let (tokenizer, template) = Tokenizer::from_hf_dir(dir)?;
+        let model = Llama::from_safetensors(dir, context_length.unwrap_or(usize::MAX))?;
+        let mut bytes = 0;
+        for file in crate::llama::weight_files(dir)? {
+            bytes += std::fs::metadata(&file)
+                .map_err(|source| ModelError::Io { path: file, source })?
+                .len();
+        }
+        Self::assemble(model, tokenizer, template, bytes)
+    }
+
+    fn assemble(
+        model: Llama,
+        tokenizer: Tokenizer,
+        template: Option<String>,
+        weight_bytes: u64,
+    ) -> Result<Self> {
+        let template = template
+            .map(|src| ChatTemplate::new(&src, tokenizer.bos_text(), tokenizer.eos_text()))
+            .transpose()?;
         Ok(Self {
-            weight_bytes: gguf.tensor_bytes(),
             model,
             tokenizer,
             template,
+            weight_bytes,
         })
     }
 
@@ -59,14 +87,14 @@ impl TextModel {
         }
     }
 
-    /// Runs `tokens` after those in `cache` and returns the next-token logits.
-    pub fn forward(&self, tokens: &[u32], cache: &mut SequenceCache) -> Result<Vec<f32>> {
-        Ok(self.model.forward(tokens, cache)?.to_vec1()?)
+    /// Runs one batched forward pass (see [`Llama::forward`]).
+    pub fn forward(&self, batch: &[BatchItem<'_>], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        self.model.forward(batch, cache)
     }
 
-    /// A fresh cache for one sequence.
-    pub fn new_cache(&self) -> SequenceCache {
-        self.model.new_cache()
+    /// The KV cache shape the model needs.
+    pub fn cache_shape(&self) -> CacheShape {
+        self.model.cache_shape()
     }
 
     /// Positions one sequence may hold.
@@ -74,7 +102,7 @@ impl TextModel {
         self.model.max_positions()
     }
 
-    /// Bytes of weights as stored in the file.
+    /// Bytes of weights as stored in the files.
     pub fn weight_bytes(&self) -> u64 {
         self.weight_bytes
     }

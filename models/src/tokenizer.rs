@@ -1,12 +1,15 @@
 //! Tokenizers built from GGUF metadata: vocabulary, merges, token types and
 //! special tokens all come from the weight file, no side files.
 
+use std::collections::HashSet;
+use std::path::Path;
+
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -136,6 +139,98 @@ impl Tokenizer {
         })
     }
 
+    /// Builds the tokenizer of a Hugging Face model folder from its
+    /// `tokenizer.json`, with special tokens from `tokenizer_config.json`
+    /// and end-of-generation ids from `generation_config.json`. Also returns
+    /// the chat template that `tokenizer_config.json` carries, if any.
+    pub fn from_hf_dir(dir: &Path) -> Result<(Self, Option<String>)> {
+        let path = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let generation = read_json(&dir.join("generation_config.json"))?;
+        let byte_level = matches!(inner.get_decoder(), Some(DecoderWrapper::ByteLevel(_)));
+        let specials: HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .collect();
+        let vocab = inner.get_vocab_size(true);
+        let token_bytes: Vec<Vec<u8>> = (0..vocab as u32)
+            .map(|id| {
+                let t = inner.id_to_token(id).unwrap_or_default();
+                if specials.contains(&id) {
+                    t.into_bytes()
+                } else if byte_level {
+                    byte_level_bytes(&t)
+                } else {
+                    sentencepiece_bytes(&t)
+                }
+            })
+            .collect();
+        let special = |key: &str| -> Option<(u32, String)> {
+            let v = config.get(key)?;
+            let text = v.as_str().or_else(|| v.get("content")?.as_str())?;
+            Some((inner.token_to_id(text)?, text.to_string()))
+        };
+        let bos = special("bos_token");
+        let eos = special("eos_token");
+        let add_bos = match config.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+            Some(b) => b,
+            // Llama 3 style: the post-processor adds BOS.
+            None => match (&bos, inner.encode_fast("a", true)) {
+                (Some((b, _)), Ok(enc)) => enc.get_ids().first() == Some(b),
+                _ => false,
+            },
+        };
+        let mut end_of_generation: Vec<u32> = specials
+            .iter()
+            .copied()
+            .filter(|id| {
+                inner
+                    .id_to_token(*id)
+                    .is_some_and(|t| END_OF_GENERATION.contains(&t.as_str()))
+            })
+            .collect();
+        end_of_generation.extend(eos.as_ref().map(|(id, _)| *id));
+        match generation.get("eos_token_id") {
+            Some(serde_json::Value::Array(ids)) => {
+                end_of_generation.extend(ids.iter().filter_map(|v| v.as_u64()).map(|v| v as u32))
+            }
+            Some(v) => end_of_generation.extend(v.as_u64().map(|v| v as u32)),
+            None => {}
+        }
+        end_of_generation.sort_unstable();
+        end_of_generation.dedup();
+        let template = match config.get("chat_template") {
+            Some(serde_json::Value::String(t)) => Some(t.clone()),
+            // A list of named templates: take the default one.
+            Some(serde_json::Value::Array(list)) => list
+                .iter()
+                .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
+            _ => None,
+        };
+        let tokenizer = Self {
+            inner,
+            token_bytes,
+            bos,
+            eos,
+            add_bos,
+            end_of_generation,
+        };
+        Ok((tokenizer, template))
+    }
+
+    /// The tokenizer as `tokenizer.json` text (the Hugging Face format), for
+    /// exporting a GGUF model's tokenizer.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))
+    }
+
     /// Tokenizes `text`, reading special tokens written in it (as chat
     /// templates produce them), and adds BOS when the model asks for it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
@@ -179,6 +274,11 @@ impl Tokenizer {
         self.eos.as_ref().map_or("", |(_, t)| t)
     }
 
+    /// Whether encoding adds the beginning-of-sequence token.
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos
+    }
+
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
         self.token_bytes.len()
@@ -205,6 +305,29 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
             "pre-tokenizer `{other}` is not supported (smollm, llama-bpe, qwen2, gpt2 are)"
         ))),
     }
+}
+
+/// A JSON side file of a model folder; a missing file reads as `{}`.
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| ModelError::Tokenizer(format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(serde_json::json!({})),
+        Err(source) => Err(ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// SentencePiece pieces: `▁` stands for a space, `<0xNN>` for a raw byte.
+fn sentencepiece_bytes(token: &str) -> Vec<u8> {
+    if let Some(hex) = token.strip_prefix("<0x").and_then(|t| t.strip_suffix('>')) {
+        if let Ok(b) = u8::from_str_radix(hex, 16) {
+            return vec![b];
+        }
+    }
+    token.replace('\u{2581}', " ").into_bytes()
 }
 
 /// Undoes GPT-2's byte-to-unicode mapping: printable bytes map to themselves,

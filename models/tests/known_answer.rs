@@ -10,29 +10,14 @@
 //! rounding — so there llama.cpp's token must be one of our top two.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::PathBuf;
+mod common;
 
-use kindling_models::{ChatMessage, Device, Sampler, SamplingParams, TextModel};
+use common::{pool, ranked, repo, Seq};
+use kindling_models::{ChatMessage, Sampler, SamplingParams, TextModel};
 use serde_json::Value;
 
 /// Logit margin below which llama.cpp's own choice is a near-tie.
 const NEAR_TIE: f32 = 0.3;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_path() -> PathBuf {
-    let store =
-        std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from);
-    let path = store.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "{} is missing: run scripts/fetch-models.sh first",
-        path.display()
-    );
-    path
-}
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join("tests/data/llama_cpp_reference.json")).unwrap();
@@ -58,13 +43,7 @@ fn margins(case: &Value) -> Vec<f32> {
 }
 
 fn load(context: usize) -> TextModel {
-    TextModel::load_gguf(&model_path(), Some(context), &Device::Cpu).unwrap()
-}
-
-fn ranked(logits: &[f32]) -> Vec<u32> {
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    idx
+    TextModel::load_gguf(&common::demo_gguf(), Some(context)).unwrap()
 }
 
 #[test]
@@ -111,8 +90,9 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
         let want = ids(&case["greedy_ids"]);
         let margins = margins(&case);
         // Teacher-forced on llama.cpp's tokens, so one near-tie cannot derail the rest.
-        let mut cache = model.new_cache();
-        let mut logits = model.forward(&prompt, &mut cache).unwrap();
+        let mut kv = pool(&model, 2 * (prompt.len() + want.len()));
+        let mut seq = Seq::default();
+        let mut logits = seq.feed(&model, &mut kv, &prompt);
         for (step, (&token, &margin)) in want.iter().zip(&margins).enumerate() {
             let ours = ranked(&logits);
             let gap = logits[ours[0] as usize] - logits[token as usize];
@@ -129,7 +109,7 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
                     case["prompt"]
                 );
             }
-            logits = model.forward(&[token], &mut cache).unwrap();
+            logits = seq.feed(&model, &mut kv, &[token]);
         }
         // Free-running greedy decoding, as the server does it.
         let params = SamplingParams {
@@ -137,13 +117,13 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
             ..Default::default()
         };
         let mut sampler = Sampler::new(params, &prompt, model.tokenizer.vocab_size());
-        let mut cache = model.new_cache();
-        let mut logits = model.forward(&prompt, &mut cache).unwrap();
+        let mut seq = Seq::default();
+        let mut logits = seq.feed(&model, &mut kv, &prompt);
         let mut got = Vec::new();
         for _ in 0..want.len() {
             let t = sampler.sample(&logits).token;
             got.push(t);
-            logits = model.forward(&[t], &mut cache).unwrap();
+            logits = seq.feed(&model, &mut kv, &[t]);
         }
         match got.iter().zip(&want).position(|(a, b)| a != b) {
             None => exact += 1,
@@ -158,49 +138,5 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
     eprintln!(
         "{exact} of {} cases match llama.cpp's 32 greedy ids exactly",
         cases().len()
-    );
-}
-
-#[test]
-fn forked_cache_continues_like_the_original() {
-    let model = load(512);
-    let ids = model.tokenizer.encode("The quick brown fox").unwrap();
-    let mut a = model.new_cache();
-    model.forward(&ids, &mut a).unwrap();
-    let mut b = a.fork().unwrap();
-    // Diverge `a`, then check `b` still continues from the shared prefix.
-    model.forward(&[42], &mut a).unwrap();
-    let from_b = model.forward(&[7], &mut b).unwrap();
-    let mut fresh = model.new_cache();
-    model.forward(&ids, &mut fresh).unwrap();
-    let from_fresh = model.forward(&[7], &mut fresh).unwrap();
-    assert_eq!(from_b, from_fresh);
-}
-
-#[test]
-fn chunked_prefill_agrees_with_whole_prefill() {
-    let model = load(512);
-    let ids = model
-        .tokenizer
-        .encode("One two three four five six seven eight nine ten")
-        .unwrap();
-    let mut whole = model.new_cache();
-    let a = model.forward(&ids, &mut whole).unwrap();
-    let mut parts = model.new_cache();
-    let (head, tail) = ids.split_at(ids.len() / 2);
-    model.forward(head, &mut parts).unwrap();
-    let b = model.forward(tail, &mut parts).unwrap();
-    // Not bit-identical: other matmul shapes round differently, and 8-bit
-    // activation quantization can amplify that; the prediction must agree.
-    assert_eq!(ranked(&a)[0], ranked(&b)[0]);
-    let scale = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(
-        diff < 0.05 * scale,
-        "chunked prefill differs by {diff} (logits up to {scale})"
     );
 }

@@ -35,13 +35,16 @@ impl ModelKind {
 pub enum WeightFormat {
     /// A single GGUF file (quantized or not).
     Gguf,
+    /// A Hugging Face model folder: `config.json`, `tokenizer.json`,
+    /// `*.safetensors` (f32, f16 or bf16; sharded with an index or not).
+    Safetensors,
 }
 
 /// The network's architecture.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
-    /// Llama-family decoders (Llama, SmolLM2, Mistral).
+    /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2).
     Llama,
 }
 
@@ -105,6 +108,7 @@ struct ManifestFile {
     architecture: Architecture,
     weights: WeightsFile,
     context_length: Option<usize>,
+    kv_cache_tokens: Option<usize>,
     #[serde(default)]
     defaults: GenerationDefaults,
     #[serde(default = "default_owner")]
@@ -132,6 +136,8 @@ pub struct ModelManifest {
     pub weights: WeightSource,
     /// Positions per sequence (default: what the model was trained for).
     pub context_length: Option<usize>,
+    /// Positions of its paged KV cache (default: `engine.kv_cache_tokens`).
+    pub kv_cache_tokens: Option<usize>,
     /// Sampling defaults.
     pub defaults: GenerationDefaults,
     /// Free-form owner shown in `/v1/models`.
@@ -198,6 +204,9 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
             bail!("{f}: context_length: expected at least 16, got {ctx}");
         }
     }
+    if m.kv_cache_tokens == Some(0) {
+        bail!("{f}: kv_cache_tokens: expected at least 1");
+    }
     check_defaults(&m.defaults).map_err(|e| anyhow::anyhow!("{f}: defaults.{e}"))?;
     Ok(ModelManifest {
         id: m.id,
@@ -206,6 +215,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         architecture: m.architecture,
         weights,
         context_length: m.context_length,
+        kv_cache_tokens: m.kv_cache_tokens,
         defaults: m.defaults,
         owned_by: m.owned_by,
         device: m.device,

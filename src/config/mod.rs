@@ -78,6 +78,17 @@ pub struct EngineConfig {
     /// connection open) before its request is cancelled (`"30s"`).
     #[serde(with = "duration")]
     pub stall_timeout: Duration,
+    /// Sequences per batch (all choices of all running requests).
+    pub max_sequences: usize,
+    /// Tokens per forward pass: one per decoding sequence plus prompt
+    /// chunks; long prompts are prefilled over several steps.
+    pub max_batch_tokens: usize,
+    /// Positions the paged KV cache holds per model, over all sequences
+    /// (at least one full context). Charged to the device budget.
+    pub kv_cache_tokens: usize,
+    /// Deadline for requests that name no `timeout` (`"2m"`); none by default.
+    #[serde(with = "duration::optional")]
+    pub request_timeout: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -85,6 +96,10 @@ impl Default for EngineConfig {
         Self {
             queue_size: 64,
             stall_timeout: Duration::from_secs(30),
+            max_sequences: 32,
+            max_batch_tokens: 512,
+            kv_cache_tokens: 16384,
+            request_timeout: None,
         }
     }
 }
@@ -237,8 +252,24 @@ impl Config {
                 server.max_body_size
             );
         }
-        if file.engine.queue_size == 0 {
-            bail!("{}: engine.queue_size: expected at least 1", path.display());
+        let engine = &file.engine;
+        for (key, value) in [
+            ("queue_size", engine.queue_size),
+            ("max_sequences", engine.max_sequences),
+            ("max_batch_tokens", engine.max_batch_tokens),
+            ("kv_cache_tokens", engine.kv_cache_tokens),
+        ] {
+            if value == 0 {
+                bail!("{}: engine.{key}: expected at least 1", path.display());
+            }
+        }
+        if engine.max_batch_tokens < engine.max_sequences {
+            bail!(
+                "{}: engine.max_batch_tokens ({}) must be at least engine.max_sequences ({}): every running sequence needs a token per step",
+                path.display(),
+                engine.max_batch_tokens,
+                engine.max_sequences
+            );
         }
         let store = base.join(&file.models.store);
         let manifests = base.join(&file.models.manifests);

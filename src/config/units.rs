@@ -64,6 +64,23 @@ pub(super) mod duration {
         humantime::parse_duration(&s)
             .map_err(|e| serde::de::Error::custom(format!("expected a duration like \"30s\": {e}")))
     }
+
+    /// An optional duration; `"0"`/`"none"` or leaving it out means none.
+    pub mod optional {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer};
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            let s = String::deserialize(d)?;
+            if matches!(s.trim(), "" | "0" | "none") {
+                return Ok(None);
+            }
+            humantime::parse_duration(&s).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!("expected a duration like \"2m\": {e}"))
+            })
+        }
+    }
 }
 
 /// How long a model stays loaded after its last request ends.

@@ -1,12 +1,21 @@
-//! The engine room: one worker per loaded model, on its own OS thread, fed
-//! by a bounded queue. Callers submit a validated request and read a stream
-//! of events; dropping the stream cancels the request.
+//! The engine room: one worker per loaded model, on its own OS thread,
+//! running continuous batching. Callers submit a validated request and read
+//! a stream of events; dropping the stream cancels the request.
+//!
+//! The worker admits waiting requests into the running batch at every step,
+//! prefills prompts in chunks beside the sequences being decoded, and keeps
+//! keys and values in a paged cache, so sequences join and leave at any step.
 
+mod scheduler;
+mod sequence;
+mod stats;
 mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+pub use stats::EngineStats;
 
 use kindling_models::{ChatMessage, Footprint, SamplingParams};
 use tokio::sync::{mpsc, oneshot};
@@ -44,6 +53,8 @@ pub struct GenerateRequest {
     pub echo: bool,
     /// Keep generating past end-of-turn tokens (benchmarks, fixed-length tests).
     pub ignore_eos: bool,
+    /// When the request must be done by; past it, it fails and frees its slot.
+    pub deadline: Option<Instant>,
 }
 
 /// Why a choice ended.
@@ -155,6 +166,12 @@ pub enum EngineError {
         /// Seconds after which a retry may succeed; `None` if it never will.
         retry_after: Option<u64>,
     },
+    /// The request's deadline passed before it finished.
+    #[error("the request did not finish within its {seconds:.1}s deadline")]
+    DeadlineExceeded {
+        /// The time it was given.
+        seconds: f64,
+    },
     /// The worker is gone (shutting down).
     #[error("model `{0}` is shutting down")]
     Stopped(String),
@@ -165,40 +182,50 @@ pub enum EngineError {
 pub struct LoadSpec {
     /// The model's id, for logs and errors.
     pub model: String,
-    /// The GGUF file.
+    /// The GGUF file, or the Hugging Face folder.
     pub path: PathBuf,
     /// Cap on positions per sequence (default: the trained context).
     pub context_length: Option<usize>,
-    /// Requests that may wait for the worker before new ones are refused.
+    /// Requests that may wait for a place in the batch before new ones are refused.
     pub queue_size: usize,
     /// How long a client may leave its event buffer full before its request
-    /// is cancelled, so one stalled client cannot hold the worker.
+    /// is cancelled; meanwhile its sequences sit out, the others run on.
     pub stall_timeout: Duration,
+    /// Sequences per batch.
+    pub max_sequences: usize,
+    /// Tokens per forward pass: decode tokens plus prompt chunks.
+    pub max_batch_tokens: usize,
+    /// Positions the paged KV cache holds over all sequences (raised to at
+    /// least one full context).
+    pub kv_cache_tokens: usize,
 }
 
-/// Live KV caches a text worker may hold at once: the prompt's prefill and
-/// the choice being generated from a fork of it.
-pub const TEXT_SEQUENCES: usize = 2;
+impl LoadSpec {
+    fn serving(&self) -> kindling_models::footprint::TextServing {
+        kindling_models::footprint::TextServing {
+            context_length: self.context_length,
+            kv_cache_tokens: self.kv_cache_tokens,
+            batch_tokens: self.max_batch_tokens,
+            sequences: self.max_sequences,
+        }
+    }
+}
 
 /// Estimates the memory the model in `spec` will take once loaded and
-/// serving, from its weight file's header.
+/// serving: weights, the whole KV cache and one pass's activations.
 pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
-    kindling_models::footprint::estimate_gguf_text(
-        &spec.path,
-        spec.context_length,
-        TEXT_SEQUENCES,
-        worker::PREFILL_CHUNK,
-    )
-    .map_err(|e| EngineError::LoadFailed {
-        model: spec.model.clone(),
-        reason: e.to_string(),
-        retry_after: None,
+    kindling_models::footprint::estimate_text(&spec.path, spec.serving()).map_err(|e| {
+        EngineError::LoadFailed {
+            model: spec.model.clone(),
+            reason: e.to_string(),
+            retry_after: None,
+        }
     })
 }
 
 pub(crate) struct Job {
     request: GenerateRequest,
-    events: worker::Events,
+    events: sequence::Events,
 }
 
 /// A cloneable way to reach a model's worker. The worker exits, and frees the
@@ -208,7 +235,8 @@ pub struct EngineHandle {
     model: Arc<str>,
     queue_size: usize,
     stall_timeout: Duration,
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::UnboundedSender<Job>,
+    stats: Arc<EngineStats>,
 }
 
 /// Events are buffered this deep per request before the worker waits for
@@ -216,30 +244,37 @@ pub struct EngineHandle {
 const EVENT_BUFFER: usize = 256;
 
 impl EngineHandle {
-    /// Requests waiting for the worker.
+    /// Requests waiting for a place in the batch.
     pub fn queue_depth(&self) -> usize {
-        self.jobs.max_capacity() - self.jobs.capacity()
+        self.stats.waiting()
+    }
+
+    /// The worker's live figures (queue, batch, KV cache, throughput).
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
     }
 
     /// Queues `request`; its events arrive on the returned receiver.
-    /// Dropping the receiver cancels the request at the next token.
+    /// Dropping the receiver cancels the request at the next step.
     pub fn submit(
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
-        let (tx, rx) = mpsc::channel(EVENT_BUFFER);
-        let events = worker::Events::new(tx, self.stall_timeout);
-        self.jobs
-            .try_send(Job { request, events })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => EngineError::QueueFull {
-                    model: self.model.to_string(),
-                    queue: self.queue_size,
-                },
-                mpsc::error::TrySendError::Closed(_) => {
-                    EngineError::Stopped(self.model.to_string())
-                }
-            })?;
+        if !self.stats.try_enqueue(self.queue_size) {
+            return Err(EngineError::QueueFull {
+                model: self.model.to_string(),
+                queue: self.queue_size,
+            });
+        }
+        // Room for every choice's events of a few steps: a request only
+        // takes part in a step when its client has room for that step.
+        let choices = request.n * request.prompts.len();
+        let (tx, rx) = mpsc::channel(EVENT_BUFFER.max(4 * sequence::EVENTS_PER_STEP * choices));
+        let events = sequence::Events::new(tx, self.stall_timeout);
+        if self.jobs.send(Job { request, events }).is_err() {
+            self.stats.dequeue();
+            return Err(EngineError::Stopped(self.model.to_string()));
+        }
         Ok(rx)
     }
 }
@@ -252,7 +287,9 @@ pub type Stopped = oneshot::Receiver<()>;
 /// until the last handle is dropped and its queue is empty; `Stopped`
 /// resolves after it has freed the model.
 pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineError> {
-    let (jobs, rx) = mpsc::channel(spec.queue_size.max(1));
+    let (jobs, rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(EngineStats::default());
+    let worker_stats = stats.clone();
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let name = format!("model-{}", spec.model);
@@ -263,7 +300,7 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            worker::run_worker(thread_spec, rx, ready_tx);
+            worker::run_worker(thread_spec, rx, ready_tx, worker_stats);
             let _ = stopped_tx.send(());
         })
         .map_err(|e| EngineError::LoadFailed {
@@ -281,6 +318,7 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
         queue_size,
         stall_timeout,
         jobs,
+        stats,
     };
     Ok((handle, stopped_rx))
 }

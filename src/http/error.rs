@@ -178,6 +178,11 @@ impl From<EngineError> for ApiError {
                     .code("insufficient_memory");
                 Self { retry_after, ..e }
             }
+            EngineError::DeadlineExceeded { .. } => {
+                Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
+                    .param("timeout")
+                    .code("deadline_exceeded")
+            }
             EngineError::Stopped(_) => Self::shutting_down(),
             EngineError::Compute(_) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)

@@ -18,7 +18,7 @@ use super::log::RequestLog;
 use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
 use crate::engine::{EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ModelLabel};
 use crate::registry::{Lease, Registry};
 
 type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send>>;
@@ -33,8 +33,61 @@ pub struct Generation {
     pub usage: UsageCounter,
     /// How long the model's load took, when this request waited for it.
     pub cold_load: Option<Duration>,
-    first_token: Option<(Instant, Arc<Metrics>, String)>,
+    timing: Timing,
     _lease: Lease,
+}
+
+/// Records a generation's token metrics as its events pass: time to first
+/// token, time between tokens of each choice, token counts.
+struct Timing {
+    arrived: Instant,
+    metrics: Arc<Metrics>,
+    label: ModelLabel,
+    first_seen: bool,
+    last: Vec<Option<Instant>>,
+}
+
+impl Timing {
+    fn new(job: &Job, metrics: &Arc<Metrics>) -> Self {
+        Self {
+            arrived: job.arrived,
+            metrics: metrics.clone(),
+            label: Metrics::model(&job.model),
+            first_seen: false,
+            last: vec![None; job.request.n * job.request.prompts.len()],
+        }
+    }
+
+    fn observe(&mut self, event: &GenerateEvent) {
+        let m = &self.metrics;
+        match event {
+            GenerateEvent::Started { prompt_tokens } => {
+                m.prompt_tokens.get_or_create(&self.label).inc_by(*prompt_tokens as u64);
+            }
+            GenerateEvent::Delta { index, .. } => {
+                let now = Instant::now();
+                if !self.first_seen {
+                    self.first_seen = true;
+                    m.time_to_first_token
+                        .get_or_create(&self.label)
+                        .observe(now.duration_since(self.arrived).as_secs_f64());
+                }
+                if let Some(slot) = self.last.get_mut(*index) {
+                    if let Some(prev) = slot.replace(now) {
+                        m.inter_token_latency
+                            .get_or_create(&self.label)
+                            .observe(now.duration_since(prev).as_secs_f64());
+                    }
+                }
+            }
+            GenerateEvent::Finished {
+                completion_tokens, ..
+            } => {
+                m.generation_tokens.get_or_create(&self.label).inc_by(*completion_tokens as u64);
+            }
+            GenerateEvent::Failed(_) => {}
+        }
+    }
 }
 
 /// A generation request for a model, before the model is at hand.
@@ -76,14 +129,18 @@ impl UsageCounter {
 }
 
 impl Job {
-    /// A job for `model`, with the request's validated `keep_alive`.
+    /// A job for `model`, with the request's validated `keep_alive` and its
+    /// deadline (its `timeout`, else `default_timeout`, from arrival).
     pub fn new(
         model: &str,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
         fields: &SamplingFields,
         param: &'static str,
         log: &RequestLog,
+        default_timeout: Option<Duration>,
     ) -> Result<Self, ApiError> {
+        let timeout = fields.timeout()?.or(default_timeout);
+        request.deadline = timeout.map(|t| log.arrived() + t);
         Ok(Self {
             model: model.to_string(),
             request,
@@ -99,8 +156,8 @@ impl Job {
 /// length, bad token ids…) get a proper status.
 pub async fn start(registry: &Registry, job: Job) -> Result<Generation, ApiError> {
     let lease = registry.acquire(&job.model, job.keep_alive).await?;
-    let first_token = Some((job.arrived, registry.metrics().clone(), job.model));
-    submit(lease, job.request, first_token)
+    let timing = Timing::new(&job, registry.metrics());
+    submit(lease, job.request, timing)
         .await
         .map_err(|e| e.param_or(job.param))
 }
@@ -108,13 +165,16 @@ pub async fn start(registry: &Registry, job: Job) -> Result<Generation, ApiError
 async fn submit(
     lease: Lease,
     request: GenerateRequest,
-    first_token: Option<(Instant, Arc<Metrics>, String)>,
+    mut timing: Timing,
 ) -> Result<Generation, ApiError> {
     let choices = request.n * request.prompts.len();
     let mut rx = lease.submit(request)?;
     let mut usage = UsageCounter::default();
     match rx.recv().await {
-        Some(event @ GenerateEvent::Started { .. }) => usage.observe(&event),
+        Some(event @ GenerateEvent::Started { .. }) => {
+            usage.observe(&event);
+            timing.observe(&event);
+        }
         Some(GenerateEvent::Failed(e)) => return Err(e.into()),
         Some(_) | None => {
             return Err(EngineError::Compute("the model worker stopped unexpectedly".into()).into())
@@ -125,7 +185,7 @@ async fn submit(
         choices,
         usage,
         cold_load: lease.cold_load,
-        first_token,
+        timing,
         _lease: lease,
     })
 }
@@ -144,14 +204,7 @@ impl Generation {
     pub async fn next(&mut self) -> Option<GenerateEvent> {
         let event = self.events.next().await?;
         self.usage.observe(&event);
-        if matches!(event, GenerateEvent::Delta { .. }) {
-            if let Some((arrived, metrics, model)) = self.first_token.take() {
-                metrics
-                    .time_to_first_token
-                    .get_or_create(&Metrics::model(&model))
-                    .observe(arrived.elapsed().as_secs_f64());
-            }
-        }
+        self.timing.observe(&event);
         Some(event)
     }
 
@@ -379,7 +432,7 @@ where
     let stream_log = log.clone();
     let items = async_stream::stream! {
         let param = job.param;
-        let first_token = Some((job.arrived, registry.metrics().clone(), job.model.clone()));
+        let timing = Timing::new(&job, registry.metrics());
         let acquire = registry.acquire(&job.model, job.keep_alive);
         tokio::pin!(acquire);
         let mut tick = tokio::time::interval(LOADING_COMMENT_EVERY);
@@ -399,7 +452,7 @@ where
         if let Some(took) = lease.cold_load {
             yield SseItem::Comment(format!("model loaded in {} ms", took.as_millis()));
         }
-        let gen = match submit(lease, job.request, first_token).await {
+        let gen = match submit(lease, job.request, timing).await {
             Ok(gen) => gen,
             Err(e) => {
                 yield SseItem::Error(e.param_or(param));

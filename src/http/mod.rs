@@ -36,6 +36,8 @@ pub struct AppState {
     pub draining: Arc<AtomicBool>,
     /// Whether `/admin/*` is served.
     pub admin: bool,
+    /// Deadline for generation requests that name no `timeout`.
+    pub request_timeout: Option<std::time::Duration>,
 }
 
 impl AppState {
@@ -46,7 +48,14 @@ impl AppState {
             max_body_size,
             draining: Arc::new(AtomicBool::new(false)),
             admin,
+            request_timeout: None,
         }
+    }
+
+    /// Sets the deadline for requests that name no `timeout`.
+    pub fn with_request_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+        self.request_timeout = timeout;
+        self
     }
 
     /// Refuses new work once shutdown has begun.

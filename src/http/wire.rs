@@ -1,5 +1,7 @@
 //! Wire types and validation shared by the OpenAI text endpoints.
 
+use std::time::Duration;
+
 use kindling_models::SamplingParams;
 use serde::{Deserialize, Serialize};
 
@@ -45,9 +47,36 @@ pub struct SamplingFields {
     /// How long the model stays loaded after this request: a duration like
     /// `"10m"`, seconds, `0` (unload right after) or `-1` (forever).
     pub keep_alive: Option<serde_json::Value>,
+    /// Seconds (or a duration like `"30s"`) the request may take in all,
+    /// waiting included; past it, it fails with 504 and frees its slot.
+    pub timeout: Option<serde_json::Value>,
 }
 
 impl SamplingFields {
+    /// The validated `timeout`.
+    pub fn timeout(&self) -> Result<Option<Duration>, ApiError> {
+        let bad = |why: String| ApiError::invalid("timeout", format!("`timeout`: {why}"));
+        let Some(v) = &self.timeout else {
+            return Ok(None);
+        };
+        let d = match v {
+            serde_json::Value::Number(n) => {
+                let secs = n.as_f64().unwrap_or(-1.0);
+                if !(secs > 0.0 && secs <= 86_400.0) {
+                    return Err(bad(format!("expected seconds between 0 and 86400, got {n}")));
+                }
+                Duration::from_secs_f64(secs)
+            }
+            serde_json::Value::String(s) => humantime::parse_duration(s)
+                .map_err(|e| bad(format!("expected a duration like \"30s\": {e}")))?,
+            other => return Err(bad(format!("expected seconds or a duration string, got {other}"))),
+        };
+        if d.is_zero() {
+            return Err(bad("must be more than zero".into()));
+        }
+        Ok(Some(d))
+    }
+
     /// The validated `keep_alive`.
     pub fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
         self.keep_alive

@@ -3,16 +3,16 @@
 //! engine worker and measures what the load really took.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::future::{BoxFuture, FutureExt};
 use kindling_models::Footprint;
 
 use super::download;
-use super::lifecycle::{Loaded, Loader, Progress};
+use super::lifecycle::{BatchSnapshot, Loaded, Loader, Progress};
 use super::memory;
-use crate::config::{Config, EngineConfig, HubConfig, ModelManifest, WeightSource};
+use crate::config::{Config, EngineConfig, HubConfig, ModelManifest, WeightFormat, WeightSource};
 use crate::engine::{self, EngineError, EngineHandle, LoadSpec};
 
 /// Loads text models into engine workers.
@@ -55,6 +55,9 @@ impl EngineLoader {
             context_length: manifest.context_length,
             queue_size: self.engine.queue_size,
             stall_timeout: self.engine.stall_timeout,
+            max_sequences: self.engine.max_sequences,
+            max_batch_tokens: self.engine.max_batch_tokens,
+            kv_cache_tokens: manifest.kv_cache_tokens.unwrap_or(self.engine.kv_cache_tokens),
         }
     }
 
@@ -75,8 +78,11 @@ impl EngineLoader {
                     hf_hub::RepoType::Model,
                     revision.clone(),
                 );
-                let gguf = files.iter().find(|f| f.ends_with(".gguf"))?;
-                cache.repo(repo).get(gguf)
+                let repo = cache.repo(repo);
+                match m.format {
+                    WeightFormat::Gguf => repo.get(files.iter().find(|f| f.ends_with(".gguf"))?),
+                    WeightFormat::Safetensors => Some(repo.get("config.json")?.parent()?.to_path_buf()),
+                }
             }
         }
     }
@@ -107,11 +113,16 @@ impl EngineLoader {
             .ok_or_else(|| failed(id, "no such model"))?;
         match &manifest.weights {
             WeightSource::Local(path) => {
-                if !path.is_file() {
-                    return Err(failed(
-                        id,
-                        format!("weight file not found: {}", path.display()),
-                    ));
+                let found = match manifest.format {
+                    WeightFormat::Gguf => path.is_file(),
+                    WeightFormat::Safetensors => path.join("config.json").is_file(),
+                };
+                if !found {
+                    let what = match manifest.format {
+                        WeightFormat::Gguf => "weight file",
+                        WeightFormat::Safetensors => "model folder (with config.json)",
+                    };
+                    return Err(failed(id, format!("{what} not found: {}", path.display())));
                 }
                 Ok(path.clone())
             }
@@ -131,12 +142,24 @@ impl EngineLoader {
                 let paths = download::fetch(&self.hub, &self.store, req, progress, show_bar)
                     .await
                     .map_err(|e| failed(id, e))?;
-                files
+                let wanted = match manifest.format {
+                    WeightFormat::Gguf => ".gguf",
+                    WeightFormat::Safetensors => "config.json",
+                };
+                let path = files
                     .iter()
                     .zip(paths)
-                    .find(|(f, _)| f.ends_with(".gguf"))
+                    .find(|(f, _)| match manifest.format {
+                        WeightFormat::Gguf => f.ends_with(wanted),
+                        WeightFormat::Safetensors => f.as_str() == wanted,
+                    })
                     .map(|(_, p)| p)
-                    .ok_or_else(|| failed(id, "no .gguf among the downloaded files"))
+                    .ok_or_else(|| failed(id, format!("no {wanted} among the downloaded files")))?;
+                Ok(match manifest.format {
+                    WeightFormat::Gguf => path,
+                    // The snapshot folder holds every file of the repo's revision.
+                    WeightFormat::Safetensors => path.parent().map(Path::to_path_buf).unwrap_or(path),
+                })
             }
         }
     }
@@ -199,7 +222,17 @@ impl Loader for Arc<EngineLoader> {
         .boxed()
     }
 
-    fn queue_depth(model: &EngineHandle) -> usize {
-        model.queue_depth()
+    fn batch(model: &EngineHandle) -> BatchSnapshot {
+        let s = model.stats();
+        let (kv_blocks_used, kv_blocks_total) = s.kv_blocks();
+        BatchSnapshot {
+            waiting: s.waiting(),
+            running: s.running(),
+            kv_blocks_used,
+            kv_blocks_total,
+            prompt_tokens: s.prompt_tokens(),
+            generated_tokens: s.generated_tokens(),
+            tokens_per_second: s.tokens_per_second(),
+        }
     }
 }

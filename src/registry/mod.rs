@@ -318,6 +318,20 @@ impl Registry {
                 .get_or_create(&label)
                 .set(st.queue_depth as i64);
             m.in_flight.get_or_create(&label).set(st.in_flight as i64);
+            let b = &st.batch;
+            m.batch_running.get_or_create(&label).set(b.running as i64);
+            m.kv_blocks_used.get_or_create(&label).set(b.kv_blocks_used as i64);
+            m.kv_blocks_total.get_or_create(&label).set(b.kv_blocks_total as i64);
+            m.tokens_per_second.get_or_create(&label).set(b.tokens_per_second);
+            let name = Metrics::model_name(&s.id);
+            m.vllm_waiting.get_or_create(&name).set(b.waiting as i64);
+            m.vllm_running.get_or_create(&name).set(b.running as i64);
+            let usage = if b.kv_blocks_total == 0 {
+                0.0
+            } else {
+                b.kv_blocks_used as f64 / b.kv_blocks_total as f64
+            };
+            m.vllm_kv_usage.get_or_create(&name).set(usage);
         }
         m.resident_models.set(resident);
         m.process_resident

@@ -79,8 +79,8 @@ impl Loader for Arc<SizedLoader> {
         .boxed()
     }
 
-    fn queue_depth(_: &Arc<Alive>) -> usize {
-        0
+    fn batch(_: &Arc<Alive>) -> super::lifecycle::BatchSnapshot {
+        Default::default()
     }
 }
 

@@ -39,8 +39,27 @@ pub trait Loader: Send + Sync + 'static {
         id: &str,
         plan: Self::Plan,
     ) -> BoxFuture<'static, Result<Loaded<Self::Model>, EngineError>>;
-    /// Requests waiting in the model's queue.
-    fn queue_depth(model: &Self::Model) -> usize;
+    /// The model's live batch figures.
+    fn batch(model: &Self::Model) -> BatchSnapshot;
+}
+
+/// A resident model's queue, batch and KV cache, as its engine reports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BatchSnapshot {
+    /// Requests waiting for a place in the batch.
+    pub waiting: usize,
+    /// Sequences in the batch.
+    pub running: usize,
+    /// KV cache blocks in use.
+    pub kv_blocks_used: usize,
+    /// KV cache blocks in the pool.
+    pub kv_blocks_total: usize,
+    /// Prompt tokens computed since the model loaded.
+    pub prompt_tokens: u64,
+    /// Tokens generated since the model loaded.
+    pub generated_tokens: u64,
+    /// Tokens generated per second, over the last ten seconds.
+    pub tokens_per_second: f64,
 }
 
 /// A model the loader brought up.
@@ -222,6 +241,8 @@ pub struct Snapshot {
     pub in_flight: usize,
     /// Requests waiting in its queue.
     pub queue_depth: usize,
+    /// Its batch, while it is resident.
+    pub batch: BatchSnapshot,
     /// `(done, total)` bytes while downloading.
     pub download: Option<(u64, u64)>,
     /// Why the last load failed, while that failure holds.
@@ -449,6 +470,10 @@ fn snapshot<L: Loader>(s: &Slot<L::Model>) -> Snapshot {
         Phase::Draining(_) => "draining",
         Phase::Failed { .. } => "failed",
     };
+    let batch = match &s.phase {
+        Phase::Resident { model, .. } => L::batch(model),
+        _ => BatchSnapshot::default(),
+    };
     Snapshot {
         state,
         device: s.device.clone(),
@@ -460,10 +485,8 @@ fn snapshot<L: Loader>(s: &Slot<L::Model>) -> Snapshot {
         keep_alive: s.keep_alive,
         pinned: s.policy.pin,
         in_flight: s.in_flight,
-        queue_depth: match &s.phase {
-            Phase::Resident { model, .. } => L::queue_depth(model),
-            _ => 0,
-        },
+        queue_depth: batch.waiting,
+        batch,
         download: downloading.then(|| {
             (
                 s.progress.done.load(Ordering::Relaxed),

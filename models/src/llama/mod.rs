@@ -1,0 +1,285 @@
+//! The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) from GGUF or
+//! Hugging Face safetensors weights, with a batched forward pass.
+//!
+//! The model holds only weights. Keys and values live in a paged
+//! [`KvCache`] owned by the caller, and one forward pass runs any mix of
+//! sequences: each brings its new tokens, its position and its block table,
+//! so prompts being prefilled and sequences being decoded share one pass
+//! and one read of the weights.
+
+mod config;
+mod weights;
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::Embedding;
+use kindling_kernels::{paged_attention, QueryRow, RopeTables};
+
+pub use config::{LlamaConfig, RopeScaling};
+pub use weights::weight_files;
+use weights::{Global, Linear, Part, Safetensors, Source};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+use crate::kv_cache::{CacheShape, KvCache};
+
+struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// A projection with an optional bias (Qwen2's q/k/v have one).
+struct Projection {
+    weight: Linear,
+    bias: Option<Tensor>,
+}
+
+impl Projection {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.weight.forward(x)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+struct Block {
+    attn_norm: RmsNorm,
+    q: Projection,
+    k: Projection,
+    v: Projection,
+    o: Projection,
+    ffn_norm: RmsNorm,
+    gate: Projection,
+    up: Projection,
+    down: Projection,
+}
+
+/// One sequence's share of a forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    /// New tokens, at positions `start..start + tokens.len()`.
+    pub tokens: &'a [u32],
+    /// Positions already in the cache for this sequence.
+    pub start: usize,
+    /// The sequence's blocks; they must hold `start + tokens.len()` positions.
+    pub blocks: &'a [u32],
+    /// Whether to return next-token logits after the last new token.
+    pub logits: bool,
+}
+
+/// A Llama-family decoder.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RopeTables,
+    max_positions: usize,
+}
+
+impl Llama {
+    /// Loads a GGUF model, with rotary tables for `max_positions` positions
+    /// (at most the trained context).
+    pub fn from_gguf(gguf: &mut GgufFile, max_positions: usize) -> Result<Self> {
+        let cfg = LlamaConfig::from_gguf(gguf)?;
+        // Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
+        let factors = if gguf.has_tensor("rope_freqs.weight") {
+            Some(gguf.dense("rope_freqs.weight")?.to_vec1::<f32>()?)
+        } else {
+            None
+        };
+        Self::build(cfg, gguf, max_positions, factors)
+    }
+
+    /// Loads a Hugging Face model folder (`config.json` and safetensors).
+    pub fn from_safetensors(dir: &Path, max_positions: usize) -> Result<Self> {
+        let path = dir.join("config.json");
+        let json = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
+        let cfg = LlamaConfig::from_hf_json(&json)?;
+        let mut files = Safetensors::open(dir)?;
+        Self::build(cfg, &mut files, max_positions, None)
+    }
+
+    fn build(
+        cfg: LlamaConfig,
+        src: &mut dyn Source,
+        max_positions: usize,
+        rope_factors: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        let max_positions = max_positions.min(cfg.trained_context).max(1);
+        let table = src.dense(src.global_name(Global::Embedding))?;
+        let output = src.global_name(Global::Output);
+        let lm_head = if src.contains(output) && !cfg.tie_embeddings {
+            src.linear(output)?
+        } else {
+            src.tied_output(&table)?
+        };
+        let eps = cfg.rms_eps as f32;
+        let norm = |src: &mut dyn Source, name: String| -> Result<RmsNorm> {
+            Ok(RmsNorm { weight: src.dense(&name)?, eps })
+        };
+        let mut blocks = Vec::with_capacity(cfg.layers);
+        for i in 0..cfg.layers {
+            let mut proj = |part: Part| -> Result<Projection> {
+                let bias = src.block_name(i, part, true);
+                Ok(Projection {
+                    weight: src.linear(&src.block_name(i, part, false))?,
+                    bias: if src.contains(&bias) { Some(src.dense(&bias)?) } else { None },
+                })
+            };
+            let (q, k, v, o) = (proj(Part::Q)?, proj(Part::K)?, proj(Part::V)?, proj(Part::O)?);
+            let (gate, up, down) = (proj(Part::Gate)?, proj(Part::Up)?, proj(Part::Down)?);
+            let names = (
+                src.block_name(i, Part::AttnNorm, false),
+                src.block_name(i, Part::FfnNorm, false),
+            );
+            blocks.push(Block {
+                attn_norm: norm(src, names.0)?,
+                q,
+                k,
+                v,
+                o,
+                ffn_norm: norm(src, names.1)?,
+                gate,
+                up,
+                down,
+            });
+        }
+        let name = src.global_name(Global::OutputNorm).to_string();
+        let final_norm = norm(src, name)?;
+        let mut inv_freq = cfg.inv_freq();
+        if let Some(factors) = rope_factors {
+            for (f, d) in inv_freq.iter_mut().zip(factors) {
+                *f /= d;
+            }
+        }
+        Ok(Self {
+            embed: Embedding::new(table, cfg.hidden_size),
+            rope: RopeTables::new(&inv_freq, max_positions),
+            cfg,
+            blocks,
+            norm: final_norm,
+            lm_head,
+            max_positions,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+
+    /// Positions a sequence may hold (prompt and generated tokens together).
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// The KV cache shape this model needs.
+    pub fn cache_shape(&self) -> CacheShape {
+        CacheShape {
+            layers: self.cfg.layers,
+            kv_heads: self.cfg.kv_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Runs every item's new tokens in one pass, writes their keys and
+    /// values into `cache`, and returns next-token logits (f32, `vocab`
+    /// long) for the items that ask for them, in order.
+    pub fn forward(&self, batch: &[BatchItem<'_>], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+        let total: usize = batch.iter().map(|b| b.tokens.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut tables = Vec::with_capacity(total);
+        let mut rows = Vec::with_capacity(total);
+        let mut wanted = Vec::new();
+        for item in batch {
+            let (t, end) = (item.tokens.len(), item.start + item.tokens.len());
+            if t == 0 || end > self.max_positions || end > item.blocks.len() * cache.layout().block_size {
+                return Err(ModelError::Tensor {
+                    name: "input".into(),
+                    message: format!(
+                        "{t} tokens after {} do not fit in {} positions or {} cache blocks",
+                        item.start,
+                        self.max_positions,
+                        item.blocks.len()
+                    ),
+                });
+            }
+            for (i, &id) in item.tokens.iter().enumerate() {
+                ids.push(id);
+                positions.push(item.start + i);
+                tables.push(item.blocks);
+                rows.push(QueryRow { blocks: item.blocks, seen: item.start + i + 1 });
+            }
+            if item.logits {
+                wanted.push((ids.len() - 1) as u32);
+            }
+        }
+        if total == 0 {
+            return Ok(Vec::new());
+        }
+        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
+        let mut x = self.embed.forward(&ids)?;
+        let step = Step { positions: &positions, tables: &tables, rows: &rows };
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let attn = self.attention(block, layer, &h, &step, cache)?;
+            x = (attn + &x)?;
+            let h = block.ffn_norm.forward(&x)?;
+            let gated =
+                kindling_kernels::silu_mul(&block.gate.forward(&h)?, &block.up.forward(&h)?)?;
+            x = (block.down.forward(&gated)? + &x)?;
+        }
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = wanted.len();
+        let last = x.index_select(&Tensor::from_vec(wanted, n, &Device::Cpu)?, 0)?;
+        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+    }
+
+    fn attention(
+        &self,
+        block: &Block,
+        layer: usize,
+        x: &Tensor,
+        step: &Step<'_>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (nh, hd) = (self.cfg.heads, self.cfg.head_dim);
+        let rows = |p: &Projection| -> Result<Vec<f32>> {
+            Ok(p.forward(x)?.flatten_all()?.to_vec1::<f32>()?)
+        };
+        let interleaved = self.cfg.rope_interleaved;
+        let mut q = rows(&block.q)?;
+        let mut k = rows(&block.k)?;
+        let v = rows(&block.v)?;
+        self.rope.apply(&mut q, step.positions, interleaved);
+        self.rope.apply(&mut k, step.positions, interleaved);
+        cache.write(layer, step.tables, step.positions, &k, &v)?;
+        let (keys, values) = cache.layer(layer);
+        let scale = 1.0 / (hd as f32).sqrt();
+        let y = paged_attention(&q, nh, step.rows, keys, values, cache.layout(), scale);
+        let y = Tensor::from_vec(y, (step.positions.len(), nh * hd), &Device::Cpu)?;
+        block.o.forward(&y)
+    }
+}
+
+/// Per-token inputs shared by every layer of one pass.
+struct Step<'a> {
+    positions: &'a [usize],
+    tables: &'a [&'a [u32]],
+    rows: &'a [QueryRow<'a>],
+}

@@ -1,0 +1,247 @@
+//! Where a Llama's weights come from: a GGUF file (quantized projections)
+//! or a Hugging Face safetensors folder (f32/f16/bf16, sharded or not). The
+//! model is built the same way from either, through [`Source`].
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Module, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::gguf::GgufFile;
+
+/// A projection `x · Wᵀ (+ b)`. Q4_1 on the CPU runs our kernel (candle's
+/// Q4_1 dot product is scalar); other quantized types run candle's; dense
+/// weights run candle's matmul.
+pub(crate) enum Linear {
+    Candle(QMatMul),
+    Q4_1(kindling_kernels::Q4_1Matrix),
+    Dense(Tensor),
+}
+
+impl Linear {
+    fn from_qtensor(q: QTensor) -> Result<Self> {
+        if q.dtype() == GgmlDType::Q4_1 && q.device().is_cpu() {
+            let (rows, cols) = q.shape().dims2()?;
+            let bytes = q.data()?;
+            return Ok(Self::Q4_1(kindling_kernels::Q4_1Matrix::from_ggml_bytes(
+                &bytes, rows, cols,
+            )?));
+        }
+        Ok(Self::Candle(QMatMul::from_qtensor(q)?))
+    }
+
+    /// `x` is `[rows, in]`; the result `[rows, out]`.
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Candle(m) => m.forward(x)?,
+            Self::Q4_1(m) => m.forward(x)?,
+            Self::Dense(w) => x.matmul(&w.t()?)?,
+        })
+    }
+}
+
+/// The parts of one transformer block.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Part {
+    AttnNorm,
+    Q,
+    K,
+    V,
+    O,
+    FfnNorm,
+    Gate,
+    Up,
+    Down,
+}
+
+/// Whole-model tensors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Global {
+    Embedding,
+    Output,
+    OutputNorm,
+}
+
+/// Weights by role, whatever the file format calls them.
+pub(crate) trait Source {
+    /// The name of a block's tensor (`bias`: the bias rather than the weight).
+    fn block_name(&self, layer: usize, part: Part, bias: bool) -> String;
+    /// The name of a whole-model tensor.
+    fn global_name(&self, global: Global) -> &'static str;
+    /// Whether the file has `name`.
+    fn contains(&self, name: &str) -> bool;
+    /// A projection weight, kept in its storage format where we can compute on it.
+    fn linear(&mut self, name: &str) -> Result<Linear>;
+    /// A tensor as f32 (norms, biases, the embedding table).
+    fn dense(&mut self, name: &str) -> Result<Tensor>;
+    /// The output projection of a model with tied embeddings, given the
+    /// (f32) embedding table.
+    fn tied_output(&mut self, table: &Tensor) -> Result<Linear>;
+}
+
+fn missing(name: &str) -> ModelError {
+    ModelError::Tensor {
+        name: name.into(),
+        message: "missing from the weight files".into(),
+    }
+}
+
+impl Source for GgufFile {
+    fn block_name(&self, layer: usize, part: Part, bias: bool) -> String {
+        let p = match part {
+            Part::AttnNorm => "attn_norm",
+            Part::Q => "attn_q",
+            Part::K => "attn_k",
+            Part::V => "attn_v",
+            Part::O => "attn_output",
+            Part::FfnNorm => "ffn_norm",
+            Part::Gate => "ffn_gate",
+            Part::Up => "ffn_up",
+            Part::Down => "ffn_down",
+        };
+        format!("blk.{layer}.{p}.{}", if bias { "bias" } else { "weight" })
+    }
+
+    fn global_name(&self, global: Global) -> &'static str {
+        match global {
+            Global::Embedding => "token_embd.weight",
+            Global::Output => "output.weight",
+            Global::OutputNorm => "output_norm.weight",
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.has_tensor(name)
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear> {
+        Linear::from_qtensor(self.tensor(name, &Device::Cpu)?)
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        Ok(self.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)
+    }
+
+    fn tied_output(&mut self, _table: &Tensor) -> Result<Linear> {
+        // Keep the quantized table for the matmul; the f32 copy is for lookups.
+        let name = self.global_name(Global::Embedding);
+        self.linear(name)
+    }
+}
+
+/// A Hugging Face model folder's safetensors, memory-mapped.
+pub(crate) struct Safetensors {
+    files: MmapedSafetensors,
+    names: HashSet<String>,
+}
+
+impl Safetensors {
+    /// Opens the weights in `dir`: the files `model.safetensors.index.json`
+    /// names, else every `*.safetensors` file.
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        let paths = weight_files(dir)?;
+        // SAFETY: the files are mapped read-only; Kindling never writes model
+        // files while they are loaded (downloads land under new names).
+        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
+            path: dir.to_path_buf(),
+            format: "safetensors",
+            message: e.to_string(),
+        })?;
+        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+        Ok(Self { files, names })
+    }
+}
+
+/// The safetensors files of a model folder, in a stable order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| ModelError::Io { path, source }
+    };
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::BadFormat {
+            path: index.clone(),
+            format: "safetensors index",
+            message: e.to_string(),
+        })?;
+        let mut files: Vec<String> = json
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        files.sort();
+        files.dedup();
+        if files.is_empty() {
+            return Err(ModelError::BadFormat {
+                path: index,
+                format: "safetensors index",
+                message: "`weight_map` names no files".into(),
+            });
+        }
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Io {
+            path: dir.join("model.safetensors"),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no *.safetensors files"),
+        });
+    }
+    Ok(files)
+}
+
+impl Source for Safetensors {
+    fn block_name(&self, layer: usize, part: Part, bias: bool) -> String {
+        let p = match part {
+            Part::AttnNorm => "input_layernorm",
+            Part::Q => "self_attn.q_proj",
+            Part::K => "self_attn.k_proj",
+            Part::V => "self_attn.v_proj",
+            Part::O => "self_attn.o_proj",
+            Part::FfnNorm => "post_attention_layernorm",
+            Part::Gate => "mlp.gate_proj",
+            Part::Up => "mlp.up_proj",
+            Part::Down => "mlp.down_proj",
+        };
+        format!("model.layers.{layer}.{p}.{}", if bias { "bias" } else { "weight" })
+    }
+
+    fn global_name(&self, global: Global) -> &'static str {
+        match global {
+            Global::Embedding => "model.embed_tokens.weight",
+            Global::Output => "lm_head.weight",
+            Global::OutputNorm => "model.norm.weight",
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    fn linear(&mut self, name: &str) -> Result<Linear> {
+        Ok(Linear::Dense(self.dense(name)?))
+    }
+
+    fn dense(&mut self, name: &str) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(missing(name));
+        }
+        // f16/bf16 checkpoints are widened to f32: candle's CPU matmul is far
+        // faster in f32, and the results match the f32 reference.
+        Ok(self.files.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    fn tied_output(&mut self, table: &Tensor) -> Result<Linear> {
+        Ok(Linear::Dense(table.clone()))
+    }
+}

@@ -1,0 +1,85 @@
+//! Helpers for the model tests: the demo model's path, a single sequence
+//! driven through the batched forward pass, and greedy decoding.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::PathBuf;
+
+use kindling_models::{BatchItem, BlockTable, KvCache, TextModel};
+
+pub mod convert;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The demo GGUF (fetched by `scripts/fetch-models.sh`).
+pub fn demo_gguf() -> PathBuf {
+    let store =
+        std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from);
+    let path = store.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/fetch-models.sh first",
+        path.display()
+    );
+    path
+}
+
+/// A pool big enough for a few test sequences of `model`.
+pub fn pool(model: &TextModel, positions: usize) -> KvCache {
+    KvCache::new(model.cache_shape(), KvCache::blocks_for(positions) + 8)
+}
+
+/// One sequence: its blocks and how many positions are cached.
+#[derive(Default)]
+pub struct Seq {
+    pub table: BlockTable,
+    pub len: usize,
+}
+
+impl Seq {
+    /// Runs `tokens` alone after what is cached; returns the next-token logits.
+    pub fn feed(&mut self, model: &TextModel, kv: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+        assert!(kv.grow(&mut self.table, self.len + tokens.len()), "pool exhausted");
+        let item = BatchItem {
+            tokens,
+            start: self.len,
+            blocks: self.table.blocks(),
+            logits: true,
+        };
+        let mut out = model.forward(&[item], kv).unwrap();
+        self.len += tokens.len();
+        out.pop().unwrap()
+    }
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    ranked(logits)[0]
+}
+
+pub fn ranked(logits: &[f32]) -> Vec<u32> {
+    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+    idx.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    idx
+}
+
+/// `steps` greedy tokens after `prompt`, the sequence alone in its passes.
+pub fn greedy_alone(model: &TextModel, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut kv = pool(model, prompt.len() + steps);
+    let mut seq = Seq::default();
+    let mut logits = seq.feed(model, &mut kv, prompt);
+    let mut out = Vec::new();
+    for _ in 0..steps {
+        let t = argmax(&logits);
+        out.push(t);
+        logits = seq.feed(model, &mut kv, &[t]);
+    }
+    out
+}
+
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
+    (dot / (na * nb)) as f32
+}

@@ -1,0 +1,420 @@
+//! Iteration-level scheduling over a paged KV cache.
+//!
+//! Every step builds one batch: first a token for each running sequence
+//! that is decoding, then chunks of prompts being prefilled, up to the
+//! step's token budget; then, if blocks and seats allow, waiting sequences
+//! join in arrival order. When a decoding sequence needs a block and none is
+//! free, the most recently admitted sequence is preempted: its blocks are
+//! freed and it waits at the front of the queue to be recomputed, its
+//! output state kept, so its text continues exactly where it stopped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kindling_models::{BatchItem, BlockTable, KvCache, TextModel};
+
+use super::sequence::{Choice, Events, Next, Readiness, EVENTS_PER_STEP};
+use super::{EngineError, EngineStats, GenerateEvent};
+
+/// Limits of one batch.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    pub(super) max_sequences: usize,
+    pub(super) max_batch_tokens: usize,
+}
+
+/// One request: its events and how many of its choices are still live.
+pub(super) struct Request {
+    pub(super) events: Events,
+    pub(super) deadline: Option<(Instant, Duration)>,
+    pub(super) prompt_tokens: usize,
+    pub(super) live: usize,
+    pub(super) started: bool,
+}
+
+/// One sequence: prompt plus generated tokens, how many are in the cache,
+/// its blocks, and its output state. Choices `1..n` of a prompt ride along
+/// in `forks` until the prompt is prefilled, then split off sharing it.
+pub(super) struct Sequence {
+    pub(super) request: u64,
+    pub(super) tokens: Vec<u32>,
+    pub(super) computed: usize,
+    pub(super) table: BlockTable,
+    pub(super) choice: Choice,
+    pub(super) forks: Vec<Choice>,
+}
+
+impl Sequence {
+    fn seats(&self) -> usize {
+        1 + self.forks.len()
+    }
+}
+
+pub(super) struct Scheduler {
+    limits: Limits,
+    kv: KvCache,
+    stats: Arc<EngineStats>,
+    requests: HashMap<u64, Request>,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    next_id: u64,
+}
+
+/// A running sequence's part of this step: tokens `start..end`.
+struct Planned {
+    seq: usize,
+    start: usize,
+    end: usize,
+}
+
+impl Scheduler {
+    pub(super) fn new(limits: Limits, kv: KvCache, stats: Arc<EngineStats>) -> Self {
+        stats.set_batch(0, 0, kv.total_blocks());
+        Self {
+            limits,
+            kv,
+            stats,
+            requests: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_id: 0,
+        }
+    }
+
+    /// Positions the cache holds in all.
+    pub(super) fn kv_capacity(&self) -> usize {
+        self.kv.total_blocks() * kindling_models::kv_cache::BLOCK_SIZE
+    }
+
+    pub(super) fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.requests.is_empty()
+    }
+
+    /// Queues a validated request's sequences, one per prompt.
+    pub(super) fn enqueue(&mut self, request: Request, sequences: Vec<Sequence>) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.requests.insert(id, request);
+        self.waiting
+            .extend(sequences.into_iter().map(|s| Sequence { request: id, ..s }));
+    }
+
+    /// Runs one step. Returns whether any work was done.
+    pub(super) fn step(&mut self, model: &TextModel) -> bool {
+        let skip = self.sweep(Instant::now());
+        let plan = self.plan(&skip);
+        if plan.is_empty() {
+            return false;
+        }
+        let items: Vec<BatchItem<'_>> = plan
+            .iter()
+            .map(|p| {
+                let s = &self.running[p.seq];
+                BatchItem {
+                    tokens: &s.tokens[p.start..p.end],
+                    start: p.start,
+                    blocks: s.table.blocks(),
+                    logits: p.end == s.tokens.len(),
+                }
+            })
+            .collect();
+        let kv = &mut self.kv;
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&items, kv)));
+        drop(items);
+        let logits = match outcome {
+            Ok(Ok(logits)) => logits,
+            Ok(Err(e)) => return self.fail_batch(&plan, e.to_string()),
+            Err(_) => return self.fail_batch(&plan, "internal error (see the server log)".into()),
+        };
+        self.commit(model, &plan, logits);
+        true
+    }
+
+    /// Drops requests whose client left or stalled for too long, fails
+    /// those past their deadline, and returns those to sit this step out.
+    fn sweep(&mut self, now: Instant) -> HashSet<u64> {
+        let mut skip = HashSet::new();
+        let mut gone = Vec::new();
+        for (&id, req) in &mut self.requests {
+            if let Some((deadline, given)) = req.deadline {
+                if now >= deadline {
+                    req.events.fail(EngineError::DeadlineExceeded {
+                        seconds: given.as_secs_f64(),
+                    });
+                    gone.push(id);
+                    continue;
+                }
+            }
+            match req.events.readiness(req.live * EVENTS_PER_STEP, now) {
+                Readiness::Ready => {}
+                Readiness::Behind => {
+                    skip.insert(id);
+                }
+                Readiness::Gone => {
+                    if req.events.is_closed() {
+                        tracing::info!(request = id, "generation cancelled: the client went away");
+                    }
+                    gone.push(id);
+                }
+            }
+        }
+        for id in gone {
+            self.remove(id);
+        }
+        skip
+    }
+
+    /// Ends request `id`: its sequences leave the batch and the queue and
+    /// their blocks go back to the pool.
+    fn remove(&mut self, id: u64) {
+        let Some(req) = self.requests.remove(&id) else {
+            return;
+        };
+        if !req.started {
+            self.stats.dequeue();
+        }
+        let kv = &mut self.kv;
+        let mut keep = |s: &mut Sequence| {
+            if s.request == id {
+                kv.release(&mut s.table);
+            }
+            s.request != id
+        };
+        self.running.retain_mut(&mut keep);
+        self.waiting.retain_mut(&mut keep);
+        self.publish();
+    }
+
+    fn plan(&mut self, skip: &HashSet<u64>) -> Vec<Planned> {
+        let mut plan = Vec::new();
+        let mut budget = self.limits.max_batch_tokens;
+        let mut preempted = false;
+        // Decoding sequences first: one token each, growing into a new block
+        // when they cross one, preempting the newest sequences if needed.
+        let mut i = 0;
+        while i < self.running.len() && budget > 0 {
+            let s = &self.running[i];
+            if skip.contains(&s.request) || s.tokens.len() - s.computed != 1 {
+                i += 1;
+                continue;
+            }
+            let need = s.computed + 1;
+            if self.grow(i, need) {
+                plan.push(Planned { seq: i, start: need - 1, end: need });
+                budget -= 1;
+                i += 1;
+            } else {
+                preempted = true;
+                if !self.preempt_after(i, need) {
+                    // Nothing newer to take blocks from: this one waits.
+                    self.preempt(i);
+                }
+            }
+        }
+        // Then prompt chunks of admitted sequences (their blocks are held).
+        for (i, s) in self.running.iter().enumerate() {
+            let remaining = s.tokens.len() - s.computed;
+            if budget == 0 {
+                break;
+            }
+            if remaining > 1 && !skip.contains(&s.request) {
+                let n = remaining.min(budget);
+                plan.push(Planned { seq: i, start: s.computed, end: s.computed + n });
+                budget -= n;
+            }
+        }
+        if !preempted {
+            self.admit(&mut plan, &mut budget);
+        }
+        self.publish();
+        plan
+    }
+
+    /// Makes sequence `i`'s table hold `positions` positions.
+    fn grow(&mut self, i: usize, positions: usize) -> bool {
+        let s = &mut self.running[i];
+        s.table.capacity() >= positions || self.kv.grow(&mut s.table, positions)
+    }
+
+    /// Preempts sequences admitted after `i`, newest first, until `i` can
+    /// grow to `positions`. Returns whether it could.
+    fn preempt_after(&mut self, i: usize, positions: usize) -> bool {
+        while self.running.len() > i + 1 {
+            self.preempt(self.running.len() - 1);
+            if self.grow(i, positions) {
+                return true;
+            }
+        }
+        false
+    }
+
+    fn preempt(&mut self, i: usize) {
+        let mut s = self.running.remove(i);
+        tracing::debug!(request = s.request, tokens = s.tokens.len(), "sequence preempted: out of KV cache blocks");
+        self.kv.release(&mut s.table);
+        s.computed = 0;
+        self.waiting.push_front(s);
+    }
+
+    /// Admits waiting sequences, in order, while seats, blocks and the
+    /// token budget allow.
+    fn admit(&mut self, plan: &mut Vec<Planned>, budget: &mut usize) {
+        let mut seats: usize = self.running.iter().map(Sequence::seats).sum();
+        while *budget > 0 {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            // A fork copies at most one partly filled block.
+            let blocks = KvCache::blocks_for(front.tokens.len()) + front.forks.len();
+            if seats + front.seats() > self.limits.max_sequences || blocks > self.kv.free_blocks() {
+                break;
+            }
+            let Some(mut s) = self.waiting.pop_front() else {
+                break;
+            };
+            if !self.kv.grow(&mut s.table, s.tokens.len()) {
+                self.waiting.push_front(s);
+                break;
+            }
+            seats += s.seats();
+            if let Some(req) = self.requests.get_mut(&s.request) {
+                if !req.started {
+                    req.started = true;
+                    self.stats.dequeue();
+                    let _ = req.events.send(GenerateEvent::Started {
+                        prompt_tokens: req.prompt_tokens,
+                    });
+                }
+            }
+            let n = (s.tokens.len() - s.computed).min(*budget);
+            plan.push(Planned { seq: self.running.len(), start: s.computed, end: s.computed + n });
+            *budget -= n;
+            self.running.push(s);
+        }
+    }
+
+    fn commit(&mut self, model: &TextModel, plan: &[Planned], logits: Vec<Vec<f32>>) {
+        let mut logits = logits.into_iter();
+        let mut finished = vec![false; self.running.len()];
+        let mut spawned = Vec::new();
+        let mut gone = HashSet::new();
+        let (mut prompt_tokens, mut generated) = (0u64, 0u64);
+        for p in plan {
+            let s = &mut self.running[p.seq];
+            s.computed = p.end;
+            if p.end - p.start > 1 || s.choice.produced() == 0 {
+                prompt_tokens += (p.end - p.start) as u64;
+            }
+            if p.end < s.tokens.len() {
+                continue;
+            }
+            let Some(row) = logits.next() else {
+                break;
+            };
+            let Some(req) = self.requests.get_mut(&s.request) else {
+                continue;
+            };
+            // The prompt is in: choices 1..n split off, sharing its blocks.
+            for choice in std::mem::take(&mut s.forks) {
+                let mut child = Sequence {
+                    request: s.request,
+                    tokens: s.tokens.clone(),
+                    computed: s.computed,
+                    table: BlockTable::default(),
+                    choice,
+                    forks: Vec::new(),
+                };
+                match self.kv.fork(&s.table, s.computed) {
+                    Some(table) => {
+                        child.table = table;
+                        if Self::advance(model, &mut child, &row, &mut req.events, &mut generated) {
+                            req.live -= 1;
+                        } else {
+                            spawned.push(child);
+                        }
+                    }
+                    None => {
+                        // No block for the copy: it recomputes the prompt later.
+                        child.computed = 0;
+                        self.waiting.push_front(child);
+                    }
+                }
+            }
+            if Self::advance(model, s, &row, &mut req.events, &mut generated) {
+                finished[p.seq] = true;
+                req.live -= 1;
+            }
+            if req.events.is_closed() && gone.insert(s.request) {
+                tracing::info!(request = s.request, "generation cancelled: the client went away");
+            }
+        }
+        let kv = &mut self.kv;
+        let mut index = 0;
+        self.running.retain_mut(|s| {
+            let done = finished.get(index).copied().unwrap_or(false);
+            index += 1;
+            if done {
+                kv.release(&mut s.table);
+            }
+            !done
+        });
+        self.running.extend(spawned);
+        let done: Vec<u64> = self
+            .requests
+            .iter()
+            .filter(|(id, r)| r.live == 0 || gone.contains(id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            self.remove(id);
+        }
+        self.stats.record_step(prompt_tokens, generated);
+        self.publish();
+    }
+
+    /// Samples `s`'s next token from `row`. Returns whether it finished
+    /// (or its client left).
+    fn advance(
+        model: &TextModel,
+        s: &mut Sequence,
+        row: &[f32],
+        events: &mut Events,
+        generated: &mut u64,
+    ) -> bool {
+        match s.choice.accept(model, row, events) {
+            Ok(Next::Continue(token)) => {
+                *generated += 1;
+                s.tokens.push(token);
+                false
+            }
+            Ok(Next::Done) => {
+                *generated += 1;
+                true
+            }
+            Err(_) => true,
+        }
+    }
+
+    fn fail_batch(&mut self, plan: &[Planned], message: String) -> bool {
+        tracing::error!(error = %message, "forward pass failed");
+        let ids: HashSet<u64> = plan.iter().map(|p| self.running[p.seq].request).collect();
+        for id in ids {
+            if let Some(req) = self.requests.get_mut(&id) {
+                req.events.fail(EngineError::Compute(message.clone()));
+            }
+            self.remove(id);
+        }
+        true
+    }
+
+    fn publish(&self) {
+        let used = self.kv.total_blocks() - self.kv.free_blocks();
+        self.stats.set_batch(self.running.len(), used, self.kv.total_blocks());
+    }
+}

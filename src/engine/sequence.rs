@@ -1,0 +1,282 @@
+//! One request's output side: its event channel (never blocking the
+//! worker), and each choice's sampling, detokenization and stop matching.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use kindling_models::{
+    Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TextModel, TokenLogprobs,
+};
+use tokio::sync::mpsc;
+
+use super::{EngineError, FinishReason, GenerateEvent, TokenAlternative, TokenLogprob};
+
+/// The client went away.
+#[derive(Debug)]
+pub(super) struct Gone;
+
+/// Where a request's events go. Sends never wait: events the client has no
+/// room for yet are held here, and the scheduler leaves the request's
+/// sequences out of the batch until the client catches up, or cancels it
+/// once it has stalled for the stall timeout.
+pub(crate) struct Events {
+    tx: mpsc::Sender<GenerateEvent>,
+    held: VecDeque<GenerateEvent>,
+    stall_timeout: Duration,
+    stalled_since: Option<Instant>,
+}
+
+/// Whether a request may take part in the next step.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Readiness {
+    Ready,
+    /// Its client is behind; skip it this step.
+    Behind,
+    /// Its client has been behind for too long, or has left.
+    Gone,
+}
+
+impl Events {
+    pub(crate) fn new(tx: mpsc::Sender<GenerateEvent>, stall_timeout: Duration) -> Self {
+        Self {
+            tx,
+            held: VecDeque::new(),
+            stall_timeout,
+            stalled_since: None,
+        }
+    }
+
+    /// Whether the client went away.
+    pub(super) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Sends `event`, holding it if the client's buffer is full.
+    pub(super) fn send(&mut self, event: GenerateEvent) -> Result<(), Gone> {
+        self.held.push_back(event);
+        self.flush()
+    }
+
+    fn flush(&mut self) -> Result<(), Gone> {
+        while let Some(event) = self.held.pop_front() {
+            match self.tx.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.held.push_front(event);
+                    break;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return Err(Gone),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the client can take `events` more events now.
+    pub(super) fn readiness(&mut self, events: usize, now: Instant) -> Readiness {
+        if self.flush().is_err() || self.tx.is_closed() {
+            return Readiness::Gone;
+        }
+        if self.held.is_empty() && self.tx.capacity() >= events {
+            self.stalled_since = None;
+            return Readiness::Ready;
+        }
+        let since = *self.stalled_since.get_or_insert(now);
+        if now.duration_since(since) > self.stall_timeout {
+            tracing::warn!("generation cancelled: the client stopped reading");
+            Readiness::Gone
+        } else {
+            Readiness::Behind
+        }
+    }
+
+    /// Reports a failure; the request ends.
+    pub(super) fn fail(&mut self, error: EngineError) {
+        let _ = self.send(GenerateEvent::Failed(error));
+    }
+}
+
+/// Events one sequence may send in one step: echo, text, finish.
+pub(super) const EVENTS_PER_STEP: usize = 3;
+
+/// What a choice did with one token.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Next {
+    /// Feed this token back and continue.
+    Continue(u32),
+    /// The choice is finished.
+    Done,
+}
+
+/// The output state of one choice.
+pub(super) struct Choice {
+    pub(super) index: usize,
+    sampler: Sampler,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    produced: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    echo: Option<String>,
+}
+
+/// What a choice is made from.
+pub(super) struct ChoiceSpec<'a> {
+    pub(super) index: usize,
+    pub(super) prompt: &'a [u32],
+    pub(super) max_tokens: usize,
+    pub(super) params: SamplingParams,
+    pub(super) stop: &'a [String],
+    pub(super) ignore_eos: bool,
+    pub(super) echo: Option<String>,
+}
+
+impl Choice {
+    pub(super) fn new(spec: ChoiceSpec<'_>, vocab: usize) -> Self {
+        Self {
+            index: spec.index,
+            sampler: Sampler::new(spec.params, spec.prompt, vocab),
+            detok: Detokenizer::default(),
+            stops: StopMatcher::new(spec.stop),
+            produced: 0,
+            max_tokens: spec.max_tokens,
+            ignore_eos: spec.ignore_eos,
+            echo: spec.echo,
+        }
+    }
+
+    /// Samples from `logits`, sends what the token completes, and says
+    /// whether to go on.
+    pub(super) fn accept(
+        &mut self,
+        model: &TextModel,
+        logits: &[f32],
+        events: &mut Events,
+    ) -> Result<Next, Gone> {
+        if let Some(echo) = self.echo.take() {
+            self.delta(events, echo, Vec::new())?;
+        }
+        let tok = &model.tokenizer;
+        let sampled = self.sampler.sample(logits);
+        self.produced += 1;
+        if !self.ignore_eos && tok.is_end_of_generation(sampled.token) {
+            // The end-of-turn token is not part of the text, nor of its log-probabilities.
+            let rest = self.stops.flush();
+            self.delta(events, rest, Vec::new())?;
+            return self.finish(events, FinishReason::Stop);
+        }
+        let logprobs: Vec<TokenLogprob> = sampled
+            .logprobs
+            .as_ref()
+            .map(|lp| vec![token_logprob(model, sampled.token, lp)])
+            .unwrap_or_default();
+        let piece = self.detok.push(tok, sampled.token).unwrap_or_default();
+        match self.stops.push(&piece) {
+            StopOutcome::Stopped(text) => {
+                self.delta(events, text, logprobs)?;
+                return self.finish(events, FinishReason::Stop);
+            }
+            StopOutcome::Continue(text) => self.delta(events, text, logprobs)?,
+        }
+        if self.produced >= self.max_tokens {
+            let rest = self.stops.flush();
+            self.delta(events, rest, Vec::new())?;
+            return self.finish(events, FinishReason::Length);
+        }
+        Ok(Next::Continue(sampled.token))
+    }
+
+    /// Tokens generated so far.
+    pub(super) fn produced(&self) -> usize {
+        self.produced
+    }
+
+    fn delta(&self, events: &mut Events, text: String, logprobs: Vec<TokenLogprob>) -> Result<(), Gone> {
+        if text.is_empty() && logprobs.is_empty() {
+            return Ok(());
+        }
+        events.send(GenerateEvent::Delta {
+            index: self.index,
+            text,
+            logprobs,
+        })
+    }
+
+    fn finish(&self, events: &mut Events, reason: FinishReason) -> Result<Next, Gone> {
+        events.send(GenerateEvent::Finished {
+            index: self.index,
+            reason,
+            completion_tokens: self.produced,
+        })?;
+        Ok(Next::Done)
+    }
+}
+
+fn token_logprob(model: &TextModel, token: u32, lp: &TokenLogprobs) -> TokenLogprob {
+    let alt = |id: u32, logprob: f32| {
+        let bytes = model.tokenizer.token_bytes(id).to_vec();
+        TokenAlternative {
+            token: String::from_utf8_lossy(&bytes).into_owned(),
+            bytes,
+            logprob,
+        }
+    };
+    TokenLogprob {
+        chosen: alt(token, lp.logprob),
+        top: lp.top.iter().map(|&(id, l)| alt(id, l)).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delta(i: usize) -> GenerateEvent {
+        GenerateEvent::Delta {
+            index: i,
+            text: "x".into(),
+            logprobs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_client_that_stops_reading_is_skipped_then_given_up_on() {
+        let (tx, mut rx) = mpsc::channel(4);
+        let mut events = Events::new(tx, Duration::from_millis(50));
+        let t0 = Instant::now();
+        assert_eq!(events.readiness(3, t0), Readiness::Ready);
+        for i in 0..6 {
+            assert!(events.send(delta(i)).is_ok(), "sends never block or fail");
+        }
+        assert_eq!(events.readiness(3, t0), Readiness::Behind);
+        // The client reads everything: the held events go out, in order.
+        let mut got = Vec::new();
+        while let Ok(GenerateEvent::Delta { index, .. }) = rx.try_recv() {
+            got.push(index);
+        }
+        assert_eq!(events.readiness(3, t0), Readiness::Behind, "two were still held");
+        while let Ok(GenerateEvent::Delta { index, .. }) = rx.try_recv() {
+            got.push(index);
+        }
+        assert_eq!(got, vec![0, 1, 2, 3, 4, 5]);
+        assert_eq!(events.readiness(3, t0), Readiness::Ready);
+        // Now it stops reading for longer than the stall timeout.
+        for i in 0..4 {
+            events.send(delta(i)).unwrap();
+        }
+        assert_eq!(events.readiness(3, t0), Readiness::Behind);
+        assert_eq!(
+            events.readiness(3, t0 + Duration::from_millis(60)),
+            Readiness::Gone
+        );
+    }
+
+    #[test]
+    fn a_client_that_left_is_gone_at_once() {
+        let (tx, rx) = mpsc::channel(2);
+        let mut events = Events::new(tx, Duration::from_secs(60));
+        drop(rx);
+        assert!(events.is_closed());
+        assert!(events.send(delta(0)).is_err());
+        assert_eq!(events.readiness(1, Instant::now()), Readiness::Gone);
+    }
+}
