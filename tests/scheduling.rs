@@ -102,7 +102,7 @@ async fn n_choices_run_as_parallel_sequences_sharing_the_prompt() {
                       "temperature": 0.9, "seed": 40, "ignore_eos": true});
     let (status, _, b) = post(&server, "/v1/completions", &body).await;
     assert_eq!(status, 200, "{b}");
-    assert_eq!(b["usage"]["prompt_tokens"].as_u64().unwrap() > 0, true);
+    assert!(b["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
     // Choice i samples with seed + i: the same as three separate requests.
     for i in 0..3 {
         let one = json!({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 10,

@@ -4,10 +4,14 @@
 
 pub mod attention;
 pub mod q4_1;
+pub mod q8_0;
+pub mod quant;
 pub mod rope;
 pub mod silu_mul;
 
 pub use attention::{paged_attention, PagedLayout, QueryRow};
 pub use q4_1::Q4_1Matrix;
+pub use q8_0::Q8_0Matrix;
+pub use quant::QuantMatrix;
 pub use rope::RopeTables;
 pub use silu_mul::{silu_mul, silu_mul_reference};

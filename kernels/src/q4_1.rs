@@ -1,15 +1,14 @@
-//! Matrix products with GGML Q4_1 weights: the weights stay 4-bit, each
-//! activation row is quantized to Q8_1, and dot products run on integers.
+//! GGML's Q4_1 weights and Q8_1 activations, and their dot products (the
+//! matrix product itself is in [`crate::quant`]).
 //!
 //! Blocks, activation quantization and the dot product follow GGML's
 //! definitions (round half to even, `s = d * Σq` rounded once to f16), so
 //! results track llama.cpp's on the same file. An AVX2/FMA dot product is
 //! picked at run time; [`dot_reference`] is the plain version beside it.
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
-use rayon::prelude::*;
+
+use crate::quant::{DotFn, Kernels, QuantBlock, QuantMatrix};
 
 /// Values per block.
 pub const BLOCK: usize = 32;
@@ -52,8 +51,20 @@ impl Default for BlockQ8_1 {
     }
 }
 
-/// Quantizes `x` (a multiple of 32 long) to Q8_1 blocks, as GGML does.
+/// Quantizes `x` (a multiple of 32 long) to Q8_1 blocks, as GGML does;
+/// with AVX2 when the CPU has it (the same results, bit for bit).
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if kernels().0 as usize != dot_reference as DotFn<BlockQ4_1> as usize {
+        // SAFETY: the AVX2/FMA/F16C kernels were selected, so the CPU has AVX2.
+        unsafe { avx2::quantize(x, out) };
+        return;
+    }
+    quantize_q8_1_reference(x, out);
+}
+
+/// The plain version of [`quantize_q8_1`].
+pub fn quantize_q8_1_reference(x: &[f32], out: &mut [BlockQ8_1]) {
     for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
         let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = amax / 127.0;
@@ -90,189 +101,198 @@ mod avx2 {
 
     use super::{BlockQ4_1, BlockQ8_1};
 
+    /// `[d, m]` of a weight block as f32, with F16C.
+    #[inline(always)]
+    unsafe fn scales(wb: &BlockQ4_1) -> (f32, f32) {
+        // SAFETY: `d` and `m` are adjacent f16s at the start of the block.
+        let bits = unsafe { std::ptr::read_unaligned(std::ptr::from_ref(wb).cast::<i32>()) };
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits));
+        (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)))
+    }
+
+    /// The 32 weights of a block as bytes 0..=15.
+    #[inline(always)]
+    unsafe fn unpack(wb: &BlockQ4_1) -> __m256i {
+        // SAFETY: `qs` is 16 bytes; unaligned load.
+        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
+        let nibbles = _mm256_insertf128_si256::<1>(
+            _mm256_castsi128_si256(packed),
+            _mm_srli_epi16::<4>(packed),
+        );
+        _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F))
+    }
+
+    /// u8 × i8 pairs → i16 (at most 2·15·127, no saturation) → i32 → f32.
+    #[inline(always)]
+    unsafe fn products(qw: __m256i, xb: &BlockQ8_1) -> __m256 {
+        // SAFETY: `qs` is 32 bytes; unaligned load.
+        let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(
+            _mm256_maddubs_epi16(qw, qx),
+            _mm256_set1_epi16(1),
+        ))
+    }
+
+    #[inline(always)]
+    unsafe fn sum(acc: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+    }
+
+    /// Q8_1 quantization of 32-value blocks: the same operations as the
+    /// scalar version (multiply, round half to even), eight lanes at a time.
+    ///
     /// # Safety
-    /// The CPU must support AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize(x: &[f32], out: &mut [BlockQ8_1]) {
+        let sign = _mm256_set1_ps(-0.0);
+        for (chunk, block) in x.chunks_exact(32).zip(out.iter_mut()) {
+            // SAFETY: `chunk` holds 32 floats; unaligned loads.
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * i)) });
+            let abs = v.map(|x| _mm256_andnot_ps(sign, x));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = v.map(|x| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                    _mm256_mul_ps(x, id),
+                ))
+            });
+            let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let t = _mm_add_epi32(_mm256_extracti128_si256::<1>(total), _mm256_castsi256_si128(total));
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t)));
+            // i32 → i16 → i8 packs work per 128-bit lane; restore the order.
+            let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            // SAFETY: `qs` is 32 bytes; unaligned store.
+            unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
+            block.d = half::f16::from_f32(d).to_f32();
+            block.s = half::f16::from_f32(d * sum as f32).to_f32();
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        let low = _mm256_set1_epi8(0x0F);
-        let ones = _mm256_set1_epi16(1);
         let mut acc = _mm256_setzero_ps();
         let mut mins = 0f32;
         for (wb, xb) in w.iter().zip(x) {
-            mins += wb.m.to_f32() * xb.s;
-            let scale = _mm256_set1_ps(wb.d.to_f32() * xb.d);
-            // SAFETY: `qs` are 16 and 32 bytes; unaligned loads.
-            let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
-            let nibbles = _mm256_insertf128_si256::<1>(
-                _mm256_castsi128_si256(packed),
-                _mm_srli_epi16::<4>(packed),
-            );
-            let qw = _mm256_and_si256(nibbles, low);
-            let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-            // u8 × i8 pairs → i16 (at most 2·15·127, no saturation) → i32 → f32.
-            let products = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones);
-            acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(products), acc);
+            let (d, m) = unsafe { scales(wb) };
+            mins += m * xb.s;
+            let p = unsafe { products(unpack(wb), xb) };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
         }
-        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        let total = _mm_add_ss(quarter, _mm_movehdup_ps(quarter));
-        _mm_cvtss_f32(total) + mins
-    }
-}
-
-type DotFn = fn(&[BlockQ4_1], &[BlockQ8_1]) -> f32;
-
-#[cfg(target_arch = "x86_64")]
-fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    // SAFETY: only selected by `dot_fn` after checking for AVX2 and FMA.
-    unsafe { avx2::dot(w, x) }
-}
-
-/// The fastest dot product this CPU supports.
-fn dot_fn() -> DotFn {
-    static DOT: std::sync::OnceLock<DotFn> = std::sync::OnceLock::new();
-    *DOT.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return dot_avx2;
-        }
-        dot_reference
-    })
-}
-
-/// Whether the SIMD dot product is in use (for logs and benchmarks).
-pub fn simd_available() -> bool {
-    dot_fn() as usize != dot_reference as DotFn as usize
-}
-
-/// A Q4_1 weight matrix of `rows` outputs by `cols` inputs, in CPU memory.
-#[derive(Debug, Clone)]
-pub struct Q4_1Matrix {
-    blocks: Vec<BlockQ4_1>,
-    rows: usize,
-    cols: usize,
-}
-
-/// Output columns per parallel task: enough work to amortize scheduling,
-/// small enough to spread a 576-wide projection over a few threads.
-const COLS_PER_TASK: usize = 64;
-
-impl Q4_1Matrix {
-    /// Reads GGML's Q4_1 bytes for a `rows × cols` matrix (row-major blocks).
-    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if cols % BLOCK != 0 {
-            candle_core::bail!("q4_1: {cols} columns is not a multiple of {BLOCK}");
-        }
-        let expected = rows * cols / BLOCK * BLOCK_BYTES;
-        if bytes.len() != expected {
-            candle_core::bail!(
-                "q4_1: {} bytes for a {rows}x{cols} matrix, expected {expected}",
-                bytes.len()
-            );
-        }
-        let half_at = |b: &[u8], i: usize| f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]]));
-        let blocks = bytes
-            .chunks_exact(BLOCK_BYTES)
-            .map(|b| {
-                let mut qs = [0u8; 16];
-                qs.copy_from_slice(&b[4..]);
-                BlockQ4_1 {
-                    d: half_at(b, 0),
-                    m: half_at(b, 2),
-                    qs,
-                }
-            })
-            .collect();
-        Ok(Self { blocks, rows, cols })
+        unsafe { sum(acc) + mins }
     }
 
-    /// `(rows, cols)`.
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    /// The weights as f32, `rows × cols` row-major (for references and tests).
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.blocks
-            .iter()
-            .flat_map(|b| {
-                let (d, m) = (b.d.to_f32(), b.m.to_f32());
-                let lo = b.qs.map(|q| d * f32::from(q & 0x0F) + m);
-                let hi = b.qs.map(|q| d * f32::from(q >> 4) + m);
-                lo.into_iter().chain(hi)
-            })
-            .collect()
-    }
-
-    /// `x · Wᵀ` for f32 rows `x` (`[batch…, cols]` → `[batch…, rows]`).
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1_no_bwd(self)
-    }
-
-    fn matmul(&self, x: &[f32], dot: DotFn) -> Vec<f32> {
-        let kb = self.cols / BLOCK;
-        let m = x.len() / self.cols;
-        if m == 0 {
-            return Vec::new();
-        }
-        let mut xq = vec![BlockQ8_1::default(); m * kb];
-        for (row, q) in x.chunks_exact(self.cols).zip(xq.chunks_exact_mut(kb)) {
-            quantize_q8_1(row, q);
-        }
-        // Column-major first, so each task owns a contiguous slice and reuses
-        // one weight row across every input row.
-        let mut by_col = vec![0f32; self.rows * m];
-        by_col
-            .par_chunks_mut(COLS_PER_TASK * m)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (j, col) in out.chunks_exact_mut(m).enumerate() {
-                    let c = task * COLS_PER_TASK + j;
-                    let w = &self.blocks[c * kb..(c + 1) * kb];
-                    for (r, o) in col.iter_mut().enumerate() {
-                        *o = dot(w, &xq[r * kb..(r + 1) * kb]);
-                    }
-                }
-            });
-        if m == 1 {
-            return by_col;
-        }
-        let mut out = vec![0f32; m * self.rows];
-        for (c, col) in by_col.chunks_exact(m).enumerate() {
-            for (r, v) in col.iter().enumerate() {
-                out[r * self.rows + c] = *v;
+    /// Four dot products of one weight row with four activation rows,
+    /// unpacking each weight block once. Each result equals [`dot`]'s for
+    /// that row, bit for bit (same operations in the same order).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut mins = [0f32; 4];
+        for (b, wb) in w.iter().enumerate() {
+            let (d, m) = unsafe { scales(wb) };
+            let qw = unsafe { unpack(wb) };
+            for r in 0..4 {
+                let xb = &x[r][b];
+                mins[r] += m * xb.s;
+                let p = unsafe { products(qw, xb) };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
             }
+        }
+        let mut out = [0f32; 4];
+        for r in 0..4 {
+            out[r] = unsafe { sum(acc[r]) } + mins[r];
         }
         out
     }
 }
 
-impl CustomOp1 for Q4_1Matrix {
-    fn name(&self) -> &'static str {
-        "q4_1-matmul"
+
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernels` after checking for AVX2, FMA and F16C.
+    unsafe { avx2::dot(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot4_avx2(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    // SAFETY: as for `dot_avx2`.
+    unsafe { avx2::dot4(w, x) }
+}
+
+/// Four reference dot products.
+pub fn dot4_reference(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    x.map(|row| dot_reference(w, row))
+}
+
+/// The fastest dot products this CPU supports.
+fn kernels() -> Kernels<BlockQ4_1> {
+    static KERNELS: std::sync::OnceLock<Kernels<BlockQ4_1>> = std::sync::OnceLock::new();
+    *KERNELS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return (dot_avx2, dot4_avx2);
+        }
+        (dot_reference, dot4_reference)
+    })
+}
+
+#[cfg(test)]
+fn dot_fn() -> DotFn<BlockQ4_1> {
+    kernels().0
+}
+
+/// Whether the SIMD dot product is in use (for logs and benchmarks).
+pub fn simd_available() -> bool {
+    kernels().0 as usize != dot_reference as DotFn<BlockQ4_1> as usize
+}
+
+impl QuantBlock for BlockQ4_1 {
+    const NAME: &'static str = "q4_1-matmul";
+    const BYTES: usize = BLOCK_BYTES;
+
+    fn parse(b: &[u8]) -> Self {
+        let mut qs = [0u8; 16];
+        qs.copy_from_slice(&b[4..BLOCK_BYTES]);
+        Self {
+            d: f16::from_bits(u16::from_le_bytes([b[0], b[1]])),
+            m: f16::from_bits(u16::from_le_bytes([b[2], b[3]])),
+            qs,
+        }
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("q4_1-matmul: expected f32 input, got {:?}", storage.dtype());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q4_1-matmul: input must be contiguous");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "q4_1-matmul: input {dims:?} does not end in {} columns",
-                self.cols
-            );
-        }
-        let out = self.matmul(&data[start..end], dot_fn());
-        if let Some(last) = dims.last_mut() {
-            *last = self.rows;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    fn dequantize(&self) -> [f32; BLOCK] {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        std::array::from_fn(|i| {
+            let q = if i < 16 { self.qs[i] & 0x0F } else { self.qs[i - 16] >> 4 };
+            d * f32::from(q) + m
+        })
+    }
+
+    fn kernels() -> Kernels<Self> {
+        kernels()
     }
 }
+
+/// A Q4_1 weight matrix.
+pub type Q4_1Matrix = QuantMatrix<BlockQ4_1>;
 
 #[cfg(test)]
 mod tests;

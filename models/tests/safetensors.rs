@@ -129,7 +129,7 @@ fn batched_greedy_matches_solo(model: &TextModel) {
     let mut kv = pool(model, 3 * 64);
     let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::default()).collect();
     let mut tokens = prompts.clone();
-    let mut cached = vec![0usize; 3];
+    let mut cached = [0usize; 3];
     for _ in 0..6 {
         for (t, toks) in tables.iter_mut().zip(&tokens) {
             assert!(kv.grow(t, toks.len()));

@@ -96,18 +96,32 @@ fn matmul_matches_dequantized_reference() {
         );
     }
     let (w, _) = random_matrix(8, 64, &mut rng);
-    assert!(w.matmul(&[], dot_fn()).is_empty());
+    assert!(w.matmul(&[], kernels()).is_empty());
 }
 
 #[test]
 fn simd_and_reference_matmuls_agree() {
     let mut rng = StdRng::seed_from_u64(11);
     let (w, _) = random_matrix(200, 576, &mut rng);
-    let x = random_rows(5, 576, &mut rng);
-    let a = w.matmul(&x, dot_fn());
-    let b = w.matmul(&x, dot_reference);
+    let x = random_rows(7, 576, &mut rng);
+    let a = w.matmul(&x, kernels());
+    let b = w.matmul(&x, (dot_reference as DotFn<BlockQ4_1>, dot4_reference as crate::quant::Dot4Fn<BlockQ4_1>));
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
+    }
+}
+
+#[test]
+fn rows_give_the_same_bits_alone_and_in_fours() {
+    // Batched rows go through the four-row kernel, a lone row through the
+    // one-row kernel: a sequence's numbers must not depend on its batch.
+    let mut rng = StdRng::seed_from_u64(12);
+    let (w, _) = random_matrix(70, 576, &mut rng);
+    let x = random_rows(9, 576, &mut rng);
+    let all = w.matmul(&x, kernels());
+    for r in 0..9 {
+        let alone = w.matmul(&x[r * 576..(r + 1) * 576], kernels());
+        assert_eq!(alone, all[r * 70..(r + 1) * 70], "row {r}");
     }
 }
 
@@ -119,4 +133,21 @@ fn bad_shapes_are_errors() {
     let (w, _) = random_matrix(4, 64, &mut rng);
     let x = Tensor::zeros((2, 32), candle_core::DType::F32, &Device::Cpu).unwrap();
     assert!(w.forward(&x).is_err());
+}
+
+#[test]
+fn simd_quantization_is_bit_exact() {
+    let mut rng = StdRng::seed_from_u64(13);
+    for scale in [1e-3f32, 1.0, 300.0] {
+        let mut x = random_rows(3, 576, &mut rng);
+        x.iter_mut().for_each(|v| *v *= scale);
+        // Ties at .5 after scaling, and an all-zero block.
+        x[5] = x.iter().take(32).fold(0f32, |m, v| m.max(v.abs())) * 0.5 / 127.0 * 3.0;
+        x[32..64].fill(0.0);
+        let mut a = vec![BlockQ8_1::default(); x.len() / BLOCK];
+        let mut b = a.clone();
+        quantize_q8_1(&x, &mut a);
+        quantize_q8_1_reference(&x, &mut b);
+        assert_eq!(a, b);
+    }
 }

@@ -1,0 +1,205 @@
+//! GGML's Q8_0 weights (one f16 scale, 32 signed bytes) against Q8_1
+//! activations: tied output projections are usually stored this way, and
+//! they are the widest matrix of a small model.
+
+use half::f16;
+
+use crate::q4_1::{BlockQ8_1, BLOCK};
+use crate::quant::{Kernels, QuantBlock, QuantMatrix};
+
+/// Bytes per Q8_0 block in GGML files.
+pub const BLOCK_BYTES: usize = 34;
+
+/// 32 weights: `w[i] = d * qs[i]`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_0 {
+    /// Scale.
+    pub d: f16,
+    /// Quantized values.
+    pub qs: [i8; BLOCK],
+}
+
+/// Σ w·x over matching blocks: the plain reference.
+pub fn dot_reference(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+    let mut sum = 0f32;
+    for (wb, xb) in w.iter().zip(x) {
+        let sumi: i32 = wb.qs.iter().zip(&xb.qs).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+        sum += wb.d.to_f32() * xb.d * sumi as f32;
+    }
+    sum
+}
+
+/// Four reference dot products.
+pub fn dot4_reference(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    x.map(|row| dot_reference(w, row))
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8_0, BlockQ8_1};
+
+    #[inline(always)]
+    unsafe fn scale(wb: &BlockQ8_0) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(wb.d.to_bits()))))
+    }
+
+    /// i8 × i8 through the unsigned-by-signed multiply: |w| × (x · sign w).
+    #[inline(always)]
+    unsafe fn products(qw: __m256i, xb: &BlockQ8_1) -> __m256 {
+        // SAFETY: `qs` is 32 bytes; unaligned load.
+        let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[inline(always)]
+    unsafe fn sum(acc: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+        let mut acc = _mm256_setzero_ps();
+        for (wb, xb) in w.iter().zip(x) {
+            // SAFETY: `qs` is 32 bytes; unaligned load.
+            let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
+            let p = unsafe { products(qw, xb) };
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(unsafe { scale(wb) } * xb.d), p, acc);
+        }
+        unsafe { sum(acc) }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot4(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (b, wb) in w.iter().enumerate() {
+            // SAFETY: `qs` is 32 bytes; unaligned load.
+            let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
+            let d = unsafe { scale(wb) };
+            for r in 0..4 {
+                let xb = &x[r][b];
+                let p = unsafe { products(qw, xb) };
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
+            }
+        }
+        acc.map(|a| unsafe { sum(a) })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_avx2(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernels` after checking for AVX2, FMA and F16C.
+    unsafe { avx2::dot(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot4_avx2(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    // SAFETY: as for `dot_avx2`.
+    unsafe { avx2::dot4(w, x) }
+}
+
+impl QuantBlock for BlockQ8_0 {
+    const NAME: &'static str = "q8_0-matmul";
+    const BYTES: usize = BLOCK_BYTES;
+
+    fn parse(b: &[u8]) -> Self {
+        Self {
+            d: f16::from_bits(u16::from_le_bytes([b[0], b[1]])),
+            qs: std::array::from_fn(|i| b[2 + i] as i8),
+        }
+    }
+
+    fn dequantize(&self) -> [f32; BLOCK] {
+        let d = self.d.to_f32();
+        self.qs.map(|q| d * f32::from(q))
+    }
+
+    fn kernels() -> Kernels<Self> {
+        static KERNELS: std::sync::OnceLock<Kernels<BlockQ8_0>> = std::sync::OnceLock::new();
+        *KERNELS.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return (dot_avx2, dot4_avx2);
+            }
+            (dot_reference, dot4_reference)
+        })
+    }
+}
+
+/// A Q8_0 weight matrix.
+pub type Q8_0Matrix = QuantMatrix<BlockQ8_0>;
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::q4_1::quantize_q8_1;
+
+    fn random(rows: usize, cols: usize, rng: &mut StdRng) -> Q8_0Matrix {
+        let mut bytes = Vec::new();
+        for _ in 0..rows * cols / BLOCK {
+            bytes.extend_from_slice(&f16::from_f32(rng.random_range(0.001f32..0.05)).to_le_bytes());
+            // Include -128, the value whose absolute value needs all 8 bits.
+            bytes.extend((0..BLOCK).map(|i| if i == 3 { 0x80 } else { rng.random::<u8>() }));
+        }
+        Q8_0Matrix::from_ggml_bytes(&bytes, rows, cols).unwrap()
+    }
+
+    #[test]
+    fn simd_dots_match_the_reference_and_each_other() {
+        let mut rng = StdRng::seed_from_u64(21);
+        let cols = 576;
+        let w = random(3, cols, &mut rng);
+        let xs: Vec<Vec<BlockQ8_1>> = (0..4)
+            .map(|_| {
+                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-3.0..3.0)).collect();
+                let mut q = vec![BlockQ8_1::default(); cols / BLOCK];
+                quantize_q8_1(&x, &mut q);
+                q
+            })
+            .collect();
+        let (dot, dot4) = BlockQ8_0::kernels();
+        let row = &w.blocks[..cols / BLOCK];
+        let four = dot4(row, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+        for (r, x) in xs.iter().enumerate() {
+            let want = dot_reference(row, x);
+            assert!((dot(row, x) - want).abs() <= 1e-4 * want.abs().max(1.0));
+            assert_eq!(four[r], dot(row, x), "row {r}");
+        }
+    }
+
+    #[test]
+    fn matmul_matches_the_dequantized_product() {
+        let mut rng = StdRng::seed_from_u64(22);
+        let (rows, cols, m) = (37, 64, 6);
+        let w = random(rows, cols, &mut rng);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let got = w.matmul(&x, BlockQ8_0::kernels());
+        let dense = w.dequantize();
+        for r in 0..m {
+            for c in 0..rows {
+                let terms = (0..cols).map(|k| x[r * cols + k] * dense[c * cols + k]);
+                let want: f32 = terms.clone().sum();
+                // Activations are rounded to 8 bits: the error scales with
+                // the terms, not with their (possibly cancelling) sum.
+                let size: f32 = terms.map(f32::abs).sum();
+                let g = got[r * rows + c];
+                assert!((g - want).abs() <= 0.01 * size, "{r},{c}: {g} vs {want} (terms {size})");
+            }
+        }
+    }
+}

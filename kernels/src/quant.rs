@@ -1,0 +1,152 @@
+//! Matrix products with GGML-quantized weights, generic over the weight
+//! block format: the weights stay quantized, each activation row is
+//! quantized to Q8_1 (GGML's rounding), and dot products run on integers,
+//! four activation rows at a time so each weight block is unpacked once.
+//! A row's result is the same whichever rows share the call.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::q4_1::{quantize_q8_1, BlockQ8_1, BLOCK};
+
+/// One weight row's dot product with one activation row.
+pub type DotFn<B> = fn(&[B], &[BlockQ8_1]) -> f32;
+/// One weight row's dot products with four activation rows; each equal,
+/// bit for bit, to [`DotFn`]'s.
+pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8_1]; 4]) -> [f32; 4];
+/// The pair, as picked for this CPU.
+pub type Kernels<B> = (DotFn<B>, Dot4Fn<B>);
+
+/// A GGML block of 32 quantized weights.
+pub trait QuantBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// The custom op's name.
+    const NAME: &'static str;
+    /// Bytes per block in GGML files.
+    const BYTES: usize;
+    /// Reads one block from its GGML bytes.
+    fn parse(bytes: &[u8]) -> Self;
+    /// The block's weights as f32.
+    fn dequantize(&self) -> [f32; BLOCK];
+    /// The fastest dot products this CPU supports.
+    fn kernels() -> Kernels<Self>;
+}
+
+/// A quantized weight matrix of `rows` outputs by `cols` inputs, in CPU memory.
+#[derive(Debug, Clone)]
+pub struct QuantMatrix<B> {
+    pub(crate) blocks: Vec<B>,
+    rows: usize,
+    cols: usize,
+}
+
+/// Output columns per parallel task: enough work to amortize scheduling,
+/// small enough to spread a 576-wide projection over a few threads.
+const COLS_PER_TASK: usize = 64;
+
+impl<B: QuantBlock> QuantMatrix<B> {
+    /// Reads GGML's bytes for a `rows × cols` matrix (row-major blocks).
+    pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        if cols % BLOCK != 0 {
+            candle_core::bail!("{}: {cols} columns is not a multiple of {BLOCK}", B::NAME);
+        }
+        let expected = rows * cols / BLOCK * B::BYTES;
+        if bytes.len() != expected {
+            candle_core::bail!(
+                "{}: {} bytes for a {rows}x{cols} matrix, expected {expected}",
+                B::NAME,
+                bytes.len()
+            );
+        }
+        let blocks = bytes.chunks_exact(B::BYTES).map(B::parse).collect();
+        Ok(Self { blocks, rows, cols })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The weights as f32, `rows × cols` row-major (for references and tests).
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.blocks.iter().flat_map(B::dequantize).collect()
+    }
+
+    /// `x · Wᵀ` for f32 rows `x` (`[batch…, cols]` → `[batch…, rows]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    pub(crate) fn matmul(&self, x: &[f32], (dot, dot4): Kernels<B>) -> Vec<f32> {
+        let kb = self.cols / BLOCK;
+        let m = x.len() / self.cols;
+        if m == 0 {
+            return Vec::new();
+        }
+        let mut xq = vec![BlockQ8_1::default(); m * kb];
+        xq.par_chunks_mut(kb)
+            .zip(x.par_chunks_exact(self.cols))
+            .with_min_len(8)
+            .for_each(|(q, row)| quantize_q8_1(row, q));
+        let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
+        // Column-major first, so each task owns a contiguous slice and reuses
+        // one weight row across every input row, four rows at a time.
+        let mut by_col = vec![0f32; self.rows * m];
+        by_col
+            .par_chunks_mut(COLS_PER_TASK * m)
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (j, col) in out.chunks_exact_mut(m).enumerate() {
+                    let c = task * COLS_PER_TASK + j;
+                    let w = &self.blocks[c * kb..(c + 1) * kb];
+                    let mut r = 0;
+                    while r + 4 <= m {
+                        let four = dot4(w, [xrow(r), xrow(r + 1), xrow(r + 2), xrow(r + 3)]);
+                        col[r..r + 4].copy_from_slice(&four);
+                        r += 4;
+                    }
+                    for (i, o) in col.iter_mut().enumerate().skip(r) {
+                        *o = dot(w, xrow(i));
+                    }
+                }
+            });
+        if m == 1 {
+            return by_col;
+        }
+        let mut out = vec![0f32; m * self.rows];
+        for (c, col) in by_col.chunks_exact(m).enumerate() {
+            for (r, v) in col.iter().enumerate() {
+                out[r * self.rows + c] = *v;
+            }
+        }
+        out
+    }
+}
+
+impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
+    fn name(&self) -> &'static str {
+        B::NAME
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("{}: expected f32 input, got {:?}", B::NAME, storage.dtype());
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: input must be contiguous", B::NAME);
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&self.cols) {
+            candle_core::bail!(
+                "{}: input {dims:?} does not end in {} columns",
+                B::NAME,
+                self.cols
+            );
+        }
+        let out = self.matmul(&data[start..end], B::kernels());
+        if let Some(last) = dims.last_mut() {
+            *last = self.rows;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
