@@ -96,7 +96,7 @@ pub fn dot_reference(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_1};
@@ -122,15 +122,25 @@ mod avx2 {
         _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F))
     }
 
-    /// u8 × i8 pairs → i16 (at most 2·15·127, no saturation) → i32 → f32.
+    /// The activations of a block.
     #[inline(always)]
-    unsafe fn products(qw: __m256i, xb: &BlockQ8_1) -> __m256 {
+    unsafe fn load(xb: &BlockQ8_1) -> __m256i {
         // SAFETY: `qs` is 32 bytes; unaligned load.
-        let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(
-            _mm256_maddubs_epi16(qw, qx),
-            _mm256_set1_epi16(1),
-        ))
+        unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) }
+    }
+
+    /// Sums of four u8 × i8 products per i32 lane: pairs → i16 (at most
+    /// 2·15·127 for Q4_1, 2·128·127 for Q8_0's sign trick: no saturation) → i32.
+    #[inline(always)]
+    pub(crate) unsafe fn ints_avx2(qw: __m256i, qx: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), _mm256_set1_epi16(1))
+    }
+
+    /// The same sums in one VNNI instruction (exact: the same integers).
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    pub(crate) unsafe fn ints_vnni(qw: __m256i, qx: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qw, qx)
     }
 
     #[inline(always)]
@@ -178,49 +188,56 @@ mod avx2 {
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        let mut mins = 0f32;
-        for (wb, xb) in w.iter().zip(x) {
-            let (d, m) = unsafe { scales(wb) };
-            mins += m * xb.s;
-            let p = unsafe { products(unpack(wb), xb) };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
-        }
-        unsafe { sum(acc) + mins }
-    }
-
-    /// Four dot products of one weight row with four activation rows,
-    /// unpacking each weight block once. Each result equals [`dot`]'s for
-    /// that row, bit for bit (same operations in the same order).
-    ///
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut mins = [0f32; 4];
-        for (b, wb) in w.iter().enumerate() {
-            let (d, m) = unsafe { scales(wb) };
-            let qw = unsafe { unpack(wb) };
-            for r in 0..4 {
-                let xb = &x[r][b];
-                mins[r] += m * xb.s;
-                let p = unsafe { products(qw, xb) };
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
+    /// One weight row against one (`dot`) or four (`dot4`) activation
+    /// rows; each weight block is unpacked once for the four. Every result
+    /// equals the one-row result for that row, bit for bit (the same
+    /// operations in the same order), and the VNNI variant equals the AVX2
+    /// one (the same integer sums).
+    macro_rules! dots {
+        ($features:literal, $dot:ident, $dot4:ident, $ints:ident) => {
+            /// # Safety
+            /// The CPU must support the features named.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                let mut mins = 0f32;
+                for (wb, xb) in w.iter().zip(x) {
+                    let (d, m) = unsafe { scales(wb) };
+                    mins += m * xb.s;
+                    let p = _mm256_cvtepi32_ps(unsafe { $ints(unpack(wb), load(xb)) });
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
+                }
+                unsafe { sum(acc) + mins }
             }
-        }
-        let mut out = [0f32; 4];
-        for r in 0..4 {
-            out[r] = unsafe { sum(acc[r]) } + mins[r];
-        }
-        out
-    }
-}
 
+            /// # Safety
+            /// The CPU must support the features named.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot4(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut mins = [0f32; 4];
+                for (b, wb) in w.iter().enumerate() {
+                    let (d, m) = unsafe { scales(wb) };
+                    let qw = unsafe { unpack(wb) };
+                    for r in 0..4 {
+                        let xb = &x[r][b];
+                        mins[r] += m * xb.s;
+                        let p = _mm256_cvtepi32_ps(unsafe { $ints(qw, load(xb)) });
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
+                    }
+                }
+                let mut out = [0f32; 4];
+                for r in 0..4 {
+                    out[r] = unsafe { sum(acc[r]) } + mins[r];
+                }
+                out
+            }
+        };
+    }
+
+    dots!("avx2,fma,f16c", dot, dot4, ints_avx2);
+    dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, ints_vnni);
+}
 
 #[cfg(target_arch = "x86_64")]
 fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
@@ -232,6 +249,18 @@ fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
 fn dot4_avx2(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
     // SAFETY: as for `dot_avx2`.
     unsafe { avx2::dot4(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_vnni(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernels` after checking for AVX-VNNI too.
+    unsafe { avx2::dot_vnni(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot4_vnni(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    // SAFETY: as for `dot_vnni`.
+    unsafe { avx2::dot4_vnni(w, x) }
 }
 
 /// Four reference dot products.
@@ -248,6 +277,9 @@ fn kernels() -> Kernels<BlockQ4_1> {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
+            if vnni_enabled() {
+                return (dot_vnni, dot4_vnni);
+            }
             return (dot_avx2, dot4_avx2);
         }
         (dot_reference, dot4_reference)
@@ -257,6 +289,16 @@ fn kernels() -> Kernels<BlockQ4_1> {
 #[cfg(test)]
 fn dot_fn() -> DotFn<BlockQ4_1> {
     kernels().0
+}
+
+/// Whether the AVX-VNNI dot products may be used: the CPU has them and
+/// `KINDLING_NO_VNNI` is not set (for comparisons).
+pub(crate) fn vnni_enabled() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avxvnni") {
+        return std::env::var_os("KINDLING_NO_VNNI").is_none();
+    }
+    false
 }
 
 /// Whether the SIMD dot product is in use (for logs and benchmarks).

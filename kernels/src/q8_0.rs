@@ -46,15 +46,6 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(wb.d.to_bits()))))
     }
 
-    /// i8 × i8 through the unsigned-by-signed multiply: |w| × (x · sign w).
-    #[inline(always)]
-    unsafe fn products(qw: __m256i, xb: &BlockQ8_1) -> __m256 {
-        // SAFETY: `qs` is 32 bytes; unaligned load.
-        let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
-        let pairs = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
-    }
-
     #[inline(always)]
     unsafe fn sum(acc: __m256) -> f32 {
         let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
@@ -62,37 +53,52 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
-        let mut acc = _mm256_setzero_ps();
-        for (wb, xb) in w.iter().zip(x) {
-            // SAFETY: `qs` is 32 bytes; unaligned load.
-            let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
-            let p = unsafe { products(qw, xb) };
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(unsafe { scale(wb) } * xb.d), p, acc);
-        }
-        unsafe { sum(acc) }
+    /// One weight row against one or four activation rows; i8 × i8 goes
+    /// through the unsigned-by-signed multiply as |w| × (x · sign w). The
+    /// four-row and VNNI variants give the one-row AVX2 results, bit for bit.
+    macro_rules! dots {
+        ($features:literal, $dot:ident, $dot4:ident, $ints:path) => {
+            /// # Safety
+            /// The CPU must support the features named.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+                let mut acc = _mm256_setzero_ps();
+                for (wb, xb) in w.iter().zip(x) {
+                    // SAFETY: `qs` are 32 bytes; unaligned loads.
+                    let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
+                    let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                    let ints = unsafe { $ints(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw)) };
+                    let d = unsafe { scale(wb) };
+                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(ints), acc);
+                }
+                unsafe { sum(acc) }
+            }
+
+            /// # Safety
+            /// The CPU must support the features named.
+            #[target_feature(enable = $features)]
+            pub unsafe fn $dot4(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for (b, wb) in w.iter().enumerate() {
+                    // SAFETY: `qs` is 32 bytes; unaligned load.
+                    let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
+                    let abs = _mm256_sign_epi8(qw, qw);
+                    let d = unsafe { scale(wb) };
+                    for r in 0..4 {
+                        let xb = &x[r][b];
+                        // SAFETY: as above.
+                        let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
+                        let ints = unsafe { $ints(abs, _mm256_sign_epi8(qx, qw)) };
+                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(ints), acc[r]);
+                    }
+                }
+                acc.map(|a| unsafe { sum(a) })
+            }
+        };
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and F16C.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot4(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for (b, wb) in w.iter().enumerate() {
-            // SAFETY: `qs` is 32 bytes; unaligned load.
-            let qw = unsafe { _mm256_loadu_si256(wb.qs.as_ptr().cast()) };
-            let d = unsafe { scale(wb) };
-            for r in 0..4 {
-                let xb = &x[r][b];
-                let p = unsafe { products(qw, xb) };
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
-            }
-        }
-        acc.map(|a| unsafe { sum(a) })
-    }
+    dots!("avx2,fma,f16c", dot, dot4, crate::q4_1::avx2::ints_avx2);
+    dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, crate::q4_1::avx2::ints_vnni);
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -105,6 +111,18 @@ fn dot_avx2(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
 fn dot4_avx2(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
     // SAFETY: as for `dot_avx2`.
     unsafe { avx2::dot4(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot_vnni(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
+    // SAFETY: only selected by `kernels` after checking for AVX-VNNI too.
+    unsafe { avx2::dot_vnni(w, x) }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn dot4_vnni(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    // SAFETY: as for `dot_vnni`.
+    unsafe { avx2::dot4_vnni(w, x) }
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -131,6 +149,9 @@ impl QuantBlock for BlockQ8_0 {
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c")
             {
+                if crate::q4_1::vnni_enabled() {
+                    return (dot_vnni, dot4_vnni);
+                }
                 return (dot_avx2, dot4_avx2);
             }
             (dot_reference, dot4_reference)

@@ -151,3 +151,23 @@ fn simd_quantization_is_bit_exact() {
         assert_eq!(a, b);
     }
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn vnni_and_avx2_dot_products_agree_bit_for_bit() {
+    if !(is_x86_feature_detected!("avxvnni") && is_x86_feature_detected!("avx2")) {
+        eprintln!("skipped: this CPU has no AVX-VNNI");
+        return;
+    }
+    let mut rng = StdRng::seed_from_u64(14);
+    let (w, _) = random_matrix(3, 576, &mut rng);
+    let x = random_rows(4, 576, &mut rng);
+    let mut xq = vec![BlockQ8_1::default(); 4 * 18];
+    quantize_q8_1(&x, &mut xq);
+    let rows: [&[BlockQ8_1]; 4] = std::array::from_fn(|r| &xq[r * 18..(r + 1) * 18]);
+    let row = &w.blocks[..18];
+    // SAFETY: both feature sets were checked above.
+    let (a, b) = unsafe { (avx2::dot4(row, rows), avx2::dot4_vnni(row, rows)) };
+    assert_eq!(a, b);
+    assert_eq!(unsafe { avx2::dot(row, rows[2]) }, unsafe { avx2::dot_vnni(row, rows[2]) });
+}
