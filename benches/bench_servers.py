@@ -1,0 +1,217 @@
+"""Client and server plumbing for benches/serving.py: a minimal asyncio
+HTTP/1.1 client that streams one completion per fresh connection and times
+its chunks, and the two servers under test (Kindling and llama-server) as
+child processes."""
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV = ROOT / ".venv-bench"
+GGUF = ROOT / "store" / "smollm2-135m" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL = "smollm2-135m"
+LLAMA_SERVER = VENV / "bin" / "llama-server"
+
+
+@dataclass
+class Stream:
+    start: float = 0.0
+    end: float = 0.0
+    times: list = field(default_factory=list)  # arrival of each chunk with text
+    usage_tokens: int = None
+    finish_reason: str = None
+    error: str = None
+
+    @property
+    def tokens(self):
+        return self.usage_tokens if self.usage_tokens is not None else len(self.times)
+
+
+class ServerError(Exception):
+    pass
+
+
+class SseReader:
+    def __init__(self, s: Stream):
+        self.s = s
+        self.buf = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bool:
+        """Parses complete lines; True once `data: [DONE]` was seen."""
+        now = time.perf_counter()
+        self.buf += data
+        while True:
+            i = self.buf.find(b"\n")
+            if i < 0:
+                return False
+            line, self.buf = self.buf[:i].rstrip(b"\r"), self.buf[i + 1:]
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                return True
+            obj = json.loads(payload)
+            if "error" in obj:
+                raise ServerError(json.dumps(obj["error"])[:300])
+            usage = obj.get("usage")
+            if usage and usage.get("completion_tokens") is not None:
+                self.s.usage_tokens = usage["completion_tokens"]
+            for choice in obj.get("choices") or []:
+                if choice.get("text"):
+                    self.s.times.append(now)
+                if choice.get("finish_reason"):
+                    self.s.finish_reason = choice["finish_reason"]
+
+
+async def _exchange(host, port, body: bytes, s: Stream):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(
+            f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        await writer.drain()
+        status_line = await reader.readline()
+        parts = status_line.split(None, 2)
+        if len(parts) < 2:
+            raise ConnectionError(f"bad status line {status_line!r}")
+        status = int(parts[1])
+        headers = {}
+        while True:
+            line = await reader.readline()
+            if line in (b"\r\n", b"\n", b""):
+                break
+            k, _, v = line.decode("latin-1").partition(":")
+            headers[k.strip().lower()] = v.strip().lower()
+        if status != 200:
+            rest = await reader.read(2000)
+            raise ServerError(f"HTTP {status}: {rest[:300]!r}")
+        sse = SseReader(s)
+        if "chunked" in headers.get("transfer-encoding", ""):
+            while True:
+                size_line = await reader.readline()
+                if not size_line:
+                    break
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    break
+                chunk = await reader.readexactly(size + 2)
+                if sse.feed(chunk[:-2]):
+                    break
+        else:
+            while True:
+                chunk = await reader.read(65536)
+                if not chunk or sse.feed(chunk):
+                    break
+        if not sse.done:
+            raise ServerError("stream ended without [DONE]")
+    finally:
+        writer.close()
+
+
+async def stream_completion(base, prompt_ids, max_tokens, timeout) -> Stream:
+    host, port = base
+    body = json.dumps({
+        "model": MODEL, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
+        "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+    }).encode()
+    s = Stream(start=time.perf_counter())
+    try:
+        await asyncio.wait_for(_exchange(host, port, body, s), timeout)
+        if not s.times:
+            raise ServerError("no tokens")
+    except Exception as e:  # noqa: BLE001 - every failure is an error count
+        s.error = f"{type(e).__name__}: {e}"[:300]
+    s.end = time.perf_counter()
+    return s
+
+
+# -- servers -----------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Kindling:
+    def __init__(self, binary, config, threads):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn,kindling=info")
+        self.proc = subprocess.Popen(
+            [binary, "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.tail = []
+        found = threading.Event()
+        self.addr = None
+
+        def drain():
+            for line in self.proc.stdout:
+                self.tail = (self.tail + [line.rstrip()])[-20:]
+                if self.addr is None and "listening on http://" in line:
+                    self.addr = line.split("listening on http://")[1].split()[0]
+                    found.set()
+
+        threading.Thread(target=drain, daemon=True).start()
+        if not found.wait(60):
+            self.stop()
+            sys.exit("kindling did not start:\n" + "\n".join(self.tail))
+        host, port = self.addr.rsplit(":", 1)
+        self.base = (host, int(port))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class LlamaServer:
+    def __init__(self, threads, slots, ctx_per_slot):
+        port = free_port()
+        self.args = [str(LLAMA_SERVER), "-m", str(GGUF), "-t", str(threads), "-tb", str(threads),
+                     "-np", str(slots), "-c", str(slots * ctx_per_slot), "--cont-batching",
+                     "--no-webui", "--host", "127.0.0.1", "--port", str(port)]
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT)
+        self.base = ("127.0.0.1", port)
+        deadline = time.monotonic() + 120
+        while True:
+            if self.proc.poll() is not None:
+                self.fail("exited")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.fail("not healthy after 120 s")
+            time.sleep(0.2)
+
+    def fail(self, why):
+        self.stop()
+        self.log.seek(0)
+        sys.exit(f"llama-server {why}: {' '.join(self.args)}\n" + "".join(self.log.readlines()[-30:]))
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
