@@ -1,11 +1,68 @@
 #!/usr/bin/env bash
 # Creates .venv-bench with the peer for the benchmarks: llama.cpp built from
-# the sources in the llama-cpp-python sdist (x86-64-v3 flags, the level
-# Kindling is built for; AMX off: the native AMX build crashes here).
+# the sources in the llama-cpp-python sdist with every x86 extension this
+# machine's CPU has (AVX2, AVX-VNNI, AVX-512 F/VBMI/VNNI/BF16, FMA, F16C,
+# BMI2) except AMX: llama.cpp's native build (GGML_NATIVE) crashes here in its
+# AMX code on the first decode, so the options are named one by one.
+#
+# - llama-cpp-python (in-process llama.cpp, for the single-stream figures),
+# - .venv-bench/bin/llama-server, built from the same sdist's vendored
+#   llama.cpp with the same GGML options (for the concurrent figures).
+#
+# Idempotent: a second run skips what is already built. Builds use
+# CMAKE_BUILD_PARALLEL_LEVEL jobs (default 2).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$root/.venv-bench
+version=0.3.36
+jobs=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
+ggml_opts="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+py_cmake_args="-DLLAMA_CURL=OFF $ggml_opts"
+# Server build: static, release, no web UI (neither built nor downloaded), no
+# HTTPS, no tests or examples.
+server_cmake_args="-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_CURL=OFF $ggml_opts"
+
 [[ -x $venv/bin/python ]] || python3 -m venv "$venv"
-CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-CMAKE_ARGS="-DLLAMA_CURL=OFF -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" \
-    "$venv/bin/pip" install --disable-pip-version-check llama-cpp-python==0.3.36 numpy jinja2
+pip=("$venv/bin/pip" --disable-pip-version-check)
+
+# 1. llama-cpp-python, compiled here with the flags above. --no-cache-dir: pip
+# would otherwise reuse a wheel it built earlier with other flags (a native
+# AMX build, say). A stamp records the flags of the installed build.
+stamp=$venv/.llama-cpp-python.flags
+if [[ "$(cat "$stamp" 2>/dev/null)" != "$version $py_cmake_args" ]] \
+    || ! "$venv/bin/python" -c "import llama_cpp" 2>/dev/null; then
+    echo "setup: building llama-cpp-python $version" >&2
+    CMAKE_BUILD_PARALLEL_LEVEL=$jobs CMAKE_ARGS="$py_cmake_args" \
+        "${pip[@]}" install --no-cache-dir --force-reinstall --no-deps --no-binary llama-cpp-python \
+        "llama-cpp-python==$version"
+    echo "$version $py_cmake_args" > "$stamp"
+fi
+"${pip[@]}" install -q "llama-cpp-python==$version" numpy jinja2 cmake
+
+# 2. The same sdist, unpacked, for llama.cpp's own sources. (Only the sdist is
+# fetched; its build requirements may come as wheels.)
+src=$venv/src
+llama_src=$src/llama_cpp_python-$version/vendor/llama.cpp
+if [[ ! -f $llama_src/CMakeLists.txt ]]; then
+    echo "setup: fetching the llama-cpp-python $version sdist" >&2
+    mkdir -p "$src/dl"
+    "${pip[@]}" download "llama-cpp-python==$version" --no-binary llama-cpp-python --no-deps -d "$src/dl"
+    tar -xzf "$src/dl/llama_cpp_python-$version.tar.gz" -C "$src"
+fi
+
+# 3. llama-server from those sources, with the same GGML options.
+build=$src/llama-server-build
+cmake=$venv/bin/cmake
+if [[ "$(cat "$build/.flags" 2>/dev/null)" != "$server_cmake_args" ]]; then
+    echo "setup: configuring llama-server" >&2
+    rm -rf "$build"
+    # shellcheck disable=SC2086
+    "$cmake" -S "$llama_src" -B "$build" $server_cmake_args
+    echo "$server_cmake_args" > "$build/.flags"
+fi
+echo "setup: building llama-server (incremental)" >&2
+"$cmake" --build "$build" --config Release --target llama-server -j "$jobs"
+install -m 755 "$build/bin/llama-server" "$venv/bin/llama-server"
+
+"$venv/bin/llama-server" --version
+"$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"

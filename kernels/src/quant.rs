@@ -40,9 +40,17 @@ pub struct QuantMatrix<B> {
     cols: usize,
 }
 
-/// Output columns per parallel task: enough work to amortize scheduling,
-/// small enough to spread a 576-wide projection over a few threads.
-const COLS_PER_TASK: usize = 64;
+/// Output columns per parallel task, at most: enough work to amortize
+/// scheduling for a single activation row.
+const MAX_COLS_PER_TASK: usize = 64;
+
+/// Columns per task: at most [`MAX_COLS_PER_TASK`], and small enough that
+/// every thread gets several tasks, so a narrow projection (192 outputs on
+/// two threads, say) does not leave a thread idle at the end.
+fn cols_per_task(rows: usize) -> usize {
+    let tasks = 8 * rayon::current_num_threads().max(1);
+    rows.div_ceil(tasks).clamp(4, MAX_COLS_PER_TASK)
+}
 
 impl<B: QuantBlock> QuantMatrix<B> {
     /// Reads GGML's bytes for a `rows × cols` matrix (row-major blocks).
@@ -92,12 +100,13 @@ impl<B: QuantBlock> QuantMatrix<B> {
         // Column-major first, so each task owns a contiguous slice and reuses
         // one weight row across every input row, four rows at a time.
         let mut by_col = vec![0f32; self.rows * m];
+        let per_task = cols_per_task(self.rows);
         by_col
-            .par_chunks_mut(COLS_PER_TASK * m)
+            .par_chunks_mut(per_task * m)
             .enumerate()
             .for_each(|(task, out)| {
                 for (j, col) in out.chunks_exact_mut(m).enumerate() {
-                    let c = task * COLS_PER_TASK + j;
+                    let c = task * per_task + j;
                     let w = &self.blocks[c * kb..(c + 1) * kb];
                     let mut r = 0;
                     while r + 4 <= m {
