@@ -18,4 +18,5 @@ if [[ ! -x $venv/bin/python ]]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 cargo build --locked --bin kindling
-KINDLING_BIN="$root/target/debug/kindling" "$venv/bin/python" -m pytest -q tests/python
+target=${CARGO_TARGET_DIR:-$root/target}
+KINDLING_BIN="$target/debug/kindling" "$venv/bin/python" -m pytest -q tests/python
