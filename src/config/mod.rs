@@ -97,7 +97,7 @@ impl Default for EngineConfig {
             queue_size: 64,
             stall_timeout: Duration::from_secs(30),
             max_sequences: 32,
-            max_batch_tokens: 512,
+            max_batch_tokens: 256,
             kv_cache_tokens: 16384,
             request_timeout: None,
         }
