@@ -75,7 +75,7 @@ pub fn paged_attention(
 
 fn check(q: &[f32], heads: usize, rows: &[QueryRow<'_>], layout: PagedLayout) {
     assert!(
-        heads % layout.kv_heads == 0 && q.len() == rows.len() * heads * layout.head_dim,
+        heads.is_multiple_of(layout.kv_heads) && q.len() == rows.len() * heads * layout.head_dim,
         "paged attention: {} query values for {} rows of {heads} heads of {}",
         q.len(),
         rows.len(),

@@ -8,7 +8,7 @@
 
 use half::f16;
 
-use crate::quant::{DotFn, Kernels, QuantBlock, QuantMatrix};
+use crate::quant::{Kernels, QuantBlock, QuantMatrix};
 
 /// Values per block.
 pub const BLOCK: usize = 32;
@@ -55,7 +55,7 @@ impl Default for BlockQ8_1 {
 /// with AVX2 when the CPU has it (the same results, bit for bit).
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     #[cfg(target_arch = "x86_64")]
-    if kernels().0 as usize != dot_reference as DotFn<BlockQ4_1> as usize {
+    if crate::quant::isa() != crate::quant::Isa::Reference {
         // SAFETY: the AVX2/FMA/F16C kernels were selected, so the CPU has AVX2.
         unsafe { avx2::quantize(x, out) };
         return;
@@ -100,6 +100,7 @@ pub(crate) mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_1};
+    use crate::quant::hsum;
 
     /// `[d, m]` of a weight block as f32, with F16C.
     #[inline(always)]
@@ -141,13 +142,6 @@ pub(crate) mod avx2 {
     #[inline]
     pub(crate) unsafe fn ints_vnni(qw: __m256i, qx: __m256i) -> __m256i {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qw, qx)
-    }
-
-    #[inline(always)]
-    unsafe fn sum(acc: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
     }
 
     /// Q8_1 quantization of 32-value blocks: the same operations as the
@@ -207,7 +201,7 @@ pub(crate) mod avx2 {
                     let p = _mm256_cvtepi32_ps(unsafe { $ints(unpack(wb), load(xb)) });
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
                 }
-                unsafe { sum(acc) + mins }
+                unsafe { hsum(acc) + mins }
             }
 
             /// # Safety
@@ -228,7 +222,7 @@ pub(crate) mod avx2 {
                 }
                 let mut out = [0f32; 4];
                 for r in 0..4 {
-                    out[r] = unsafe { sum(acc[r]) } + mins[r];
+                    out[r] = unsafe { hsum(acc[r]) } + mins[r];
                 }
                 out
             }
@@ -239,30 +233,6 @@ pub(crate) mod avx2 {
     dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, ints_vnni);
 }
 
-#[cfg(target_arch = "x86_64")]
-fn dot_avx2(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    // SAFETY: only selected by `kernels` after checking for AVX2, FMA and F16C.
-    unsafe { avx2::dot(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot4_avx2(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    // SAFETY: as for `dot_avx2`.
-    unsafe { avx2::dot4(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot_vnni(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    // SAFETY: only selected by `kernels` after checking for AVX-VNNI too.
-    unsafe { avx2::dot_vnni(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot4_vnni(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    // SAFETY: as for `dot_vnni`.
-    unsafe { avx2::dot4_vnni(w, x) }
-}
-
 /// Four reference dot products.
 pub fn dot4_reference(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
     x.map(|row| dot_reference(w, row))
@@ -270,40 +240,17 @@ pub fn dot4_reference(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
 
 /// The fastest dot products this CPU supports.
 fn kernels() -> Kernels<BlockQ4_1> {
-    static KERNELS: std::sync::OnceLock<Kernels<BlockQ4_1>> = std::sync::OnceLock::new();
-    *KERNELS.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            if vnni_enabled() {
-                return (dot_vnni, dot4_vnni);
-            }
-            return (dot_avx2, dot4_avx2);
-        }
-        (dot_reference, dot4_reference)
-    })
+    crate::quant::pick_kernels!(BlockQ4_1)
 }
 
 #[cfg(test)]
-fn dot_fn() -> DotFn<BlockQ4_1> {
+fn dot_fn() -> crate::quant::DotFn<BlockQ4_1> {
     kernels().0
-}
-
-/// Whether the AVX-VNNI dot products may be used: the CPU has them and
-/// `KINDLING_NO_VNNI` is not set (for comparisons).
-pub(crate) fn vnni_enabled() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avxvnni") {
-        return std::env::var_os("KINDLING_NO_VNNI").is_none();
-    }
-    false
 }
 
 /// Whether the SIMD dot product is in use (for logs and benchmarks).
 pub fn simd_available() -> bool {
-    kernels().0 as usize != dot_reference as DotFn<BlockQ4_1> as usize
+    crate::quant::isa() != crate::quant::Isa::Reference
 }
 
 impl QuantBlock for BlockQ4_1 {

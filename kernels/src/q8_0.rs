@@ -40,17 +40,11 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ8_0, BlockQ8_1};
+    use crate::quant::hsum;
 
     #[inline(always)]
     unsafe fn scale(wb: &BlockQ8_0) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(wb.d.to_bits()))))
-    }
-
-    #[inline(always)]
-    unsafe fn sum(acc: __m256) -> f32 {
-        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
     }
 
     /// One weight row against one or four activation rows; i8 × i8 goes
@@ -71,7 +65,7 @@ mod avx2 {
                     let d = unsafe { scale(wb) };
                     acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(ints), acc);
                 }
-                unsafe { sum(acc) }
+                unsafe { hsum(acc) }
             }
 
             /// # Safety
@@ -92,37 +86,13 @@ mod avx2 {
                         acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(ints), acc[r]);
                     }
                 }
-                acc.map(|a| unsafe { sum(a) })
+                acc.map(|a| unsafe { hsum(a) })
             }
         };
     }
 
     dots!("avx2,fma,f16c", dot, dot4, crate::q4_1::avx2::ints_avx2);
     dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, crate::q4_1::avx2::ints_vnni);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot_avx2(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
-    // SAFETY: only selected by `kernels` after checking for AVX2, FMA and F16C.
-    unsafe { avx2::dot(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot4_avx2(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    // SAFETY: as for `dot_avx2`.
-    unsafe { avx2::dot4(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot_vnni(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
-    // SAFETY: only selected by `kernels` after checking for AVX-VNNI too.
-    unsafe { avx2::dot_vnni(w, x) }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dot4_vnni(w: &[BlockQ8_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    // SAFETY: as for `dot_vnni`.
-    unsafe { avx2::dot4_vnni(w, x) }
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -142,20 +112,7 @@ impl QuantBlock for BlockQ8_0 {
     }
 
     fn kernels() -> Kernels<Self> {
-        static KERNELS: std::sync::OnceLock<Kernels<BlockQ8_0>> = std::sync::OnceLock::new();
-        *KERNELS.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            if is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                if crate::q4_1::vnni_enabled() {
-                    return (dot_vnni, dot4_vnni);
-                }
-                return (dot_avx2, dot4_avx2);
-            }
-            (dot_reference, dot4_reference)
-        })
+        crate::quant::pick_kernels!(BlockQ8_0)
     }
 }
 

@@ -18,6 +18,82 @@ pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8_1]; 4]) -> [f32; 4];
 /// The pair, as picked for this CPU.
 pub type Kernels<B> = (DotFn<B>, Dot4Fn<B>);
 
+/// The dot-product variants this CPU can run, detected once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    /// The plain reference code.
+    Reference,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// The same plus AVX-VNNI (unless `KINDLING_NO_VNNI` is set, for comparisons).
+    Vnni,
+}
+
+pub(crate) fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            if is_x86_feature_detected!("avxvnni") && std::env::var_os("KINDLING_NO_VNNI").is_none() {
+                return Isa::Vnni;
+            }
+            return Isa::Avx2;
+        }
+        Isa::Reference
+    })
+}
+
+/// Picks a block format's kernels for [`isa`]: its module `avx2` must have
+/// `dot`, `dot4`, `dot_vnni` and `dot4_vnni`; the reference functions are
+/// `dot_reference` and `dot4_reference`.
+macro_rules! pick_kernels {
+    ($block:ty) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            fn dot_avx2(w: &[$block], x: &[BlockQ8_1]) -> f32 {
+                // SAFETY: only picked when `isa` found AVX2, FMA and F16C.
+                unsafe { avx2::dot(w, x) }
+            }
+            fn dot4_avx2(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                // SAFETY: as for `dot_avx2`.
+                unsafe { avx2::dot4(w, x) }
+            }
+            fn dot_vnni(w: &[$block], x: &[BlockQ8_1]) -> f32 {
+                // SAFETY: only picked when `isa` found AVX-VNNI too.
+                unsafe { avx2::dot_vnni(w, x) }
+            }
+            fn dot4_vnni(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+                // SAFETY: as for `dot_vnni`.
+                unsafe { avx2::dot4_vnni(w, x) }
+            }
+            match $crate::quant::isa() {
+                $crate::quant::Isa::Vnni => return (dot_vnni, dot4_vnni),
+                $crate::quant::Isa::Avx2 => return (dot_avx2, dot4_avx2),
+                $crate::quant::Isa::Reference => {}
+            }
+        }
+        (dot_reference, dot4_reference)
+    }};
+}
+pub(crate) use pick_kernels;
+
+/// Sums the eight lanes of `acc` (the same order everywhere, so results
+/// do not depend on which kernel variant ran).
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
+    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+}
+
 /// A GGML block of 32 quantized weights.
 pub trait QuantBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
     /// The custom op's name.
@@ -55,7 +131,7 @@ fn cols_per_task(rows: usize) -> usize {
 impl<B: QuantBlock> QuantMatrix<B> {
     /// Reads GGML's bytes for a `rows × cols` matrix (row-major blocks).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if cols % BLOCK != 0 {
+        if !cols.is_multiple_of(BLOCK) {
             candle_core::bail!("{}: {cols} columns is not a multiple of {BLOCK}", B::NAME);
         }
         let expected = rows * cols / BLOCK * B::BYTES;

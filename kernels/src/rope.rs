@@ -56,7 +56,7 @@ impl RopeTables {
         let dim = 2 * self.half;
         let row_len = x.len() / positions.len().max(1);
         assert!(
-            row_len % dim == 0 && row_len * positions.len() == x.len(),
+            row_len.is_multiple_of(dim) && row_len * positions.len() == x.len(),
             "rope: {} values are not {} rows of {dim}-wide heads",
             x.len(),
             positions.len()

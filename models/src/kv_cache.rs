@@ -144,7 +144,7 @@ impl KvCache {
     /// copied. `None` if no block is free for the copy.
     pub fn fork(&mut self, table: &BlockTable, len: usize) -> Option<BlockTable> {
         let full = len / BLOCK_SIZE;
-        let partial = len % BLOCK_SIZE != 0;
+        let partial = !len.is_multiple_of(BLOCK_SIZE);
         if partial && self.free.is_empty() {
             return None;
         }

@@ -114,7 +114,7 @@ fn chunked_prefill_equals_whole_prefill() {
 fn a_forked_sequence_continues_like_a_fresh_one() {
     let model = load();
     let ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog, and").unwrap();
-    assert!(ids.len() % kindling_models::kv_cache::BLOCK_SIZE != 0);
+    assert!(!ids.len().is_multiple_of(kindling_models::kv_cache::BLOCK_SIZE));
     let mut kv = pool(&model, 4 * 64);
     let mut a = Seq::default();
     a.feed(&model, &mut kv, &ids);

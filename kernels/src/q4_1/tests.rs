@@ -105,7 +105,7 @@ fn simd_and_reference_matmuls_agree() {
     let (w, _) = random_matrix(200, 576, &mut rng);
     let x = random_rows(7, 576, &mut rng);
     let a = w.matmul(&x, kernels());
-    let b = w.matmul(&x, (dot_reference as DotFn<BlockQ4_1>, dot4_reference as crate::quant::Dot4Fn<BlockQ4_1>));
+    let b = w.matmul(&x, (dot_reference as crate::quant::DotFn<BlockQ4_1>, dot4_reference as crate::quant::Dot4Fn<BlockQ4_1>));
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
     }
