@@ -85,9 +85,12 @@ pub(super) fn run_worker(
 
 /// Validates a new request and queues its sequences, or fails it at once.
 fn intake(model: &TextModel, scheduler: &mut Scheduler, job: Job) {
-    let Job { request, mut events } = job;
+    let Job {
+        request,
+        mut events,
+    } = job;
     if events.is_closed() {
-        scheduler_dequeue(scheduler);
+        scheduler.stats().dequeue();
         return;
     }
     match sequences(model, &request, scheduler.kv_capacity()) {
@@ -105,14 +108,10 @@ fn intake(model: &TextModel, scheduler: &mut Scheduler, job: Job) {
             scheduler.enqueue(req, sequences);
         }
         Err(e) => {
-            scheduler_dequeue(scheduler);
+            scheduler.stats().dequeue();
             events.fail(e);
         }
     }
-}
-
-fn scheduler_dequeue(scheduler: &Scheduler) {
-    scheduler.stats().dequeue();
 }
 
 fn invalid(param: &'static str, message: impl Into<String>) -> EngineError {

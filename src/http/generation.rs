@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -18,7 +20,7 @@ use super::log::RequestLog;
 use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
 use crate::engine::{EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
-use crate::metrics::{Metrics, ModelLabel};
+use crate::metrics::Metrics;
 use crate::registry::{Lease, Registry};
 
 type EventStream = Pin<Box<dyn Stream<Item = GenerateEvent> + Send>>;
@@ -38,44 +40,47 @@ pub struct Generation {
 }
 
 /// Records a generation's token metrics as its events pass: time to first
-/// token, time between tokens of each choice, token counts.
+/// token, time between tokens of each choice, token counts. The metric
+/// handles are looked up once per request, not per token.
 struct Timing {
     arrived: Instant,
-    metrics: Arc<Metrics>,
-    label: ModelLabel,
+    time_to_first_token: Histogram,
+    inter_token_latency: Histogram,
+    prompt_tokens: Counter,
+    generation_tokens: Counter,
     first_seen: bool,
     last: Vec<Option<Instant>>,
 }
 
 impl Timing {
-    fn new(job: &Job, metrics: &Arc<Metrics>) -> Self {
+    fn new(job: &Job, metrics: &Metrics) -> Self {
+        let label = Metrics::model(&job.model);
         Self {
             arrived: job.arrived,
-            metrics: metrics.clone(),
-            label: Metrics::model(&job.model),
+            time_to_first_token: metrics.time_to_first_token.get_or_create(&label).clone(),
+            inter_token_latency: metrics.inter_token_latency.get_or_create(&label).clone(),
+            prompt_tokens: metrics.prompt_tokens.get_or_create(&label).clone(),
+            generation_tokens: metrics.generation_tokens.get_or_create(&label).clone(),
             first_seen: false,
             last: vec![None; job.request.n * job.request.prompts.len()],
         }
     }
 
     fn observe(&mut self, event: &GenerateEvent) {
-        let m = &self.metrics;
         match event {
             GenerateEvent::Started { prompt_tokens } => {
-                m.prompt_tokens.get_or_create(&self.label).inc_by(*prompt_tokens as u64);
+                self.prompt_tokens.inc_by(*prompt_tokens as u64);
             }
             GenerateEvent::Delta { index, .. } => {
                 let now = Instant::now();
                 if !self.first_seen {
                     self.first_seen = true;
-                    m.time_to_first_token
-                        .get_or_create(&self.label)
+                    self.time_to_first_token
                         .observe(now.duration_since(self.arrived).as_secs_f64());
                 }
                 if let Some(slot) = self.last.get_mut(*index) {
                     if let Some(prev) = slot.replace(now) {
-                        m.inter_token_latency
-                            .get_or_create(&self.label)
+                        self.inter_token_latency
                             .observe(now.duration_since(prev).as_secs_f64());
                     }
                 }
@@ -83,7 +88,7 @@ impl Timing {
             GenerateEvent::Finished {
                 completion_tokens, ..
             } => {
-                m.generation_tokens.get_or_create(&self.label).inc_by(*completion_tokens as u64);
+                self.generation_tokens.inc_by(*completion_tokens as u64);
             }
             GenerateEvent::Failed(_) => {}
         }

@@ -104,7 +104,8 @@ impl Llama {
     /// Loads a Hugging Face model folder (`config.json` and safetensors).
     pub fn from_safetensors(dir: &Path, max_positions: usize) -> Result<Self> {
         let path = dir.join("config.json");
-        let json = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
+        let json =
+            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
         let cfg = LlamaConfig::from_hf_json(&json)?;
         let mut files = Safetensors::open(dir)?;
         Self::build(cfg, &mut files, max_positions, None)
@@ -117,16 +118,19 @@ impl Llama {
         rope_factors: Option<Vec<f32>>,
     ) -> Result<Self> {
         let max_positions = max_positions.min(cfg.trained_context).max(1);
-        let table = src.dense(src.global_name(Global::Embedding))?;
         let output = src.global_name(Global::Output);
-        let lm_head = if src.contains(output) && !cfg.tie_embeddings {
-            src.linear(output)?
-        } else {
-            src.tied_output(&table)?
+        let tied = cfg.tie_embeddings || !src.contains(output);
+        let (table, tied_head) = src.embedding(tied)?;
+        let lm_head = match tied_head {
+            Some(head) => head,
+            None => src.linear(output)?,
         };
         let eps = cfg.rms_eps as f32;
         let norm = |src: &mut dyn Source, name: String| -> Result<RmsNorm> {
-            Ok(RmsNorm { weight: src.dense(&name)?, eps })
+            Ok(RmsNorm {
+                weight: src.dense(&name)?,
+                eps,
+            })
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -134,10 +138,19 @@ impl Llama {
                 let bias = src.block_name(i, part, true);
                 Ok(Projection {
                     weight: src.linear(&src.block_name(i, part, false))?,
-                    bias: if src.contains(&bias) { Some(src.dense(&bias)?) } else { None },
+                    bias: if src.contains(&bias) {
+                        Some(src.dense(&bias)?)
+                    } else {
+                        None
+                    },
                 })
             };
-            let (q, k, v, o) = (proj(Part::Q)?, proj(Part::K)?, proj(Part::V)?, proj(Part::O)?);
+            let (q, k, v, o) = (
+                proj(Part::Q)?,
+                proj(Part::K)?,
+                proj(Part::V)?,
+                proj(Part::O)?,
+            );
             let (gate, up, down) = (proj(Part::Gate)?, proj(Part::Up)?, proj(Part::Down)?);
             let names = (
                 src.block_name(i, Part::AttnNorm, false),
@@ -205,7 +218,10 @@ impl Llama {
         let mut wanted = Vec::new();
         for item in batch {
             let (t, end) = (item.tokens.len(), item.start + item.tokens.len());
-            if t == 0 || end > self.max_positions || end > item.blocks.len() * cache.layout().block_size {
+            if t == 0
+                || end > self.max_positions
+                || end > item.blocks.len() * cache.layout().block_size
+            {
                 return Err(ModelError::Tensor {
                     name: "input".into(),
                     message: format!(
@@ -220,7 +236,10 @@ impl Llama {
                 ids.push(id);
                 positions.push(item.start + i);
                 tables.push(item.blocks);
-                rows.push(QueryRow { blocks: item.blocks, seen: item.start + i + 1 });
+                rows.push(QueryRow {
+                    blocks: item.blocks,
+                    seen: item.start + i + 1,
+                });
             }
             if item.logits {
                 wanted.push((ids.len() - 1) as u32);
@@ -231,7 +250,11 @@ impl Llama {
         }
         let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
         let mut x = self.embed.forward(&ids)?;
-        let step = Step { positions: &positions, tables: &tables, rows: &rows };
+        let step = Step {
+            positions: &positions,
+            tables: &tables,
+            rows: &rows,
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let attn = self.attention(block, layer, &h, &step, cache)?;

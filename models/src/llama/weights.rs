@@ -29,9 +29,13 @@ impl Linear {
             let (rows, cols) = q.shape().dims2()?;
             let bytes = q.data()?;
             return Ok(if q.dtype() == GgmlDType::Q4_1 {
-                Self::Q4_1(kindling_kernels::Q4_1Matrix::from_ggml_bytes(&bytes, rows, cols)?)
+                Self::Q4_1(kindling_kernels::Q4_1Matrix::from_ggml_bytes(
+                    &bytes, rows, cols,
+                )?)
             } else {
-                Self::Q8_0(kindling_kernels::Q8_0Matrix::from_ggml_bytes(&bytes, rows, cols)?)
+                Self::Q8_0(kindling_kernels::Q8_0Matrix::from_ggml_bytes(
+                    &bytes, rows, cols,
+                )?)
             });
         }
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
@@ -80,11 +84,11 @@ pub(crate) trait Source {
     fn contains(&self, name: &str) -> bool;
     /// A projection weight, kept in its storage format where we can compute on it.
     fn linear(&mut self, name: &str) -> Result<Linear>;
-    /// A tensor as f32 (norms, biases, the embedding table).
+    /// A tensor as f32 (norms, biases).
     fn dense(&mut self, name: &str) -> Result<Tensor>;
-    /// The output projection of a model with tied embeddings, given the
-    /// (f32) embedding table.
-    fn tied_output(&mut self, table: &Tensor) -> Result<Linear>;
+    /// The token-embedding table as f32, read once; with `tied`, also the
+    /// output projection that reuses it (kept quantized where it is).
+    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)>;
 }
 
 fn missing(name: &str) -> ModelError {
@@ -130,10 +134,16 @@ impl Source for GgufFile {
         Ok(self.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)
     }
 
-    fn tied_output(&mut self, _table: &Tensor) -> Result<Linear> {
-        // Keep the quantized table for the matmul; the f32 copy is for lookups.
-        let name = self.global_name(Global::Embedding);
-        self.linear(name)
+    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)> {
+        let q = self.tensor(self.global_name(Global::Embedding), &Device::Cpu)?;
+        let table = q.dequantize(&Device::Cpu)?;
+        // The f32 copy is for lookups; the matmul keeps the quantized table.
+        let output = if tied {
+            Some(Linear::from_qtensor(q)?)
+        } else {
+            None
+        };
+        Ok((table, output))
     }
 }
 
@@ -150,11 +160,12 @@ impl Safetensors {
         let paths = weight_files(dir)?;
         // SAFETY: the files are mapped read-only; Kindling never writes model
         // files while they are loaded (downloads land under new names).
-        let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
-            path: dir.to_path_buf(),
-            format: "safetensors",
-            message: e.to_string(),
-        })?;
+        let files =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
+                path: dir.to_path_buf(),
+                format: "safetensors",
+                message: e.to_string(),
+            })?;
         let names = files.tensors().into_iter().map(|(n, _)| n).collect();
         Ok(Self { files, names })
     }
@@ -169,15 +180,20 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::BadFormat {
-            path: index.clone(),
-            format: "safetensors index",
-            message: e.to_string(),
-        })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ModelError::BadFormat {
+                path: index.clone(),
+                format: "safetensors index",
+                message: e.to_string(),
+            })?;
         let mut files: Vec<String> = json
             .get("weight_map")
             .and_then(|m| m.as_object())
-            .map(|m| m.values().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         files.sort();
         files.dedup();
@@ -218,7 +234,10 @@ impl Source for Safetensors {
             Part::Up => "mlp.up_proj",
             Part::Down => "mlp.down_proj",
         };
-        format!("model.layers.{layer}.{p}.{}", if bias { "bias" } else { "weight" })
+        format!(
+            "model.layers.{layer}.{p}.{}",
+            if bias { "bias" } else { "weight" }
+        )
     }
 
     fn global_name(&self, global: Global) -> &'static str {
@@ -246,7 +265,9 @@ impl Source for Safetensors {
         Ok(self.files.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
     }
 
-    fn tied_output(&mut self, table: &Tensor) -> Result<Linear> {
-        Ok(Linear::Dense(table.clone()))
+    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)> {
+        let table = self.dense(self.global_name(Global::Embedding))?;
+        let output = tied.then(|| Linear::Dense(table.clone()));
+        Ok((table, output))
     }
 }
