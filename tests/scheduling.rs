@@ -48,7 +48,12 @@ async fn streamed_text(server: &Server, body: &Value) -> (String, usize) {
 }
 
 async fn solo_text(server: &Server, prompt: &str, max_tokens: usize) -> String {
-    let (status, _, b) = post(server, "/v1/completions", &completion(prompt, max_tokens, false)).await;
+    let (status, _, b) = post(
+        server,
+        "/v1/completions",
+        &completion(prompt, max_tokens, false),
+    )
+    .await;
     assert_eq!(status, 200, "{b}");
     b["choices"][0]["text"].as_str().unwrap().to_string()
 }
@@ -79,7 +84,10 @@ async fn sequences_preempted_for_kv_space_continue_exactly() {
     // 16 blocks of 16 positions: four 100-token generations cannot all fit,
     // so the newest are preempted and recomputed as others finish.
     let m = demo_manifest(MODEL, None, "context_length = 256\nkv_cache_tokens = 256");
-    let server = Server::spawn(&config_with_manifests("", &[("m.toml", &m)]), &[("RUST_LOG", "kindling=debug")]);
+    let server = Server::spawn(
+        &config_with_manifests("", &[("m.toml", &m)]),
+        &[("RUST_LOG", "kindling=debug")],
+    );
     let prompts = &PROMPTS[..4];
     let mut solo = Vec::new();
     for p in prompts {
@@ -92,7 +100,10 @@ async fn sequences_preempted_for_kv_space_continue_exactly() {
     });
     let results = join_all(runs).await;
     assert_eq!(results, solo);
-    assert!(server.logs().contains("sequence preempted"), "no preemption happened");
+    assert!(
+        server.logs().contains("sequence preempted"),
+        "no preemption happened"
+    );
 }
 
 #[tokio::test]
@@ -108,7 +119,10 @@ async fn n_choices_run_as_parallel_sequences_sharing_the_prompt() {
         let one = json!({"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 10,
                          "temperature": 0.9, "seed": 40 + i, "ignore_eos": true});
         let (_, _, single) = post(&server, "/v1/completions", &one).await;
-        assert_eq!(b["choices"][i as usize]["text"], single["choices"][0]["text"], "choice {i}");
+        assert_eq!(
+            b["choices"][i as usize]["text"], single["choices"][0]["text"],
+            "choice {i}"
+        );
     }
 }
 
@@ -153,11 +167,21 @@ async fn batch_metrics_use_the_names_autoscalers_know() {
         seen.extend(stream.chunk().await.unwrap().unwrap());
     }
     let label = format!("{{model_name=\"{MODEL}\"}}");
-    assert_eq!(metric(&server, &format!("vllm:num_requests_running{label}")).await, 1.0);
-    assert_eq!(metric(&server, &format!("vllm:num_requests_waiting{label}")).await, 0.0);
+    assert_eq!(
+        metric(&server, &format!("vllm:num_requests_running{label}")).await,
+        1.0
+    );
+    assert_eq!(
+        metric(&server, &format!("vllm:num_requests_waiting{label}")).await,
+        0.0
+    );
     let usage = metric(&server, &format!("vllm:kv_cache_usage_perc{label}")).await;
     assert!(usage > 0.0 && usage < 1.0, "{usage}");
-    let blocks = metric(&server, &format!("kindling_kv_cache_blocks{{model=\"{MODEL}\"}}")).await;
+    let blocks = metric(
+        &server,
+        &format!("kindling_kv_cache_blocks{{model=\"{MODEL}\"}}"),
+    )
+    .await;
     assert_eq!(blocks, 1024.0, "16384 positions in blocks of 16");
     drop(stream);
     let ok = completion(PROMPTS[1], 8, false);
@@ -172,6 +196,10 @@ async fn batch_metrics_use_the_names_autoscalers_know() {
     ] {
         assert!(text.contains(series), "{series} missing:\n{text}");
     }
-    let generated = metric(&server, &format!("kindling_generation_tokens_total{{model=\"{MODEL}\"}}")).await;
+    let generated = metric(
+        &server,
+        &format!("kindling_generation_tokens_total{{model=\"{MODEL}\"}}"),
+    )
+    .await;
     assert!(generated >= 8.0, "{generated}");
 }

@@ -68,7 +68,17 @@ pub fn paged_attention(
         .for_each_init(Vec::new, |scores, (i, o)| {
             let (row, head) = (i / heads, i % heads);
             let query = &q[i * d..(i + 1) * d];
-            attend(query, &rows[row], head / group, k, v, layout, scale, scores, o);
+            attend(
+                query,
+                &rows[row],
+                head / group,
+                k,
+                v,
+                layout,
+                scale,
+                scores,
+                o,
+            );
         });
     out
 }
@@ -147,7 +157,12 @@ fn attend(
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
             acc[i] += x[i] * y[i];
@@ -176,7 +191,11 @@ pub fn paged_attention_reference(
             let gather = |src: &[f32]| -> Vec<f32> {
                 (0..row.seen)
                     .flat_map(|p| {
-                        let at = layout.offset(row.blocks[p / layout.block_size], h / group, p % layout.block_size);
+                        let at = layout.offset(
+                            row.blocks[p / layout.block_size],
+                            h / group,
+                            p % layout.block_size,
+                        );
                         src[at..at + d].to_vec()
                     })
                     .collect()
@@ -205,8 +224,13 @@ mod tests {
     #[test]
     fn matches_the_reference_on_scattered_blocks() {
         let mut rng = StdRng::seed_from_u64(3);
-        for (heads, kv_heads, d, bs) in [(1, 1, 8, 1), (9, 3, 64, 16), (4, 2, 10, 5), (6, 6, 7, 4)] {
-            let layout = PagedLayout { block_size: bs, kv_heads, head_dim: d };
+        for (heads, kv_heads, d, bs) in [(1, 1, 8, 1), (9, 3, 64, 16), (4, 2, 10, 5), (6, 6, 7, 4)]
+        {
+            let layout = PagedLayout {
+                block_size: bs,
+                kv_heads,
+                head_dim: d,
+            };
             let blocks_total = 40;
             let len = blocks_total * layout.block_len();
             let k: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
@@ -217,14 +241,22 @@ mod tests {
             // Rows of two sequences at various positions, including a row
             // that ends exactly on a block boundary and the very first.
             let seen = [1, bs, bs + 1, 3 * bs - 1, a.len() * bs];
-            let mut rows: Vec<QueryRow> = seen.iter().map(|&s| QueryRow { blocks: a, seen: s }).collect();
+            let mut rows: Vec<QueryRow> = seen
+                .iter()
+                .map(|&s| QueryRow { blocks: a, seen: s })
+                .collect();
             rows.push(QueryRow { blocks: b, seen: 2 });
-            let q: Vec<f32> = (0..rows.len() * heads * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let q: Vec<f32> = (0..rows.len() * heads * d)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
             let scale = 1.0 / (d as f32).sqrt();
             let got = paged_attention(&q, heads, &rows, &k, &v, layout, scale);
             let want = paged_attention_reference(&q, heads, &rows, &k, &v, layout, scale).unwrap();
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "{heads}/{kv_heads}x{d} bs {bs}: {g} vs {w}");
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "{heads}/{kv_heads}x{d} bs {bs}: {g} vs {w}"
+                );
             }
         }
     }
@@ -232,13 +264,24 @@ mod tests {
     #[test]
     fn a_row_does_not_depend_on_its_batch() {
         let mut rng = StdRng::seed_from_u64(4);
-        let layout = PagedLayout { block_size: 4, kv_heads: 2, head_dim: 16 };
+        let layout = PagedLayout {
+            block_size: 4,
+            kv_heads: 2,
+            head_dim: 16,
+        };
         let len = 10 * layout.block_len();
         let k: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
         let v: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
         let blocks = [7u32, 2, 5];
-        let rows: Vec<QueryRow> = (1..=12).map(|s| QueryRow { blocks: &blocks, seen: s }).collect();
-        let q: Vec<f32> = (0..rows.len() * 4 * 16).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let rows: Vec<QueryRow> = (1..=12)
+            .map(|s| QueryRow {
+                blocks: &blocks,
+                seen: s,
+            })
+            .collect();
+        let q: Vec<f32> = (0..rows.len() * 4 * 16)
+            .map(|_| rng.random_range(-2.0..2.0))
+            .collect();
         let all = paged_attention(&q, 4, &rows, &k, &v, layout, 0.25);
         for (r, row) in rows.iter().enumerate() {
             let alone = paged_attention(&q[r * 64..(r + 1) * 64], 4, &[*row], &k, &v, layout, 0.25);

@@ -164,17 +164,25 @@ pub(crate) mod avx2 {
             let d = amax / 127.0;
             let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
             let q = v.map(|x| {
-                _mm256_cvtps_epi32(_mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-                    _mm256_mul_ps(x, id),
-                ))
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(_mm256_mul_ps(x, id)))
             });
-            let total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
-            let t = _mm_add_epi32(_mm256_extracti128_si256::<1>(total), _mm256_castsi256_si128(total));
+            let total =
+                _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let t = _mm_add_epi32(
+                _mm256_extracti128_si256::<1>(total),
+                _mm256_castsi256_si128(total),
+            );
             let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
             let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t)));
             // i32 → i16 → i8 packs work per 128-bit lane; restore the order.
-            let packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-            let ordered = _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let ordered =
+                _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
             // SAFETY: `qs` is 32 bytes; unaligned store.
             unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
             block.d = half::f16::from_f32(d).to_f32();
@@ -270,7 +278,11 @@ impl QuantBlock for BlockQ4_1 {
     fn dequantize(&self) -> [f32; BLOCK] {
         let (d, m) = (self.d.to_f32(), self.m.to_f32());
         std::array::from_fn(|i| {
-            let q = if i < 16 { self.qs[i] & 0x0F } else { self.qs[i - 16] >> 4 };
+            let q = if i < 16 {
+                self.qs[i] & 0x0F
+            } else {
+                self.qs[i - 16] >> 4
+            };
             d * f32::from(q) + m
         })
     }

@@ -24,7 +24,12 @@ pub struct BlockQ8_0 {
 pub fn dot_reference(w: &[BlockQ8_0], x: &[BlockQ8_1]) -> f32 {
     let mut sum = 0f32;
     for (wb, xb) in w.iter().zip(x) {
-        let sumi: i32 = wb.qs.iter().zip(&xb.qs).map(|(&a, &b)| i32::from(a) * i32::from(b)).sum();
+        let sumi: i32 = wb
+            .qs
+            .iter()
+            .zip(&xb.qs)
+            .map(|(&a, &b)| i32::from(a) * i32::from(b))
+            .sum();
         sum += wb.d.to_f32() * xb.d * sumi as f32;
     }
     sum
@@ -83,7 +88,11 @@ mod avx2 {
                         // SAFETY: as above.
                         let qx = unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) };
                         let ints = unsafe { $ints(abs, _mm256_sign_epi8(qx, qw)) };
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), _mm256_cvtepi32_ps(ints), acc[r]);
+                        acc[r] = _mm256_fmadd_ps(
+                            _mm256_set1_ps(d * xb.d),
+                            _mm256_cvtepi32_ps(ints),
+                            acc[r],
+                        );
                     }
                 }
                 acc.map(|a| unsafe { hsum(a) })
@@ -92,7 +101,12 @@ mod avx2 {
     }
 
     dots!("avx2,fma,f16c", dot, dot4, crate::q4_1::avx2::ints_avx2);
-    dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, crate::q4_1::avx2::ints_vnni);
+    dots!(
+        "avx2,fma,f16c,avxvnni",
+        dot_vnni,
+        dot4_vnni,
+        crate::q4_1::avx2::ints_vnni
+    );
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -176,7 +190,10 @@ mod tests {
                 // the terms, not with their (possibly cancelling) sum.
                 let size: f32 = terms.map(f32::abs).sum();
                 let g = got[r * rows + c];
-                assert!((g - want).abs() <= 0.01 * size, "{r},{c}: {g} vs {want} (terms {size})");
+                assert!(
+                    (g - want).abs() <= 0.01 * size,
+                    "{r},{c}: {g} vs {want} (terms {size})"
+                );
             }
         }
     }

@@ -37,7 +37,8 @@ pub(crate) fn isa() -> Isa {
             && is_x86_feature_detected!("fma")
             && is_x86_feature_detected!("f16c")
         {
-            if is_x86_feature_detected!("avxvnni") && std::env::var_os("KINDLING_NO_VNNI").is_none() {
+            if is_x86_feature_detected!("avxvnni") && std::env::var_os("KINDLING_NO_VNNI").is_none()
+            {
                 return Isa::Vnni;
             }
             return Isa::Avx2;

@@ -93,14 +93,23 @@ mod tests {
     use super::*;
 
     /// candle's stock rotary ops, one row at a time, are the reference.
-    fn reference(x: &[f32], heads: usize, dim: usize, pos: &[usize], t: &RopeTables, interleaved: bool) -> Vec<f32> {
+    fn reference(
+        x: &[f32],
+        heads: usize,
+        dim: usize,
+        pos: &[usize],
+        t: &RopeTables,
+        interleaved: bool,
+    ) -> Vec<f32> {
         let half = dim / 2;
         let mut out = Vec::new();
         for (r, &p) in pos.iter().enumerate() {
             let row = &x[r * heads * dim..(r + 1) * heads * dim];
             let xt = Tensor::from_slice(row, (1, heads, 1, dim), &Device::Cpu).unwrap();
-            let cos = Tensor::from_slice(&t.cos[p * half..(p + 1) * half], (1, half), &Device::Cpu).unwrap();
-            let sin = Tensor::from_slice(&t.sin[p * half..(p + 1) * half], (1, half), &Device::Cpu).unwrap();
+            let cos = Tensor::from_slice(&t.cos[p * half..(p + 1) * half], (1, half), &Device::Cpu)
+                .unwrap();
+            let sin = Tensor::from_slice(&t.sin[p * half..(p + 1) * half], (1, half), &Device::Cpu)
+                .unwrap();
             let y = if interleaved {
                 candle_nn_rope_i(&xt, &cos, &sin)
             } else {
@@ -118,7 +127,10 @@ mod tests {
         let a = pairs.narrow(4, 0, 1).unwrap().squeeze(4).unwrap();
         let c = pairs.narrow(4, 1, 1).unwrap().squeeze(4).unwrap();
         let (ra, rc) = rotate(&a, &c, cos, sin);
-        Tensor::stack(&[ra, rc], 4).unwrap().reshape((b, h, t, d)).unwrap()
+        Tensor::stack(&[ra, rc], 4)
+            .unwrap()
+            .reshape((b, h, t, d))
+            .unwrap()
     }
 
     fn candle_nn_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
@@ -139,16 +151,23 @@ mod tests {
     fn rows_at_their_own_positions_match_the_reference() {
         let mut rng = StdRng::seed_from_u64(11);
         for (heads, dim) in [(1, 2), (3, 64), (5, 10)] {
-            let inv: Vec<f32> = (0..dim / 2).map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / dim as f32)).collect();
+            let inv: Vec<f32> = (0..dim / 2)
+                .map(|i| 1.0 / 10_000f32.powf(2.0 * i as f32 / dim as f32))
+                .collect();
             let tables = RopeTables::new(&inv, 300);
             let pos = [0usize, 7, 299, 3, 3];
-            let x: Vec<f32> = (0..pos.len() * heads * dim).map(|_| rng.random_range(-2.0..2.0)).collect();
+            let x: Vec<f32> = (0..pos.len() * heads * dim)
+                .map(|_| rng.random_range(-2.0..2.0))
+                .collect();
             for interleaved in [true, false] {
                 let mut got = x.clone();
                 tables.apply(&mut got, &pos, interleaved);
                 let want = reference(&x, heads, dim, &pos, &tables, interleaved);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() < 1e-5, "{heads}x{dim} interleaved={interleaved}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{heads}x{dim} interleaved={interleaved}: {g} vs {w}"
+                    );
                 }
             }
         }

@@ -54,7 +54,10 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
         let cfg = LlamaConfig::from_hf_json(&json)?;
         let mut elements = 0u64;
         for file in crate::llama::weight_files(path)? {
-            elements += safetensors_header(&file)?.iter().map(|t| t.elements).sum::<u64>();
+            elements += safetensors_header(&file)?
+                .iter()
+                .map(|t| t.elements)
+                .sum::<u64>();
         }
         // Checkpoints are widened to f32; a tied output shares the table.
         (cfg, elements * f32s)
@@ -80,8 +83,9 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
     let t = serving.batch_tokens as u64;
     // Per token of a pass: q/k/v and attention output, the MLP's gate, up
     // and product, the residual stream and norms; then logits per sequence.
-    let scratch = t * ((2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate + 6 * hidden) * f32s
-        + serving.sequences as u64 * vocab * f32s;
+    let scratch =
+        t * ((2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate + 6 * hidden) * f32s
+            + serving.sequences as u64 * vocab * f32s;
     Ok(Footprint {
         weights,
         cache,

@@ -178,10 +178,17 @@ impl KvCache {
     ) -> Result<()> {
         let d = self.layout.head_dim;
         let row_len = self.layout.kv_heads * d;
-        if k.len() != positions.len() * row_len || v.len() != k.len() || tables.len() != positions.len() {
+        if k.len() != positions.len() * row_len
+            || v.len() != k.len()
+            || tables.len() != positions.len()
+        {
             return Err(ModelError::Tensor {
                 name: "kv".into(),
-                message: format!("{} values for {} rows of {row_len}", k.len(), positions.len()),
+                message: format!(
+                    "{} values for {} rows of {row_len}",
+                    k.len(),
+                    positions.len()
+                ),
             });
         }
         let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
@@ -189,7 +196,10 @@ impl KvCache {
             let Some(&block) = table.get(p / BLOCK_SIZE) else {
                 return Err(ModelError::Tensor {
                     name: "kv".into(),
-                    message: format!("position {p} is beyond the sequence's {} blocks", table.len()),
+                    message: format!(
+                        "position {p} is beyond the sequence's {} blocks",
+                        table.len()
+                    ),
                 });
             };
             for h in 0..self.layout.kv_heads {
@@ -213,7 +223,14 @@ mod tests {
     use super::*;
 
     fn pool(blocks: usize) -> KvCache {
-        KvCache::new(CacheShape { layers: 2, kv_heads: 1, head_dim: 2 }, blocks)
+        KvCache::new(
+            CacheShape {
+                layers: 2,
+                kv_heads: 1,
+                head_dim: 2,
+            },
+            blocks,
+        )
     }
 
     #[test]
@@ -246,7 +263,10 @@ mod tests {
         assert_eq!(b.blocks()[0], a.blocks()[0]);
         assert_ne!(b.blocks()[1], a.blocks()[1]);
         let (k, _) = kv.layer(1);
-        let at = |t: &BlockTable, p: usize| kv.layout().offset(t.blocks()[p / BLOCK_SIZE], 0, p % BLOCK_SIZE);
+        let at = |t: &BlockTable, p: usize| {
+            kv.layout()
+                .offset(t.blocks()[p / BLOCK_SIZE], 0, p % BLOCK_SIZE)
+        };
         assert_eq!(k[at(&b, len - 1)], k[at(&a, len - 1)]);
         // The shared block survives one holder's release.
         kv.release(&mut a);

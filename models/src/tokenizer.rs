@@ -176,7 +176,10 @@ impl Tokenizer {
         };
         let bos = special("bos_token");
         let eos = special("eos_token");
-        let add_bos = match config.get("add_bos_token").and_then(serde_json::Value::as_bool) {
+        let add_bos = match config
+            .get("add_bos_token")
+            .and_then(serde_json::Value::as_bool)
+        {
             Some(b) => b,
             // Llama 3 style: the post-processor adds BOS.
             None => match (&bos, inner.encode_fast("a", true)) {

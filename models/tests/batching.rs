@@ -45,10 +45,18 @@ fn eight_sequences_in_one_batch_match_their_solo_runs() {
     let mut kv = pool(&model, 8 * 128);
     let mut running: Vec<Option<Running>> = (0..8).map(|_| None).collect();
     let mut step = 0;
-    while running.iter().zip(&JOIN).any(|(r, &j)| j >= step || r.as_ref().is_some_and(|r| r.generated.len() < STEPS)) {
+    while running
+        .iter()
+        .zip(&JOIN)
+        .any(|(r, &j)| j >= step || r.as_ref().is_some_and(|r| r.generated.len() < STEPS))
+    {
         for (i, slot) in running.iter_mut().enumerate() {
             if JOIN[i] == step {
-                *slot = Some(Running { seq: Seq::default(), tokens: prompts[i].clone(), generated: Vec::new() });
+                *slot = Some(Running {
+                    seq: Seq::default(),
+                    tokens: prompts[i].clone(),
+                    generated: Vec::new(),
+                });
             }
         }
         // Plan: every live sequence brings its uncached tokens, at most CHUNK.
@@ -113,12 +121,20 @@ fn chunked_prefill_equals_whole_prefill() {
 #[test]
 fn a_forked_sequence_continues_like_a_fresh_one() {
     let model = load();
-    let ids = model.tokenizer.encode("The quick brown fox jumps over the lazy dog, and").unwrap();
-    assert!(!ids.len().is_multiple_of(kindling_models::kv_cache::BLOCK_SIZE));
+    let ids = model
+        .tokenizer
+        .encode("The quick brown fox jumps over the lazy dog, and")
+        .unwrap();
+    assert!(!ids
+        .len()
+        .is_multiple_of(kindling_models::kv_cache::BLOCK_SIZE));
     let mut kv = pool(&model, 4 * 64);
     let mut a = Seq::default();
     a.feed(&model, &mut kv, &ids);
-    let mut b = Seq { table: kv.fork(&a.table, a.len).unwrap(), len: a.len };
+    let mut b = Seq {
+        table: kv.fork(&a.table, a.len).unwrap(),
+        len: a.len,
+    };
     // Diverge `a`; `b` must not see it.
     a.feed(&model, &mut kv, &[42, 43]);
     let from_b = b.feed(&model, &mut kv, &[7]);
@@ -138,6 +154,11 @@ fn a_batch_that_does_not_fit_its_blocks_is_an_error() {
     let mut seq = Seq::default();
     assert!(kv.grow(&mut seq.table, 16));
     let tokens = vec![1u32; 17];
-    let item = BatchItem { tokens: &tokens, start: 0, blocks: seq.table.blocks(), logits: true };
+    let item = BatchItem {
+        tokens: &tokens,
+        start: 0,
+        blocks: seq.table.blocks(),
+        logits: true,
+    };
     assert!(model.forward(&[item], &mut kv).is_err());
 }

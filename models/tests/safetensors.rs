@@ -13,8 +13,14 @@ use kindling_models::{BatchItem, BlockTable, ChatMessage, TextModel};
 use serde_json::json;
 
 fn chat_prompt(model: &TextModel, text: &str) -> Vec<u32> {
-    let messages = [ChatMessage { role: "user".into(), content: text.into() }];
-    model.tokenizer.encode(&model.render_chat(&messages).unwrap()).unwrap()
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: text.into(),
+    }];
+    model
+        .tokenizer
+        .encode(&model.render_chat(&messages).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -32,7 +38,10 @@ fn converted_demo_agrees_with_the_gguf() {
     // (the GGUF path quantizes activations to 8 bits, the f32 path does not).
     let (mut kv_g, mut kv_h) = (pool(&gguf, 256), pool(&hf, 256));
     let (mut sg, mut sh) = (Seq::default(), Seq::default());
-    let (mut lg, mut lh) = (sg.feed(&gguf, &mut kv_g, &prompt), sh.feed(&hf, &mut kv_h, &prompt));
+    let (mut lg, mut lh) = (
+        sg.feed(&gguf, &mut kv_g, &prompt),
+        sh.feed(&hf, &mut kv_h, &prompt),
+    );
     for step in 0..8 {
         let c = cosine(&lg, &lh);
         assert!(c > 0.99, "step {step}: cosine {c}");
@@ -44,11 +53,18 @@ fn converted_demo_agrees_with_the_gguf() {
     // clear. (A 135M model at 4 bits meets many near-ties, e.g. a 0.3 logit
     // margin on the first token of the question above, where 8-bit
     // activations and f32 may part ways.)
-    for q in ["What is the largest planet in the solar system?", "Who wrote Romeo and Juliet?"] {
+    for q in [
+        "What is the largest planet in the solar system?",
+        "Who wrote Romeo and Juliet?",
+    ] {
         let prompt = chat_prompt(&gguf, q);
         let a = greedy_alone(&gguf, &prompt, 12);
         let b = greedy_alone(&hf, &prompt, 12);
-        assert_eq!(gguf.tokenizer.decode(&a).unwrap(), hf.tokenizer.decode(&b).unwrap(), "{q}");
+        assert_eq!(
+            gguf.tokenizer.decode(&a).unwrap(),
+            hf.tokenizer.decode(&b).unwrap(),
+            "{q}"
+        );
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -95,13 +111,19 @@ fn tiny_random_models_load_in_every_precision_and_layout() {
         let sharded = scratch_dir(&format!("tiny-{family}-sharded"));
         random_model(&cfg, &tokenizer, &sharded, DType::F32, 3, 7);
         assert!(sharded.join("model.safetensors.index.json").is_file());
-        assert_eq!(two_steps(&TextModel::load(&sharded, None).unwrap(), &prompt), (a.clone(), b.clone()));
+        assert_eq!(
+            two_steps(&TextModel::load(&sharded, None).unwrap(), &prompt),
+            (a.clone(), b.clone())
+        );
         // Half precision: the rounded weights give nearly the same logits.
         for dtype in [DType::F16, DType::BF16] {
             let dir = scratch_dir(&format!("tiny-{family}-{dtype:?}"));
             random_model(&cfg, &tokenizer, &dir, dtype, 2, 7);
             let (ha, hb) = two_steps(&TextModel::load(&dir, None).unwrap(), &prompt);
-            assert!(cosine(&a, &ha) > 0.999 && cosine(&b, &hb) > 0.999, "{family} {dtype:?}");
+            assert!(
+                cosine(&a, &ha) > 0.999 && cosine(&b, &hb) > 0.999,
+                "{family} {dtype:?}"
+            );
             std::fs::remove_dir_all(&dir).ok();
         }
         batched_greedy_matches_solo(&base);
@@ -116,16 +138,21 @@ fn gguf_to_hf_tokenizer_only(dir: &std::path::Path) {
     let gguf = kindling_models::gguf::GgufFile::open(&common::demo_gguf()).unwrap();
     let tok = kindling_models::tokenizer::Tokenizer::from_gguf(&gguf).unwrap();
     std::fs::write(dir.join("tokenizer.json"), tok.to_json().unwrap()).unwrap();
-    let config = json!({"bos_token": tok.bos_text(), "eos_token": tok.eos_text(), "add_bos_token": false});
+    let config =
+        json!({"bos_token": tok.bos_text(), "eos_token": tok.eos_text(), "add_bos_token": false});
     std::fs::write(dir.join("tokenizer_config.json"), config.to_string()).unwrap();
 }
 
 /// Three prompts decoded together give the greedy tokens each gives alone.
 fn batched_greedy_matches_solo(model: &TextModel) {
-    let prompts: Vec<Vec<u32>> = ["one", "two words here", "and a somewhat longer third prompt"]
-        .iter()
-        .map(|p| model.tokenizer.encode(p).unwrap())
-        .collect();
+    let prompts: Vec<Vec<u32>> = [
+        "one",
+        "two words here",
+        "and a somewhat longer third prompt",
+    ]
+    .iter()
+    .map(|p| model.tokenizer.encode(p).unwrap())
+    .collect();
     let mut kv = pool(model, 3 * 64);
     let mut tables: Vec<BlockTable> = prompts.iter().map(|_| BlockTable::default()).collect();
     let mut tokens = prompts.clone();
@@ -149,6 +176,10 @@ fn batched_greedy_matches_solo(model: &TextModel) {
         }
     }
     for (i, p) in prompts.iter().enumerate() {
-        assert_eq!(tokens[i][p.len()..], greedy_alone(model, p, 6), "prompt {i}");
+        assert_eq!(
+            tokens[i][p.len()..],
+            greedy_alone(model, p, 6),
+            "prompt {i}"
+        );
     }
 }

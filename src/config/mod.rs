@@ -409,7 +409,10 @@ mod tests {
         write(
             &d.join("models"),
             "m.toml",
-            &format!("kv_cache_tokens = 4096\n{}", MANIFEST.replace("gguf\"\narch", "safetensors\"\narch")),
+            &format!(
+                "kv_cache_tokens = 4096\n{}",
+                MANIFEST.replace("gguf\"\narch", "safetensors\"\narch")
+            ),
         );
         let cfg = write(
             &d,
@@ -417,7 +420,10 @@ mod tests {
             "[models]\nstore = \"store\"\n[engine]\nmax_sequences = 8\nmax_batch_tokens = 256\nkv_cache_tokens = 2048\nrequest_timeout = \"2m\"\n",
         );
         let c = Config::load(&cfg, None, &Environment::default()).unwrap();
-        assert_eq!((c.engine.max_sequences, c.engine.max_batch_tokens), (8, 256));
+        assert_eq!(
+            (c.engine.max_sequences, c.engine.max_batch_tokens),
+            (8, 256)
+        );
         assert_eq!(c.engine.request_timeout, Some(Duration::from_secs(120)));
         assert_eq!(c.models["m"].kv_cache_tokens, Some(4096));
         assert_eq!(c.models["m"].format, WeightFormat::Safetensors);
@@ -426,10 +432,23 @@ mod tests {
             "k2.toml",
             "[models]\nstore = \"store\"\n[engine]\nmax_sequences = 64\nmax_batch_tokens = 32\n",
         );
-        let e = format!("{:#}", Config::load(&bad, None, &Environment::default()).unwrap_err());
-        assert!(e.contains("k2.toml") && e.contains("max_batch_tokens"), "{e}");
-        let bad = write(&d, "k3.toml", "[models]\nstore = \"store\"\n[engine]\nkv_cache_tokens = 0\n");
-        let e = format!("{:#}", Config::load(&bad, None, &Environment::default()).unwrap_err());
+        let e = format!(
+            "{:#}",
+            Config::load(&bad, None, &Environment::default()).unwrap_err()
+        );
+        assert!(
+            e.contains("k2.toml") && e.contains("max_batch_tokens"),
+            "{e}"
+        );
+        let bad = write(
+            &d,
+            "k3.toml",
+            "[models]\nstore = \"store\"\n[engine]\nkv_cache_tokens = 0\n",
+        );
+        let e = format!(
+            "{:#}",
+            Config::load(&bad, None, &Environment::default()).unwrap_err()
+        );
         assert!(e.contains("engine.kv_cache_tokens"), "{e}");
     }
 

@@ -206,7 +206,11 @@ impl Scheduler {
             }
             let need = s.computed + 1;
             if self.grow(i, need) {
-                plan.push(Planned { seq: i, start: need - 1, end: need });
+                plan.push(Planned {
+                    seq: i,
+                    start: need - 1,
+                    end: need,
+                });
                 budget -= 1;
                 i += 1;
             } else {
@@ -225,7 +229,11 @@ impl Scheduler {
             }
             if remaining > 1 && !skip.contains(&s.request) {
                 let n = remaining.min(budget);
-                plan.push(Planned { seq: i, start: s.computed, end: s.computed + n });
+                plan.push(Planned {
+                    seq: i,
+                    start: s.computed,
+                    end: s.computed + n,
+                });
                 budget -= n;
             }
         }
@@ -256,7 +264,11 @@ impl Scheduler {
 
     fn preempt(&mut self, i: usize) {
         let mut s = self.running.remove(i);
-        tracing::debug!(request = s.request, tokens = s.tokens.len(), "sequence preempted: out of KV cache blocks");
+        tracing::debug!(
+            request = s.request,
+            tokens = s.tokens.len(),
+            "sequence preempted: out of KV cache blocks"
+        );
         self.kv.release(&mut s.table);
         s.computed = 0;
         self.waiting.push_front(s);
@@ -293,7 +305,11 @@ impl Scheduler {
                 }
             }
             let n = (s.tokens.len() - s.computed).min(*budget);
-            plan.push(Planned { seq: self.running.len(), start: s.computed, end: s.computed + n });
+            plan.push(Planned {
+                seq: self.running.len(),
+                start: s.computed,
+                end: s.computed + n,
+            });
             *budget -= n;
             self.running.push(s);
         }
@@ -351,7 +367,10 @@ impl Scheduler {
                 req.live -= 1;
             }
             if req.events.is_closed() && gone.insert(s.request) {
-                tracing::info!(request = s.request, "generation cancelled: the client went away");
+                tracing::info!(
+                    request = s.request,
+                    "generation cancelled: the client went away"
+                );
             }
         }
         let kv = &mut self.kv;
@@ -415,6 +434,7 @@ impl Scheduler {
 
     fn publish(&self) {
         let used = self.kv.total_blocks() - self.kv.free_blocks();
-        self.stats.set_batch(self.running.len(), used, self.kv.total_blocks());
+        self.stats
+            .set_batch(self.running.len(), used, self.kv.total_blocks());
     }
 }

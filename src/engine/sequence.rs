@@ -190,7 +190,12 @@ impl Choice {
         self.produced
     }
 
-    fn delta(&self, events: &mut Events, text: String, logprobs: Vec<TokenLogprob>) -> Result<(), Gone> {
+    fn delta(
+        &self,
+        events: &mut Events,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<(), Gone> {
         if text.is_empty() && logprobs.is_empty() {
             return Ok(());
         }
@@ -253,7 +258,11 @@ mod tests {
         while let Ok(GenerateEvent::Delta { index, .. }) = rx.try_recv() {
             got.push(index);
         }
-        assert_eq!(events.readiness(3, t0), Readiness::Behind, "two were still held");
+        assert_eq!(
+            events.readiness(3, t0),
+            Readiness::Behind,
+            "two were still held"
+        );
         while let Ok(GenerateEvent::Delta { index, .. }) = rx.try_recv() {
             got.push(index);
         }

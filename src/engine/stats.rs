@@ -49,13 +49,18 @@ impl EngineStats {
     /// Records one forward pass.
     pub(super) fn record_step(&self, prompt_tokens: u64, generated: u64) {
         self.steps.fetch_add(1, Ordering::Relaxed);
-        self.prompt_tokens.fetch_add(prompt_tokens, Ordering::Relaxed);
-        self.generated_tokens.fetch_add(generated, Ordering::Relaxed);
+        self.prompt_tokens
+            .fetch_add(prompt_tokens, Ordering::Relaxed);
+        self.generated_tokens
+            .fetch_add(generated, Ordering::Relaxed);
         if generated > 0 {
             if let Ok(mut recent) = self.recent.lock() {
                 let now = Instant::now();
                 recent.push_back((now, generated));
-                while recent.front().is_some_and(|(t, _)| now.duration_since(*t) > WINDOW) {
+                while recent
+                    .front()
+                    .is_some_and(|(t, _)| now.duration_since(*t) > WINDOW)
+                {
                     recent.pop_front();
                 }
             }
@@ -74,7 +79,10 @@ impl EngineStats {
 
     /// KV cache blocks in use and in the pool.
     pub fn kv_blocks(&self) -> (usize, usize) {
-        (self.kv_used.load(Ordering::Acquire), self.kv_total.load(Ordering::Acquire))
+        (
+            self.kv_used.load(Ordering::Acquire),
+            self.kv_total.load(Ordering::Acquire),
+        )
     }
 
     /// Share of the KV cache in use, 0 to 1.

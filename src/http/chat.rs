@@ -202,7 +202,14 @@ pub async fn handle(
         ignore_eos: req.sampling.ignore_eos,
         deadline: None,
     };
-    let job = Job::new(&req.model, request, &req.sampling, "messages", &log, state.request_timeout)?;
+    let job = Job::new(
+        &req.model,
+        request,
+        &req.sampling,
+        "messages",
+        &log,
+        state.request_timeout,
+    )?;
     let meta = Meta::new("chatcmpl", &log, &req.model, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

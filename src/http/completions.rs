@@ -146,7 +146,14 @@ pub async fn handle(
         ignore_eos: req.sampling.ignore_eos,
         deadline: None,
     };
-    let job = Job::new(&req.model, request, &req.sampling, "prompt", &log, state.request_timeout)?;
+    let job = Job::new(
+        &req.model,
+        request,
+        &req.sampling,
+        "prompt",
+        &log,
+        state.request_timeout,
+    )?;
     let meta = Meta::new("cmpl", &log, &req.model, top_logprobs.is_some());
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

@@ -63,13 +63,19 @@ impl SamplingFields {
             serde_json::Value::Number(n) => {
                 let secs = n.as_f64().unwrap_or(-1.0);
                 if !(secs > 0.0 && secs <= 86_400.0) {
-                    return Err(bad(format!("expected seconds between 0 and 86400, got {n}")));
+                    return Err(bad(format!(
+                        "expected seconds between 0 and 86400, got {n}"
+                    )));
                 }
                 Duration::from_secs_f64(secs)
             }
             serde_json::Value::String(s) => humantime::parse_duration(s)
                 .map_err(|e| bad(format!("expected a duration like \"30s\": {e}")))?,
-            other => return Err(bad(format!("expected seconds or a duration string, got {other}"))),
+            other => {
+                return Err(bad(format!(
+                    "expected seconds or a duration string, got {other}"
+                )))
+            }
         };
         if d.is_zero() {
             return Err(bad("must be more than zero".into()));

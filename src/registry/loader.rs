@@ -57,7 +57,9 @@ impl EngineLoader {
             stall_timeout: self.engine.stall_timeout,
             max_sequences: self.engine.max_sequences,
             max_batch_tokens: self.engine.max_batch_tokens,
-            kv_cache_tokens: manifest.kv_cache_tokens.unwrap_or(self.engine.kv_cache_tokens),
+            kv_cache_tokens: manifest
+                .kv_cache_tokens
+                .unwrap_or(self.engine.kv_cache_tokens),
         }
     }
 
@@ -81,7 +83,9 @@ impl EngineLoader {
                 let repo = cache.repo(repo);
                 match m.format {
                     WeightFormat::Gguf => repo.get(files.iter().find(|f| f.ends_with(".gguf"))?),
-                    WeightFormat::Safetensors => Some(repo.get("config.json")?.parent()?.to_path_buf()),
+                    WeightFormat::Safetensors => {
+                        Some(repo.get("config.json")?.parent()?.to_path_buf())
+                    }
                 }
             }
         }
@@ -158,7 +162,9 @@ impl EngineLoader {
                 Ok(match manifest.format {
                     WeightFormat::Gguf => path,
                     // The snapshot folder holds every file of the repo's revision.
-                    WeightFormat::Safetensors => path.parent().map(Path::to_path_buf).unwrap_or(path),
+                    WeightFormat::Safetensors => {
+                        path.parent().map(Path::to_path_buf).unwrap_or(path)
+                    }
                 })
             }
         }

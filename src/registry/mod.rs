@@ -320,9 +320,15 @@ impl Registry {
             m.in_flight.get_or_create(&label).set(st.in_flight as i64);
             let b = &st.batch;
             m.batch_running.get_or_create(&label).set(b.running as i64);
-            m.kv_blocks_used.get_or_create(&label).set(b.kv_blocks_used as i64);
-            m.kv_blocks_total.get_or_create(&label).set(b.kv_blocks_total as i64);
-            m.tokens_per_second.get_or_create(&label).set(b.tokens_per_second);
+            m.kv_blocks_used
+                .get_or_create(&label)
+                .set(b.kv_blocks_used as i64);
+            m.kv_blocks_total
+                .get_or_create(&label)
+                .set(b.kv_blocks_total as i64);
+            m.tokens_per_second
+                .get_or_create(&label)
+                .set(b.tokens_per_second);
             let name = Metrics::model_name(&s.id);
             m.vllm_waiting.get_or_create(&name).set(b.waiting as i64);
             m.vllm_running.get_or_create(&name).set(b.running as i64);

@@ -105,7 +105,13 @@ fn simd_and_reference_matmuls_agree() {
     let (w, _) = random_matrix(200, 576, &mut rng);
     let x = random_rows(7, 576, &mut rng);
     let a = w.matmul(&x, kernels());
-    let b = w.matmul(&x, (dot_reference as crate::quant::DotFn<BlockQ4_1>, dot4_reference as crate::quant::Dot4Fn<BlockQ4_1>));
+    let b = w.matmul(
+        &x,
+        (
+            dot_reference as crate::quant::DotFn<BlockQ4_1>,
+            dot4_reference as crate::quant::Dot4Fn<BlockQ4_1>,
+        ),
+    );
     for (p, q) in a.iter().zip(&b) {
         assert!((p - q).abs() <= 1e-4 * q.abs().max(1.0), "{p} vs {q}");
     }
@@ -169,5 +175,7 @@ fn vnni_and_avx2_dot_products_agree_bit_for_bit() {
     // SAFETY: both feature sets were checked above.
     let (a, b) = unsafe { (avx2::dot4(row, rows), avx2::dot4_vnni(row, rows)) };
     assert_eq!(a, b);
-    assert_eq!(unsafe { avx2::dot(row, rows[2]) }, unsafe { avx2::dot_vnni(row, rows[2]) });
+    assert_eq!(unsafe { avx2::dot(row, rows[2]) }, unsafe {
+        avx2::dot_vnni(row, rows[2])
+    });
 }

@@ -148,11 +148,15 @@ impl LlamaConfig {
             layers: hf.num_hidden_layers,
             heads,
             kv_heads: hf.num_key_value_heads.unwrap_or(heads),
-            head_dim: hf
-                .head_dim
-                .unwrap_or(hf.hidden_size / heads.max(1)),
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / heads.max(1)),
             rope_theta: hf.rope_theta.unwrap_or(10_000.0),
-            rope_scaling: hf.rope_scaling.as_ref().map(parse_scaling).transpose().map_err(bad)?.flatten(),
+            rope_scaling: hf
+                .rope_scaling
+                .as_ref()
+                .map(parse_scaling)
+                .transpose()
+                .map_err(bad)?
+                .flatten(),
             rope_interleaved: false,
             rms_eps: hf.rms_norm_eps,
             trained_context,
@@ -243,14 +247,18 @@ fn parse_scaling(v: &serde_json::Value) -> std::result::Result<Option<RopeScalin
     };
     match kind {
         "default" => Ok(None),
-        "linear" => Ok(Some(RopeScaling::Linear { factor: num("factor")? })),
+        "linear" => Ok(Some(RopeScaling::Linear {
+            factor: num("factor")?,
+        })),
         "llama3" => Ok(Some(RopeScaling::Llama3 {
             factor: num("factor")?,
             low_freq_factor: num("low_freq_factor")?,
             high_freq_factor: num("high_freq_factor")?,
             original_context: num("original_max_position_embeddings")?,
         })),
-        other => Err(format!("rope scaling `{other}` is not supported (linear and llama3 are)")),
+        other => Err(format!(
+            "rope scaling `{other}` is not supported (linear and llama3 are)"
+        )),
     }
 }
 
@@ -267,7 +275,10 @@ mod tests {
             "tie_word_embeddings":true,"sliding_window":4096,"rope_scaling":null}"#,
         )
         .unwrap();
-        assert_eq!((cfg.head_dim, cfg.kv_heads, cfg.tie_embeddings), (8, 2, true));
+        assert_eq!(
+            (cfg.head_dim, cfg.kv_heads, cfg.tie_embeddings),
+            (8, 2, true)
+        );
         assert!(!cfg.rope_interleaved);
     }
 
@@ -276,11 +287,19 @@ mod tests {
         let base = r#""vocab_size":10,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,
             "num_attention_heads":2,"rms_norm_eps":1e-5,"max_position_embeddings":64"#;
         let gpt = format!(r#"{{"model_type":"gpt2",{base}}}"#);
-        assert!(matches!(LlamaConfig::from_hf_json(&gpt), Err(ModelError::UnsupportedArchitecture(_))));
-        let yarn = format!(r#"{{"model_type":"llama","rope_scaling":{{"rope_type":"yarn","factor":4}},{base}}}"#);
+        assert!(matches!(
+            LlamaConfig::from_hf_json(&gpt),
+            Err(ModelError::UnsupportedArchitecture(_))
+        ));
+        let yarn = format!(
+            r#"{{"model_type":"llama","rope_scaling":{{"rope_type":"yarn","factor":4}},{base}}}"#
+        );
         assert!(LlamaConfig::from_hf_json(&yarn).is_err());
         let mistral = format!(r#"{{"model_type":"mistral","sliding_window":32,{base}}}"#);
-        assert_eq!(LlamaConfig::from_hf_json(&mistral).unwrap().trained_context, 32);
+        assert_eq!(
+            LlamaConfig::from_hf_json(&mistral).unwrap().trained_context,
+            32
+        );
     }
 
     #[test]

@@ -120,7 +120,11 @@ pub fn gguf_to_hf(gguf_path: &Path, out: &Path, dtype: DType, shards: usize) {
     let mut tensors = HashMap::new();
     for name in gguf.tensor_names() {
         let Some(hf) = hf_name(&name) else { continue };
-        let mut w = gguf.tensor(&name, &Device::Cpu).unwrap().dequantize(&Device::Cpu).unwrap();
+        let mut w = gguf
+            .tensor(&name, &Device::Cpu)
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap();
         if name.ends_with("attn_q.weight") {
             w = unpermute(&w, cfg.heads);
         } else if name.ends_with("attn_k.weight") {
@@ -143,7 +147,14 @@ pub fn gguf_to_hf(gguf_path: &Path, out: &Path, dtype: DType, shards: usize) {
 /// Writes a random-weight model for the Hugging Face `config` (a JSON
 /// object) into `out`, with `tokenizer.json` and `tokenizer_config.json`
 /// copied from `tokenizer_from`. Qwen2 configs get q/k/v biases.
-pub fn random_model(config: &serde_json::Value, tokenizer_from: &Path, out: &Path, dtype: DType, shards: usize, seed: u64) {
+pub fn random_model(
+    config: &serde_json::Value,
+    tokenizer_from: &Path,
+    out: &Path,
+    dtype: DType,
+    shards: usize,
+    seed: u64,
+) {
     std::fs::write(out.join("config.json"), config.to_string()).unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
         std::fs::copy(tokenizer_from.join(f), out.join(f)).unwrap();
@@ -159,10 +170,19 @@ pub fn random_model(config: &serde_json::Value, tokenizer_from: &Path, out: &Pat
     let (h, i, d) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
     let (q, kv) = (cfg.heads * d, cfg.kv_heads * d);
     let mut t = HashMap::new();
-    t.insert("model.embed_tokens.weight".to_string(), rand(&[cfg.vocab_size, h], 0.5));
-    t.insert("model.norm.weight".to_string(), (rand(&[h], 0.2) + 1.0).unwrap());
+    t.insert(
+        "model.embed_tokens.weight".to_string(),
+        rand(&[cfg.vocab_size, h], 0.5),
+    );
+    t.insert(
+        "model.norm.weight".to_string(),
+        (rand(&[h], 0.2) + 1.0).unwrap(),
+    );
     if !cfg.tie_embeddings {
-        t.insert("lm_head.weight".to_string(), rand(&[cfg.vocab_size, h], 0.2));
+        t.insert(
+            "lm_head.weight".to_string(),
+            rand(&[cfg.vocab_size, h], 0.2),
+        );
     }
     for l in 0..cfg.layers {
         let p = |s: &str| format!("model.layers.{l}.{s}");
@@ -178,7 +198,11 @@ pub fn random_model(config: &serde_json::Value, tokenizer_from: &Path, out: &Pat
             ("mlp.up_proj.weight", vec![i, h], w),
             ("mlp.down_proj.weight", vec![h, i], 1.0 / (i as f32).sqrt()),
         ] {
-            let tensor = if scale == 0.0 { (rand(&shape, 0.2) + 1.0).unwrap() } else { rand(&shape, scale) };
+            let tensor = if scale == 0.0 {
+                (rand(&shape, 0.2) + 1.0).unwrap()
+            } else {
+                rand(&shape, scale)
+            };
             t.insert(p(name), tensor);
         }
         if qwen {

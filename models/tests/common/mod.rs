@@ -40,7 +40,10 @@ pub struct Seq {
 impl Seq {
     /// Runs `tokens` alone after what is cached; returns the next-token logits.
     pub fn feed(&mut self, model: &TextModel, kv: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
-        assert!(kv.grow(&mut self.table, self.len + tokens.len()), "pool exhausted");
+        assert!(
+            kv.grow(&mut self.table, self.len + tokens.len()),
+            "pool exhausted"
+        );
         let item = BatchItem {
             tokens,
             start: self.len,
@@ -78,7 +81,11 @@ pub fn greedy_alone(model: &TextModel, prompt: &[u32], steps: usize) -> Vec<u32>
 }
 
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| f64::from(*x) * f64::from(*y)).sum();
+    let dot: f64 = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| f64::from(*x) * f64::from(*y))
+        .sum();
     let na: f64 = a.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     let nb: f64 = b.iter().map(|x| f64::from(*x).powi(2)).sum::<f64>().sqrt();
     (dot / (na * nb)) as f32
