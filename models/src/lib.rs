@@ -2,7 +2,9 @@
 //! and chat templates from the weight files, sampling, and the paged KV
 //! cache. Knows nothing of the engine, registry or HTTP above it.
 
+pub mod bert;
 pub mod chat_template;
+pub mod embedding;
 pub mod error;
 pub mod footprint;
 pub mod gguf;
@@ -14,6 +16,7 @@ pub mod tokenizer;
 
 pub use candle_core::Device;
 pub use chat_template::ChatMessage;
+pub use embedding::{EmbeddingModel, Pooling, TooLong};
 pub use error::{ModelError, Result};
 pub use footprint::Footprint;
 pub use kv_cache::{BlockTable, CacheShape, KvCache};

@@ -12,11 +12,14 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// The model store (`KINDLING_STORE`, else `store/`).
+pub fn store() -> PathBuf {
+    std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from)
+}
+
 /// The demo GGUF (fetched by `scripts/fetch-models.sh`).
 pub fn demo_gguf() -> PathBuf {
-    let store =
-        std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from);
-    let path = store.join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let path = store().join("smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.is_file(),
         "{} is missing: run scripts/fetch-models.sh first",
