@@ -110,6 +110,8 @@ pub struct Metrics {
     pub generation_tokens: Family<ModelLabel, Counter>,
     /// Sequences in each model's batch (set when rendering).
     pub batch_running: Family<ModelLabel, Gauge>,
+    /// Forward passes run by each loaded model's worker.
+    pub batch_steps: Family<ModelLabel, Gauge>,
     /// KV cache blocks in use per model (set when rendering).
     pub kv_blocks_used: Family<ModelLabel, Gauge>,
     /// KV cache blocks per model (set when rendering).
@@ -156,6 +158,7 @@ impl Metrics {
             prompt_tokens: Family::default(),
             generation_tokens: Family::default(),
             batch_running: Family::default(),
+            batch_steps: Family::default(),
             kv_blocks_used: Family::default(),
             kv_blocks_total: Family::default(),
             tokens_per_second: Family::default(),
@@ -243,8 +246,13 @@ impl Metrics {
         );
         r.register(
             "kindling_batch_running_sequences",
-            "Sequences in a model's running batch",
+            "Sequences in a model's running batch (embeddings: requests in progress)",
             m.batch_running.clone(),
+        );
+        r.register(
+            "kindling_batch_steps",
+            "Forward passes (batches) a loaded model's worker has run",
+            m.batch_steps.clone(),
         );
         r.register(
             "kindling_kv_cache_blocks_used",

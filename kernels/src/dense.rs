@@ -212,7 +212,12 @@ impl DenseMatrix {
     pub fn forward(&self, x: &[f32], rows: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
         assert_eq!(x.len(), rows * self.k, "input is not [{rows}, {}]", self.k);
         if let Epilogue::Residual(r) = epilogue {
-            assert_eq!(r.len(), rows * self.n, "residual is not [{rows}, {}]", self.n);
+            assert_eq!(
+                r.len(),
+                rows * self.n,
+                "residual is not [{rows}, {}]",
+                self.n
+            );
         }
         let mut out = vec![0.0f32; rows * self.n];
         if rows == 0 {
@@ -414,7 +419,13 @@ mod amx {
         const XFEATURE_XTILEDATA: libc::c_long = 18;
         // SAFETY: arch_prctl with these arguments only changes which state
         // components the process may use.
-        unsafe { libc::syscall(libc::SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 }
+        unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            ) == 0
+        }
     }
 
     /// Palette 1, eight tiles of 16 rows × 64 bytes.
@@ -470,8 +481,62 @@ mod amx {
             .clamp(1, col_blocks);
         let per_group = col_blocks.div_ceil(groups);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        let kb = k / 32;
+        let job = Job {
+            m,
+            a_hi: &a_hi,
+            a_lo: &a_lo,
+            w_hi,
+            w_lo,
+            rows,
+            groups,
+            per_group,
+            row_blocks,
+            col_blocks,
+            epilogue,
+            out: out_ptr,
+        };
         (0..row_groups * groups).into_par_iter().for_each(|unit| {
+            // SAFETY: AMX machines have AVX-512 (F, BW, VL) and FMA.
+            unsafe { run_unit(&job, unit) }
+        });
+    }
+
+    struct Job<'a> {
+        m: &'a DenseMatrix,
+        a_hi: &'a [u16],
+        a_lo: &'a [u16],
+        w_hi: &'a [u16],
+        w_lo: &'a [u16],
+        rows: usize,
+        groups: usize,
+        per_group: usize,
+        row_blocks: usize,
+        col_blocks: usize,
+        epilogue: Epilogue<'a>,
+        out: SendPtr,
+    }
+
+    /// One unit: a run of column blocks × up to 8 row blocks, with the
+    /// epilogue vectorized for AVX-512.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+    unsafe fn run_unit(job: &Job<'_>, unit: usize) {
+        let Job {
+            m,
+            a_hi,
+            a_lo,
+            w_hi,
+            w_lo,
+            rows,
+            groups,
+            per_group,
+            row_blocks,
+            col_blocks,
+            epilogue,
+            out: out_ptr,
+        } = *job;
+        let (n, k) = (m.n, m.k);
+        let kb = k / 32;
+        {
             let (rg, g) = (unit / groups, unit % groups);
             let mut c = [[0.0f32; 256]; 4];
             // SAFETY: `enable` granted the tile state; the config is valid.
@@ -496,9 +561,8 @@ mod amx {
                     for (t, tile) in c.iter().enumerate() {
                         let (tr, tc) = (t / 2, t % 2);
                         let col = cb * 32 + tc * 16;
-                        let bias: &[f32; 16] = m.bias[col..col + 16]
-                            .try_into()
-                            .expect("16 columns");
+                        let bias: &[f32; 16] =
+                            m.bias[col..col + 16].try_into().expect("16 columns");
                         for r in 0..16 {
                             let row = rb * 32 + tr * 16 + r;
                             if row >= rows {
@@ -515,7 +579,7 @@ mod amx {
             }
             // SAFETY: hands the tile state back (smaller context switches).
             unsafe { asm!("tilerelease", options(nostack, nomem)) };
-        });
+        }
     }
 
     /// One 32 × 32 micro-tile over all of `k`: `c[2·r + j]` is rows
@@ -644,7 +708,13 @@ mod tests {
 
     #[test]
     fn products_match_the_reference_on_odd_shapes() {
-        for (rows, n, k) in [(1, 32, 32), (7, 64, 96), (33, 96, 64), (70, 32, 384), (5, 17, 13)] {
+        for (rows, n, k) in [
+            (1, 32, 32),
+            (7, 64, 96),
+            (33, 96, 64),
+            (70, 32, 384),
+            (5, 17, 13),
+        ] {
             let w = random(n * k, 1);
             let b = random(n, 2);
             let x = random(rows * k, 3);
@@ -654,7 +724,10 @@ mod tests {
                 let got = m.forward(&x, rows, Epilogue::None);
                 for (g, w) in got.iter().zip(&want) {
                     let err = (f64::from(*g) - w).abs();
-                    assert!(err < 2e-5 * (k as f64).sqrt(), "{isa:?} {rows}x{n}x{k}: {g} vs {w}");
+                    assert!(
+                        err < 2e-5 * (k as f64).sqrt(),
+                        "{isa:?} {rows}x{n}x{k}: {g} vs {w}"
+                    );
                 }
             }
         }
@@ -663,7 +736,12 @@ mod tests {
     #[test]
     fn epilogues_apply_after_the_bias() {
         let (rows, n, k) = (3, 32, 64);
-        let (w, b, x, res) = (random(n * k, 4), random(n, 5), random(rows * k, 6), random(rows * n, 7));
+        let (w, b, x, res) = (
+            random(n * k, 4),
+            random(n, 5),
+            random(rows * k, 6),
+            random(rows * n, 7),
+        );
         let m = DenseMatrix::new(&w, Some(&b), n, k);
         let plain = m.forward(&x, rows, Epilogue::None);
         let gelu_out = m.forward(&x, rows, Epilogue::Gelu);
@@ -684,7 +762,12 @@ mod tests {
             let all = m.forward(&x, 77, Epilogue::None);
             for (r, rows) in [(0, 1), (40, 1), (76, 1), (3, 5), (30, 40)] {
                 let part = m.forward(&x[r * k..(r + rows) * k], rows, Epilogue::None);
-                assert_eq!(part, all[r * n..(r + rows) * n], "{isa:?} rows {r}..{}", r + rows);
+                assert_eq!(
+                    part,
+                    all[r * n..(r + rows) * n],
+                    "{isa:?} rows {r}..{}",
+                    r + rows
+                );
             }
         }
     }

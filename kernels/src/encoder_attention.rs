@@ -40,7 +40,8 @@ pub fn encoder_attention(
         for i in 0..len {
             let r = row(i);
             keys.extend_from_slice(&r[hidden + h * head_dim..hidden + (h + 1) * head_dim]);
-            values.extend_from_slice(&r[2 * hidden + h * head_dim..2 * hidden + (h + 1) * head_dim]);
+            values
+                .extend_from_slice(&r[2 * hidden + h * head_dim..2 * hidden + (h + 1) * head_dim]);
         }
         let mut scores = vec![0.0f32; len];
         let mut acc = vec![0.0f32; head_dim];
@@ -140,7 +141,12 @@ mod tests {
         // The third sequence alone gives the same bits.
         let hidden3 = 3 * heads * head_dim;
         let (s, l) = seqs[2];
-        let alone = encoder_attention(&qkv[s * hidden3..(s + l) * hidden3], &[(0, l)], heads, head_dim);
+        let alone = encoder_attention(
+            &qkv[s * hidden3..(s + l) * hidden3],
+            &[(0, l)],
+            heads,
+            head_dim,
+        );
         let hidden = heads * head_dim;
         assert_eq!(alone, got[s * hidden..(s + l) * hidden]);
     }

@@ -203,10 +203,24 @@ impl EmbeddingModel {
         self.bert.weight_bytes()
     }
 
+    /// The dense-kernel family in use (`Amx`, `Avx512`, `Avx2`, `Reference`).
+    pub fn kernels(&self) -> &'static str {
+        match kindling_kernels::dense_isa() {
+            kindling_kernels::DenseIsa::Amx => "amx-bf16x3",
+            kindling_kernels::DenseIsa::Avx512 => "avx512",
+            kindling_kernels::DenseIsa::Avx2 => "avx2",
+            kindling_kernels::DenseIsa::Reference => "reference",
+        }
+    }
+
     /// Token ids of `text` with the model's special tokens, cut at
     /// [`Self::max_tokens`] unless `truncate` is false, when a longer text
     /// is refused.
-    pub fn tokenize(&self, text: &str, truncate: bool) -> Result<std::result::Result<Vec<u32>, TooLong>> {
+    pub fn tokenize(
+        &self,
+        text: &str,
+        truncate: bool,
+    ) -> Result<std::result::Result<Vec<u32>, TooLong>> {
         let encoding = self
             .tokenizer
             .encode(text, true)

@@ -93,6 +93,33 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
     })
 }
 
+/// Estimates an embedding model (a Hugging Face folder) that packs up to
+/// `batch_tokens` tokens per encoder pass. Weights are held as f32 (or as
+/// two bf16 halves, the same bytes); the header check catches truncated files.
+pub fn estimate_embedding(path: &Path, batch_tokens: usize) -> Result<Footprint> {
+    let f32s = 4u64;
+    let cfg = crate::bert::BertConfig::from_dir(path)?;
+    let mut elements = 0u64;
+    for file in crate::llama::weight_files(path)? {
+        elements += safetensors_header(&file)?
+            .iter()
+            .map(|t| t.elements)
+            .sum::<u64>();
+    }
+    let t = batch_tokens.max(cfg.max_positions()) as u64;
+    let (hidden, inner) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
+    // Per packed token: the residual stream, q/k/v, context, the MLP's inner
+    // activations and the bf16 copies of a product's input; plus one
+    // sequence's attention scores per head task.
+    let scratch = t * (3 * hidden + 3 * hidden + hidden + inner + 2 * inner) * f32s
+        + cfg.max_positions() as u64 * 2 * hidden * f32s;
+    Ok(Footprint {
+        weights: elements * f32s,
+        cache: 0,
+        scratch,
+    })
+}
+
 /// A tensor as a safetensors header declares it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorInfo {

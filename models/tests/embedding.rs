@@ -55,10 +55,16 @@ fn reference() -> Vec<Case> {
 fn matches_sentence_transformers() {
     let model = model();
     let cases = reference();
-    assert!(cases.iter().any(|c| c.ids.len() == model.max_tokens()), "a truncated case");
+    assert!(
+        cases.iter().any(|c| c.ids.len() == model.max_tokens()),
+        "a truncated case"
+    );
     let mut worst = 1.0f32;
     for case in &cases {
-        let ids = model.tokenize(&case.text, true).expect("tokenizes").expect("fits");
+        let ids = model
+            .tokenize(&case.text, true)
+            .expect("tokenizes")
+            .expect("fits");
         assert_eq!(ids, case.ids, "token ids of {:?}", case.text);
         let got = &model.embed(&[&ids]).expect("embeds")[0];
         assert_eq!(got.len(), 384);
@@ -79,7 +85,10 @@ fn truncation_off_refuses_long_text() {
     let too_long = refused.expect_err("refused");
     assert_eq!(too_long.limit, 256);
     assert!(too_long.tokens > 256, "{too_long:?}");
-    let cut = model.tokenize(&long, true).expect("tokenizes").expect("cut");
+    let cut = model
+        .tokenize(&long, true)
+        .expect("tokenizes")
+        .expect("cut");
     assert_eq!(cut.len(), 256);
     assert_eq!(cut.last(), Some(&102), "ends with [SEP]");
 }
@@ -96,12 +105,18 @@ fn an_embedding_is_the_same_alone_and_in_any_batch() {
     for round in 0..6 {
         // A random multiset of the cases, in random order, some repeated.
         let size = rng.random_range(2..=3 * cases.len());
-        let mut picks: Vec<usize> = (0..size).map(|_| rng.random_range(0..cases.len())).collect();
+        let mut picks: Vec<usize> = (0..size)
+            .map(|_| rng.random_range(0..cases.len()))
+            .collect();
         picks.shuffle(&mut rng);
         let batch: Vec<&[u32]> = picks.iter().map(|&i| cases[i].ids.as_slice()).collect();
         let got = model.embed(&batch).expect("embeds");
         for (&i, v) in picks.iter().zip(&got) {
-            assert_eq!(v, &alone[i], "round {round}: {:?} differs inside a batch of {size}", cases[i].text);
+            assert_eq!(
+                v, &alone[i],
+                "round {round}: {:?} differs inside a batch of {size}",
+                cases[i].text
+            );
         }
     }
 }

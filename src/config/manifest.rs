@@ -17,6 +17,8 @@ pub enum ModelKind {
     Chat,
     /// Text completions only (no chat template).
     Completion,
+    /// Embeddings (`/v1/embeddings`).
+    Embedding,
 }
 
 impl ModelKind {
@@ -25,6 +27,7 @@ impl ModelKind {
         match self {
             Self::Chat => "chat",
             Self::Completion => "completion",
+            Self::Embedding => "embedding",
         }
     }
 }
@@ -46,6 +49,8 @@ pub enum WeightFormat {
 pub enum Architecture {
     /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2).
     Llama,
+    /// BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa), for embeddings.
+    Bert,
 }
 
 /// `[weights]` as written: a local `path`, or a Hugging Face `repo` with
@@ -110,6 +115,8 @@ struct ManifestFile {
     context_length: Option<usize>,
     kv_cache_tokens: Option<usize>,
     #[serde(default)]
+    dimensions: Vec<usize>,
+    #[serde(default)]
     defaults: GenerationDefaults,
     #[serde(default = "default_owner")]
     owned_by: String,
@@ -138,6 +145,9 @@ pub struct ModelManifest {
     pub context_length: Option<usize>,
     /// Positions of its paged KV cache (default: `engine.kv_cache_tokens`).
     pub kv_cache_tokens: Option<usize>,
+    /// Embedding models: shorter widths clients may ask for with
+    /// `dimensions` (Matryoshka-trained models); empty = only the full one.
+    pub dimensions: Vec<usize>,
     /// Sampling defaults.
     pub defaults: GenerationDefaults,
     /// Free-form owner shown in `/v1/models`.
@@ -197,8 +207,24 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
             m.id
         );
     }
-    let weights =
-        weight_source(m.weights, store).map_err(|e| anyhow::anyhow!("{f}: weights.{e}"))?;
+    match (m.kind, m.architecture, m.format) {
+        (ModelKind::Embedding, Architecture::Bert, WeightFormat::Safetensors) => {}
+        (ModelKind::Embedding, Architecture::Bert, _) => {
+            bail!("{f}: format: embedding models load from a safetensors folder (`format = \"safetensors\"`)")
+        }
+        (ModelKind::Embedding, _, _) | (_, Architecture::Bert, _) => {
+            bail!("{f}: kind: embedding models use `architecture = \"bert\"`, and bert models `kind = \"embedding\"`")
+        }
+        _ => {}
+    }
+    if !m.dimensions.is_empty() && m.kind != ModelKind::Embedding {
+        bail!("{f}: dimensions: only embedding models have dimensions");
+    }
+    if m.dimensions.contains(&0) {
+        bail!("{f}: dimensions: expected positive widths");
+    }
+    let weights = weight_source(m.weights, m.format, store)
+        .map_err(|e| anyhow::anyhow!("{f}: weights.{e}"))?;
     if let Some(ctx) = m.context_length {
         if ctx < 16 {
             bail!("{f}: context_length: expected at least 16, got {ctx}");
@@ -216,6 +242,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         weights,
         context_length: m.context_length,
         kv_cache_tokens: m.kv_cache_tokens,
+        dimensions: m.dimensions,
         defaults: m.defaults,
         owned_by: m.owned_by,
         device: m.device,
@@ -234,7 +261,11 @@ fn valid_id(id: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
 }
 
-fn weight_source(w: WeightsFile, store: &Path) -> std::result::Result<WeightSource, String> {
+fn weight_source(
+    w: WeightsFile,
+    format: WeightFormat,
+    store: &Path,
+) -> std::result::Result<WeightSource, String> {
     match (w.path, w.repo) {
         (Some(path), None) => {
             if w.revision.is_some() || !w.files.is_empty() || !w.sha256.is_empty() {
@@ -249,8 +280,17 @@ fn weight_source(w: WeightsFile, store: &Path) -> std::result::Result<WeightSour
             if parts.len() != 2 || parts.iter().any(|p| !valid_id(p) || p.starts_with('.')) {
                 return Err(format!("repo: expected `owner/name`, got `{repo}`"));
             }
-            if !w.files.iter().any(|f| f.ends_with(".gguf")) {
-                return Err("files: expected the list of files to fetch, with one `.gguf`".into());
+            let (found, want) = match format {
+                WeightFormat::Gguf => (w.files.iter().any(|f| f.ends_with(".gguf")), "one `.gguf`"),
+                WeightFormat::Safetensors => (
+                    w.files.iter().any(|f| f == "config.json"),
+                    "`config.json` and the `.safetensors` files",
+                ),
+            };
+            if !found {
+                return Err(format!(
+                    "files: expected the list of files to fetch, with {want}"
+                ));
             }
             if let Some(f) = w
                 .files

@@ -89,6 +89,9 @@ pub struct EngineConfig {
     /// Deadline for requests that name no `timeout` (`"2m"`); none by default.
     #[serde(with = "duration::optional")]
     pub request_timeout: Option<Duration>,
+    /// Tokens per encoder pass of an embedding model: concurrent requests'
+    /// inputs are packed together up to this (at least one longest input).
+    pub embedding_batch_tokens: usize,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +103,7 @@ impl Default for EngineConfig {
             max_batch_tokens: 256,
             kv_cache_tokens: 16384,
             request_timeout: None,
+            embedding_batch_tokens: 2048,
         }
     }
 }
@@ -258,6 +262,7 @@ impl Config {
             ("max_sequences", engine.max_sequences),
             ("max_batch_tokens", engine.max_batch_tokens),
             ("kv_cache_tokens", engine.kv_cache_tokens),
+            ("embedding_batch_tokens", engine.embedding_batch_tokens),
         ] {
             if value == 0 {
                 bail!("{}: engine.{key}: expected at least 1", path.display());

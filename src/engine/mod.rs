@@ -6,6 +6,7 @@
 //! prefills prompts in chunks beside the sequences being decoded, and keeps
 //! keys and values in a paged cache, so sequences join and leave at any step.
 
+mod embed;
 mod scheduler;
 mod sequence;
 mod stats;
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use embed::{EmbedInput, EmbedRequest, Embeddings};
 pub use stats::EngineStats;
 
 use kindling_models::{ChatMessage, Footprint, SamplingParams};
@@ -177,11 +179,26 @@ pub enum EngineError {
     Stopped(String),
 }
 
-/// Where and how to load a text model.
+/// What a model is loaded for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Task {
+    /// Text generation (continuous batching).
+    Text,
+    /// Embeddings (dynamic batching); `dimensions` lists the shorter
+    /// widths the model allows (Matryoshka), besides its full one.
+    Embedding {
+        /// Allowed shorter widths.
+        dimensions: Vec<usize>,
+    },
+}
+
+/// Where and how to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
     /// The model's id, for logs and errors.
     pub model: String,
+    /// What it serves.
+    pub task: Task,
     /// The GGUF file, or the Hugging Face folder.
     pub path: PathBuf,
     /// Cap on positions per sequence (default: the trained context).
@@ -193,7 +210,8 @@ pub struct LoadSpec {
     pub stall_timeout: Duration,
     /// Sequences per batch.
     pub max_sequences: usize,
-    /// Tokens per forward pass: decode tokens plus prompt chunks.
+    /// Tokens per forward pass: decode tokens plus prompt chunks (text);
+    /// packed input tokens per encoder pass (embeddings).
     pub max_batch_tokens: usize,
     /// Positions the paged KV cache holds over all sequences (raised to at
     /// least one full context).
@@ -214,12 +232,16 @@ impl LoadSpec {
 /// Estimates the memory the model in `spec` will take once loaded and
 /// serving: weights, the whole KV cache and one pass's activations.
 pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
-    kindling_models::footprint::estimate_text(&spec.path, spec.serving()).map_err(|e| {
-        EngineError::LoadFailed {
-            model: spec.model.clone(),
-            reason: e.to_string(),
-            retry_after: None,
+    let estimate = match spec.task {
+        Task::Text => kindling_models::footprint::estimate_text(&spec.path, spec.serving()),
+        Task::Embedding { .. } => {
+            kindling_models::footprint::estimate_embedding(&spec.path, spec.max_batch_tokens)
         }
+    };
+    estimate.map_err(|e| EngineError::LoadFailed {
+        model: spec.model.clone(),
+        reason: e.to_string(),
+        retry_after: None,
     })
 }
 
@@ -234,9 +256,18 @@ pub(crate) struct Job {
 pub struct EngineHandle {
     model: Arc<str>,
     queue_size: usize,
-    stall_timeout: Duration,
-    jobs: mpsc::UnboundedSender<Job>,
+    worker: Worker,
     stats: Arc<EngineStats>,
+}
+
+/// The worker behind a handle.
+#[derive(Clone)]
+enum Worker {
+    Text {
+        jobs: mpsc::UnboundedSender<Job>,
+        stall_timeout: Duration,
+    },
+    Embedding(embed::EmbedWorker),
 }
 
 /// Events are buffered this deep per request before the worker waits for
@@ -260,6 +291,13 @@ impl EngineHandle {
         &self,
         request: GenerateRequest,
     ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+        let Worker::Text {
+            jobs,
+            stall_timeout,
+        } = &self.worker
+        else {
+            return Err(self.wrong_task("text generation"));
+        };
         if !self.stats.try_enqueue(self.queue_size) {
             return Err(EngineError::QueueFull {
                 model: self.model.to_string(),
@@ -270,12 +308,30 @@ impl EngineHandle {
         // takes part in a step when its client has room for that step.
         let choices = request.n * request.prompts.len();
         let (tx, rx) = mpsc::channel(EVENT_BUFFER.max(4 * sequence::EVENTS_PER_STEP * choices));
-        let events = sequence::Events::new(tx, self.stall_timeout);
-        if self.jobs.send(Job { request, events }).is_err() {
+        let events = sequence::Events::new(tx, *stall_timeout);
+        if jobs.send(Job { request, events }).is_err() {
             self.stats.dequeue();
             return Err(EngineError::Stopped(self.model.to_string()));
         }
         Ok(rx)
+    }
+
+    /// Embeds `request`'s inputs, batched with other requests'. Dropping the
+    /// future cancels the request.
+    pub async fn embed(&self, request: EmbedRequest) -> Result<Embeddings, EngineError> {
+        let Worker::Embedding(worker) = &self.worker else {
+            return Err(self.wrong_task("embeddings"));
+        };
+        worker
+            .embed(&self.model, &self.stats, self.queue_size, request)
+            .await
+    }
+
+    fn wrong_task(&self, what: &str) -> EngineError {
+        EngineError::InvalidInput {
+            param: "model",
+            message: format!("model `{}` does not serve {what}", self.model),
+        }
     }
 }
 
@@ -287,20 +343,18 @@ pub type Stopped = oneshot::Receiver<()>;
 /// until the last handle is dropped and its queue is empty; `Stopped`
 /// resolves after it has freed the model.
 pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineError> {
-    let (jobs, rx) = mpsc::unbounded_channel();
     let stats = Arc::new(EngineStats::default());
     let worker_stats = stats.clone();
-    let (ready_tx, ready_rx) = oneshot::channel();
+    let (ready_tx, ready_rx) = oneshot::channel::<Result<Worker, EngineError>>();
     let (stopped_tx, stopped_rx) = oneshot::channel();
     let name = format!("model-{}", spec.model);
     let model: Arc<str> = Arc::from(spec.model.as_str());
     let queue_size = spec.queue_size;
-    let stall_timeout = spec.stall_timeout;
     let thread_spec = spec.clone();
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
-            worker::run_worker(thread_spec, rx, ready_tx, worker_stats);
+            run(thread_spec, ready_tx, worker_stats);
             let _ = stopped_tx.send(());
         })
         .map_err(|e| EngineError::LoadFailed {
@@ -308,7 +362,7 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
             reason: format!("cannot start worker thread: {e}"),
             retry_after: None,
         })?;
-    ready_rx.await.map_err(|_| EngineError::LoadFailed {
+    let worker = ready_rx.await.map_err(|_| EngineError::LoadFailed {
         model: spec.model.clone(),
         reason: "the worker thread died while loading".into(),
         retry_after: None,
@@ -316,9 +370,64 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
     let handle = EngineHandle {
         model,
         queue_size,
-        stall_timeout,
-        jobs,
+        worker,
         stats,
     };
     Ok((handle, stopped_rx))
+}
+
+/// The worker thread's body: loads the model, hands back how to reach it,
+/// and serves until the last handle is gone.
+fn run(
+    spec: LoadSpec,
+    ready: oneshot::Sender<Result<Worker, EngineError>>,
+    stats: Arc<EngineStats>,
+) {
+    match spec.task.clone() {
+        Task::Text => {
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let worker = Worker::Text {
+                jobs,
+                stall_timeout: spec.stall_timeout,
+            };
+            let on_ready =
+                |result: Result<(), EngineError>| ready.send(result.map(|()| worker)).is_ok();
+            worker::run_worker(spec, rx, on_ready, stats);
+        }
+        Task::Embedding { dimensions } => {
+            let started = Instant::now();
+            let model = match kindling_models::EmbeddingModel::load(&spec.path) {
+                Ok(m) => Arc::new(m),
+                Err(e) => {
+                    let _ = ready.send(Err(EngineError::LoadFailed {
+                        model: spec.model.clone(),
+                        reason: e.to_string(),
+                        retry_after: None,
+                    }));
+                    return;
+                }
+            };
+            tracing::info!(
+                model = %spec.model,
+                path = %spec.path.display(),
+                dimensions = model.dimensions(),
+                max_tokens = model.max_tokens(),
+                max_batch_tokens = spec.max_batch_tokens,
+                kernels = model.kernels(),
+                weight_bytes = model.weight_bytes(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let worker = Worker::Embedding(embed::EmbedWorker {
+                jobs,
+                model: model.clone(),
+                dimensions: dimensions.into(),
+            });
+            if ready.send(Ok(worker)).is_err() {
+                return;
+            }
+            embed::run(spec, model, rx, stats);
+        }
+    }
 }

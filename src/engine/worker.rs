@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kindling_models::{KvCache, SamplingParams, TextModel};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::scheduler::{Limits, Request, Scheduler, Sequence};
 use super::sequence::{Choice, ChoiceSpec};
@@ -15,14 +15,14 @@ use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt};
 pub(super) fn run_worker(
     spec: LoadSpec,
     mut jobs: mpsc::UnboundedReceiver<Job>,
-    ready: oneshot::Sender<Result<(), EngineError>>,
+    ready: impl FnOnce(Result<(), EngineError>) -> bool,
     stats: Arc<EngineStats>,
 ) {
     let started = Instant::now();
     let model = match TextModel::load(&spec.path, spec.context_length) {
         Ok(m) => m,
         Err(e) => {
-            let _ = ready.send(Err(EngineError::LoadFailed {
+            ready(Err(EngineError::LoadFailed {
                 model: spec.model.clone(),
                 reason: e.to_string(),
                 retry_after: None,
@@ -48,7 +48,7 @@ pub(super) fn run_worker(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
-    if ready.send(Ok(())).is_err() {
+    if !ready(Ok(())) {
         return;
     }
     let mut scheduler = Scheduler::new(limits, kv, stats);

@@ -4,6 +4,7 @@
 mod admin;
 mod chat;
 mod completions;
+mod embeddings;
 pub mod error;
 mod extract;
 mod generation;
@@ -95,6 +96,7 @@ pub fn router(state: AppState) -> Router {
     router
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::get))
         .route("/metrics", get(admin::metrics))

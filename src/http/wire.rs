@@ -44,6 +44,25 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    #[serde(flatten)]
+    pub lifetime: LifetimeFields,
+}
+
+impl SamplingFields {
+    /// The validated `timeout`.
+    pub fn timeout(&self) -> Result<Option<Duration>, ApiError> {
+        self.lifetime.timeout()
+    }
+
+    /// The validated `keep_alive`.
+    pub fn keep_alive(&self) -> Result<Option<KeepAlive>, ApiError> {
+        self.lifetime.keep_alive()
+    }
+}
+
+/// Extension fields every model request accepts.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LifetimeFields {
     /// How long the model stays loaded after this request: a duration like
     /// `"10m"`, seconds, `0` (unload right after) or `-1` (forever).
     pub keep_alive: Option<serde_json::Value>,
@@ -52,7 +71,7 @@ pub struct SamplingFields {
     pub timeout: Option<serde_json::Value>,
 }
 
-impl SamplingFields {
+impl LifetimeFields {
     /// The validated `timeout`.
     pub fn timeout(&self) -> Result<Option<Duration>, ApiError> {
         let bad = |why: String| ApiError::invalid("timeout", format!("`timeout`: {why}"));

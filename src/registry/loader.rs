@@ -12,8 +12,10 @@ use kindling_models::Footprint;
 use super::download;
 use super::lifecycle::{BatchSnapshot, Loaded, Loader, Progress};
 use super::memory;
-use crate::config::{Config, EngineConfig, HubConfig, ModelManifest, WeightFormat, WeightSource};
-use crate::engine::{self, EngineError, EngineHandle, LoadSpec};
+use crate::config::{
+    Config, EngineConfig, HubConfig, ModelKind, ModelManifest, WeightFormat, WeightSource,
+};
+use crate::engine::{self, EngineError, EngineHandle, LoadSpec, Task};
 
 /// Loads text models into engine workers.
 pub struct EngineLoader {
@@ -49,14 +51,26 @@ impl EngineLoader {
     }
 
     fn spec(&self, manifest: &ModelManifest, path: PathBuf) -> LoadSpec {
+        let embedding = manifest.kind == ModelKind::Embedding;
         LoadSpec {
             model: manifest.id.clone(),
+            task: if embedding {
+                Task::Embedding {
+                    dimensions: manifest.dimensions.clone(),
+                }
+            } else {
+                Task::Text
+            },
             path,
             context_length: manifest.context_length,
             queue_size: self.engine.queue_size,
             stall_timeout: self.engine.stall_timeout,
             max_sequences: self.engine.max_sequences,
-            max_batch_tokens: self.engine.max_batch_tokens,
+            max_batch_tokens: if embedding {
+                self.engine.embedding_batch_tokens
+            } else {
+                self.engine.max_batch_tokens
+            },
             kv_cache_tokens: manifest
                 .kv_cache_tokens
                 .unwrap_or(self.engine.kv_cache_tokens),
@@ -239,6 +253,7 @@ impl Loader for Arc<EngineLoader> {
             prompt_tokens: s.prompt_tokens(),
             generated_tokens: s.generated_tokens(),
             tokens_per_second: s.tokens_per_second(),
+            steps: s.steps(),
         }
     }
 }

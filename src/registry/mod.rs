@@ -30,7 +30,7 @@ pub enum RegistryError {
     #[error("the model `{0}` does not exist")]
     NotFound(String),
     /// The model exists but is not served for this kind of request.
-    #[error("the model `{model}` is a {kind} model and cannot serve {wanted}")]
+    #[error("the model `{model}` ({kind}) cannot serve {wanted}")]
     WrongKind {
         /// The model.
         model: String,
@@ -224,14 +224,36 @@ impl Registry {
         purpose: Purpose,
     ) -> Result<GenerationDefaults, RegistryError> {
         let entry = self.entry(id)?;
-        if purpose == Purpose::Chat && entry.manifest.kind != ModelKind::Chat {
+        let kind = entry.manifest.kind;
+        let wanted = match purpose {
+            Purpose::Chat => "chat completions",
+            Purpose::Completion => "text completions",
+        };
+        let serves = match purpose {
+            Purpose::Chat => kind == ModelKind::Chat,
+            Purpose::Completion => kind != ModelKind::Embedding,
+        };
+        if !serves {
             return Err(RegistryError::WrongKind {
                 model: id.to_string(),
-                kind: "completion",
-                wanted: "chat completions",
+                kind: kind.name(),
+                wanted,
             });
         }
         Ok(entry.manifest.defaults.clone())
+    }
+
+    /// Checks that `id` is an embedding model.
+    pub fn check_embedding(&self, id: &str) -> Result<(), RegistryError> {
+        let kind = self.entry(id)?.manifest.kind;
+        if kind != ModelKind::Embedding {
+            return Err(RegistryError::WrongKind {
+                model: id.to_string(),
+                kind: kind.name(),
+                wanted: "embeddings",
+            });
+        }
+        Ok(())
     }
 
     fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
@@ -320,6 +342,9 @@ impl Registry {
             m.in_flight.get_or_create(&label).set(st.in_flight as i64);
             let b = &st.batch;
             m.batch_running.get_or_create(&label).set(b.running as i64);
+            m.batch_steps
+                .get_or_create(&label)
+                .set(gauge_value(b.steps));
             m.kv_blocks_used
                 .get_or_create(&label)
                 .set(b.kv_blocks_used as i64);

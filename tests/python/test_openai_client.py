@@ -113,3 +113,40 @@ def test_errors_surface_as_openai_exceptions(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="x", max_tokens=100000)
     assert e.value.body["code"] == "context_length_exceeded"
+
+
+EMBEDDING_MODEL = "all-minilm-l6-v2"
+
+
+def test_embeddings_float_and_base64(client):
+    texts = ["The quick brown fox jumps over the lazy dog.", "Ünïcödé façade", "Hi"]
+    as_float = client.embeddings.create(model=EMBEDDING_MODEL, input=texts, encoding_format="float")
+    assert as_float.object == "list"
+    assert [d.index for d in as_float.data] == [0, 1, 2]
+    assert all(len(d.embedding) == 384 for d in as_float.data)
+    assert as_float.usage.prompt_tokens == as_float.usage.total_tokens > 0
+    # base64 (the client asks for it by default and decodes it).
+    as_b64 = client.embeddings.create(model=EMBEDDING_MODEL, input=texts, encoding_format="base64")
+    default = client.embeddings.create(model=EMBEDDING_MODEL, input=texts)
+    for f, b, d in zip(as_float.data, as_b64.data, default.data):
+        assert isinstance(b.embedding, str)
+        import base64
+        import struct
+
+        raw = base64.b64decode(b.embedding)
+        decoded = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+        assert decoded == f.embedding
+        assert list(d.embedding) == f.embedding
+        assert abs(sum(x * x for x in f.embedding) - 1.0) < 1e-4
+
+
+def test_embeddings_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=EMBEDDING_MODEL, input=[])
+    assert e.value.body["param"] == "input"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=EMBEDDING_MODEL, input="hi", dimensions=64)
+    assert e.value.body["param"] == "dimensions"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model=MODEL, input="hi")
+    assert e.value.body["param"] == "model"

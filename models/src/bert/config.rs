@@ -114,7 +114,9 @@ impl BertConfig {
             ));
         }
         if self.vocab_size == 0 || self.num_hidden_layers == 0 || self.intermediate_size == 0 {
-            return Err("vocab_size, num_hidden_layers and intermediate_size must be positive".into());
+            return Err(
+                "vocab_size, num_hidden_layers and intermediate_size must be positive".into(),
+            );
         }
         if self.max_positions() == 0 {
             return Err("max_position_embeddings leaves no positions".into());

@@ -70,7 +70,10 @@ impl Weights {
             .find(|p| names.contains(&format!("{p}embeddings.word_embeddings.weight")))
             .ok_or_else(|| ModelError::Tensor {
                 name: "embeddings.word_embeddings.weight".into(),
-                message: format!("not found in {} (is this a BERT checkpoint?)", dir.display()),
+                message: format!(
+                    "not found in {} (is this a BERT checkpoint?)",
+                    dir.display()
+                ),
             })?;
         Ok(Self {
             files,
@@ -82,10 +85,13 @@ impl Weights {
     /// A tensor as f32 values, checked against its expected element count.
     fn get(&self, name: &str, len: usize) -> Result<Vec<f32>> {
         let full = format!("{}{name}", self.prefix);
-        let t = self.files.load(&full, &Device::Cpu).map_err(|e| ModelError::Tensor {
-            name: full.clone(),
-            message: format!("cannot load from {}: {e}", self.dir.display()),
-        })?;
+        let t = self
+            .files
+            .load(&full, &Device::Cpu)
+            .map_err(|e| ModelError::Tensor {
+                name: full.clone(),
+                message: format!("cannot load from {}: {e}", self.dir.display()),
+            })?;
         let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         if values.len() != len {
             return Err(ModelError::Tensor {
@@ -98,8 +104,16 @@ impl Weights {
 
     /// `name.weight`/`name.bias` (or the older `gamma`/`beta`).
     fn norm(&self, name: &str, width: usize) -> Result<Norm> {
-        let has = |n: &str| self.files.get(&format!("{}{name}.{n}", self.prefix)).is_ok();
-        let (g, b) = if has("weight") { ("weight", "bias") } else { ("gamma", "beta") };
+        let has = |n: &str| {
+            self.files
+                .get(&format!("{}{name}.{n}", self.prefix))
+                .is_ok()
+        };
+        let (g, b) = if has("weight") {
+            ("weight", "bias")
+        } else {
+            ("gamma", "beta")
+        };
         Ok(Norm {
             gamma: self.get(&format!("{name}.{g}"), width)?,
             beta: self.get(&format!("{name}.{b}"), width)?,
@@ -151,11 +165,7 @@ impl Bert {
                     config.intermediate_size,
                     h,
                 )?,
-                down: w.dense(
-                    &[&format!("{p}.output.dense")],
-                    h,
-                    config.intermediate_size,
-                )?,
+                down: w.dense(&[&format!("{p}.output.dense")], h, config.intermediate_size)?,
                 out_norm: w.norm(&format!("{p}.output.LayerNorm"), h)?,
             });
         }
@@ -228,9 +238,7 @@ impl Bert {
             let qkv = layer.qkv.forward(&x, tokens, Epilogue::None);
             let ctx = encoder_attention(&qkv, &spans, c.num_attention_heads, c.head_dim());
             drop(qkv);
-            let mut y = layer
-                .attn_out
-                .forward(&ctx, tokens, Epilogue::Residual(&x));
+            let mut y = layer.attn_out.forward(&ctx, tokens, Epilogue::Residual(&x));
             norm(&mut y, &layer.attn_norm);
             let inner = layer.up.forward(&y, tokens, Epilogue::Gelu);
             x = layer.down.forward(&inner, tokens, Epilogue::Residual(&y));

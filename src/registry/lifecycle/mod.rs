@@ -60,6 +60,8 @@ pub struct BatchSnapshot {
     pub generated_tokens: u64,
     /// Tokens generated per second, over the last ten seconds.
     pub tokens_per_second: f64,
+    /// Forward passes (batches) run since the model loaded.
+    pub steps: u64,
 }
 
 /// A model the loader brought up.
