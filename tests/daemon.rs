@@ -29,7 +29,9 @@ async fn starts_without_loading_and_loads_on_first_request() {
     let (status, list) = get(&server, "/v1/models").await;
     assert_eq!(status, 200);
     assert_eq!(list["object"], "list");
-    let m = &list["data"][0];
+    let data = list["data"].as_array().unwrap();
+    assert!(data.iter().all(|m| m["loaded"] == false), "{list}");
+    let m = data.iter().find(|m| m["id"] == MODEL).unwrap();
     assert_eq!(
         (
             m["id"].as_str(),

@@ -133,7 +133,7 @@ impl DenseMatrix {
         assert_eq!(weight.len(), n * k, "weight is not [{n}, {k}]");
         let bias = bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec);
         assert_eq!(bias.len(), n, "bias is not [{n}]");
-        if isa == DenseIsa::Amx && (n % 32 != 0 || k % 32 != 0) {
+        if isa == DenseIsa::Amx && (!n.is_multiple_of(32) || !k.is_multiple_of(32)) {
             isa = if cfg!(target_arch = "x86_64") && is_avx512() {
                 DenseIsa::Avx512
             } else {
@@ -297,9 +297,7 @@ type F32Kernel = fn(&[f32], usize, usize, &[f32]) -> Acc;
 fn f32_tile(x: &[f32], nrows: usize, k: usize, panel: &[f32], fma: bool) -> Acc {
     let mut acc = [[0.0f32; PANEL]; ROWS];
     for i in 0..k {
-        let w: &[f32; PANEL] = panel[i * PANEL..(i + 1) * PANEL]
-            .try_into()
-            .expect("panel rows are 16 wide");
+        let w = &panel[i * PANEL..(i + 1) * PANEL];
         for r in 0..ROWS {
             // Rows past `nrows` compute on a copy of row 0; they are dropped.
             let a = x[(if r < nrows { r } else { 0 }) * k + i];
@@ -374,7 +372,7 @@ impl SendPtr {
 /// Writes 16 finished values: `acc + bias`, through the epilogue (`at` is
 /// the first one's index in the output, for a residual).
 #[inline(always)]
-fn write_row(dst: &mut [f32], acc: &[f32], bias: &[f32; 16], epilogue: Epilogue<'_>, at: usize) {
+fn write_row(dst: &mut [f32], acc: &[f32], bias: &[f32], epilogue: Epilogue<'_>, at: usize) {
     match epilogue {
         Epilogue::None => {
             for j in 0..16 {
@@ -561,8 +559,7 @@ mod amx {
                     for (t, tile) in c.iter().enumerate() {
                         let (tr, tc) = (t / 2, t % 2);
                         let col = cb * 32 + tc * 16;
-                        let bias: &[f32; 16] =
-                            m.bias[col..col + 16].try_into().expect("16 columns");
+                        let bias = &m.bias[col..col + 16];
                         for r in 0..16 {
                             let row = rb * 32 + tr * 16 + r;
                             if row >= rows {
