@@ -90,6 +90,23 @@ pub struct DenseMatrix {
     packed: Packed,
 }
 
+/// Reusable conversion buffers for [`DenseMatrix::forward_into`].
+#[derive(Default)]
+pub struct DenseScratch {
+    hi: Vec<u16>,
+    lo: Vec<u16>,
+}
+
+/// Sets `v`'s length to `len`, filling only what it did not hold before (the
+/// rest is about to be overwritten).
+pub fn resize<T: Clone>(v: &mut Vec<T>, len: usize, fill: T) {
+    if v.len() >= len {
+        v.truncate(len);
+    } else {
+        v.resize(len, fill);
+    }
+}
+
 /// Rounds to the nearest bf16, ties to even (finite inputs).
 #[inline(always)]
 fn to_bf16(x: f32) -> u16 {
@@ -210,6 +227,25 @@ impl DenseMatrix {
     /// # Panics
     /// If `x` is not `rows × k`, or a residual not `rows × n`.
     pub fn forward(&self, x: &[f32], rows: usize, epilogue: Epilogue<'_>) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.forward_into(x, rows, epilogue, &mut out, &mut DenseScratch::default());
+        out
+    }
+
+    /// As [`DenseMatrix::forward`], into `out` (resized to `[rows, n]`,
+    /// every element overwritten), with conversion buffers from `scratch`:
+    /// repeated calls reuse their memory.
+    ///
+    /// # Panics
+    /// As `forward`.
+    pub fn forward_into(
+        &self,
+        x: &[f32],
+        rows: usize,
+        epilogue: Epilogue<'_>,
+        out: &mut Vec<f32>,
+        scratch: &mut DenseScratch,
+    ) {
         assert_eq!(x.len(), rows * self.k, "input is not [{rows}, {}]", self.k);
         if let Epilogue::Residual(r) = epilogue {
             assert_eq!(
@@ -219,18 +255,17 @@ impl DenseMatrix {
                 self.n
             );
         }
-        let mut out = vec![0.0f32; rows * self.n];
+        resize(out, rows * self.n, 0.0);
         if rows == 0 {
-            return out;
+            return;
         }
         match &self.packed {
             #[cfg(target_arch = "x86_64")]
-            Packed::Amx { hi, lo } => amx::forward(self, hi, lo, x, rows, epilogue, &mut out),
+            Packed::Amx { hi, lo } => amx::forward(self, hi, lo, x, rows, epilogue, out, scratch),
             #[cfg(not(target_arch = "x86_64"))]
             Packed::Amx { .. } => unreachable!("AMX is only picked on x86_64"),
-            Packed::F32(w) => self.forward_f32(w, x, rows, epilogue, &mut out),
+            Packed::F32(w) => self.forward_f32(w, x, rows, epilogue, out),
         }
-        out
     }
 
     fn forward_f32(
@@ -402,7 +437,9 @@ mod amx {
 
     use rayon::prelude::*;
 
-    use super::{from_bf16, to_bf16, write_row, DenseMatrix, Epilogue, SendPtr};
+    use super::{
+        from_bf16, resize, to_bf16, write_row, DenseMatrix, DenseScratch, Epilogue, SendPtr,
+    };
 
     /// Whether the CPU has AMX-TILE and AMX-BF16 and the kernel lets this
     /// process use the tile data (asked once).
@@ -450,23 +487,25 @@ mod amx {
         rows: usize,
         epilogue: Epilogue<'_>,
         out: &mut [f32],
+        scratch: &mut DenseScratch,
     ) {
         let (n, k) = (m.n, m.k);
-        // Activations split into bf16 parts, rows padded to whole micro-tiles.
+        // Activations split into bf16 parts, rows padded to whole micro-tiles
+        // (the padding zeroed; its products are computed and dropped).
         let padded = rows.div_ceil(32) * 32;
-        let mut a_hi = vec![0u16; padded * k];
-        let mut a_lo = vec![0u16; padded * k];
-        a_hi.par_chunks_mut(k)
-            .zip(a_lo.par_chunks_mut(k))
-            .zip(x.par_chunks(k))
-            .for_each(|((h, l), x)| {
-                for i in 0..k {
-                    h[i] = to_bf16(x[i]);
-                }
-                for i in 0..k {
-                    l[i] = to_bf16(x[i] - from_bf16(h[i]));
-                }
-            });
+        let DenseScratch { hi: a_hi, lo: a_lo } = scratch;
+        resize(a_hi, padded * k, 0);
+        resize(a_lo, padded * k, 0);
+        a_hi[rows * k..].fill(0);
+        a_lo[rows * k..].fill(0);
+        // Tile-major: each 16 × 32 tile of the activations is 1 KiB of
+        // contiguous memory (tile (r, b) at `(r · k/32 + b) · 512`), so
+        // tile loads read whole cache lines in order.
+        a_hi.par_chunks_mut(16 * k)
+            .zip(a_lo.par_chunks_mut(16 * k))
+            .zip(x.par_chunks(16 * k))
+            // SAFETY: AMX machines have AVX-512 (F, BW, VL).
+            .for_each(|((h, l), x)| unsafe { split_tile_rows(h, l, x, k) });
         let row_blocks = padded / 32;
         let col_blocks = n / 32;
         // Units of up to 8 row blocks × a run of column blocks. Within a unit
@@ -481,8 +520,8 @@ mod amx {
         let out_ptr = SendPtr(out.as_mut_ptr());
         let job = Job {
             m,
-            a_hi: &a_hi,
-            a_lo: &a_lo,
+            a_hi,
+            a_lo,
             w_hi,
             w_lo,
             rows,
@@ -512,6 +551,22 @@ mod amx {
         col_blocks: usize,
         epilogue: Epilogue<'a>,
         out: SendPtr,
+    }
+
+    /// Splits up to 16 rows of `x` into the tile-major high and low parts.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+    unsafe fn split_tile_rows(h: &mut [u16], l: &mut [u16], x: &[f32], k: usize) {
+        for (rr, row) in x.chunks(k).enumerate() {
+            for b in 0..k / 32 {
+                let at = (b * 16 + rr) * 32;
+                let (h, l) = (&mut h[at..at + 32], &mut l[at..at + 32]);
+                let src = &row[b * 32..b * 32 + 32];
+                for i in 0..32 {
+                    h[i] = to_bf16(src[i]);
+                    l[i] = to_bf16(src[i] - from_bf16(h[i]));
+                }
+            }
+        }
     }
 
     /// One unit: a run of column blocks × up to 8 row blocks, with the
@@ -595,7 +650,7 @@ mod amx {
         kb: usize,
         c: &mut [[f32; 256]; 4],
     ) {
-        let stride_a = 2 * k;
+        let stride_a = 64usize;
         let stride_w = 64usize;
         let next_block = kb * 512;
         // SAFETY (all blocks): the caller's promise on the pointers.
@@ -608,34 +663,37 @@ mod amx {
                 options(nostack, nomem)
             );
             for b in 0..kb {
-                let ah0 = a_hi.add(b * 32);
+                let ah0 = a_hi.add(b * 512);
                 let ah1 = ah0.add(16 * k);
-                let al0 = a_lo.add(b * 32);
+                let al0 = a_lo.add(b * 512);
                 let al1 = al0.add(16 * k);
                 let wh0 = w_hi.add(b * 512);
                 let wh1 = wh0.add(next_block);
                 let wl0 = w_lo.add(b * 512);
                 let wl1 = wl0.add(next_block);
                 asm!(
+                    // Ordered so that each reload targets a tile whose
+                    // last reader was issued a few products earlier (tile
+                    // registers are not renamed).
                     "tileloadd tmm4, [{ah0} + {sa}*1]",
-                    "tileloadd tmm5, [{ah1} + {sa}*1]",
                     "tileloadd tmm6, [{wh0} + {sw}*1]",
+                    "tileloadd tmm5, [{ah1} + {sa}*1]",
                     "tileloadd tmm7, [{wh1} + {sw}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
-                    "tdpbf16ps tmm3, tmm5, tmm7",
                     "tileloadd tmm6, [{wl0} + {sw}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
                     "tileloadd tmm7, [{wl1} + {sw}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tileloadd tmm6, [{wh0} + {sw}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm3, tmm5, tmm7",
                     "tileloadd tmm4, [{al0} + {sa}*1]",
-                    "tileloadd tmm5, [{al1} + {sa}*1]",
-                    "tileloadd tmm6, [{wh0} + {sw}*1]",
                     "tileloadd tmm7, [{wh1} + {sw}*1]",
                     "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm5, [{al1} + {sa}*1]",
                     "tdpbf16ps tmm1, tmm4, tmm7",
                     "tdpbf16ps tmm2, tmm5, tmm6",
                     "tdpbf16ps tmm3, tmm5, tmm7",

@@ -19,6 +19,22 @@ pub fn encoder_attention(
     heads: usize,
     head_dim: usize,
 ) -> Vec<f32> {
+    let mut ctx = Vec::new();
+    encoder_attention_into(qkv, sequences, heads, head_dim, &mut ctx);
+    ctx
+}
+
+/// As [`encoder_attention`], into `ctx` (resized; every element written).
+///
+/// # Panics
+/// As `encoder_attention`.
+pub fn encoder_attention_into(
+    qkv: &[f32],
+    sequences: &[(usize, usize)],
+    heads: usize,
+    head_dim: usize,
+    ctx: &mut Vec<f32>,
+) {
     let hidden = heads * head_dim;
     assert_eq!(qkv.len() % (3 * hidden), 0, "qkv is not whole rows");
     let tokens = qkv.len() / (3 * hidden);
@@ -26,54 +42,121 @@ pub fn encoder_attention(
         sequences.iter().all(|&(s, l)| s + l <= tokens),
         "a sequence lies outside the batch"
     );
-    let mut ctx = vec![0.0f32; tokens * hidden];
+    // Rows outside every sequence stay zero.
+    ctx.clear();
+    ctx.resize(tokens * hidden, 0.0);
     let out = SendPtr(ctx.as_mut_ptr());
     let scale = 1.0 / (head_dim as f32).sqrt();
     let tasks: Vec<(usize, usize)> = (0..sequences.len())
         .flat_map(|s| (0..heads).map(move |h| (s, h)))
         .collect();
+    let head = Head {
+        qkv,
+        hidden,
+        head_dim,
+        scale,
+        out,
+    };
+    let run = pick_head_kernel();
     tasks.par_iter().for_each(|&(s, h)| {
         let (start, len) = sequences[s];
-        let row = |i: usize| &qkv[(start + i) * 3 * hidden..(start + i + 1) * 3 * hidden];
-        let mut keys = Vec::with_capacity(len * head_dim);
-        let mut values = Vec::with_capacity(len * head_dim);
-        for i in 0..len {
-            let r = row(i);
-            keys.extend_from_slice(&r[hidden + h * head_dim..hidden + (h + 1) * head_dim]);
-            values
-                .extend_from_slice(&r[2 * hidden + h * head_dim..2 * hidden + (h + 1) * head_dim]);
-        }
-        let mut scores = vec![0.0f32; len];
-        let mut acc = vec![0.0f32; head_dim];
-        for i in 0..len {
-            let q = &row(i)[h * head_dim..(h + 1) * head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate() {
-                let k = &keys[j * head_dim..(j + 1) * head_dim];
-                *s = crate::activation::sum_products(q, k) * scale;
-                max = max.max(*s);
-            }
-            let mut total = 0.0f32;
-            for s in scores.iter_mut() {
-                *s = exp(*s - max);
-                total += *s;
-            }
-            acc.fill(0.0);
-            for (j, &p) in scores.iter().enumerate() {
-                let v = &values[j * head_dim..(j + 1) * head_dim];
-                for (a, &v) in acc.iter_mut().zip(v) {
-                    *a += p * v;
-                }
-            }
-            let inv = 1.0 / total;
-            let base = (start + i) * hidden + h * head_dim;
-            for (d, &a) in acc.iter().enumerate() {
-                // SAFETY: (sequence, head) tasks write disjoint row slices.
-                unsafe { out.write(base + d, a * inv) };
-            }
-        }
+        run(&head, start, len, h);
     });
-    ctx
+}
+
+/// What every (sequence, head) task reads and where it writes.
+struct Head<'a> {
+    qkv: &'a [f32],
+    hidden: usize,
+    head_dim: usize,
+    scale: f32,
+    out: SendPtr,
+}
+
+type HeadFn = fn(&Head<'_>, usize, usize, usize);
+
+/// The task body, compiled for AVX-512 or AVX2 when the CPU has them.
+fn pick_head_kernel() -> HeadFn {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
+        unsafe fn avx512(head: &Head<'_>, start: usize, len: usize, h: usize) {
+            one_head(head, start, len, h);
+        }
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(head: &Head<'_>, start: usize, len: usize, h: usize) {
+            one_head(head, start, len, h);
+        }
+        if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the features were detected.
+            return |head, start, len, h| unsafe { avx512(head, start, len, h) };
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected.
+            return |head, start, len, h| unsafe { avx2(head, start, len, h) };
+        }
+    }
+    one_head
+}
+
+/// Attention of head `h` of the sequence at rows `start..start + len`.
+/// Keys are transposed so scores for all keys come from one multiply-add
+/// per dimension across the keys; the softmax's exponentials and sums are
+/// separate passes so they vectorize.
+#[inline(always)]
+fn one_head(head: &Head<'_>, start: usize, len: usize, h: usize) {
+    let Head {
+        qkv,
+        hidden,
+        head_dim: d,
+        scale,
+        out,
+    } = *head;
+    let row = |i: usize| &qkv[(start + i) * 3 * hidden..(start + i + 1) * 3 * hidden];
+    let mut keys_t = vec![0.0f32; d * len];
+    let mut values = Vec::with_capacity(len * d);
+    for i in 0..len {
+        let r = row(i);
+        for (c, &k) in r[hidden + h * d..hidden + (h + 1) * d].iter().enumerate() {
+            keys_t[c * len + i] = k;
+        }
+        values.extend_from_slice(&r[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
+    }
+    let mut scores = vec![0.0f32; len];
+    let mut acc = vec![0.0f32; d];
+    for i in 0..len {
+        let q = &row(i)[h * d..(h + 1) * d];
+        scores.fill(0.0);
+        for (c, &qc) in q.iter().enumerate() {
+            let qc = qc * scale;
+            for (s, &k) in scores.iter_mut().zip(&keys_t[c * len..(c + 1) * len]) {
+                *s += qc * k;
+            }
+        }
+        let max = scores
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| if s > m { s } else { m });
+        for s in scores.iter_mut() {
+            *s = exp(*s - max);
+        }
+        let total = crate::activation::sum(&scores);
+        acc.fill(0.0);
+        for (j, &p) in scores.iter().enumerate() {
+            for (a, &v) in acc.iter_mut().zip(&values[j * d..(j + 1) * d]) {
+                *a += p * v;
+            }
+        }
+        let inv = 1.0 / total;
+        let base = (start + i) * hidden + h * d;
+        for (c, &a) in acc.iter().enumerate() {
+            // SAFETY: (sequence, head) tasks write disjoint row slices.
+            unsafe { out.write(base + c, a * inv) };
+        }
+    }
 }
 
 /// The textbook computation, for tests: softmax(q·kᵀ/√d)·v in f64.

@@ -13,8 +13,8 @@ pub mod rope;
 pub mod silu_mul;
 
 pub use attention::{paged_attention, PagedLayout, QueryRow};
-pub use dense::{dense_isa, DenseIsa, DenseMatrix, Epilogue};
-pub use encoder_attention::encoder_attention;
+pub use dense::{dense_isa, DenseIsa, DenseMatrix, DenseScratch, Epilogue};
+pub use encoder_attention::{encoder_attention, encoder_attention_into};
 pub use q4_1::Q4_1Matrix;
 pub use q8_0::Q8_0Matrix;
 pub use quant::QuantMatrix;

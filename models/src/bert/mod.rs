@@ -11,7 +11,7 @@ use std::path::Path;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device};
 use kindling_kernels::activation::layer_norm;
-use kindling_kernels::{encoder_attention, DenseMatrix, Epilogue};
+use kindling_kernels::{encoder_attention_into, DenseMatrix, DenseScratch, Epilogue};
 
 pub use config::{BertConfig, Positions};
 
@@ -33,8 +33,19 @@ struct Layer {
     out_norm: Norm,
 }
 
+/// Buffers one forward pass reuses from the last (no fresh pages per pass).
+#[derive(Default)]
+struct Workspace {
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    y: Vec<f32>,
+    inner: Vec<f32>,
+    dense: DenseScratch,
+}
+
 /// A loaded encoder.
 pub struct Bert {
+    workspace: std::sync::Mutex<Workspace>,
     config: BertConfig,
     word: Vec<f32>,
     position: Vec<f32>,
@@ -175,6 +186,7 @@ impl Bert {
             weight_bytes += 4 * 4 * h;
         }
         Ok(Self {
+            workspace: Default::default(),
             token_type: types[..h].to_vec(),
             config,
             word,
@@ -234,14 +246,32 @@ impl Bert {
         }
         let norm = |x: &mut [f32], n: &Norm| layer_norm(x, &n.gamma, &n.beta, c.layer_norm_eps);
         norm(&mut x, &self.embed_norm);
+        // Scratch only: a panic mid-pass leaves nothing that matters behind.
+        let mut guard = self
+            .workspace
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Workspace {
+            qkv,
+            ctx,
+            y,
+            inner,
+            dense,
+        } = &mut *guard;
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, tokens, Epilogue::None);
-            let ctx = encoder_attention(&qkv, &spans, c.num_attention_heads, c.head_dim());
-            drop(qkv);
-            let mut y = layer.attn_out.forward(&ctx, tokens, Epilogue::Residual(&x));
-            norm(&mut y, &layer.attn_norm);
-            let inner = layer.up.forward(&y, tokens, Epilogue::Gelu);
-            x = layer.down.forward(&inner, tokens, Epilogue::Residual(&y));
+            layer
+                .qkv
+                .forward_into(&x, tokens, Epilogue::None, qkv, dense);
+            encoder_attention_into(qkv, &spans, c.num_attention_heads, c.head_dim(), ctx);
+            let residual = Epilogue::Residual(&x);
+            layer.attn_out.forward_into(ctx, tokens, residual, y, dense);
+            norm(y, &layer.attn_norm);
+            layer
+                .up
+                .forward_into(y, tokens, Epilogue::Gelu, inner, dense);
+            layer
+                .down
+                .forward_into(inner, tokens, Epilogue::Residual(y), &mut x, dense);
             norm(&mut x, &layer.out_norm);
         }
         Ok(x)
