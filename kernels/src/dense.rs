@@ -261,7 +261,7 @@ impl DenseMatrix {
         }
         match &self.packed {
             #[cfg(target_arch = "x86_64")]
-            Packed::Amx { hi, lo } => amx::forward(self, hi, lo, x, rows, epilogue, out, scratch),
+            Packed::Amx { hi, lo } => amx::forward(self, (hi, lo), x, rows, epilogue, out, scratch),
             #[cfg(not(target_arch = "x86_64"))]
             Packed::Amx { .. } => unreachable!("AMX is only picked on x86_64"),
             Packed::F32(w) => self.forward_f32(w, x, rows, epilogue, out),
@@ -481,8 +481,7 @@ mod amx {
 
     pub(super) fn forward(
         m: &DenseMatrix,
-        w_hi: &[u16],
-        w_lo: &[u16],
+        (w_hi, w_lo): (&[u16], &[u16]),
         x: &[f32],
         rows: usize,
         epilogue: Epilogue<'_>,
