@@ -1,7 +1,7 @@
 """Kindling's embeddings against sentence-transformers (PyTorch, f32) on the
 same all-MiniLM-L6-v2 weights and the same CPU threads, side by side in one run.
 
-  .venv-bench/bin/python benches/embeddings.py [--threads 2] [--runs 5]
+  .venv-bench/bin/python benches/embeddings.py [--threads 2] [--runs 5] [--no-amx]
 
 Two workloads, each timed for both, best and median of `--runs`:
 
@@ -113,7 +113,10 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 64 concurrent requests per run")
     ap.add_argument("--kindling-bin", default=str(ROOT / "target" / "release" / "kindling"))
+    ap.add_argument("--no-amx", action="store_true", help="run Kindling's f32 kernels (KINDLING_NO_AMX=1)")
     args = ap.parse_args()
+    if args.no_amx:
+        os.environ["KINDLING_NO_AMX"] = "1"
 
     import torch
     import sentence_transformers
