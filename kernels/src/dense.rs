@@ -730,20 +730,10 @@ mod amx {
     /// epilogue vectorized for AVX-512.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     unsafe fn run_unit(job: &Job<'_>, unit: usize) {
-        let Job {
-            m,
-            a_hi,
-            a_lo,
-            w_hi,
-            w_lo,
-            rows,
-            groups,
-            per_group,
-            row_blocks,
-            col_blocks,
-            epilogue,
-            out: out_ptr,
-        } = *job;
+        let (m, rows, groups, per_group) = (job.m, job.rows, job.groups, job.per_group);
+        let (row_blocks, col_blocks) = (job.row_blocks, job.col_blocks);
+        let (a_hi, a_lo, w_hi, w_lo) = (job.a_hi, job.a_lo, job.w_hi, job.w_lo);
+        let (epilogue, out_ptr) = (job.epilogue, job.out);
         let (n, k) = (m.n, m.k);
         let kb = k / 32;
         {
@@ -909,6 +899,13 @@ mod tests {
 
     fn isas() -> Vec<DenseIsa> {
         let mut isas = vec![DenseIsa::Reference];
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && dense_isa() != DenseIsa::Avx2
+        {
+            isas.push(DenseIsa::Avx2);
+        }
         match dense_isa() {
             DenseIsa::Amx => isas.extend([DenseIsa::Avx512, DenseIsa::Amx]),
             DenseIsa::Avx512 => isas.push(DenseIsa::Avx512),

@@ -102,36 +102,52 @@ fn pick_head_kernel(head_dim: usize) -> HeadFn {
     one_head
 }
 
+/// Head `h` of the sequence at rows `start..start + len`, gathered: keys
+/// transposed (`[head_dim][key_stride]`), values (`[len][head_dim]`) and
+/// queries scaled by 1/√head_dim (`[query_rows][head_dim]`); padding is zero.
+fn gather(
+    head: &Head<'_>,
+    start: usize,
+    len: usize,
+    h: usize,
+    key_stride: usize,
+    query_rows: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (hidden, d) = (head.hidden, head.head_dim);
+    let mut keys_t = vec![0.0f32; d * key_stride];
+    let mut values = vec![0.0f32; len * d];
+    let mut queries = vec![0.0f32; query_rows * d];
+    for i in 0..len {
+        let r = &head.qkv[(start + i) * 3 * hidden..(start + i + 1) * 3 * hidden];
+        for (c, &k) in r[hidden + h * d..hidden + (h + 1) * d].iter().enumerate() {
+            keys_t[c * key_stride + i] = k;
+        }
+        values[i * d..(i + 1) * d]
+            .copy_from_slice(&r[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
+        for (q, &x) in queries[i * d..(i + 1) * d]
+            .iter_mut()
+            .zip(&r[h * d..(h + 1) * d])
+        {
+            *q = x * head.scale;
+        }
+    }
+    (keys_t, values, queries)
+}
+
 /// Attention of head `h` of the sequence at rows `start..start + len`.
 /// Keys are transposed so scores for all keys come from one multiply-add
 /// per dimension across the keys; the softmax's exponentials and sums are
 /// separate passes so they vectorize.
 #[inline(always)]
 fn one_head(head: &Head<'_>, start: usize, len: usize, h: usize) {
-    let Head {
-        qkv,
-        hidden,
-        head_dim: d,
-        scale,
-        out,
-    } = *head;
-    let row = |i: usize| &qkv[(start + i) * 3 * hidden..(start + i + 1) * 3 * hidden];
-    let mut keys_t = vec![0.0f32; d * len];
-    let mut values = Vec::with_capacity(len * d);
-    for i in 0..len {
-        let r = row(i);
-        for (c, &k) in r[hidden + h * d..hidden + (h + 1) * d].iter().enumerate() {
-            keys_t[c * len + i] = k;
-        }
-        values.extend_from_slice(&r[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
-    }
+    let (hidden, d, out) = (head.hidden, head.head_dim, head.out);
+    let (keys_t, values, queries) = gather(head, start, len, h, len, len);
     let mut scores = vec![0.0f32; len];
     let mut acc = vec![0.0f32; d];
     for i in 0..len {
-        let q = &row(i)[h * d..(h + 1) * d];
+        let q = &queries[i * d..(i + 1) * d];
         scores.fill(0.0);
         for (c, &qc) in q.iter().enumerate() {
-            let qc = qc * scale;
             for (s, &k) in scores.iter_mut().zip(&keys_t[c * len..(c + 1) * len]) {
                 *s += qc * k;
             }
@@ -166,7 +182,7 @@ mod avx512 {
 
     use std::arch::x86_64::*;
 
-    use super::Head;
+    use super::{gather, Head};
     use crate::activation::{exp, sum};
 
     const QB: usize = 4;
@@ -175,32 +191,10 @@ mod avx512 {
     /// AVX-512 F/BW/VL present; `head.head_dim` a multiple of 16.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma")]
     pub(super) unsafe fn one_head(head: &Head<'_>, start: usize, len: usize, h: usize) {
-        let Head {
-            qkv,
-            hidden,
-            head_dim: d,
-            scale,
-            out,
-        } = *head;
+        let (hidden, d, out) = (head.hidden, head.head_dim, head.out);
         let lp = len.div_ceil(16) * 16;
         let qp = len.div_ceil(QB) * QB;
-        let mut keys_t = vec![0.0f32; d * lp];
-        let mut values = vec![0.0f32; len * d];
-        let mut queries = vec![0.0f32; qp * d];
-        for i in 0..len {
-            let r = &qkv[(start + i) * 3 * hidden..(start + i + 1) * 3 * hidden];
-            for (c, &k) in r[hidden + h * d..hidden + (h + 1) * d].iter().enumerate() {
-                keys_t[c * lp + i] = k;
-            }
-            values[i * d..(i + 1) * d]
-                .copy_from_slice(&r[2 * hidden + h * d..2 * hidden + (h + 1) * d]);
-            for (q, &x) in queries[i * d..(i + 1) * d]
-                .iter_mut()
-                .zip(&r[h * d..(h + 1) * d])
-            {
-                *q = x * scale;
-            }
-        }
+        let (keys_t, values, queries) = gather(head, start, len, h, lp, qp);
         let mut scores = vec![0.0f32; QB * lp];
         let kp = keys_t.as_ptr();
         let qptr = queries.as_ptr();

@@ -52,13 +52,7 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
             source,
         })?;
         let cfg = LlamaConfig::from_hf_json(&json)?;
-        let mut elements = 0u64;
-        for file in crate::llama::weight_files(path)? {
-            elements += safetensors_header(&file)?
-                .iter()
-                .map(|t| t.elements)
-                .sum::<u64>();
-        }
+        let elements = folder_elements(path)?;
         // Checkpoints are widened to f32; a tied output shares the table.
         (cfg, elements * f32s)
     } else {
@@ -99,13 +93,7 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
 pub fn estimate_embedding(path: &Path, batch_tokens: usize) -> Result<Footprint> {
     let f32s = 4u64;
     let cfg = crate::bert::BertConfig::from_dir(path)?;
-    let mut elements = 0u64;
-    for file in crate::llama::weight_files(path)? {
-        elements += safetensors_header(&file)?
-            .iter()
-            .map(|t| t.elements)
-            .sum::<u64>();
-    }
+    let elements = folder_elements(path)?;
     let t = batch_tokens.max(cfg.max_positions()) as u64;
     let (hidden, inner) = (cfg.hidden_size as u64, cfg.intermediate_size as u64);
     // Per packed token: the residual stream, q/k/v, context, the MLP's inner
@@ -118,6 +106,19 @@ pub fn estimate_embedding(path: &Path, batch_tokens: usize) -> Result<Footprint>
         cache: 0,
         scratch,
     })
+}
+
+/// Elements of every tensor in a model folder's safetensors files (each
+/// header checked against its file's size).
+fn folder_elements(dir: &Path) -> Result<u64> {
+    let mut elements = 0u64;
+    for file in crate::llama::weight_files(dir)? {
+        elements += safetensors_header(&file)?
+            .iter()
+            .map(|t| t.elements)
+            .sum::<u64>();
+    }
+    Ok(elements)
 }
 
 /// A tensor as a safetensors header declares it.

@@ -16,7 +16,7 @@ use kindling_kernels::{encoder_attention_into, DenseMatrix, DenseScratch, Epilog
 pub use config::{BertConfig, Positions};
 
 use crate::error::{ModelError, Result};
-use crate::llama::weight_files;
+use crate::llama::map_folder;
 
 /// Layer-norm weight and bias.
 struct Norm {
@@ -65,17 +65,7 @@ struct Weights {
 
 impl Weights {
     fn open(dir: &Path) -> Result<Self> {
-        let paths = weight_files(dir)?;
-        // SAFETY: mapped read-only; Kindling never writes model files while
-        // they are loaded (downloads land under new names).
-        let files =
-            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
-                path: dir.to_path_buf(),
-                format: "safetensors",
-                message: e.to_string(),
-            })?;
-        let names: std::collections::HashSet<String> =
-            files.tensors().into_iter().map(|(n, _)| n).collect();
+        let (files, names) = map_folder(dir)?;
         let prefix = ["", "bert.", "roberta.", "model."]
             .into_iter()
             .find(|p| names.contains(&format!("{p}embeddings.word_embeddings.weight")))

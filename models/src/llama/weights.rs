@@ -157,18 +157,24 @@ impl Safetensors {
     /// Opens the weights in `dir`: the files `model.safetensors.index.json`
     /// names, else every `*.safetensors` file.
     pub(crate) fn open(dir: &Path) -> Result<Self> {
-        let paths = weight_files(dir)?;
-        // SAFETY: the files are mapped read-only; Kindling never writes model
-        // files while they are loaded (downloads land under new names).
-        let files =
-            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
-                path: dir.to_path_buf(),
-                format: "safetensors",
-                message: e.to_string(),
-            })?;
-        let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+        let (files, names) = map_folder(dir)?;
         Ok(Self { files, names })
     }
+}
+
+/// Memory-maps a model folder's safetensors files; returns them with the
+/// names of every tensor they hold.
+pub(crate) fn map_folder(dir: &Path) -> Result<(MmapedSafetensors, HashSet<String>)> {
+    let paths = weight_files(dir)?;
+    // SAFETY: the files are mapped read-only; Kindling never writes model
+    // files while they are loaded (downloads land under new names).
+    let files = unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| ModelError::BadFormat {
+        path: dir.to_path_buf(),
+        format: "safetensors",
+        message: e.to_string(),
+    })?;
+    let names = files.tensors().into_iter().map(|(n, _)| n).collect();
+    Ok((files, names))
 }
 
 /// The safetensors files of a model folder, in a stable order.
