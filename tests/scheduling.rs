@@ -129,6 +129,9 @@ async fn n_choices_run_as_parallel_sequences_sharing_the_prompt() {
 #[tokio::test]
 async fn deadlines_fail_the_request_and_free_its_place() {
     let server = Server::with_config("[engine]\nmax_sequences = 1\nmax_batch_tokens = 64\n");
+    // Loaded first, so the two requests below do not race out of one load.
+    let warm = json!({"model": MODEL, "prompt": "Hi", "max_tokens": 1});
+    assert_eq!(post(&server, "/v1/completions", &warm).await.0, 200);
     let long = json!({"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4000,
                       "ignore_eos": true, "timeout": 1.5});
     let waiting = json!({"model": MODEL, "prompt": "Hello", "max_tokens": 4, "timeout": "500ms"});
