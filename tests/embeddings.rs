@@ -288,3 +288,42 @@ async fn deadlines_and_cancellation() {
     // The model still serves.
     assert_eq!(one(&server, json!("still here")).await.len(), 384);
 }
+
+#[tokio::test]
+async fn declared_shorter_dimensions_are_cut_and_renormalized() {
+    let manifest = std::fs::read_to_string(repo().join("configs/models/all-minilm-l6-v2.toml"))
+        .unwrap()
+        .replace("[weights]", "dimensions = [128, 64]\n[weights]");
+    let config = config_with_manifests("", &[("embed.toml", &manifest)]);
+    let server = Server::spawn(&config, &[]);
+    let full = one(&server, json!("The quick brown fox")).await;
+    for d in [128usize, 64] {
+        let (status, b) = embed(
+            &server,
+            json!({"model": EMBED, "input": "The quick brown fox", "dimensions": d}),
+        )
+        .await;
+        assert_eq!(status, 200, "{b}");
+        let short = vector(&b["data"][0]["embedding"]);
+        assert_eq!(short.len(), d);
+        let norm: f32 = full[..d].iter().map(|x| x * x).sum::<f32>().sqrt();
+        for (s, f) in short.iter().zip(&full[..d]) {
+            assert!((s - f / norm).abs() < 1e-6, "{s} vs {}", f / norm);
+        }
+    }
+    // Widths the manifest does not list are still refused.
+    let (status, b) = embed(
+        &server,
+        json!({"model": EMBED, "input": "x", "dimensions": 100}),
+    )
+    .await;
+    assert_eq!(status, 400, "{b}");
+    assert_eq!(b["error"]["param"], "dimensions");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("[128, 64]"),
+        "{b}"
+    );
+}
