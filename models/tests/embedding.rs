@@ -35,18 +35,8 @@ fn reference() -> Vec<Case> {
         .iter()
         .map(|c| Case {
             text: c["text"].as_str().expect("text").to_string(),
-            ids: c["ids"]
-                .as_array()
-                .expect("ids")
-                .iter()
-                .map(|v| v.as_u64().expect("id") as u32)
-                .collect(),
-            embedding: c["embedding"]
-                .as_array()
-                .expect("embedding")
-                .iter()
-                .map(|v| v.as_f64().expect("value") as f32)
-                .collect(),
+            ids: common::json_ids(&c["ids"]),
+            embedding: common::json_f32s(&c["embedding"]),
         })
         .collect()
 }

@@ -22,21 +22,7 @@ fn tiny_roberta_matches_transformers() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| {
-            let ids = c["ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap() as u32)
-                .collect();
-            let hidden = c["hidden"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect();
-            (ids, hidden)
-        })
+        .map(|c| (common::json_ids(&c["ids"]), common::json_f32s(&c["hidden"])))
         .collect();
     assert!(
         cases.iter().any(|(ids, _)| ids.len() == 38),
