@@ -61,8 +61,11 @@ pub(super) fn forward(
     let DenseScratch { hi: a_hi, lo: a_lo } = scratch;
     resize(a_hi, padded * k, 0);
     resize(a_lo, padded * k, 0);
-    a_hi[rows * k..].fill(0);
-    a_lo[rows * k..].fill(0);
+    // Whole padding tile rows here; the padding rows of a partial tile row
+    // in `split_tile_rows`.
+    let whole = rows.div_ceil(16) * 16 * k;
+    a_hi[whole..].fill(0);
+    a_lo[whole..].fill(0);
     // Tile-major: each 16 × 32 tile of the activations is 1 KiB of
     // contiguous memory (tile (r, b) at `(r · k/32 + b) · 512`), so
     // tile loads read whole cache lines in order.
@@ -118,7 +121,8 @@ struct Job<'a> {
     out: SendPtr,
 }
 
-/// Splits up to 16 rows of `x` into the tile-major high and low parts.
+/// Splits up to 16 rows of `x` into the tile-major high and low parts of
+/// one tile row; the tile row's remaining rows are zeroed.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn split_tile_rows(h: &mut [u16], l: &mut [u16], x: &[f32], k: usize) {
     for (rr, row) in x.chunks(k).enumerate() {
@@ -130,6 +134,13 @@ unsafe fn split_tile_rows(h: &mut [u16], l: &mut [u16], x: &[f32], k: usize) {
                 h[i] = to_bf16(src[i]);
                 l[i] = to_bf16(src[i] - from_bf16(h[i]));
             }
+        }
+    }
+    for rr in x.len() / k..16 {
+        for b in 0..k / 32 {
+            let at = (b * 16 + rr) * 32;
+            h[at..at + 32].fill(0);
+            l[at..at + 32].fill(0);
         }
     }
 }

@@ -355,27 +355,17 @@ fn f32_tile(x: &[f32], nrows: usize, k: usize, panel: &[f32], fma: bool) -> Acc 
 fn f32_kernel(isa: DenseIsa) -> F32Kernel {
     #[cfg(target_arch = "x86_64")]
     {
-        #[target_feature(enable = "avx512f,fma")]
-        unsafe fn tile_avx512(x: &[f32], nrows: usize, k: usize, panel: &[f32]) -> Acc {
-            f32_tile(x, nrows, k, panel, true)
-        }
         #[target_feature(enable = "avx2,fma")]
         unsafe fn tile_avx2(x: &[f32], nrows: usize, k: usize, panel: &[f32]) -> Acc {
             f32_tile(x, nrows, k, panel, true)
         }
-        fn avx512(x: &[f32], nrows: usize, k: usize, panel: &[f32]) -> Acc {
-            // SAFETY: only picked when AVX-512F and FMA were detected.
-            unsafe { tile_avx512(x, nrows, k, panel) }
-        }
         fn avx2(x: &[f32], nrows: usize, k: usize, panel: &[f32]) -> Acc {
-            // SAFETY: only picked when AVX2 and FMA were detected.
+            // SAFETY: only picked when AVX2 and FMA were detected (every
+            // AVX-512 or AMX CPU has them).
             unsafe { tile_avx2(x, nrows, k, panel) }
         }
-        match isa {
-            // AMX matrices of odd sizes fall back here; AVX-512 is there too.
-            DenseIsa::Avx512 | DenseIsa::Amx => return avx512,
-            DenseIsa::Avx2 => return avx2,
-            DenseIsa::Reference => {}
+        if isa != DenseIsa::Reference {
+            return avx2;
         }
     }
     let _ = isa;
