@@ -4,6 +4,7 @@
 
 pub mod bert;
 pub mod chat_template;
+pub mod diffusion;
 pub mod embedding;
 pub mod error;
 pub mod footprint;
