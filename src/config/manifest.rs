@@ -19,6 +19,8 @@ pub enum ModelKind {
     Completion,
     /// Embeddings (`/v1/embeddings`).
     Embedding,
+    /// Image generation (`/v1/images/generations`).
+    Image,
 }
 
 impl ModelKind {
@@ -28,6 +30,7 @@ impl ModelKind {
             Self::Chat => "chat",
             Self::Completion => "completion",
             Self::Embedding => "embedding",
+            Self::Image => "image",
         }
     }
 }
@@ -39,8 +42,20 @@ pub enum WeightFormat {
     /// A single GGUF file (quantized or not).
     Gguf,
     /// A Hugging Face model folder: `config.json`, `tokenizer.json`,
-    /// `*.safetensors` (f32, f16 or bf16; sharded with an index or not).
+    /// `*.safetensors` (f32, f16 or bf16; sharded with an index or not);
+    /// for images, a diffusers pipeline folder (`model_index.json`).
     Safetensors,
+}
+
+impl WeightFormat {
+    /// The file that marks a complete folder of this format and `kind`.
+    pub fn folder_marker(self, kind: ModelKind) -> &'static str {
+        match (self, kind) {
+            (Self::Gguf, _) => ".gguf",
+            (Self::Safetensors, ModelKind::Image) => "model_index.json",
+            (Self::Safetensors, _) => "config.json",
+        }
+    }
 }
 
 /// The network's architecture.
@@ -51,6 +66,29 @@ pub enum Architecture {
     Llama,
     /// BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa), for embeddings.
     Bert,
+    /// Stable Diffusion pipelines (1.x, 2.x, SDXL, Turbo), for images.
+    #[serde(rename = "stable-diffusion")]
+    StableDiffusion,
+}
+
+/// `[image]` in a manifest: defaults and limits of an image model.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ImageDefaults {
+    /// Denoising steps when the request names none (default 20; Turbo: 1–4).
+    pub steps: Option<usize>,
+    /// Classifier-free guidance scale when the request names none (default
+    /// 7.5; Turbo models: 0).
+    pub guidance_scale: Option<f32>,
+    /// Sampler when the request names none (default: the pipeline's
+    /// scheduler class).
+    pub sampler: Option<String>,
+    /// Image size when the request names none, `WxH` (default: native).
+    pub size: Option<String>,
+    /// Largest side in pixels (default: twice the native size).
+    pub max_size: Option<usize>,
+    /// Most steps a request may ask for (default 150).
+    pub max_steps: Option<usize>,
 }
 
 /// `[weights]` as written: a local `path`, or a Hugging Face `repo` with
@@ -118,6 +156,7 @@ struct ManifestFile {
     dimensions: Vec<usize>,
     #[serde(default)]
     defaults: GenerationDefaults,
+    image: Option<ImageDefaults>,
     #[serde(default = "default_owner")]
     owned_by: String,
     device: Option<String>,
@@ -150,6 +189,8 @@ pub struct ModelManifest {
     pub dimensions: Vec<usize>,
     /// Sampling defaults.
     pub defaults: GenerationDefaults,
+    /// Image models' defaults and limits.
+    pub image: ImageDefaults,
     /// Free-form owner shown in `/v1/models`.
     pub owned_by: String,
     /// The device to load onto (default: the registry's choice).
@@ -215,15 +256,27 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         (ModelKind::Embedding, _, _) | (_, Architecture::Bert, _) => {
             bail!("{f}: kind: embedding models use `architecture = \"bert\"`, and bert models `kind = \"embedding\"`")
         }
+        (ModelKind::Image, Architecture::StableDiffusion, WeightFormat::Safetensors) => {}
+        (ModelKind::Image, Architecture::StableDiffusion, _) => {
+            bail!("{f}: format: image models load from a diffusers folder (`format = \"safetensors\"`)")
+        }
+        (ModelKind::Image, _, _) | (_, Architecture::StableDiffusion, _) => {
+            bail!("{f}: kind: image models use `architecture = \"stable-diffusion\"`, and stable-diffusion models `kind = \"image\"`")
+        }
         _ => {}
     }
+    if m.image.is_some() && m.kind != ModelKind::Image {
+        bail!("{f}: image: only image models have an [image] table");
+    }
+    let image = m.image.unwrap_or_default();
+    check_image(&image).map_err(|e| anyhow::anyhow!("{f}: image.{e}"))?;
     if !m.dimensions.is_empty() && m.kind != ModelKind::Embedding {
         bail!("{f}: dimensions: only embedding models have dimensions");
     }
     if m.dimensions.contains(&0) {
         bail!("{f}: dimensions: expected positive widths");
     }
-    let weights = weight_source(m.weights, m.format, store)
+    let weights = weight_source(m.weights, m.format.folder_marker(m.kind), store)
         .map_err(|e| anyhow::anyhow!("{f}: weights.{e}"))?;
     if let Some(ctx) = m.context_length {
         if ctx < 16 {
@@ -244,6 +297,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         kv_cache_tokens: m.kv_cache_tokens,
         dimensions: m.dimensions,
         defaults: m.defaults,
+        image,
         owned_by: m.owned_by,
         device: m.device,
         keep_alive: m.keep_alive,
@@ -263,7 +317,7 @@ fn valid_id(id: &str) -> bool {
 
 fn weight_source(
     w: WeightsFile,
-    format: WeightFormat,
+    marker: &str,
     store: &Path,
 ) -> std::result::Result<WeightSource, String> {
     match (w.path, w.repo) {
@@ -280,12 +334,16 @@ fn weight_source(
             if parts.len() != 2 || parts.iter().any(|p| !valid_id(p) || p.starts_with('.')) {
                 return Err(format!("repo: expected `owner/name`, got `{repo}`"));
             }
-            let (found, want) = match format {
-                WeightFormat::Gguf => (w.files.iter().any(|f| f.ends_with(".gguf")), "one `.gguf`"),
-                WeightFormat::Safetensors => (
-                    w.files.iter().any(|f| f == "config.json"),
-                    "`config.json` and the `.safetensors` files",
-                ),
+            let (found, want) = if marker == ".gguf" {
+                (
+                    w.files.iter().any(|f| f.ends_with(".gguf")),
+                    "one `.gguf`".to_string(),
+                )
+            } else {
+                (
+                    w.files.iter().any(|f| f == marker),
+                    format!("`{marker}` and the `.safetensors` files"),
+                )
             };
             if !found {
                 return Err(format!(
@@ -321,6 +379,43 @@ fn weight_source(
         (Some(_), Some(_)) => Err("path: give either `path` or `repo`, not both".into()),
         (None, None) => Err("path: expected `path` (a local file) or `repo` (Hugging Face)".into()),
     }
+}
+
+fn check_image(d: &ImageDefaults) -> std::result::Result<(), String> {
+    if d.steps == Some(0) || d.max_steps == Some(0) {
+        return Err("steps: expected at least 1".into());
+    }
+    if let (Some(s), Some(m)) = (d.steps, d.max_steps) {
+        if s > m {
+            return Err(format!("steps: {s} is over max_steps {m}"));
+        }
+    }
+    if let Some(g) = d.guidance_scale.filter(|g| !(0.0..=50.0).contains(g)) {
+        return Err(format!("guidance_scale: expected 0 to 50, got {g}"));
+    }
+    if let Some(s) = d.sampler.as_deref() {
+        if kindling_models::diffusion::SamplerKind::parse(s).is_none() {
+            return Err(format!(
+                "sampler: expected one of {}, got `{s}`",
+                kindling_models::diffusion::SamplerKind::NAMES.join(", ")
+            ));
+        }
+    }
+    if let Some(size) = d.size.as_deref() {
+        if parse_size(size).is_none() {
+            return Err(format!("size: expected `WIDTHxHEIGHT`, got `{size}`"));
+        }
+    }
+    if d.max_size.is_some_and(|m| m < 8) {
+        return Err("max_size: expected at least 8".into());
+    }
+    Ok(())
+}
+
+/// Parses `WIDTHxHEIGHT`.
+pub fn parse_size(size: &str) -> Option<(usize, usize)> {
+    let (w, h) = size.split_once(['x', 'X'])?;
+    Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
 }
 
 fn check_defaults(d: &GenerationDefaults) -> std::result::Result<(), String> {

@@ -15,8 +15,8 @@ mod manifest;
 mod units;
 
 pub use manifest::{
-    load_manifest, Architecture, GenerationDefaults, ModelKind, ModelManifest, WeightFormat,
-    WeightSource,
+    load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
+    ModelManifest, WeightFormat, WeightSource,
 };
 use units::{de_bytes, duration};
 pub use units::{parse_bytes, Budget, KeepAlive};
@@ -92,6 +92,9 @@ pub struct EngineConfig {
     /// Tokens per encoder pass of an embedding model: concurrent requests'
     /// inputs are packed together up to this (at least one longest input).
     pub embedding_batch_tokens: usize,
+    /// Images per UNet call of an image model: concurrent compatible
+    /// requests (same size, sampler and steps) run together up to this.
+    pub image_batch: usize,
 }
 
 impl Default for EngineConfig {
@@ -104,6 +107,7 @@ impl Default for EngineConfig {
             kv_cache_tokens: 16384,
             request_timeout: None,
             embedding_batch_tokens: 2048,
+            image_batch: 4,
         }
     }
 }
@@ -263,6 +267,7 @@ impl Config {
             ("max_batch_tokens", engine.max_batch_tokens),
             ("kv_cache_tokens", engine.kv_cache_tokens),
             ("embedding_batch_tokens", engine.embedding_batch_tokens),
+            ("image_batch", engine.image_batch),
         ] {
             if value == 0 {
                 bail!("{}: engine.{key}: expected at least 1", path.display());

@@ -7,6 +7,7 @@
 //! keys and values in a paged cache, so sequences join and leave at any step.
 
 mod embed;
+mod image;
 mod scheduler;
 mod sequence;
 mod stats;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use embed::{EmbedInput, EmbedRequest, Embeddings};
+pub use image::{ImageEvent, ImageRequest, ImageServing};
 pub use stats::EngineStats;
 
 use kindling_models::{ChatMessage, Footprint, SamplingParams};
@@ -180,7 +182,7 @@ pub enum EngineError {
 }
 
 /// What a model is loaded for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Task {
     /// Text generation (continuous batching).
     Text,
@@ -190,6 +192,8 @@ pub enum Task {
         /// Allowed shorter widths.
         dimensions: Vec<usize>,
     },
+    /// Image generation (step-synchronous batching).
+    Image(ImageServing),
 }
 
 /// Where and how to load a model.
@@ -237,12 +241,37 @@ pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
         Task::Embedding { .. } => {
             kindling_models::footprint::estimate_embedding(&spec.path, spec.max_batch_tokens)
         }
+        Task::Image(ref serving) => image_footprint(&spec.path, serving),
     };
     estimate.map_err(|e| EngineError::LoadFailed {
         model: spec.model.clone(),
         reason: e.to_string(),
         retry_after: None,
     })
+}
+
+fn image_footprint(
+    path: &std::path::Path,
+    serving: &ImageServing,
+) -> kindling_models::Result<Footprint> {
+    let native = || -> kindling_models::Result<usize> {
+        let unet =
+            kindling_models::diffusion::config::UNetConfig::read(&path.join("unet/config.json"))?;
+        let vae =
+            kindling_models::diffusion::config::VaeConfig::read(&path.join("vae/config.json"))?;
+        Ok(unet.sample_size * vae.scale_factor())
+    };
+    let max_side = match serving.max_size {
+        Some(m) => m,
+        None => 2 * native()?,
+    };
+    kindling_models::footprint::estimate_image(
+        path,
+        kindling_models::footprint::ImageServing {
+            max_side,
+            max_batch: serving.max_batch,
+        },
+    )
 }
 
 pub(crate) struct Job {
@@ -268,6 +297,7 @@ enum Worker {
         stall_timeout: Duration,
     },
     Embedding(embed::EmbedWorker),
+    Image(image::ImageWorker),
 }
 
 /// Events are buffered this deep per request before the worker waits for
@@ -325,6 +355,19 @@ impl EngineHandle {
         worker
             .embed(&self.model, &self.stats, self.queue_size, request)
             .await
+    }
+
+    /// Queues an image request; its events arrive on the returned
+    /// receiver, which closes after the last image. Dropping the receiver
+    /// cancels the request at the next step.
+    pub fn generate_images(
+        &self,
+        request: ImageRequest,
+    ) -> Result<mpsc::UnboundedReceiver<ImageEvent>, EngineError> {
+        let Worker::Image(worker) = &self.worker else {
+            return Err(self.wrong_task("image generation"));
+        };
+        worker.generate(&self.model, &self.stats, self.queue_size, request)
     }
 
     fn wrong_task(&self, what: &str) -> EngineError {
@@ -428,6 +471,40 @@ fn run(
                 return;
             }
             embed::run(spec, model, rx, stats);
+        }
+        Task::Image(serving) => {
+            let started = Instant::now();
+            let device = kindling_models::Device::Cpu;
+            let pipeline = match kindling_models::diffusion::Pipeline::load(&spec.path, &device) {
+                Ok(p) => Arc::new(p),
+                Err(e) => {
+                    let _ = ready.send(Err(EngineError::LoadFailed {
+                        model: spec.model.clone(),
+                        reason: e.to_string(),
+                        retry_after: None,
+                    }));
+                    return;
+                }
+            };
+            tracing::info!(
+                model = %spec.model,
+                path = %spec.path.display(),
+                pipeline = pipeline.class_name(),
+                native_size = pipeline.native_size(),
+                max_batch = serving.max_batch,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "model loaded"
+            );
+            let (jobs, rx) = mpsc::unbounded_channel();
+            let max_batch = serving.max_batch.max(1);
+            let worker = Worker::Image(image::ImageWorker {
+                jobs,
+                limits: Arc::new(image::Limits::new(serving, &pipeline)),
+            });
+            if ready.send(Ok(worker)).is_err() {
+                return;
+            }
+            image::run(spec, pipeline, max_batch, rx, stats);
         }
     }
 }

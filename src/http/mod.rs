@@ -9,6 +9,7 @@ pub mod error;
 mod extract;
 mod generation;
 mod health;
+mod images;
 mod log;
 mod models;
 mod wire;
@@ -97,6 +98,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/embeddings", post(embeddings::handle))
+        .route("/v1/images/generations", post(images::handle))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*id}", get(models::get))
         .route("/metrics", get(admin::metrics))

@@ -13,9 +13,11 @@ use super::download;
 use super::lifecycle::{BatchSnapshot, Loaded, Loader, Progress};
 use super::memory;
 use crate::config::{
-    Config, EngineConfig, HubConfig, ModelKind, ModelManifest, WeightFormat, WeightSource,
+    parse_size, Config, EngineConfig, HubConfig, ModelKind, ModelManifest, WeightFormat,
+    WeightSource,
 };
-use crate::engine::{self, EngineError, EngineHandle, LoadSpec, Task};
+use crate::engine::{self, EngineError, EngineHandle, ImageServing, LoadSpec, Task};
+use kindling_models::diffusion::SamplerKind;
 
 /// Loads text models into engine workers.
 pub struct EngineLoader {
@@ -52,14 +54,23 @@ impl EngineLoader {
 
     fn spec(&self, manifest: &ModelManifest, path: PathBuf) -> LoadSpec {
         let embedding = manifest.kind == ModelKind::Embedding;
+        let image = &manifest.image;
         LoadSpec {
             model: manifest.id.clone(),
-            task: if embedding {
-                Task::Embedding {
+            task: match manifest.kind {
+                ModelKind::Embedding => Task::Embedding {
                     dimensions: manifest.dimensions.clone(),
-                }
-            } else {
-                Task::Text
+                },
+                ModelKind::Image => Task::Image(ImageServing {
+                    steps: image.steps.unwrap_or(20),
+                    max_steps: image.max_steps.unwrap_or(150),
+                    guidance_scale: image.guidance_scale.unwrap_or(7.5),
+                    sampler: image.sampler.as_deref().and_then(SamplerKind::parse),
+                    size: image.size.as_deref().and_then(parse_size),
+                    max_size: image.max_size,
+                    max_batch: self.engine.image_batch,
+                }),
+                ModelKind::Chat | ModelKind::Completion => Task::Text,
             },
             path,
             context_length: manifest.context_length,
@@ -97,9 +108,11 @@ impl EngineLoader {
                 let repo = cache.repo(repo);
                 match m.format {
                     WeightFormat::Gguf => repo.get(files.iter().find(|f| f.ends_with(".gguf"))?),
-                    WeightFormat::Safetensors => {
-                        Some(repo.get("config.json")?.parent()?.to_path_buf())
-                    }
+                    WeightFormat::Safetensors => Some(
+                        repo.get(m.format.folder_marker(m.kind))?
+                            .parent()?
+                            .to_path_buf(),
+                    ),
                 }
             }
         }
@@ -131,14 +144,15 @@ impl EngineLoader {
             .ok_or_else(|| failed(id, "no such model"))?;
         match &manifest.weights {
             WeightSource::Local(path) => {
+                let marker = manifest.format.folder_marker(manifest.kind);
                 let found = match manifest.format {
                     WeightFormat::Gguf => path.is_file(),
-                    WeightFormat::Safetensors => path.join("config.json").is_file(),
+                    WeightFormat::Safetensors => path.join(marker).is_file(),
                 };
                 if !found {
                     let what = match manifest.format {
-                        WeightFormat::Gguf => "weight file",
-                        WeightFormat::Safetensors => "model folder (with config.json)",
+                        WeightFormat::Gguf => "weight file".to_string(),
+                        WeightFormat::Safetensors => format!("model folder (with {marker})"),
                     };
                     return Err(failed(id, format!("{what} not found: {}", path.display())));
                 }
@@ -160,10 +174,7 @@ impl EngineLoader {
                 let paths = download::fetch(&self.hub, &self.store, req, progress, show_bar)
                     .await
                     .map_err(|e| failed(id, e))?;
-                let wanted = match manifest.format {
-                    WeightFormat::Gguf => ".gguf",
-                    WeightFormat::Safetensors => "config.json",
-                };
+                let wanted = manifest.format.folder_marker(manifest.kind);
                 let path = files
                     .iter()
                     .zip(paths)

@@ -231,7 +231,7 @@ impl Registry {
         };
         let serves = match purpose {
             Purpose::Chat => kind == ModelKind::Chat,
-            Purpose::Completion => kind != ModelKind::Embedding,
+            Purpose::Completion => matches!(kind, ModelKind::Chat | ModelKind::Completion),
         };
         if !serves {
             return Err(RegistryError::WrongKind {
@@ -254,6 +254,28 @@ impl Registry {
             });
         }
         Ok(())
+    }
+
+    /// Checks that `id` is an image model.
+    pub fn check_image(&self, id: &str) -> Result<(), RegistryError> {
+        let kind = self.entry(id)?.manifest.kind;
+        if kind != ModelKind::Image {
+            return Err(RegistryError::WrongKind {
+                model: id.to_string(),
+                kind: kind.name(),
+                wanted: "image generation",
+            });
+        }
+        Ok(())
+    }
+
+    /// The image model a request without `model` goes to: the first one
+    /// declared, by id.
+    pub fn default_image_model(&self) -> Option<String> {
+        self.entries
+            .iter()
+            .find(|(_, e)| e.manifest.kind == ModelKind::Image)
+            .map(|(id, _)| id.clone())
     }
 
     fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {

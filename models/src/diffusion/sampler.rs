@@ -26,13 +26,14 @@ impl SamplerKind {
         let n = name
             .trim()
             .to_ascii_lowercase()
-            .replace([' ', '-', '+'], "_");
+            .replace("++", "pp")
+            .replace([' ', '-'], "_");
         Some(match n.as_str() {
             "ddim" => Self::Ddim,
             "euler" => Self::Euler,
             "euler_a" | "euler_ancestral" => Self::EulerAncestral,
-            "dpmpp_2m" | "dpm__2m" | "dpm_solver_multistep" => Self::DpmPp2m,
-            "dpmpp_2m_karras" | "dpm__2m_karras" => Self::DpmPp2mKarras,
+            "dpmpp_2m" | "dpm_solver_multistep" => Self::DpmPp2m,
+            "dpmpp_2m_karras" => Self::DpmPp2mKarras,
             _ => return None,
         })
     }
