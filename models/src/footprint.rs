@@ -241,7 +241,8 @@ pub struct ImageServing {
 /// dominated by the full attention maps of the highest-resolution
 /// attention level — and one VAE decode.
 pub fn estimate_image(dir: &Path, serving: ImageServing) -> Result<Footprint> {
-    use crate::diffusion::config::{component_weights, UNetConfig, VaeConfig};
+    use crate::diffusion::config::{UNetConfig, VaeConfig};
+    use crate::diffusion::layout::component_weights;
     let f32s = 4u64;
     let mut elements = 0u64;
     for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {

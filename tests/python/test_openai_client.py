@@ -151,3 +151,50 @@ def test_embeddings_errors(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.embeddings.create(model=MODEL, input="hi")
     assert e.value.body["param"] == "model"
+
+
+def _png_size(data: bytes):
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_images_generate(client):
+    r = client.images.generate(
+        model="sd-tiny", prompt="a lighthouse at dawn", n=2, size="64x48",
+        response_format="b64_json", extra_body={"seed": 11, "steps": 3},
+    )
+    assert len(r.data) == 2
+    for item in r.data:
+        assert _png_size(base64.b64decode(item.b64_json)) == (64, 48)
+    assert r.usage.input_tokens > 0
+    again = client.images.generate(
+        model="sd-tiny", prompt="a lighthouse at dawn", size="64x48",
+        extra_body={"seed": 12, "steps": 3},
+    )
+    assert again.data[0].b64_json == r.data[1].b64_json
+    jpeg = client.images.generate(model="sd-tiny", prompt="x", output_format="jpeg",
+                                  extra_body={"steps": 2})
+    assert base64.b64decode(jpeg.data[0].b64_json)[:2] == b"\xff\xd8"
+
+
+def test_images_stream(client):
+    stream = client.images.generate(
+        model="sd-tiny", prompt="a lighthouse at dawn", stream=True, partial_images=2,
+        extra_body={"seed": 11, "steps": 4},
+    )
+    kinds = [event.type for event in stream]
+    assert kinds.count("image_generation.partial_image") == 2
+    assert kinds[-1] == "image_generation.completed"
+    assert kinds.count("image_generation.progress") == 4
+
+
+def test_images_errors(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="sd-tiny", prompt="x", size="65x64")
+    assert e.value.body["param"] == "size"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="sd-tiny", prompt="x", response_format="url")
+    assert e.value.body["param"] == "response_format"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.images.generate(model="sd-tiny", prompt="x", n=11)
+    assert e.value.body["param"] == "n"

@@ -4,14 +4,18 @@
 //! encoding, and a writer of random-weight pipelines for tests and
 //! benchmarks.
 
+pub mod blocks;
 pub mod clip;
 pub mod config;
+pub mod layout;
+pub mod ops;
 pub mod output;
 pub mod pipeline;
 pub mod random;
 pub mod sampler;
 pub mod tokenizer;
 pub mod unet;
+pub mod vae;
 
 pub use output::{encode_image, latent_preview, ImageFormat};
 pub use pipeline::{EncodedPrompt, ImageJob, Pipeline};

@@ -9,15 +9,14 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::{Init, VarBuilder};
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 
 use super::clip::ClipTextEncoder;
-use super::config::{
-    component_weights, ClipConfig, PipelineIndex, SchedulerConfig, UNetConfig, VaeConfig,
-};
+use super::config::{ClipConfig, UNetConfig, VaeConfig};
+use super::layout::{component_weights, PipelineIndex, SchedulerConfig};
 use super::sampler::{Noise, SamplerKind, SamplerState, Schedule};
 use super::tokenizer::ClipTokenizer;
 use super::unet::{AddedCond, UNet};
+use super::vae::VaeDecoder;
 use crate::error::{ModelError, Result};
 
 fn vars(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
@@ -138,7 +137,7 @@ pub struct Pipeline {
     text: Vec<TextStack>,
     unet: UNet,
     unet_cfg: UNetConfig,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     vae_cfg: VaeConfig,
     scheduler: SchedulerConfig,
     device: Device,
@@ -183,19 +182,7 @@ impl Pipeline {
             });
         }
         let unet = UNet::new(row_stable_vars(&dir.join("unet"), device)?, &unet_cfg)?;
-        let vae = AutoEncoderKL::new(
-            vars(&dir.join("vae"), device)?,
-            vae_cfg.in_channels,
-            vae_cfg.out_channels,
-            AutoEncoderKLConfig {
-                block_out_channels: vae_cfg.block_out_channels.clone(),
-                layers_per_block: vae_cfg.layers_per_block,
-                latent_channels: vae_cfg.latent_channels,
-                norm_num_groups: vae_cfg.norm_num_groups,
-                use_quant_conv: vae_cfg.use_quant_conv,
-                use_post_quant_conv: vae_cfg.use_post_quant_conv,
-            },
-        )?;
+        let vae = VaeDecoder::new(row_stable_vars(&dir.join("vae"), device)?, &vae_cfg)?;
         Ok(Self {
             dir: dir.to_path_buf(),
             index,
@@ -392,7 +379,7 @@ impl Pipeline {
             &self.device,
         )?;
         let xs = ((xs / self.vae_cfg.scaling_factor)? + self.vae_cfg.shift_factor)?;
-        let img = self.vae.decode(&xs)?;
+        let img = self.vae.forward(&xs)?;
         let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let img = (img * 255.0)?.round()?.squeeze(0)?.permute((1, 2, 0))?;
         let values: Vec<f32> = img.flatten_all()?.to_vec1()?;

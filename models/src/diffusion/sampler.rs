@@ -4,7 +4,7 @@
 //! `scheduler_config.json`. Each image keeps its own state and its own
 //! noise stream, so its result never depends on what it is batched with.
 
-use super::config::SchedulerConfig;
+use super::layout::SchedulerConfig;
 
 /// A sampler a request may ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -4,26 +4,13 @@
 //! own UNet leaves out.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
-    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
-    UpBlock2D, UpBlock2DConfig,
-};
 
+use super::blocks::{DownBlock, Level, Resnet, SpatialTransformer, UpBlock};
 use super::config::UNetConfig;
+use super::ops::{Conv, GroupNorm};
 use crate::error::Result;
-
-enum Down {
-    Plain(DownBlock2D),
-    Cross(CrossAttnDownBlock2D),
-}
-
-enum Up {
-    Plain(UpBlock2D),
-    Cross(CrossAttnUpBlock2D),
-}
 
 struct TextTime {
     time_proj: Timesteps,
@@ -38,17 +25,23 @@ pub struct AddedCond<'a> {
     pub time_ids: &'a Tensor,
 }
 
+struct Mid {
+    first: Resnet,
+    attention: SpatialTransformer,
+    second: Resnet,
+}
+
 /// A `UNet2DConditionModel`.
 pub struct UNet {
-    conv_in: Conv2d,
+    conv_in: Conv,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTime>,
-    down: Vec<Down>,
-    mid: UNetMidBlock2DCrossAttn,
-    up: Vec<Up>,
+    down: Vec<DownBlock>,
+    mid: Mid,
+    up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv,
     cfg: UNetConfig,
 }
 
@@ -59,11 +52,7 @@ impl UNet {
         let first = cfg.blocks[0].channels;
         let last = cfg.blocks[n - 1];
         let temb = first * 4;
-        let pad1 = Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
-        let conv_in = conv2d(cfg.in_channels, first, 3, pad1, vb.pp("conv_in"))?;
+        let conv_in = Conv::new(vb.pp("conv_in"), cfg.in_channels, first, 3, 1, 1)?;
         let time_proj = Timesteps::new(first, cfg.flip_sin_to_cos, cfg.freq_shift);
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), first, temb)?;
         let text_time = match cfg.text_time {
@@ -73,121 +62,101 @@ impl UNet {
             }),
             None => None,
         };
+        let level = |i: usize, c_in: usize, layers: usize| {
+            let b = cfg.blocks[i];
+            Level {
+                c_in,
+                c_out: b.channels,
+                layers,
+                temb,
+                groups: cfg.norm_num_groups,
+                eps: cfg.norm_eps,
+                attention: b.transformer_layers.map(|d| {
+                    (
+                        b.heads,
+                        d,
+                        cfg.cross_attention_dim,
+                        cfg.use_linear_projection,
+                    )
+                }),
+            }
+        };
         let mut down = Vec::with_capacity(n);
-        for (i, block) in cfg.blocks.iter().enumerate() {
-            let input = if i == 0 {
+        for i in 0..n {
+            let c_in = if i == 0 {
                 first
             } else {
                 cfg.blocks[i - 1].channels
             };
-            let plain = DownBlock2DConfig {
-                num_layers: cfg.layers_per_block,
-                resnet_eps: cfg.norm_eps,
-                resnet_groups: cfg.norm_num_groups,
-                add_downsample: i + 1 < n,
-                downsample_padding: cfg.downsample_padding,
-                ..Default::default()
-            };
-            let vb = vb.pp(format!("down_blocks.{i}"));
-            down.push(match block.transformer_layers {
-                Some(layers) => {
-                    let c = CrossAttnDownBlock2DConfig {
-                        downblock: plain,
-                        attn_num_head_channels: block.heads,
-                        cross_attention_dim: cfg.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: cfg.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    };
-                    Down::Cross(CrossAttnDownBlock2D::new(
-                        vb,
-                        input,
-                        block.channels,
-                        Some(temb),
-                        false,
-                        c,
-                    )?)
-                }
-                None => Down::Plain(DownBlock2D::new(
-                    vb,
-                    input,
-                    block.channels,
-                    Some(temb),
-                    plain,
-                )?),
-            });
+            let pad = (i + 1 < n).then_some(cfg.downsample_padding);
+            down.push(DownBlock::new(
+                vb.pp(format!("down_blocks.{i}")),
+                level(i, c_in, cfg.layers_per_block),
+                pad,
+            )?);
         }
-        let mid_cfg = UNetMidBlock2DCrossAttnConfig {
-            resnet_eps: cfg.norm_eps,
-            output_scale_factor: cfg.mid_block_scale_factor,
-            cross_attn_dim: cfg.cross_attention_dim,
-            attn_num_head_channels: last.heads,
-            resnet_groups: Some(cfg.norm_num_groups),
-            use_linear_projection: cfg.use_linear_projection,
-            transformer_layers_per_block: last.transformer_layers.unwrap_or(1),
-            ..Default::default()
+        let (g, e, s) = (
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            cfg.mid_block_scale_factor,
+        );
+        let vm = vb.pp("mid_block");
+        let mid = Mid {
+            first: Resnet::new(
+                vm.pp("resnets.0"),
+                last.channels,
+                last.channels,
+                Some(temb),
+                g,
+                e,
+                s,
+            )?,
+            attention: SpatialTransformer::new(
+                vm.pp("attentions.0"),
+                last.channels,
+                last.heads,
+                last.transformer_layers.unwrap_or(1),
+                cfg.cross_attention_dim,
+                cfg.use_linear_projection,
+                g,
+            )?,
+            second: Resnet::new(
+                vm.pp("resnets.1"),
+                last.channels,
+                last.channels,
+                Some(temb),
+                g,
+                e,
+                s,
+            )?,
         };
-        let mid = UNetMidBlock2DCrossAttn::new(
-            vb.pp("mid_block"),
-            last.channels,
-            Some(temb),
-            false,
-            mid_cfg,
-        )?;
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
-            let block = cfg.blocks[n - 1 - i];
+            let b = n - 1 - i;
             let prev = if i > 0 {
                 cfg.blocks[n - i].channels
             } else {
                 last.channels
             };
-            let input = cfg.blocks[if i == n - 1 { 0 } else { n - i - 2 }].channels;
-            let plain = UpBlock2DConfig {
-                num_layers: cfg.layers_per_block + 1,
-                resnet_eps: cfg.norm_eps,
-                resnet_groups: cfg.norm_num_groups,
-                add_upsample: i + 1 < n,
-                ..Default::default()
+            let skip_in = if b == 0 {
+                first
+            } else {
+                cfg.blocks[b - 1].channels
             };
-            let vb = vb.pp(format!("up_blocks.{i}"));
-            up.push(match block.transformer_layers {
-                Some(layers) => {
-                    let c = CrossAttnUpBlock2DConfig {
-                        upblock: plain,
-                        attn_num_head_channels: block.heads,
-                        cross_attention_dim: cfg.cross_attention_dim,
-                        sliced_attention_size: None,
-                        use_linear_projection: cfg.use_linear_projection,
-                        transformer_layers_per_block: layers,
-                    };
-                    Up::Cross(CrossAttnUpBlock2D::new(
-                        vb,
-                        input,
-                        prev,
-                        block.channels,
-                        Some(temb),
-                        false,
-                        c,
-                    )?)
-                }
-                None => Up::Plain(UpBlock2D::new(
-                    vb,
-                    input,
-                    prev,
-                    block.channels,
-                    Some(temb),
-                    plain,
-                )?),
-            });
+            up.push(UpBlock::new(
+                vb.pp(format!("up_blocks.{i}")),
+                level(b, skip_in, cfg.layers_per_block + 1),
+                prev,
+                i + 1 < n,
+            )?);
         }
-        let norm_out = group_norm(
+        let norm_out = GroupNorm::new(
+            vb.pp("conv_norm_out"),
             cfg.norm_num_groups,
             first,
             cfg.norm_eps,
-            vb.pp("conv_norm_out"),
         )?;
-        let conv_out = conv2d(first, cfg.out_channels, 3, pad1, vb.pp("conv_out"))?;
+        let conv_out = Conv::new(vb.pp("conv_out"), first, cfg.out_channels, 3, 1, 1)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -238,33 +207,28 @@ impl UNet {
             emb = (emb + Tensor::cat(&extra, 0)?)?;
         }
         let xs = self.conv_in.forward(&xs)?;
-        let mut residuals = vec![xs.clone()];
+        let mut skips = vec![xs.clone()];
         let mut xs = xs;
         for block in &self.down {
-            let (out, res) = match block {
-                Down::Plain(b) => b.forward(&xs, Some(&emb))?,
-                Down::Cross(b) => b.forward(&xs, Some(&emb), Some(context))?,
-            };
-            residuals.extend(res);
+            let (out, states) = block.forward(&xs, &emb, context)?;
+            skips.extend(states);
             xs = out;
         }
-        let mut xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        let xs = self.mid.first.forward(&xs, Some(&emb))?;
+        let xs = self.mid.attention.forward(&xs, context)?;
+        let mut xs = self.mid.second.forward(&xs, Some(&emb))?;
         for (i, block) in self.up.iter().enumerate() {
             let take = self.cfg.layers_per_block + 1;
-            let res = residuals.split_off(residuals.len().saturating_sub(take));
-            let size = match residuals.last() {
+            let size = match skips.len().checked_sub(take + 1).and_then(|k| skips.get(k)) {
                 Some(r) if i + 1 < n && odd_size => {
                     let (_, _, h, w) = r.dims4()?;
                     Some((h, w))
                 }
                 _ => None,
             };
-            xs = match block {
-                Up::Plain(b) => b.forward(&xs, &res, Some(&emb), size)?,
-                Up::Cross(b) => b.forward(&xs, &res, Some(&emb), size, Some(context))?,
-            };
+            xs = block.forward(&xs, &mut skips, &emb, context, size)?;
         }
-        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
-        Ok(self.conv_out.forward(&xs)?)
+        let xs = self.norm_out.forward(&xs, true)?;
+        self.conv_out.forward(&xs)
     }
 }
