@@ -136,7 +136,7 @@ impl Attention {
                 .contiguous()?)
         };
         let (q, k, v) = (split(q)?, split(k)?, split(v)?);
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
+        let scores = (q.matmul(&k.t()?)? * (hd as f64).powf(-0.5))?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, inner))?;
         self.out.forward(&ctx)

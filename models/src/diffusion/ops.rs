@@ -165,9 +165,16 @@ impl Linear {
         let mut dims = xs.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
         let rows = dims.iter().product();
-        let x: Vec<f32> = xs.flatten_all()?.to_vec1()?;
         debug_assert_eq!(k, self.dense.k());
-        let y = self.dense.forward(&x, rows, Epilogue::None);
+        let xs = xs.contiguous()?;
+        let y = {
+            let (storage, layout) = xs.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                return Err(candle_core::Error::Msg("linear layers run on the CPU".into()).into());
+            };
+            let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * k];
+            self.dense.forward(x, rows, Epilogue::None)
+        };
         dims.push(self.n);
         Ok(Tensor::from_vec(y, dims, xs.device())?)
     }
