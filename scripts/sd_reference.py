@@ -3,10 +3,11 @@
 
 Loads a diffusers-layout folder written by Kindling's `random-pipeline`
 tool into diffusers (PyTorch, f32, CPU), checks that every tensor in the
-files maps one-to-one onto diffusers' modules, and renders fixed prompts
-from fixed initial latents with DDIM and Euler (and, for an SDXL-shaped
-folder, its own scheduler). Writes the latents, token ids and the RGB
-pixels as JSON for `models/tests/stable_diffusion.rs`.
+files maps one-to-one onto diffusers' modules, and renders a fixed prompt
+from fixed initial latents with DDIM, Euler and DPM++ 2M (4 steps, guidance
+7.5; DDIM also unguided) and one Turbo-style run (Euler, 1 step, guidance
+0), each scheduler built from the folder's own config. Writes the latents,
+token ids and the RGB pixels as JSON for `models/tests/stable_diffusion.rs`.
 
     .venv-bench/bin/python scripts/sd_reference.py store/sd-tiny \
         models/tests/data/sd_tiny_reference.json
@@ -83,6 +84,13 @@ def main():
                   f"std {pixels.std():.1f}, saturated {(pixels == 0).mean() + (pixels == 255).mean():.3f}")
             runs.append({"sampler": name, "guidance": guidance, "steps": args.steps,
                          "pixels": pixels.reshape(-1).tolist()})
+    # A Turbo-style run: one step, no guidance.
+    pipe.scheduler = EulerDiscreteScheduler.from_config(base)
+    out = pipe(prompt=PROMPT, num_inference_steps=1, guidance_scale=0.0, height=args.size,
+               width=args.size, latents=torch.from_numpy(latents), output_type="np")
+    pixels = (out.images[0] * 255).round().astype(np.uint8)
+    print(f"euler 1 step guidance 0: pixel mean {pixels.mean():.1f}")
+    runs.append({"sampler": "euler", "guidance": 0.0, "steps": 1, "pixels": pixels.reshape(-1).tolist()})
     json.dump({
         "prompt": PROMPT, "negative_prompt": NEGATIVE, "size": args.size,
         "tokens": tokens, "weights_sha256": hashes,

@@ -134,8 +134,12 @@ fn sdxl_shaped_tiny_matches_diffusers() {
 /// with others of other prompts, guidance scales and seeds.
 #[test]
 fn batched_images_equal_their_solo_runs() {
-    let reference = reference("sd_tiny_reference.json");
-    let pipe = pipeline(Preset::Tiny, "sd-tiny-batch", &reference);
+    for (preset, file) in [(Preset::Tiny, "sd_tiny_reference.json"), (Preset::TinyXl, "sd_tiny_xl_reference.json")] {
+        batch_invariance(&pipeline(preset, &format!("{preset:?}-batch"), &reference(file)));
+    }
+}
+
+fn batch_invariance(pipe: &Pipeline) {
     let size = 64;
     let len = pipe.latent_len(size, size);
     for kind in [SamplerKind::EulerAncestral, SamplerKind::DpmPp2m] {
@@ -188,4 +192,13 @@ fn batched_images_equal_their_solo_runs() {
             );
         }
     }
+}
+
+/// SD 2.x/Turbo shape: v-prediction, trailing timesteps, linear
+/// projections, a GELU text encoder and `!` padding.
+#[test]
+fn sd2_shaped_tiny_matches_diffusers() {
+    let reference = reference("sd_tiny_v_reference.json");
+    let pipe = pipeline(Preset::TinyV, "sd-tiny-v", &reference);
+    check(&pipe, &reference);
 }

@@ -85,7 +85,8 @@ pub struct ImageDefaults {
     pub sampler: Option<String>,
     /// Image size when the request names none, `WxH` (default: native).
     pub size: Option<String>,
-    /// Largest side in pixels (default: twice the native size).
+    /// Largest side in pixels (default: the native size, since the memory
+    /// estimate grows with the square of the pixel count).
     pub max_size: Option<usize>,
     /// Most steps a request may ask for (default 150).
     pub max_steps: Option<usize>,

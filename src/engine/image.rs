@@ -27,7 +27,7 @@ pub struct ImageServing {
     pub sampler: Option<SamplerKind>,
     /// Size when the request names none (`None`: native).
     pub size: Option<(usize, usize)>,
-    /// Largest side (`None`: twice the native size).
+    /// Largest side (`None`: the native size).
     pub max_size: Option<usize>,
     /// Images per UNet call (guidance rows not counted).
     pub max_batch: usize,
@@ -124,7 +124,7 @@ impl Limits {
         };
         let native = pipeline.native_size();
         Self {
-            max_side: serving.max_size.unwrap_or(2 * native),
+            max_side: serving.max_size.unwrap_or(native),
             default_sampler: serving
                 .sampler
                 .unwrap_or_else(|| pipeline.default_sampler()),

@@ -263,7 +263,7 @@ fn image_footprint(
     };
     let max_side = match serving.max_size {
         Some(m) => m,
-        None => 2 * native()?,
+        None => native()?,
     };
     kindling_models::footprint::estimate_image(
         path,

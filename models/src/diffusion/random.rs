@@ -25,16 +25,20 @@ pub enum Preset {
     Tiny,
     /// SDXL-shaped (two text encoders, `text_time` conditioning), tiny.
     TinyXl,
+    /// SD 2.x/Turbo-shaped, tiny: v-prediction, trailing timesteps, linear
+    /// projections, a GELU text encoder, `!` padding.
+    TinyV,
     /// The SD 1.5 architecture at full size.
     Sd15,
 }
 
 impl Preset {
-    /// Parses `tiny`, `tiny-xl` or `sd15`.
+    /// Parses `tiny`, `tiny-xl`, `tiny-v` or `sd15`.
     pub fn parse(name: &str) -> Option<Self> {
         match name {
             "tiny" => Some(Self::Tiny),
             "tiny-xl" => Some(Self::TinyXl),
+            "tiny-v" => Some(Self::TinyV),
             "sd15" => Some(Self::Sd15),
             _ => None,
         }
@@ -168,6 +172,21 @@ fn configs(preset: Preset) -> Vec<(&'static str, Value)> {
                 scheduler_json("EulerDiscreteScheduler"),
             ),
         ],
+        Preset::TinyV => {
+            let mut unet = tiny_unet(32, false);
+            unet["use_linear_projection"] = json!(true);
+            let mut scheduler = scheduler_json("EulerDiscreteScheduler");
+            scheduler["prediction_type"] = json!("v_prediction");
+            scheduler["timestep_spacing"] = json!("trailing");
+            scheduler["steps_offset"] = json!(0);
+            vec![
+                ("model_index.json", index("StableDiffusionPipeline", false)),
+                ("unet/config.json", unet),
+                ("vae/config.json", vae_json(&[32, 64], 1, 64)),
+                ("text_encoder/config.json", clip_json(32, 37, 5, 4, 1000, "gelu", false)),
+                ("scheduler/scheduler_config.json", scheduler),
+            ]
+        }
         Preset::Sd15 => vec![
             ("model_index.json", index("StableDiffusionPipeline", false)),
             (
@@ -300,13 +319,13 @@ fn vocabulary() -> (Value, Vec<String>) {
     (Value::Object(vocab), merges)
 }
 
-fn write_tokenizer(dir: &Path) -> Result<()> {
+fn write_tokenizer(dir: &Path, pad: &str) -> Result<()> {
     let (vocab, merges) = vocabulary();
     write_json(&dir.join("vocab.json"), &vocab)?;
     let text = format!("#version: 0.2\n{}\n", merges.join("\n"));
     std::fs::write(dir.join("merges.txt"), text).map_err(io(dir))?;
     let special = json!({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                         "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"});
+                         "unk_token": "<|endoftext|>", "pad_token": pad});
     write_json(&dir.join("special_tokens_map.json"), &special)?;
     let mut config = special.clone();
     config["model_max_length"] = json!(77);
@@ -400,7 +419,7 @@ pub fn write_pipeline(dir: &Path, preset: Preset, dtype: DType, seed: u64) -> Re
             text_weights,
             &fill(&map, seed + 2 + k as u64, dtype)?,
         )?;
-        write_tokenizer(&dir.join(tok))?;
+        write_tokenizer(&dir.join(tok), if preset == Preset::TinyV { "!" } else { "<|endoftext|>" })?;
     }
     Ok(())
 }
