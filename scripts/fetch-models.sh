@@ -110,8 +110,14 @@ make_sd_tiny() {
     mkdir -p "$store"
     local tmp
     tmp=$(mktemp -d "$store/.sd-tiny.XXXXXX")
-    (cd "$root" && cargo run --quiet --locked -p kindling-models --bin random-pipeline -- \
-        --preset tiny "$tmp/sd-tiny") || { rm -rf "$tmp"; die "could not write sd-tiny"; }
+    # The tool is built with the whole workspace's features, so the test and
+    # serve builds that follow reuse every compiled crate.
+    local tool=${KINDLING_RANDOM_PIPELINE:-}
+    if [[ -z $tool ]]; then
+        (cd "$root" && cargo build --quiet --locked --workspace --bins) || { rm -rf "$tmp"; die "could not build random-pipeline"; }
+        tool=${CARGO_TARGET_DIR:-$root/target}/debug/random-pipeline
+    fi
+    "$tool" --preset tiny "$tmp/sd-tiny" >/dev/null || { rm -rf "$tmp"; die "could not write sd-tiny"; }
     verify "$tmp/sd-tiny" || { rm -rf "$tmp"; die "sd-tiny's weights do not match their pinned sums"; }
     rm -rf "$dest"
     mv "$tmp/sd-tiny" "$dest"

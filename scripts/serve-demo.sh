@@ -6,5 +6,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
-scripts/fetch-models.sh
-exec cargo run --release --locked --bin kindling -- serve --config configs/kindling.toml "$@"
+# One release build of the daemon and the tool that writes the sd-tiny demo.
+cargo build --release --locked --workspace --bins
+target=${CARGO_TARGET_DIR:-$root/target}
+KINDLING_RANDOM_PIPELINE=$target/release/random-pipeline scripts/fetch-models.sh
+exec "$target/release/kindling" serve --config configs/kindling.toml "$@"

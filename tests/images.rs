@@ -300,3 +300,18 @@ async fn bad_requests_name_their_parameter() {
     // After all that, it serves.
     generate(&server, json!({})).await;
 }
+
+/// A request with more images than `engine.image_batch` runs whole, in
+/// several UNet calls per step, and its images equal single-image runs.
+#[tokio::test]
+async fn more_images_than_the_batch_take_several_calls_per_step() {
+    let server = Server::with_config("[engine]\nimage_batch = 2");
+    let series = format!("kindling_batch_steps{{model=\"{MODEL}\"}}");
+    let first = generate(&server, json!({"seed": 20})).await;
+    let before = metric(&server, &series).await;
+    let three = generate(&server, json!({"n": 3, "seed": 20})).await;
+    assert_eq!(metric(&server, &series).await - before, 3.0 * 2.0);
+    assert_eq!(three["data"][0]["b64_json"], first["data"][0]["b64_json"]);
+    let third = generate(&server, json!({"seed": 22})).await;
+    assert_eq!(three["data"][2]["b64_json"], third["data"][0]["b64_json"]);
+}

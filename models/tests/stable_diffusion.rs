@@ -134,8 +134,15 @@ fn sdxl_shaped_tiny_matches_diffusers() {
 /// with others of other prompts, guidance scales and seeds.
 #[test]
 fn batched_images_equal_their_solo_runs() {
-    for (preset, file) in [(Preset::Tiny, "sd_tiny_reference.json"), (Preset::TinyXl, "sd_tiny_xl_reference.json")] {
-        batch_invariance(&pipeline(preset, &format!("{preset:?}-batch"), &reference(file)));
+    for (preset, file) in [
+        (Preset::Tiny, "sd_tiny_reference.json"),
+        (Preset::TinyXl, "sd_tiny_xl_reference.json"),
+    ] {
+        batch_invariance(&pipeline(
+            preset,
+            &format!("{preset:?}-batch"),
+            &reference(file),
+        ));
     }
 }
 

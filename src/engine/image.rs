@@ -267,15 +267,12 @@ pub(super) fn run(
             continue;
         }
         let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            run_group(
-                &spec,
-                &pipeline,
-                group,
-                &mut jobs,
-                &mut waiting,
-                &mut open,
-                &stats,
-            )
+            let queue = Queue {
+                jobs: &mut jobs,
+                waiting: &mut waiting,
+                open: &mut open,
+            };
+            run_group(&spec, &pipeline, group, max_batch, queue, &stats)
         }));
         if result.is_err() {
             tracing::error!(model = %spec.model, "the image pipeline panicked; its group failed");
@@ -355,13 +352,22 @@ fn take_group(
     group
 }
 
+/// The worker's intake, kept moving while a group runs.
+struct Queue<'a> {
+    jobs: &'a mut mpsc::UnboundedReceiver<ImageJobMsg>,
+    waiting: &'a mut VecDeque<ImageJobMsg>,
+    open: &'a mut bool,
+}
+
+/// Denoises a group step by step, `max_batch` images per UNet call (a
+/// request with more images than that takes several calls per step), then
+/// decodes and sends each image.
 fn run_group(
     spec: &LoadSpec,
     pipeline: &Pipeline,
     group: Vec<ImageJobMsg>,
-    jobs: &mut mpsc::UnboundedReceiver<ImageJobMsg>,
-    waiting: &mut VecDeque<ImageJobMsg>,
-    open: &mut bool,
+    max_batch: usize,
+    queue: Queue<'_>,
     stats: &EngineStats,
 ) {
     let ((width, height), sampler, steps) = key(&group[0]);
@@ -406,7 +412,10 @@ fn run_group(
         });
     }
     for i in 0..steps {
-        *open &= receive(jobs, waiting);
+        // Waiting requests get their deadlines and cancellations now, not
+        // when this group ends.
+        *queue.open &= receive(queue.jobs, queue.waiting);
+        sweep_waiting(queue.waiting, stats);
         let now = Instant::now();
         running.retain(|r| match stop_reason(&r.job, now) {
             None => true,
@@ -429,8 +438,14 @@ fn run_group(
                 batch.push((&*prompt, im));
             }
         }
-        let done = pipeline.step(&schedule, i, &mut batch, width, height);
-        stats.record_step(0, 0);
+        let mut done = Ok(());
+        for chunk in batch.chunks_mut(max_batch.max(1)) {
+            done = pipeline.step(&schedule, i, chunk, width, height);
+            stats.record_step(0, 0);
+            if done.is_err() {
+                break;
+            }
+        }
         if let Err(e) = done {
             tracing::error!(model = %spec.model, error = %e, "denoising step failed");
             for r in &running {

@@ -183,7 +183,10 @@ fn configs(preset: Preset) -> Vec<(&'static str, Value)> {
                 ("model_index.json", index("StableDiffusionPipeline", false)),
                 ("unet/config.json", unet),
                 ("vae/config.json", vae_json(&[32, 64], 1, 64)),
-                ("text_encoder/config.json", clip_json(32, 37, 5, 4, 1000, "gelu", false)),
+                (
+                    "text_encoder/config.json",
+                    clip_json(32, 37, 5, 4, 1000, "gelu", false),
+                ),
                 ("scheduler/scheduler_config.json", scheduler),
             ]
         }
@@ -419,7 +422,14 @@ pub fn write_pipeline(dir: &Path, preset: Preset, dtype: DType, seed: u64) -> Re
             text_weights,
             &fill(&map, seed + 2 + k as u64, dtype)?,
         )?;
-        write_tokenizer(&dir.join(tok), if preset == Preset::TinyV { "!" } else { "<|endoftext|>" })?;
+        write_tokenizer(
+            &dir.join(tok),
+            if preset == Preset::TinyV {
+                "!"
+            } else {
+                "<|endoftext|>"
+            },
+        )?;
     }
     Ok(())
 }
