@@ -315,3 +315,51 @@ async fn more_images_than_the_batch_take_several_calls_per_step() {
     let third = generate(&server, json!({"seed": 22})).await;
     assert_eq!(three["data"][2]["b64_json"], third["data"][0]["b64_json"]);
 }
+
+/// An image pipeline is one registry entry with a memory estimate: under a
+/// budget that holds it or a chat model but not both, each evicts the
+/// other, and the reloaded pipeline makes the same image.
+#[tokio::test]
+async fn an_image_model_is_evicted_and_reloaded_like_any_model() {
+    let sd = std::fs::read_to_string(repo().join("configs/models/sd-tiny.toml")).unwrap();
+    let chat_model = demo_manifest("a", None, "context_length = 1024\nkv_cache_tokens = 2048");
+    let manifests = [("sd.toml", sd.as_str()), ("a.toml", chat_model.as_str())];
+    let estimates = {
+        // Estimates are worked out in the background after start-up.
+        let server = Server::spawn(&config_with_manifests("", &manifests), &[]);
+        let mut found = (None, None);
+        for _ in 0..100 {
+            let est = |v: Value| v["estimated_bytes"].as_u64();
+            found = (
+                est(model_state(&server, MODEL).await),
+                est(model_state(&server, "a").await),
+            );
+            if found.0.is_some() && found.1.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (
+            found.0.expect("sd-tiny's estimate"),
+            found.1.expect("the chat model's estimate"),
+        )
+    };
+    let (big, small) = (estimates.0.max(estimates.1), estimates.0.min(estimates.1));
+    let budget = big + small / 2;
+    let daemon = format!("[devices.cpu]\nbudget = \"{budget}B\"\n");
+    let server = Server::spawn(&config_with_manifests(&daemon, &manifests), &[]);
+    let (status, headers, first) = post(&server, "/v1/images/generations", &body(json!({}))).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!(headers["x-kindling-cold-start"], "true");
+    let (status, _, b) = post(&server, "/v1/chat/completions", &chat("a", json!({}))).await;
+    assert_eq!(status, 200, "{b}");
+    assert_eq!(model_state(&server, MODEL).await["state"], "cold");
+    let evicted =
+        format!("kindling_model_evictions_total{{model=\"{MODEL}\",reason=\"memory_pressure\"}}");
+    assert_eq!(metric(&server, &evicted).await, 1.0);
+    let (status, headers, again) = post(&server, "/v1/images/generations", &body(json!({}))).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(headers["x-kindling-cold-start"], "true");
+    assert_eq!(again["data"], first["data"]);
+    assert_eq!(model_state(&server, "a").await["state"], "cold");
+}

@@ -4,10 +4,10 @@
 //! kernels ([`super::ops`]); norms, softmax and the attention products on
 //! candle, per image.
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::{layer_norm, LayerNorm, VarBuilder};
 
-use super::ops::{Conv, GroupNorm, Linear};
+use super::ops::{geglu, Conv, GroupNorm, Linear};
 use crate::error::Result;
 
 /// `ResnetBlock2D`.
@@ -179,25 +179,19 @@ impl TransformerBlock {
             .attn2
             .forward(&self.norm2.forward(&xs)?, Some(context))?
             + xs)?;
-        let h = self.geglu.forward(&self.norm3.forward(&xs)?)?;
-        let half = h.dim(D::Minus1)? / 2;
-        let h = (h.narrow(D::Minus1, 0, half)? * h.narrow(D::Minus1, half, half)?.gelu_erf()?)?;
+        let h = geglu(&self.geglu.forward(&self.norm3.forward(&xs)?)?)?;
         Ok((self.ff_out.forward(&h)? + xs)?)
     }
-}
-
-enum Projection {
-    Conv(Conv),
-    Linear(Linear),
 }
 
 /// `Transformer2DModel`: norm, projection in, transformer blocks,
 /// projection out, plus the input.
 pub struct SpatialTransformer {
     norm: GroupNorm,
-    proj_in: Projection,
+    /// 1×1 convolutions (a linear projection is one too).
+    proj_in: Conv,
     blocks: Vec<TransformerBlock>,
-    proj_out: Projection,
+    proj_out: Conv,
 }
 
 impl SpatialTransformer {
@@ -210,12 +204,12 @@ impl SpatialTransformer {
         linear: bool,
         groups: usize,
     ) -> Result<Self> {
-        let proj = |name: &str| -> Result<Projection> {
-            Ok(if linear {
-                Projection::Linear(Linear::new(vb.pp(name), channels, channels, true)?)
+        let proj = |name: &str| -> Result<Conv> {
+            if linear {
+                Conv::from_linear(vb.pp(name), channels, channels)
             } else {
-                Projection::Conv(Conv::new(vb.pp(name), channels, channels, 1, 1, 0)?)
-            })
+                Conv::new(vb.pp(name), channels, channels, 1, 1, 0)
+            }
         };
         let head_dim = channels / heads;
         Ok(Self {
@@ -237,26 +231,13 @@ impl SpatialTransformer {
     }
 
     pub fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = xs.dims4()?;
+        let (_, _, h, w) = xs.dims4()?;
         let x = self.norm.forward(xs, false)?;
-        let to_tokens = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.flatten_from(2)?.transpose(1, 2)?.contiguous()?)
-        };
-        let mut x = match &self.proj_in {
-            Projection::Conv(p) => to_tokens(&p.forward(&x)?)?,
-            Projection::Linear(p) => p.forward(&to_tokens(&x)?)?,
-        };
+        let mut x = self.proj_in.forward_rows(&x)?;
         for block in &self.blocks {
             x = block.forward(&x, context)?;
         }
-        let to_image = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.transpose(1, 2)?.reshape((b, c, h, w))?.contiguous()?)
-        };
-        let x = match &self.proj_out {
-            Projection::Conv(p) => p.forward(&to_image(&x)?)?,
-            Projection::Linear(p) => to_image(&p.forward(&x)?)?,
-        };
-        Ok((x + xs)?)
+        Ok((self.proj_out.forward_from_rows(&x, h, w)? + xs)?)
     }
 }
 

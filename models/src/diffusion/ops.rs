@@ -47,10 +47,62 @@ impl Conv {
         })
     }
 
+    /// A 1×1 convolution from a linear layer's `[c_out, c_in]` weights.
+    pub fn from_linear(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
+        let w: Vec<f32> = vb.get((c_out, c_in), "weight")?.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = vb.get(c_out, "bias")?.to_vec1()?;
+        Ok(Self {
+            dense: DenseMatrix::new(&w, Some(&b), c_out, c_in),
+            c_in,
+            c_out,
+            kernel: 1,
+            stride: 1,
+            padding: 0,
+        })
+    }
+
     /// Convolves `xs` `[batch, c_in, h, w]` to `[batch, c_out, h', w']`.
+    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, false)
+    }
+
+    /// As `forward`, but returns pixel rows, `[batch, h'·w', c_out]` (the
+    /// token layout of a spatial transformer).
+    pub fn forward_rows(&self, xs: &Tensor) -> Result<Tensor> {
+        self.run(xs, true)
+    }
+
+    /// A 1×1 convolution of pixel rows `[batch, h·w, c_in]` back to
+    /// `[batch, c_out, h, w]`.
+    pub fn forward_from_rows(&self, rows: &Tensor, h: usize, w: usize) -> Result<Tensor> {
+        let (b, pixels, _) = rows.dims3()?;
+        debug_assert!(self.kernel == 1 && pixels == h * w);
+        let rows = rows.contiguous()?;
+        let y = {
+            let (storage, layout) = rows.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                return Err(candle_core::Error::Msg("convolutions run on the CPU".into()).into());
+            };
+            let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * pixels * self.c_in];
+            self.dense.forward(x, b * pixels, Epilogue::None)
+        };
+        let n = self.c_out;
+        let mut out = vec![0f32; b * n * pixels];
+        out.par_chunks_mut(pixels)
+            .enumerate()
+            .for_each(|(plane, dst)| {
+                let (img, ch) = (plane / n, plane % n);
+                let src = &y[img * pixels * n..(img + 1) * pixels * n];
+                for (pix, v) in dst.iter_mut().enumerate() {
+                    *v = src[pix * n + ch];
+                }
+            });
+        Ok(Tensor::from_vec(out, (b, n, h, w), rows.device())?)
+    }
+
     /// Output pixels go through in chunks, so the im2col rows of a chunk
     /// stay small and their buffers are reused.
-    pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn run(&self, xs: &Tensor, rows_out: bool) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         debug_assert_eq!(c, self.c_in);
         let (k, s, p) = (self.kernel, self.stride, self.padding);
@@ -112,6 +164,11 @@ impl Conv {
                 });
                 self.dense
                     .forward_into(cols, rows, Epilogue::None, y, dense);
+                if rows_out {
+                    out[start * n..(start + rows) * n].copy_from_slice(y);
+                    start += rows;
+                    continue;
+                }
                 // Pixel-major rows back to NCHW.
                 for (r, yrow) in y.chunks(n).enumerate() {
                     let global = start + r;
@@ -124,8 +181,36 @@ impl Conv {
                 start += rows;
             }
         });
+        if rows_out {
+            return Ok(Tensor::from_vec(out, (b, pixels, n), xs.device())?);
+        }
         Ok(Tensor::from_vec(out, (b, n, oh, ow), xs.device())?)
     }
+}
+
+/// `a · gelu(gate)` over rows `[…, 2·inner]` split into `a | gate`
+/// (diffusers' GEGLU), with Kindling's erf.
+pub fn geglu(h: &Tensor) -> Result<Tensor> {
+    let mut dims = h.dims().to_vec();
+    let two = dims.pop().unwrap_or(0);
+    let inner = two / 2;
+    let h = h.contiguous()?;
+    let (storage, layout) = h.storage_and_layout();
+    let candle_core::Storage::Cpu(cpu) = &*storage else {
+        return Err(candle_core::Error::Msg("GEGLU runs on the CPU".into()).into());
+    };
+    let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..h.elem_count()];
+    let mut out = vec![0f32; x.len() / 2];
+    out.par_chunks_mut(inner)
+        .zip(x.par_chunks(two))
+        .for_each(|(o, row)| {
+            let (a, gate) = row.split_at(inner);
+            for ((o, &a), &g) in o.iter_mut().zip(a).zip(gate) {
+                *o = a * kindling_kernels::activation::gelu(g);
+            }
+        });
+    dims.push(inner);
+    Ok(Tensor::from_vec(out, dims, h.device())?)
 }
 
 #[derive(Default)]
