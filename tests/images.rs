@@ -363,3 +363,29 @@ async fn an_image_model_is_evicted_and_reloaded_like_any_model() {
     assert_eq!(again["data"], first["data"]);
     assert_eq!(model_state(&server, "a").await["state"], "cold");
 }
+
+/// A manifest default outside the model's limits fails the load with a
+/// clear reason, rather than blaming each request's `size`.
+#[tokio::test]
+async fn a_bad_default_size_fails_the_load() {
+    let sd = std::fs::read_to_string(repo().join("configs/models/sd-tiny.toml"))
+        .unwrap()
+        .replace("max_size = 128", "max_size = 128\nsize = \"60x64\"");
+    let server = Server::spawn(&config_with_manifests("", &[("sd.toml", sd.as_str())]), &[]);
+    let (status, _, b) = post(&server, "/v1/images/generations", &body(json!({}))).await;
+    assert_eq!(status, 503, "{b}");
+    assert_eq!(error_of(&b)["code"], "model_load_failed");
+    assert!(
+        error_of(&b)["message"].as_str().unwrap().contains("60x64"),
+        "{b}"
+    );
+    // A request naming its own size is still refused the same way: the
+    // model never loaded.
+    let (status, _, _) = post(
+        &server,
+        "/v1/images/generations",
+        &body(json!({"size": "64x64"})),
+    )
+    .await;
+    assert_eq!(status, 503);
+}

@@ -115,7 +115,9 @@ pub(crate) struct Limits {
 }
 
 impl Limits {
-    pub(super) fn new(serving: ImageServing, pipeline: &Pipeline) -> Self {
+    /// Fills in the pipeline's figures and checks the manifest's defaults
+    /// against its limits, so a bad default fails the load, not requests.
+    pub(super) fn new(mut serving: ImageServing, pipeline: &Pipeline) -> Result<Self, String> {
         let factor = pipeline.latent_factor();
         let multiple = if factor.is_multiple_of(8) {
             factor
@@ -123,15 +125,34 @@ impl Limits {
             8 * factor / gcd(8, factor)
         };
         let native = pipeline.native_size();
-        Self {
-            max_side: serving.max_size.unwrap_or(native),
+        // No sampler can take more steps than the schedule has.
+        serving.max_steps = serving.max_steps.min(pipeline.train_timesteps());
+        let max_side = serving.max_size.unwrap_or(native);
+        if serving.steps == 0 || serving.steps > serving.max_steps {
+            return Err(format!(
+                "[image] steps = {} is outside 1..={}",
+                serving.steps, serving.max_steps
+            ));
+        }
+        if let Some((w, h)) = serving.size {
+            if [w, h]
+                .iter()
+                .any(|&s| s == 0 || !s.is_multiple_of(multiple) || s > max_side)
+            {
+                return Err(format!(
+                    "[image] size = \"{w}x{h}\" must be multiples of {multiple} up to {max_side}"
+                ));
+            }
+        }
+        Ok(Self {
+            max_side,
             default_sampler: serving
                 .sampler
                 .unwrap_or_else(|| pipeline.default_sampler()),
             serving,
             native,
             multiple,
-        }
+        })
     }
 }
 
@@ -466,8 +487,12 @@ fn run_group(
     }
     for r in running {
         for (index, image) in r.images.iter().enumerate() {
-            if r.job.events.is_closed() {
-                tracing::info!("image request cancelled: the client went away");
+            *queue.open &= receive(queue.jobs, queue.waiting);
+            sweep_waiting(queue.waiting, stats);
+            if let Some(error) = stop_reason(&r.job, Instant::now()) {
+                if let Some(e) = error {
+                    let _ = r.job.events.send(ImageEvent::Failed(e));
+                }
                 break;
             }
             match pipeline.decode(&image.latents, width, height) {

@@ -497,9 +497,20 @@ fn run(
             );
             let (jobs, rx) = mpsc::unbounded_channel();
             let max_batch = serving.max_batch.max(1);
+            let limits = match image::Limits::new(serving, &pipeline) {
+                Ok(l) => l,
+                Err(reason) => {
+                    let _ = ready.send(Err(EngineError::LoadFailed {
+                        model: spec.model.clone(),
+                        reason,
+                        retry_after: None,
+                    }));
+                    return;
+                }
+            };
             let worker = Worker::Image(image::ImageWorker {
                 jobs,
-                limits: Arc::new(image::Limits::new(serving, &pipeline)),
+                limits: Arc::new(limits),
             });
             if ready.send(Ok(worker)).is_err() {
                 return;

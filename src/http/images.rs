@@ -282,6 +282,7 @@ pub async fn handle(
     let timeout = req.lifetime.timeout()?.or(state.request_timeout);
     let keep_alive = req.lifetime.keep_alive()?;
     request.deadline = timeout.map(|t| log.arrived() + t);
+    let n = request.n;
     let lease = state.registry.acquire(&model, keep_alive).await?;
     let cold = lease.cold_load;
     let mut rx = lease.generate_images(request)?;
@@ -295,6 +296,7 @@ pub async fn handle(
             let mut sizes = String::new();
             let mut usage = Usage::new(0);
             let mut partial = 0usize;
+            let mut completed = 0usize;
             while let Some(event) = rx.recv().await {
                 match event {
                     ImageEvent::Started { prompt_tokens, width, height, .. } => {
@@ -320,23 +322,29 @@ pub async fn handle(
                     }
                     ImageEvent::Image { index, seed, width, height, rgb } => {
                         match encode(rgb, width, height, output).await {
-                            Ok(b64) => yield SseItem::chunk(&json!({
+                            Ok(b64) => {
+                                completed += 1;
+                                yield SseItem::chunk(&json!({
                                 "type": "image_generation.completed", "created_at": now(),
                                 "b64_json": b64, "image_index": index, "seed": seed,
                                 "size": sizes, "output_format": output.format.name(), "usage": usage,
-                            })),
+                                }))
+                            }
                             Err(e) => { yield SseItem::Error(e); return; }
                         }
                     }
                     ImageEvent::Failed(e) => { yield SseItem::Error(e.into()); return; }
                 }
             }
+            if completed < n {
+                yield SseItem::Error(EngineError::Compute("image generation ended early".into()).into());
+            }
         };
         let mut resp = sse_response(items, log);
         super::generation::mark_cold(&mut resp, cold);
         return Ok(resp);
     }
-    let collected = collect(&mut rx).await?;
+    let collected = collect(&mut rx, n).await?;
     drop(lease);
     metrics
         .prompt_tokens
@@ -368,8 +376,11 @@ struct Collected {
     images: Vec<(u64, usize, usize, Vec<u8>)>,
 }
 
-/// Waits for every image of a request.
-async fn collect(rx: &mut mpsc::UnboundedReceiver<ImageEvent>) -> Result<Collected, ApiError> {
+/// Waits for all `n` images of a request.
+async fn collect(
+    rx: &mut mpsc::UnboundedReceiver<ImageEvent>,
+    n: usize,
+) -> Result<Collected, ApiError> {
     let mut out = Collected {
         tokens: 0,
         size: String::new(),
@@ -402,7 +413,7 @@ async fn collect(rx: &mut mpsc::UnboundedReceiver<ImageEvent>) -> Result<Collect
             ImageEvent::Progress { .. } | ImageEvent::Preview { .. } => {}
         }
     }
-    if out.images.is_empty() || out.images.iter().any(|(_, w, _, _)| *w == 0) {
+    if out.images.len() != n || out.images.iter().any(|(_, w, _, _)| *w == 0) {
         return Err(EngineError::Compute("image generation ended early".into()).into());
     }
     Ok(out)

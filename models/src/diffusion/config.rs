@@ -210,6 +210,9 @@ impl UNetConfig {
         if raw.dual_cross_attention || raw.only_cross_attention.as_bool() == Some(true) {
             return refuse("dual or cross-only attention".into());
         }
+        if raw.downsample_padding != 1 {
+            return refuse(format!("`downsample_padding` = {}", raw.downsample_padding));
+        }
         if raw.conv_in_kernel.unwrap_or(3) != 3 || raw.conv_out_kernel.unwrap_or(3) != 3 {
             return refuse("a conv_in/conv_out kernel other than 3".into());
         }

@@ -31,8 +31,10 @@ pub struct SchedulerConfig {
     pub beta_schedule: String,
     #[serde(default = "epsilon")]
     pub prediction_type: String,
-    #[serde(default = "leading")]
-    pub timestep_spacing: String,
+    /// `None`: the scheduler class's own default (DDIM `leading`; Euler,
+    /// Euler ancestral and DPM `linspace`), as diffusers' `from_config` gives.
+    #[serde(default)]
+    pub timestep_spacing: Option<String>,
     #[serde(default)]
     pub steps_offset: usize,
     #[serde(default = "yes")]
@@ -64,9 +66,6 @@ fn linear() -> String {
 fn epsilon() -> String {
     "epsilon".into()
 }
-fn leading() -> String {
-    "leading".into()
-}
 
 impl SchedulerConfig {
     /// Reads and checks `scheduler/scheduler_config.json`.
@@ -79,11 +78,12 @@ impl SchedulerConfig {
         if !["epsilon", "v_prediction", "sample"].contains(&cfg.prediction_type.as_str()) {
             return refuse(&format!("`prediction_type` = \"{}\"", cfg.prediction_type));
         }
-        if !["leading", "trailing", "linspace"].contains(&cfg.timestep_spacing.as_str()) {
-            return refuse(&format!(
-                "`timestep_spacing` = \"{}\"",
-                cfg.timestep_spacing
-            ));
+        if let Some(spacing) = cfg
+            .timestep_spacing
+            .as_deref()
+            .filter(|s| !["leading", "trailing", "linspace"].contains(s))
+        {
+            return refuse(&format!("`timestep_spacing` = \"{}\"", spacing));
         }
         if cfg.thresholding {
             return refuse("dynamic thresholding");
@@ -128,7 +128,7 @@ impl PipelineIndex {
         let present = |key: &str| {
             json.get(key)
                 .and_then(Value::as_array)
-                .is_some_and(|v| !v[0].is_null())
+                .is_some_and(|v| v.first().is_some_and(|c| !c.is_null()))
         };
         for key in ["unet", "vae", "text_encoder", "tokenizer", "scheduler"] {
             if !present(key) {

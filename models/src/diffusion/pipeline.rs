@@ -222,6 +222,12 @@ impl Pipeline {
         SamplerKind::from_class(&self.scheduler.class_name, self.scheduler.use_karras_sigmas)
     }
 
+    /// Training timesteps of the noise schedule (the most steps a sampler
+    /// can take).
+    pub fn train_timesteps(&self) -> usize {
+        self.scheduler.num_train_timesteps
+    }
+
     /// The schedule of `kind` over `steps` steps.
     pub fn schedule(&self, kind: SamplerKind, steps: usize) -> Schedule {
         Schedule::new(&self.scheduler, kind, steps)

@@ -121,9 +121,9 @@ fn karras(first: f64, last: f64, n: usize) -> Vec<f64> {
 }
 
 /// Spaces `n` of `t` training steps as diffusers' `timestep_spacing` does.
-fn spaced(cfg: &SchedulerConfig, n: usize, round_linspace: bool) -> Vec<f64> {
+fn spaced(cfg: &SchedulerConfig, spacing: &str, n: usize, round_linspace: bool) -> Vec<f64> {
     let t = cfg.num_train_timesteps;
-    match cfg.timestep_spacing.as_str() {
+    match spacing {
         "linspace" => (0..n)
             .rev()
             .map(|i| {
@@ -202,12 +202,23 @@ impl Schedule {
             "sample" => Prediction::Sample,
             _ => Prediction::Epsilon,
         };
+        // Karras sigmas: asked for by name, or by the folder for Euler (as
+        // diffusers' Euler class honours `use_karras_sigmas`; its ancestral
+        // class does not, and plain `dpmpp_2m` stays plain).
         let use_karras = kind == SamplerKind::DpmPp2mKarras
-            || (cfg.use_karras_sigmas && kind != SamplerKind::Ddim);
+            || (cfg.use_karras_sigmas && kind == SamplerKind::Euler);
+        let spacing = cfg
+            .timestep_spacing
+            .as_deref()
+            .unwrap_or(if kind == SamplerKind::Ddim {
+                "leading"
+            } else {
+                "linspace"
+            });
         let (timesteps, sigmas) = match kind {
-            SamplerKind::Ddim => (spaced(cfg, steps, true), Vec::new()),
+            SamplerKind::Ddim => (spaced(cfg, spacing, steps, true), Vec::new()),
             SamplerKind::Euler | SamplerKind::EulerAncestral => {
-                let ts = spaced(cfg, steps, false);
+                let ts = spaced(cfg, spacing, steps, false);
                 let mut sig: Vec<f64> = ts.iter().map(|&x| interp(x, &all_sigmas)).collect();
                 let ts = if use_karras {
                     sig = karras(sig[0], sig[sig.len() - 1], steps);
@@ -219,12 +230,12 @@ impl Schedule {
                 (ts, sig)
             }
             SamplerKind::DpmPp2m | SamplerKind::DpmPp2mKarras => {
-                let ts: Vec<f64> = match cfg.timestep_spacing.as_str() {
+                let ts: Vec<f64> = match spacing {
                     "linspace" => (1..=steps)
                         .rev()
                         .map(|i| (i as f64 * (t - 1) as f64 / steps as f64).round_ties_even())
                         .collect(),
-                    "trailing" => spaced(cfg, steps, true),
+                    "trailing" => spaced(cfg, spacing, steps, true),
                     _ => {
                         let ratio = t / (steps + 1);
                         (1..=steps)
@@ -235,7 +246,8 @@ impl Schedule {
                 };
                 let mut sig: Vec<f64> = ts.iter().map(|&x| interp(x, &all_sigmas)).collect();
                 let ts = if use_karras {
-                    sig = karras(sig[0], sig[sig.len() - 1], steps);
+                    // diffusers' DPM solver spans the whole training range.
+                    sig = karras(all_sigmas[t - 1], all_sigmas[0], steps);
                     sig.iter()
                         .map(|&s| sigma_to_t(s, &log_sigmas).round_ties_even())
                         .collect()
@@ -249,7 +261,7 @@ impl Schedule {
         let max_sigma = sigmas.iter().copied().fold(0.0, f64::max);
         let init_noise_sigma = match kind {
             SamplerKind::Euler | SamplerKind::EulerAncestral => {
-                if matches!(cfg.timestep_spacing.as_str(), "linspace" | "trailing") {
+                if matches!(spacing, "linspace" | "trailing") {
                     max_sigma
                 } else {
                     (max_sigma * max_sigma + 1.0).sqrt()
@@ -463,5 +475,58 @@ impl Noise {
     /// `n` standard normal numbers.
     pub fn normals(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.normal()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn config(spacing: Option<&str>) -> SchedulerConfig {
+        let mut json = serde_json::json!({
+            "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012,
+            "beta_schedule": "scaled_linear", "steps_offset": 1
+        });
+        if let Some(s) = spacing {
+            json["timestep_spacing"] = serde_json::json!(s);
+        }
+        serde_json::from_value(json).unwrap()
+    }
+
+    /// Without `timestep_spacing` each sampler spaces as its diffusers class
+    /// does by default (SD 1.5's scheduler config has no such key).
+    #[test]
+    fn timesteps_follow_each_class_default_spacing() {
+        let cfg = config(None);
+        let ts = |kind| Schedule::new(&cfg, kind, 4).timesteps().to_vec();
+        assert_eq!(ts(SamplerKind::Ddim), vec![751.0, 501.0, 251.0, 1.0]);
+        assert_eq!(ts(SamplerKind::Euler), vec![999.0, 666.0, 333.0, 0.0]);
+        assert_eq!(
+            ts(SamplerKind::EulerAncestral),
+            vec![999.0, 666.0, 333.0, 0.0]
+        );
+        assert_eq!(ts(SamplerKind::DpmPp2m), vec![999.0, 749.0, 500.0, 250.0]);
+        let leading = config(Some("leading"));
+        assert_eq!(
+            Schedule::new(&leading, SamplerKind::Euler, 4).timesteps(),
+            &[751.0, 501.0, 251.0, 1.0]
+        );
+        let trailing = config(Some("trailing"));
+        assert_eq!(
+            Schedule::new(&trailing, SamplerKind::Ddim, 4).timesteps(),
+            &[999.0, 749.0, 499.0, 249.0]
+        );
+    }
+
+    /// DPM++ 2M Karras spans the whole training range of noise levels.
+    #[test]
+    fn karras_sigmas_span_the_training_range() {
+        let s = Schedule::new(&config(None), SamplerKind::DpmPp2mKarras, 20);
+        let first = s.sigmas[0];
+        let last = s.sigmas[19];
+        assert!((first - 14.61).abs() < 0.01, "{first}");
+        assert!((last - 0.0292).abs() < 0.001, "{last}");
+        assert_eq!(s.sigmas[20], 0.0);
     }
 }
