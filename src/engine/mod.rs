@@ -419,6 +419,14 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
     Ok((handle, stopped_rx))
 }
 
+fn load_failed(spec: &LoadSpec, reason: String) -> EngineError {
+    EngineError::LoadFailed {
+        model: spec.model.clone(),
+        reason,
+        retry_after: None,
+    }
+}
+
 /// The worker thread's body: loads the model, hands back how to reach it,
 /// and serves until the last handle is gone.
 fn run(
@@ -442,11 +450,7 @@ fn run(
             let model = match kindling_models::EmbeddingModel::load(&spec.path) {
                 Ok(m) => Arc::new(m),
                 Err(e) => {
-                    let _ = ready.send(Err(EngineError::LoadFailed {
-                        model: spec.model.clone(),
-                        reason: e.to_string(),
-                        retry_after: None,
-                    }));
+                    let _ = ready.send(Err(load_failed(&spec, e.to_string())));
                     return;
                 }
             };
@@ -478,11 +482,7 @@ fn run(
             let pipeline = match kindling_models::diffusion::Pipeline::load(&spec.path, &device) {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
-                    let _ = ready.send(Err(EngineError::LoadFailed {
-                        model: spec.model.clone(),
-                        reason: e.to_string(),
-                        retry_after: None,
-                    }));
+                    let _ = ready.send(Err(load_failed(&spec, e.to_string())));
                     return;
                 }
             };
@@ -500,11 +500,7 @@ fn run(
             let limits = match image::Limits::new(serving, &pipeline) {
                 Ok(l) => l,
                 Err(reason) => {
-                    let _ = ready.send(Err(EngineError::LoadFailed {
-                        model: spec.model.clone(),
-                        reason,
-                        retry_after: None,
-                    }));
+                    let _ = ready.send(Err(load_failed(&spec, reason)));
                     return;
                 }
             };

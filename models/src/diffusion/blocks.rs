@@ -262,32 +262,51 @@ pub struct Level {
     pub attention: Option<(usize, usize, usize, bool)>,
 }
 
+impl Level {
+    /// Layer `i` of the level: a resnet from `c_in` channels, and the
+    /// spatial transformer after it when the level has attention.
+    fn layer(
+        &self,
+        vb: &VarBuilder,
+        i: usize,
+        c_in: usize,
+    ) -> Result<(Resnet, Option<SpatialTransformer>)> {
+        let resnet = Resnet::new(
+            vb.pp(format!("resnets.{i}")),
+            c_in,
+            self.c_out,
+            Some(self.temb),
+            self.groups,
+            self.eps,
+            1.0,
+        )?;
+        let attention = self
+            .attention
+            .map(|(heads, depth, ctx, linear)| {
+                SpatialTransformer::new(
+                    vb.pp(format!("attentions.{i}")),
+                    self.c_out,
+                    heads,
+                    depth,
+                    ctx,
+                    linear,
+                    self.groups,
+                )
+            })
+            .transpose()?;
+        Ok((resnet, attention))
+    }
+}
+
 impl DownBlock {
     pub fn new(vb: VarBuilder, l: Level, downsample: Option<usize>) -> Result<Self> {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..l.layers {
             let c_in = if i == 0 { l.c_in } else { l.c_out };
-            resnets.push(Resnet::new(
-                vb.pp(format!("resnets.{i}")),
-                c_in,
-                l.c_out,
-                Some(l.temb),
-                l.groups,
-                l.eps,
-                1.0,
-            )?);
-            if let Some((heads, depth, ctx, linear)) = l.attention {
-                attentions.push(SpatialTransformer::new(
-                    vb.pp(format!("attentions.{i}")),
-                    l.c_out,
-                    heads,
-                    depth,
-                    ctx,
-                    linear,
-                    l.groups,
-                )?);
-            }
+            let (resnet, attention) = l.layer(&vb, i, c_in)?;
+            resnets.push(resnet);
+            attentions.extend(attention);
         }
         let down = downsample
             .map(|pad| Conv::new(vb.pp("downsamplers.0.conv"), l.c_out, l.c_out, 3, 2, pad))
@@ -359,26 +378,9 @@ impl UpBlock {
         for i in 0..l.layers {
             let skip = if i + 1 == l.layers { l.c_in } else { l.c_out };
             let c_in = if i == 0 { prev } else { l.c_out };
-            resnets.push(Resnet::new(
-                vb.pp(format!("resnets.{i}")),
-                c_in + skip,
-                l.c_out,
-                Some(l.temb),
-                l.groups,
-                l.eps,
-                1.0,
-            )?);
-            if let Some((heads, depth, ctx, linear)) = l.attention {
-                attentions.push(SpatialTransformer::new(
-                    vb.pp(format!("attentions.{i}")),
-                    l.c_out,
-                    heads,
-                    depth,
-                    ctx,
-                    linear,
-                    l.groups,
-                )?);
-            }
+            let (resnet, attention) = l.layer(&vb, i, c_in + skip)?;
+            resnets.push(resnet);
+            attentions.extend(attention);
         }
         let up = upsample
             .then(|| Upsample::new(vb.pp("upsamplers.0"), l.c_out))

@@ -166,20 +166,9 @@ pub fn component_weights(dir: &Path) -> Result<Vec<PathBuf>> {
         .iter()
         .find(|p| name(p).ends_with(".safetensors.index.json"))
     {
-        let json: Value = read_json(index)?;
-        let mut files: Vec<String> = json
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
+        let files = crate::llama::index_files(index)?;
         if !files.is_empty() {
-            return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+            return Ok(files);
         }
     }
     let mut plain: Vec<PathBuf> = Vec::new();

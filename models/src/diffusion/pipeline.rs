@@ -3,12 +3,10 @@
 //! size, sampler and step count, and decoding. The engine drives it step
 //! by step; so do the known-answer tests.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::{Init, VarBuilder};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 
 use super::clip::ClipTextEncoder;
 use super::config::{ClipConfig, UNetConfig, VaeConfig};
@@ -24,51 +22,6 @@ fn vars(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
     // SAFETY: weight files are mapped read-only and never written while
     // loaded (downloads land under new names).
     Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? })
-}
-
-/// Safetensors whose matrices are stored transposed in memory (the same
-/// shape, column-major). candle's `Linear` multiplies by the transpose,
-/// which then is a plain row-major matrix: that product gives every row
-/// the same bits whatever the row count, where the transposed layout
-/// takes other paths for small row counts (the UNet's per-row timestep
-/// projections), and a batched image would drift from its solo run.
-struct RowStable(MmapedSafetensors);
-
-impl SimpleBackend for RowStable {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        h: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let t = SimpleBackend::get(&self.0, s, name, h, dtype, dev)?;
-        if t.rank() == 2 {
-            t.t()?.contiguous()?.t()
-        } else {
-            Ok(t)
-        }
-    }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.get_unchecked(name, dtype, dev)
-    }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        SimpleBackend::contains_tensor(&self.0, name)
-    }
-}
-
-fn row_stable_vars(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
-    let files = component_weights(dir)?;
-    // SAFETY: as in `vars`.
-    let mapped = unsafe { MmapedSafetensors::multi(&files)? };
-    Ok(VarBuilder::from_backend(
-        Box::new(RowStable(mapped)),
-        DType::F32,
-        device.clone(),
-    ))
 }
 
 struct TextStack {
@@ -132,7 +85,6 @@ impl ImageJob {
 
 /// A loaded pipeline.
 pub struct Pipeline {
-    dir: PathBuf,
     index: PipelineIndex,
     text: Vec<TextStack>,
     unet: UNet,
@@ -181,10 +133,9 @@ impl Pipeline {
                 message: "SDXL conditioning needs `text_encoder_2`, and only SDXL uses it".into(),
             });
         }
-        let unet = UNet::new(row_stable_vars(&dir.join("unet"), device)?, &unet_cfg)?;
-        let vae = VaeDecoder::new(row_stable_vars(&dir.join("vae"), device)?, &vae_cfg)?;
+        let unet = UNet::new(vars(&dir.join("unet"), device)?, &unet_cfg)?;
+        let vae = VaeDecoder::new(vars(&dir.join("vae"), device)?, &vae_cfg)?;
         Ok(Self {
-            dir: dir.to_path_buf(),
             index,
             text,
             unet,
@@ -194,11 +145,6 @@ impl Pipeline {
             scheduler,
             device: device.clone(),
         })
-    }
-
-    /// The folder it was loaded from.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Pixels per latent along a side.

@@ -1,7 +1,7 @@
-//! The conditional UNet of SD 1.x/2.x and SDXL: candle's down, mid and up
-//! blocks, assembled from the folder's config, plus SDXL's `text_time`
-//! conditioning (pooled text embedding and size numbers), which candle's
-//! own UNet leaves out.
+//! The conditional UNet of SD 1.x/2.x and SDXL: Kindling's down, mid and
+//! up blocks ([`super::blocks`]) assembled from the folder's config, with
+//! SDXL's `text_time` conditioning (pooled text embedding and size
+//! numbers), which candle's own UNet leaves out.
 
 use candle_core::{Module, Tensor};
 use candle_nn::VarBuilder;

@@ -17,6 +17,7 @@ use candle_nn::Embedding;
 use kindling_kernels::{paged_attention, QueryRow, RopeTables};
 
 pub use config::{LlamaConfig, RopeScaling};
+pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
 pub use weights::weight_files;
 use weights::{Global, Linear, Part, Safetensors, Source};

@@ -177,6 +177,34 @@ pub(crate) fn map_folder(dir: &Path) -> Result<(MmapedSafetensors, HashSet<Strin
     Ok((files, names))
 }
 
+/// The shard files a `*.safetensors.index.json` names (in its folder,
+/// sorted, each once); empty when its `weight_map` names none.
+pub(crate) fn index_files(index: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string(index).map_err(|source| ModelError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::BadFormat {
+            path: index.to_path_buf(),
+            format: "safetensors index",
+            message: e.to_string(),
+        })?;
+    let mut files: Vec<String> = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.values()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.dedup();
+    let dir = index.parent().unwrap_or(Path::new(""));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
 /// The safetensors files of a model folder, in a stable order.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let io = |path: &Path| {
@@ -185,24 +213,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     };
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| ModelError::BadFormat {
-                path: index.clone(),
-                format: "safetensors index",
-                message: e.to_string(),
-            })?;
-        let mut files: Vec<String> = json
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .map(|m| {
-                m.values()
-                    .filter_map(|v| v.as_str().map(str::to_string))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files.dedup();
+        let files = index_files(&index)?;
         if files.is_empty() {
             return Err(ModelError::BadFormat {
                 path: index,
@@ -210,7 +221,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 message: "`weight_map` names no files".into(),
             });
         }
-        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+        return Ok(files);
     }
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(io(dir))?
