@@ -1,11 +1,14 @@
 //! Kindling's fused tensor operations. Each op has a plain reference
 //! implementation beside it (built from stock candle ops) and tests
-//! comparing the two on random inputs.
+//! comparing the two on random inputs. [`fused`] holds the ops that also run
+//! on CUDA (`cuda` feature, kernels in `kernels/cuda/`).
 
 pub mod activation;
 pub mod attention;
 pub mod dense;
 pub mod encoder_attention;
+pub mod fused;
+pub mod gpu;
 pub mod group_norm;
 pub mod q4_1;
 pub mod q8_0;
@@ -16,6 +19,10 @@ pub mod silu_mul;
 pub use attention::{paged_attention, PagedLayout, QueryRow};
 pub use dense::{dense_isa, DenseIsa, DenseMatrix, DenseScratch, Epilogue};
 pub use encoder_attention::{encoder_attention, encoder_attention_into};
+pub use fused::{
+    add_rms_norm, cache_write, group_norm_silu, paged_decode_attention, rms_norm, rope_in_place,
+    AttentionShape,
+};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use q4_1::Q4_1Matrix;
 pub use q8_0::Q8_0Matrix;

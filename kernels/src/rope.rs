@@ -42,6 +42,21 @@ impl RopeTables {
         self.positions
     }
 
+    /// The tables as one f32 array `[positions, 2, half]`: each position's
+    /// cosines, then its sines (what [`crate::rope_in_place`] reads).
+    pub fn cos_sin(&self) -> Vec<f32> {
+        let mut out = Vec::with_capacity(2 * self.cos.len());
+        for (c, s) in self
+            .cos
+            .chunks(self.half.max(1))
+            .zip(self.sin.chunks(self.half.max(1)))
+        {
+            out.extend_from_slice(c);
+            out.extend_from_slice(s);
+        }
+        out
+    }
+
     /// Bytes the tables take.
     pub fn bytes(&self) -> usize {
         2 * self.cos.len() * std::mem::size_of::<f32>()

@@ -68,16 +68,104 @@ impl CustomOp2 for SiluMul {
         };
         Ok((out, l1.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::silu_mul(s1, l1, s2, l2)
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
+    use candle_core::cuda_backend::CudaDType;
+    use candle_core::{CudaStorage, Layout, Result, Shape};
+
+    use crate::fused::by_float_type;
+    use crate::fused::cuda::{elementwise, int, kernel, launched, output, view, SWIGLU};
+
+    /// Rows, columns and row stride of a 2-D operand with contiguous rows.
+    fn rows(l: &Layout) -> Result<(usize, usize, usize)> {
+        let (n, c) = l.shape().dims2()?;
+        let s = l.stride();
+        if c > 1 && s[1] != 1 {
+            candle_core::bail!("silu-mul: rows must be contiguous (strides {s:?})");
+        }
+        Ok((n, c, if n > 1 { s[0] } else { c }))
+    }
+
+    pub(super) fn silu_mul(
+        g: &CudaStorage,
+        gl: &Layout,
+        u: &CudaStorage,
+        ul: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        fn go<T: CudaDType + DeviceRepr>(
+            g: &CudaStorage,
+            gl: &Layout,
+            u: &CudaStorage,
+            ul: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let ((n, c, gs), (un, uc, us)) = (rows(gl)?, rows(ul)?);
+            if (n, c) != (un, uc) {
+                candle_core::bail!(
+                    "silu-mul: shapes differ: {:?} and {:?}",
+                    gl.dims(),
+                    ul.dims()
+                );
+            }
+            let dev = g.device().clone();
+            let out = output::<T>(&dev, n * c)?;
+            let func = kernel(&dev, SWIGLU, "silu_mul", g.dtype())?;
+            let stream = dev.cuda_stream();
+            let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
+            let args = [
+                int(n, "rows")?,
+                int(c, "cols")?,
+                int(gs, "stride")?,
+                int(us, "stride")?,
+            ];
+            let mut b = stream.launch_builder(&func);
+            b.arg(&gv).arg(&uv).arg(&out);
+            for a in &args {
+                b.arg(a);
+            }
+            // SAFETY: n × c elements at the operands' strides.
+            launched(unsafe { b.launch(elementwise(n * c)) }.map(|_| ()))?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c))))
+        }
+        by_float_type!(g.dtype(), "silu-mul", go(g, gl, u, ul))
+    }
 }
 
 /// `silu(gate) * up`, fused. Both tensors must have the same shape and dtype
 /// (f32, f64, f16 or bf16).
+///
+/// On CUDA, 2-D operands may have strided rows (the two halves of one fused
+/// gate|up projection); others are made contiguous and keep their shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !gate.device().is_cpu() {
+    if gate.device().is_cuda() && gate.rank() == 2 {
+        return gate.apply_op2_no_bwd(up, &SiluMul);
+    }
+    if !gate.device().is_cpu() && !gate.device().is_cuda() {
         return silu_mul_reference(gate, up);
     }
-    gate.contiguous()?
-        .apply_op2_no_bwd(&up.contiguous()?, &SiluMul)
+    let shape = gate.shape().clone();
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    if gate.device().is_cuda() {
+        let cols = shape.dims().last().copied().unwrap_or(1);
+        let flat = |t: &Tensor| t.reshape(((), cols));
+        return flat(&gate)?
+            .apply_op2_no_bwd(&flat(&up)?, &SiluMul)?
+            .reshape(shape);
+    }
+    gate.apply_op2_no_bwd(&up, &SiluMul)
 }
 
 /// The reference: stock candle ops, computed in f32.

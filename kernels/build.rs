@@ -1,0 +1,52 @@
+//! With the `cuda` feature, compiles `cuda/*.cu` to PTX with nvcc (one
+//! module per file, embedded in the library and loaded by the driver's JIT
+//! on first use). Without it, does nothing: the CPU build needs no toolkit.
+
+// A build script reports failure by panicking.
+#![allow(clippy::expect_used)]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    println!("cargo:rerun-if-env-changed=CUDA_ROOT");
+    if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+    let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let nvcc = std::env::var_os("CUDA_ROOT")
+        .map(|r| PathBuf::from(r).join("bin/nvcc"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nvcc"));
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
+    let cap = cap.trim().trim_start_matches("sm_").replace('.', "");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
+        .expect("kernels/cuda exists")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .collect();
+    sources.sort();
+    for src in sources {
+        println!("cargo:rerun-if-changed={}", src.display());
+        let stem = src.file_stem().expect("a file name").to_string_lossy();
+        let ptx = out.join(format!("{stem}.ptx"));
+        let status = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17", "-lineinfo"])
+            .arg(format!("-arch=sm_{cap}"))
+            .arg("-Icuda")
+            .arg("-o")
+            .arg(&ptx)
+            .arg(&src)
+            .status()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "running {} failed ({e}); set up a toolkit with scripts/cuda-toolkit.sh",
+                    nvcc.display()
+                )
+            });
+        assert!(status.success(), "nvcc failed on {}", src.display());
+    }
+}
