@@ -45,6 +45,9 @@ pub enum ModelError {
     /// The tokenizer could not be built or failed on an input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The device the model was placed on cannot be used.
+    #[error("device: {0}")]
+    Device(String),
     /// The chat template could not be compiled or rendered.
     #[error("chat template: {0}")]
     Template(String),

@@ -38,6 +38,9 @@ pub struct TextServing {
     pub batch_tokens: usize,
     /// Sequences per forward pass.
     pub sequences: usize,
+    /// Bytes per element of weights, activations and cache on a device
+    /// (2 for bf16/f16); `None` for the CPU path (f32, GGUF kept quantized).
+    pub device_element_bytes: Option<u64>,
 }
 
 /// Estimates a text model (a GGUF file or a Hugging Face folder) served as
@@ -45,6 +48,8 @@ pub struct TextServing {
 /// their headers declare, so a truncated download fails here, clearly.
 pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
     let f32s = 4u64;
+    // Activations and cache elements: f32 on the CPU, the dtype on a device.
+    let act = serving.device_element_bytes.unwrap_or(f32s);
     let (cfg, weights) = if path.is_dir() {
         let config = path.join("config.json");
         let json = std::fs::read_to_string(&config).map_err(|source| ModelError::Io {
@@ -53,15 +58,22 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
         })?;
         let cfg = LlamaConfig::from_hf_json(&json)?;
         let elements = folder_elements(path)?;
-        // Checkpoints are widened to f32; a tied output shares the table.
-        (cfg, elements * f32s)
+        // Checkpoints are widened to f32 on the CPU; a tied output shares
+        // the table.
+        (cfg, elements * act)
     } else {
         let gguf = GgufFile::open(path)?;
         gguf.check_complete()?;
         let cfg = LlamaConfig::from_gguf(&gguf)?;
-        // The token-embedding table is dequantized to f32 for lookups.
-        let table = (cfg.vocab_size * cfg.hidden_size) as u64 * f32s;
-        (cfg, gguf.tensor_bytes() + table)
+        match serving.device_element_bytes {
+            // A device holds every tensor expanded to its dtype.
+            Some(bytes) => (cfg, gguf.tensor_elements() * bytes),
+            None => {
+                // The token-embedding table is dequantized to f32 for lookups.
+                let table = (cfg.vocab_size * cfg.hidden_size) as u64 * f32s;
+                (cfg, gguf.tensor_bytes() + table)
+            }
+        }
     };
     let positions = serving
         .context_length
@@ -72,14 +84,13 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
     let intermediate = cfg.intermediate_size as u64;
     // Rotary tables hold cos and sin for every position.
     let weights = weights + positions * head_dim * f32s;
-    let per_position = 2 * cfg.layers as u64 * kv_heads * head_dim * f32s;
+    let per_position = 2 * cfg.layers as u64 * kv_heads * head_dim * act;
     let cache = per_position * serving.kv_cache_tokens.max(positions as usize) as u64;
     let t = serving.batch_tokens as u64;
     // Per token of a pass: q/k/v and attention output, the MLP's gate, up
     // and product, the residual stream and norms; then logits per sequence.
-    let scratch =
-        t * ((2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate + 6 * hidden) * f32s
-            + serving.sequences as u64 * vocab * f32s;
+    let scratch = t * ((2 * heads + 2 * kv_heads) * head_dim + 3 * intermediate + 6 * hidden) * act
+        + serving.sequences as u64 * vocab * (f32s + act);
     Ok(Footprint {
         weights,
         cache,

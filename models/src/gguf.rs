@@ -55,6 +55,15 @@ impl GgufFile {
             .sum()
     }
 
+    /// Total elements of every tensor (what they take expanded).
+    pub fn tensor_elements(&self) -> u64 {
+        self.content
+            .tensor_infos
+            .values()
+            .map(|t| t.shape.elem_count() as u64)
+            .sum()
+    }
+
     /// Checks that the file is long enough for every tensor its header
     /// declares (a truncated download fails here, not halfway through a load).
     pub fn check_complete(&self) -> Result<()> {

@@ -7,6 +7,7 @@
 //! share its full blocks; the partly filled last block is copied, so a write
 //! never lands in a shared block.
 
+use candle_core::{DType, Device, IndexOp, Tensor};
 use kindling_kernels::PagedLayout;
 
 use crate::error::{ModelError, Result};
@@ -25,7 +26,12 @@ pub struct CacheShape {
 impl CacheShape {
     /// Bytes of keys and values one position takes across all layers (f32).
     pub fn bytes_per_position(&self) -> usize {
-        2 * self.layers * self.kv_heads * self.head_dim * std::mem::size_of::<f32>()
+        self.bytes_per_position_in(DType::F32)
+    }
+
+    /// The same, for a cache holding `dtype`.
+    pub fn bytes_per_position_in(&self, dtype: DType) -> usize {
+        2 * self.layers * self.kv_heads * self.head_dim * dtype.size_in_bytes()
     }
 }
 
@@ -50,12 +56,23 @@ impl BlockTable {
     }
 }
 
+/// Where the blocks live.
+enum Store {
+    /// f32 in host memory, for the CPU kernels.
+    Host {
+        keys: Vec<Vec<f32>>,
+        values: Vec<Vec<f32>>,
+    },
+    /// One tensor per layer on a device, `[2, blocks, kv_heads,
+    /// block_size, head_dim]` (keys, then values), in the model's dtype.
+    Device(Vec<Tensor>),
+}
+
 /// A pool of key/value blocks for every layer of one model.
 pub struct KvCache {
     shape: CacheShape,
     layout: PagedLayout,
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
+    store: Store,
     refs: Vec<u32>,
     free: Vec<u32>,
 }
@@ -64,20 +81,65 @@ impl KvCache {
     /// A pool of `blocks` blocks. The memory is zero-filled on demand by the
     /// OS, so untouched blocks cost address space, not resident memory.
     pub fn new(shape: CacheShape, blocks: usize) -> Self {
-        let layout = PagedLayout {
+        let layout = Self::layout_for(&shape);
+        let len = blocks * layout.block_len();
+        let store = Store::Host {
+            keys: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
+            values: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
+        };
+        Self::with_store(shape, layout, store, blocks)
+    }
+
+    /// A pool of `blocks` blocks on `device`, holding `dtype` (allocated,
+    /// and zeroed, now).
+    pub fn on_device(
+        shape: CacheShape,
+        blocks: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let layout = Self::layout_for(&shape);
+        let layers = (0..shape.layers)
+            .map(|_| {
+                Tensor::zeros(
+                    (2, blocks, shape.kv_heads, BLOCK_SIZE, shape.head_dim),
+                    dtype,
+                    device,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self::with_store(
+            shape,
+            layout,
+            Store::Device(layers),
+            blocks,
+        ))
+    }
+
+    fn layout_for(shape: &CacheShape) -> PagedLayout {
+        PagedLayout {
             block_size: BLOCK_SIZE,
             kv_heads: shape.kv_heads,
             head_dim: shape.head_dim,
-        };
-        let len = blocks * layout.block_len();
+        }
+    }
+
+    fn with_store(shape: CacheShape, layout: PagedLayout, store: Store, blocks: usize) -> Self {
         Self {
             shape,
             layout,
-            keys: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
-            values: (0..shape.layers).map(|_| vec![0f32; len]).collect(),
+            store,
             refs: vec![0; blocks],
             // Popped from the end: hand out low ids first.
             free: (0..blocks as u32).rev().collect(),
+        }
+    }
+
+    /// The per-layer tensors of a device pool.
+    pub fn device_layers(&self) -> Result<&[Tensor]> {
+        match &self.store {
+            Store::Device(layers) => Ok(layers),
+            Store::Host { .. } => Err(host_only("a device model was given a host cache")),
         }
     }
 
@@ -156,14 +218,38 @@ impl KvCache {
             let src = table.blocks[full];
             let dst = self.free.pop()?;
             self.refs[dst as usize] = 1;
-            let n = self.layout.block_len();
-            let (s, d) = (src as usize * n, dst as usize * n);
-            for layer in self.keys.iter_mut().chain(self.values.iter_mut()) {
-                layer.copy_within(s..s + n, d);
+            if self.copy_block(src, dst).is_err() {
+                self.refs[dst as usize] = 0;
+                self.free.push(dst);
+                for &b in &blocks {
+                    self.refs[b as usize] -= 1;
+                }
+                return None;
             }
             blocks.push(dst);
         }
         Some(BlockTable { blocks })
+    }
+
+    /// Copies block `src` to block `dst` in every layer.
+    fn copy_block(&mut self, src: u32, dst: u32) -> Result<()> {
+        match &mut self.store {
+            Store::Host { keys, values } => {
+                let n = self.layout.block_len();
+                let (s, d) = (src as usize * n, dst as usize * n);
+                for layer in keys.iter_mut().chain(values.iter_mut()) {
+                    layer.copy_within(s..s + n, d);
+                }
+            }
+            Store::Device(layers) => {
+                let (s, d) = (src as usize, dst as usize);
+                for layer in layers {
+                    let block = layer.i((.., s..s + 1))?.contiguous()?;
+                    layer.slice_set(&block, 1, d)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes keys and values (`[rows, kv_heads * head_dim]`) of `layer`:
@@ -191,7 +277,10 @@ impl KvCache {
                 ),
             });
         }
-        let (keys, values) = (&mut self.keys[layer], &mut self.values[layer]);
+        let Store::Host { keys, values } = &mut self.store else {
+            return Err(host_only("host writes into a device cache"));
+        };
+        let (keys, values) = (&mut keys[layer], &mut values[layer]);
         for (r, (&p, table)) in positions.iter().zip(tables).enumerate() {
             let Some(&block) = table.get(p / BLOCK_SIZE) else {
                 return Err(ModelError::Tensor {
@@ -212,9 +301,19 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keys and values of `layer`, for attention.
+    /// Keys and values of `layer`, for attention (empty for a device pool).
     pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
-        (&self.keys[layer], &self.values[layer])
+        match &self.store {
+            Store::Host { keys, values } => (&keys[layer], &values[layer]),
+            Store::Device(_) => (&[], &[]),
+        }
+    }
+}
+
+fn host_only(what: &str) -> ModelError {
+    ModelError::Tensor {
+        name: "kv".into(),
+        message: what.into(),
     }
 }
 

@@ -15,12 +15,13 @@ pub mod sampling;
 pub mod text;
 pub mod tokenizer;
 
-pub use candle_core::Device;
+pub use candle_core::{DType, Device};
 pub use chat_template::ChatMessage;
 pub use embedding::{EmbeddingModel, Pooling, TooLong};
 pub use error::{ModelError, Result};
 pub use footprint::Footprint;
+pub use kindling_kernels::gpu;
 pub use kv_cache::{BlockTable, CacheShape, KvCache};
 pub use llama::BatchItem;
 pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};
-pub use text::{Detokenizer, StopMatcher, StopOutcome, TextModel};
+pub use text::{Detokenizer, Network, Placement, StopMatcher, StopOutcome, TextModel};

@@ -4,17 +4,36 @@
 
 use std::path::Path;
 
+use candle_core::{DType, Device};
+
 use crate::chat_template::{ChatMessage, ChatTemplate};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 use crate::kv_cache::{CacheShape, KvCache};
-use crate::llama::{BatchItem, Llama};
+use crate::llama::{BatchItem, DeviceLlama, Llama};
 use crate::tokenizer::Tokenizer;
+
+/// Where a model's weights live and run.
+pub enum Network {
+    /// Host memory, our CPU kernels (f32 and quantized weights).
+    Host(Llama),
+    /// A device (a CUDA GPU) in bf16/f16/f32, the fused ops.
+    Device(DeviceLlama),
+}
+
+/// Where to load a text model.
+#[derive(Debug, Clone)]
+pub enum Placement {
+    /// The CPU path.
+    Host,
+    /// A device, with the float type of weights, activations and cache.
+    Device(Device, DType),
+}
 
 /// A text model ready to generate.
 pub struct TextModel {
     /// The network.
-    pub model: Llama,
+    pub model: Network,
     /// Its tokenizer.
     pub tokenizer: Tokenizer,
     template: Option<ChatTemplate>,
@@ -26,15 +45,27 @@ impl TextModel {
     /// (`config.json`, `tokenizer.json`, `*.safetensors`); `context_length`
     /// caps the positions a sequence may use (default: the trained context).
     pub fn load(path: &Path, context_length: Option<usize>) -> Result<Self> {
+        Self::load_on(path, context_length, &Placement::Host)
+    }
+
+    /// Loads a model onto `placement`.
+    pub fn load_on(
+        path: &Path,
+        context_length: Option<usize>,
+        placement: &Placement,
+    ) -> Result<Self> {
         if path.is_dir() {
-            Self::load_safetensors(path, context_length)
+            Self::load_safetensors(path, context_length, placement)
         } else {
-            Self::load_gguf(path, context_length)
+            Self::load_gguf(path, context_length, placement)
         }
     }
 
-    /// Loads a GGUF model.
-    pub fn load_gguf(path: &Path, context_length: Option<usize>) -> Result<Self> {
+    fn load_gguf(
+        path: &Path,
+        context_length: Option<usize>,
+        placement: &Placement,
+    ) -> Result<Self> {
         let mut gguf = GgufFile::open(path)?;
         let tokenizer = Tokenizer::from_gguf(&gguf)?;
         let template = if gguf.has("tokenizer.chat_template") {
@@ -42,14 +73,29 @@ impl TextModel {
         } else {
             None
         };
-        let model = Llama::from_gguf(&mut gguf, context_length.unwrap_or(usize::MAX))?;
+        let positions = context_length.unwrap_or(usize::MAX);
+        let model = match placement {
+            Placement::Host => Network::Host(Llama::from_gguf(&mut gguf, positions)?),
+            Placement::Device(d, t) => {
+                Network::Device(DeviceLlama::from_gguf(&mut gguf, positions, d, *t)?)
+            }
+        };
         Self::assemble(model, tokenizer, template, gguf.tensor_bytes())
     }
 
-    /// Loads a Hugging Face model folder.
-    pub fn load_safetensors(dir: &Path, context_length: Option<usize>) -> Result<Self> {
+    fn load_safetensors(
+        dir: &Path,
+        context_length: Option<usize>,
+        placement: &Placement,
+    ) -> Result<Self> {
         let (tokenizer, template) = Tokenizer::from_hf_dir(dir)?;
-        let model = Llama::from_safetensors(dir, context_length.unwrap_or(usize::MAX))?;
+        let positions = context_length.unwrap_or(usize::MAX);
+        let model = match placement {
+            Placement::Host => Network::Host(Llama::from_safetensors(dir, positions)?),
+            Placement::Device(d, t) => {
+                Network::Device(DeviceLlama::from_safetensors(dir, positions, d, *t)?)
+            }
+        };
         let mut bytes = 0;
         for file in crate::llama::weight_files(dir)? {
             bytes += std::fs::metadata(&file)
@@ -60,7 +106,7 @@ impl TextModel {
     }
 
     fn assemble(
-        model: Llama,
+        model: Network,
         tokenizer: Tokenizer,
         template: Option<String>,
         weight_bytes: u64,
@@ -89,17 +135,54 @@ impl TextModel {
 
     /// Runs one batched forward pass (see [`Llama::forward`]).
     pub fn forward(&self, batch: &[BatchItem<'_>], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
-        self.model.forward(batch, cache)
+        match &self.model {
+            Network::Host(m) => m.forward(batch, cache),
+            Network::Device(m) => m.forward(batch, cache),
+        }
     }
 
     /// The KV cache shape the model needs.
     pub fn cache_shape(&self) -> CacheShape {
-        self.model.cache_shape()
+        let cfg = self.config();
+        CacheShape {
+            layers: cfg.layers,
+            kv_heads: cfg.kv_heads,
+            head_dim: cfg.head_dim,
+        }
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &crate::llama::LlamaConfig {
+        match &self.model {
+            Network::Host(m) => m.config(),
+            Network::Device(m) => m.config(),
+        }
+    }
+
+    /// A KV cache pool of `blocks` blocks where the model runs.
+    pub fn new_cache(&self, blocks: usize) -> Result<KvCache> {
+        match &self.model {
+            Network::Host(_) => Ok(KvCache::new(self.cache_shape(), blocks)),
+            Network::Device(m) => {
+                KvCache::on_device(self.cache_shape(), blocks, m.device(), m.dtype())
+            }
+        }
+    }
+
+    /// Where the model runs ("cpu", or the device and dtype).
+    pub fn placement(&self) -> String {
+        match &self.model {
+            Network::Host(_) => "cpu".into(),
+            Network::Device(m) => format!("{:?} {:?}", m.device().location(), m.dtype()),
+        }
     }
 
     /// Positions one sequence may hold.
     pub fn max_positions(&self) -> usize {
-        self.model.max_positions()
+        match &self.model {
+            Network::Host(m) => m.max_positions(),
+            Network::Device(m) => m.max_positions(),
+        }
     }
 
     /// Bytes of weights as stored in the files.

@@ -26,7 +26,7 @@ const STEPS: usize = 12;
 const CHUNK: usize = 7;
 
 fn load() -> TextModel {
-    TextModel::load_gguf(&common::demo_gguf(), Some(512)).unwrap()
+    TextModel::load(&common::demo_gguf(), Some(512)).unwrap()
 }
 
 struct Running {

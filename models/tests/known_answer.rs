@@ -43,7 +43,7 @@ fn margins(case: &Value) -> Vec<f32> {
 }
 
 fn load(context: usize) -> TextModel {
-    TextModel::load_gguf(&common::demo_gguf(), Some(context)).unwrap()
+    TextModel::load(&common::demo_gguf(), Some(context)).unwrap()
 }
 
 #[test]

@@ -143,6 +143,18 @@ pub struct GenerationDefaults {
     pub repetition_penalty: Option<f32>,
 }
 
+/// A float type for a model on a GPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// bfloat16 (the default).
+    Bf16,
+    /// IEEE half precision.
+    F16,
+    /// Single precision.
+    F32,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ManifestFile {
@@ -161,6 +173,7 @@ struct ManifestFile {
     #[serde(default = "default_owner")]
     owned_by: String,
     device: Option<String>,
+    dtype: Option<Precision>,
     keep_alive: Option<KeepAlive>,
     #[serde(default)]
     pin: bool,
@@ -196,6 +209,9 @@ pub struct ModelManifest {
     pub owned_by: String,
     /// The device to load onto (default: the registry's choice).
     pub device: Option<String>,
+    /// Float type of weights, activations and KV cache on a GPU (default
+    /// bf16). On the CPU, weights run as f32 or as quantized in their file.
+    pub dtype: Option<Precision>,
     /// Overrides the daemon's default keep-alive.
     pub keep_alive: Option<KeepAlive>,
     /// Never evicted or expired once loaded.
@@ -301,6 +317,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         image,
         owned_by: m.owned_by,
         device: m.device,
+        dtype: m.dtype,
         keep_alive: m.keep_alive,
         pin: m.pin,
         preload: m.preload,

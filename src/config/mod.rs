@@ -11,12 +11,14 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+mod devices;
 mod manifest;
 mod units;
 
+pub use devices::{DeviceConfig, DeviceName};
 pub use manifest::{
     load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
-    ModelManifest, WeightFormat, WeightSource,
+    ModelManifest, Precision, WeightFormat, WeightSource,
 };
 use units::{de_bytes, duration};
 pub use units::{parse_bytes, Budget, KeepAlive};
@@ -34,7 +36,7 @@ pub struct Config {
     pub store: PathBuf,
     /// Model lifecycle settings.
     pub lifecycle: LifecycleConfig,
-    /// Devices models may be placed on, by name (`cpu`).
+    /// Devices models may be placed on, by name (`cpu`, `cuda:N`, `auto`).
     pub devices: BTreeMap<String, DeviceConfig>,
     /// The admin API.
     pub admin: AdminConfig,
@@ -141,15 +143,6 @@ impl Default for LifecycleConfig {
             max_retry_backoff: Duration::from_secs(300),
         }
     }
-}
-
-/// `[devices.<name>]` in `kindling.toml`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DeviceConfig {
-    /// Memory models may use on this device: bytes (`"6GiB"`) or a share
-    /// of what the device reports (`"80%"`).
-    pub budget: Budget,
 }
 
 /// `[admin]` in `kindling.toml`.
@@ -286,25 +279,7 @@ impl Config {
         let models = manifest::load_manifests(&manifests, &store)
             .with_context(|| format!("{}: models.manifests", path.display()))?;
         let mut devices = file.devices;
-        if let Some(name) = devices.keys().find(|d| d.as_str() != "cpu") {
-            bail!(
-                "{}: devices.{name}: this build knows only the `cpu` device",
-                path.display()
-            );
-        }
-        devices.entry("cpu".into()).or_insert(DeviceConfig {
-            budget: Budget::Fraction(0.8),
-        });
-        for m in models.values() {
-            if let Some(d) = m.device.as_deref().filter(|d| !devices.contains_key(*d)) {
-                bail!(
-                    "{}: device: `{d}` is not declared in {} (known: {})",
-                    m.source.display(),
-                    path.display(),
-                    devices.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-        }
+        devices::check(path, &mut devices, &models)?;
         let mut hub = file.hub;
         hub.token = env.hf_token.clone();
         Ok(Self {
@@ -392,7 +367,7 @@ mod tests {
             KeepAlive::For(Duration::from_secs(90))
         );
         assert_eq!(c.lifecycle.load_timeout, Duration::from_secs(5));
-        assert_eq!(c.devices["cpu"].budget, Budget::Bytes(2 << 30));
+        assert_eq!(c.devices["cpu"].budget, Some(Budget::Bytes(2 << 30)));
         assert!(!c.admin.enabled);
         assert_eq!(c.hub.token.as_deref(), Some("t"));
         assert_eq!(c.models["m"].keep_alive, Some(KeepAlive::Forever));
@@ -411,6 +386,77 @@ mod tests {
         );
         let e = format!("{:#}", Config::load(&bad, None, &env).unwrap_err());
         assert!(e.contains("k3.toml") && e.contains("150"), "{e}");
+        // GPUs by ordinal or `auto`; budgets default per kind of device.
+        let gpus = write(
+            &d,
+            "k4.toml",
+            "[models]\nstore = \"store\"\n[devices.\"cuda:0\"]\nbudget = \"70%\"\n[devices.auto]\n",
+        );
+        let c = Config::load(&gpus, None, &env).unwrap();
+        assert_eq!(c.devices["cuda:0"].budget, Some(Budget::Fraction(0.7)));
+        let auto = &c.devices["auto"];
+        assert_eq!(
+            auto.budget_or_default(&DeviceName::Auto),
+            Budget::Fraction(0.9)
+        );
+        assert_eq!(
+            c.devices["cpu"].budget_or_default(&DeviceName::Cpu),
+            Budget::Fraction(0.8)
+        );
+        let bad = write(
+            &d,
+            "k5.toml",
+            "[models]\nstore = \"store\"\n[devices.\"cuda:x\"]\n",
+        );
+        let e = format!("{:#}", Config::load(&bad, None, &env).unwrap_err());
+        assert!(e.contains("devices.cuda:x") && e.contains("cuda:N"), "{e}");
+    }
+
+    #[test]
+    fn manifests_name_declared_devices_and_gpu_dtypes() {
+        let d = temp_dir("gpu-manifests");
+        let cfg = |devices: &str| {
+            write(
+                &d,
+                "k.toml",
+                &format!("[models]\nstore = \"store\"\n{devices}"),
+            )
+        };
+        let load = |path: &Path| Config::load(path, None, &Environment::default());
+        write(
+            &d.join("models"),
+            "m.toml",
+            &format!("device = \"cuda:1\"\ndtype = \"f16\"\n{MANIFEST}"),
+        );
+        // `auto` covers every ordinal; one declared GPU covers only itself.
+        let c = load(&cfg("[devices.auto]\n")).unwrap();
+        assert_eq!(c.models["m"].dtype, Some(Precision::F16));
+        let e = format!("{:#}", load(&cfg("[devices.\"cuda:0\"]\n")).unwrap_err());
+        assert!(
+            e.contains("m.toml") && e.contains("cuda:1") && e.contains("not declared"),
+            "{e}"
+        );
+        write(
+            &d.join("models"),
+            "m.toml",
+            &format!("dtype = \"f8\"\n{MANIFEST}"),
+        );
+        let e = format!("{:#}", load(&cfg("")).unwrap_err());
+        assert!(e.contains("m.toml"), "{e}");
+        let embedding = MANIFEST
+            .replace("kind = \"chat\"", "kind = \"embedding\"")
+            .replace("gguf\"\narch", "safetensors\"\narch")
+            .replace("llama", "bert");
+        write(
+            &d.join("models"),
+            "m.toml",
+            &format!("device = \"cuda:0\"\n{embedding}"),
+        );
+        let e = format!("{:#}", load(&cfg("[devices.auto]\n")).unwrap_err());
+        assert!(
+            e.contains("only chat and completion models run on CUDA"),
+            "{e}"
+        );
     }
 
     #[test]

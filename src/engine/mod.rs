@@ -196,6 +196,21 @@ pub enum Task {
     Image(ImageServing),
 }
 
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Target {
+    /// The CPU path (host memory, our CPU kernels).
+    #[default]
+    Cpu,
+    /// A CUDA GPU, with weights, activations and KV cache in `dtype`.
+    Cuda {
+        /// The driver's device ordinal.
+        ordinal: usize,
+        /// bf16, f16 or f32.
+        dtype: kindling_models::DType,
+    },
+}
+
 /// Where and how to load a model.
 #[derive(Debug, Clone)]
 pub struct LoadSpec {
@@ -220,6 +235,8 @@ pub struct LoadSpec {
     /// Positions the paged KV cache holds over all sequences (raised to at
     /// least one full context).
     pub kv_cache_tokens: usize,
+    /// The device (text models; the others run on the CPU).
+    pub target: Target,
 }
 
 impl LoadSpec {
@@ -229,6 +246,10 @@ impl LoadSpec {
             kv_cache_tokens: self.kv_cache_tokens,
             batch_tokens: self.max_batch_tokens,
             sequences: self.max_sequences,
+            device_element_bytes: match self.target {
+                Target::Cpu => None,
+                Target::Cuda { dtype, .. } => Some(dtype.size_in_bytes() as u64),
+            },
         }
     }
 }

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kindling_models::{KvCache, SamplingParams, TextModel};
+use kindling_models::{gpu, KvCache, Placement, SamplingParams, TextModel};
 use tokio::sync::mpsc;
 
 use super::scheduler::{Limits, Request, Scheduler, Sequence};
 use super::sequence::{Choice, ChoiceSpec};
-use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt};
+use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt, Target};
 
 pub(super) fn run_worker(
     spec: LoadSpec,
@@ -19,7 +19,13 @@ pub(super) fn run_worker(
     stats: Arc<EngineStats>,
 ) {
     let started = Instant::now();
-    let model = match TextModel::load(&spec.path, spec.context_length) {
+    // The pool holds at least one sequence at the full context.
+    let loaded = load(&spec).and_then(|model| {
+        let positions = spec.kv_cache_tokens.max(model.max_positions());
+        let kv = model.new_cache(KvCache::blocks_for(positions))?;
+        Ok((model, kv, positions))
+    });
+    let (model, kv, positions) = match loaded {
         Ok(m) => m,
         Err(e) => {
             ready(Err(EngineError::LoadFailed {
@@ -30,9 +36,7 @@ pub(super) fn run_worker(
             return;
         }
     };
-    // The pool holds at least one sequence at the full context.
-    let positions = spec.kv_cache_tokens.max(model.max_positions());
-    let kv = KvCache::new(model.cache_shape(), KvCache::blocks_for(positions));
+    let elapsed = started.elapsed();
     let limits = Limits {
         max_sequences: spec.max_sequences.max(1),
         max_batch_tokens: spec.max_batch_tokens.max(spec.max_sequences).max(1),
@@ -45,7 +49,9 @@ pub(super) fn run_worker(
         max_sequences = limits.max_sequences,
         max_batch_tokens = limits.max_batch_tokens,
         weight_bytes = model.weight_bytes(),
-        elapsed_ms = started.elapsed().as_millis() as u64,
+        device = %model.placement(),
+        elapsed_ms = elapsed.as_millis() as u64,
+        load_gb_per_s = format!("{:.2}", model.weight_bytes() as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9),
         "model loaded"
     );
     if !ready(Ok(())) {
@@ -80,7 +86,30 @@ pub(super) fn run_worker(
     }
     drop(scheduler);
     drop(model);
-    tracing::info!(model = %spec.model, "model unloaded");
+    match spec.target {
+        Target::Cpu => tracing::info!(model = %spec.model, "model unloaded"),
+        Target::Cuda { ordinal, .. } => {
+            // Frees are ordered on the device's stream; once it has drained,
+            // the memory goes back to the driver.
+            if let Ok(device) = gpu::device(ordinal) {
+                let _ = device.synchronize();
+            }
+            let free = gpu::memory(ordinal).map(|m| m.free).unwrap_or(0);
+            tracing::info!(model = %spec.model, device = %format!("cuda:{ordinal}"), free_bytes = free, "model unloaded");
+        }
+    }
+}
+
+/// Loads the model where `spec.target` says.
+fn load(spec: &LoadSpec) -> kindling_models::Result<TextModel> {
+    let placement = match spec.target {
+        Target::Cpu => Placement::Host,
+        Target::Cuda { ordinal, dtype } => {
+            let device = gpu::device(ordinal).map_err(kindling_models::ModelError::Device)?;
+            Placement::Device(device, dtype)
+        }
+    };
+    TextModel::load_on(&spec.path, spec.context_length, &placement)
 }
 
 /// Validates a new request and queues its sequences, or fails it at once.

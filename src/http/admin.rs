@@ -39,6 +39,9 @@ struct DeviceObject {
     used_bytes: u64,
     free_bytes: u64,
     total_bytes: Option<u64>,
+    /// GPUs: free memory as the driver reports it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    driver_free_bytes: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -65,6 +68,7 @@ pub async fn status(State(state): State<AppState>) -> Json<impl Serialize> {
                 budget_bytes: d.budget,
                 used_bytes: d.used,
                 total_bytes: d.total,
+                driver_free_bytes: d.driver_free,
             })
             .collect(),
         models_resident: s

@@ -13,11 +13,12 @@ use super::download;
 use super::lifecycle::{BatchSnapshot, Loaded, Loader, Progress};
 use super::memory;
 use crate::config::{
-    parse_size, Config, EngineConfig, HubConfig, ModelKind, ModelManifest, WeightFormat,
-    WeightSource,
+    parse_size, Config, DeviceName, EngineConfig, HubConfig, ModelKind, ModelManifest, Precision,
+    WeightFormat, WeightSource,
 };
-use crate::engine::{self, EngineError, EngineHandle, ImageServing, LoadSpec, Task};
+use crate::engine::{self, EngineError, EngineHandle, ImageServing, LoadSpec, Target, Task};
 use kindling_models::diffusion::SamplerKind;
+use kindling_models::{gpu, DType};
 
 /// Loads text models into engine workers.
 pub struct EngineLoader {
@@ -27,10 +28,21 @@ pub struct EngineLoader {
     engine: EngineConfig,
 }
 
-/// A model ready to load: its spec and its estimate.
+/// A model ready to load: its spec and its estimates.
 pub struct Plan {
     spec: LoadSpec,
     footprint: Footprint,
+    /// On a GPU, in the manifest's dtype (text models).
+    gpu: Option<(DType, Footprint)>,
+}
+
+/// A text model's float type on a GPU (default bf16).
+fn gpu_dtype(manifest: &ModelManifest) -> DType {
+    match manifest.dtype {
+        Some(Precision::F16) => DType::F16,
+        Some(Precision::F32) => DType::F32,
+        Some(Precision::Bf16) | None => DType::BF16,
+    }
 }
 
 fn failed(model: &str, reason: impl Into<String>) -> EngineError {
@@ -85,6 +97,7 @@ impl EngineLoader {
             kv_cache_tokens: manifest
                 .kv_cache_tokens
                 .unwrap_or(self.engine.kv_cache_tokens),
+            target: Target::Cpu,
         }
     }
 
@@ -214,22 +227,64 @@ impl Loader for Arc<EngineLoader> {
                 .get(&id)
                 .ok_or_else(|| failed(&id, "no such model"))?;
             let spec = this.spec(manifest, path);
+            let text = matches!(spec.task, Task::Text);
+            let dtype = gpu_dtype(manifest);
             let for_estimate = spec.clone();
-            let footprint = tokio::task::spawn_blocking(move || engine::estimate(&for_estimate))
-                .await
-                .map_err(|e| failed(&id, format!("estimate task failed: {e}")))??;
+            let (footprint, gpu) = tokio::task::spawn_blocking(move || {
+                let cpu = engine::estimate(&for_estimate)?;
+                let gpu = if text {
+                    let mut on_gpu = for_estimate;
+                    on_gpu.target = Target::Cuda { ordinal: 0, dtype };
+                    Some((dtype, engine::estimate(&on_gpu)?))
+                } else {
+                    None
+                };
+                Ok::<_, EngineError>((cpu, gpu))
+            })
+            .await
+            .map_err(|e| failed(&id, format!("estimate task failed: {e}")))??;
             let total = footprint.total();
-            Ok((Plan { spec, footprint }, total))
+            Ok((
+                Plan {
+                    spec,
+                    footprint,
+                    gpu,
+                },
+                total,
+            ))
         }
         .boxed()
     }
 
+    fn estimate_on(&self, plan: &Plan, device: &str) -> Option<u64> {
+        match DeviceName::parse(device) {
+            Some(DeviceName::Cuda(_)) => plan.gpu.map(|(_, f)| f.total()),
+            _ => None,
+        }
+    }
+
     fn load(
         &self,
-        _id: &str,
-        plan: Plan,
+        id: &str,
+        mut plan: Plan,
+        device: &str,
     ) -> BoxFuture<'static, Result<Loaded<EngineHandle>, EngineError>> {
+        let gpu = match (DeviceName::parse(device), plan.gpu) {
+            (Some(DeviceName::Cuda(ordinal)), Some((dtype, footprint))) => {
+                plan.spec.target = Target::Cuda { ordinal, dtype };
+                Some((ordinal, footprint))
+            }
+            (Some(DeviceName::Cuda(_)), None) => {
+                let e = failed(id, format!("only text models run on {device}"));
+                return async move { Err(e) }.boxed();
+            }
+            _ => None,
+        };
+        let id = id.to_string();
         async move {
+            if let Some((ordinal, footprint)) = gpu {
+                return load_on_gpu(&id, plan.spec, ordinal, footprint).await;
+            }
             let before = memory::resident();
             let (handle, stopped) = engine::start(plan.spec).await?;
             // What the load left resident: weights and tables (temporary
@@ -267,4 +322,39 @@ impl Loader for Arc<EngineLoader> {
             steps: s.steps(),
         }
     }
+}
+
+/// Loads a text model onto `cuda:ordinal`, measuring what it took from the
+/// driver's free memory (weights and the KV cache, allocated at load; one
+/// pass's activations stay reserved on top).
+async fn load_on_gpu(
+    id: &str,
+    spec: LoadSpec,
+    ordinal: usize,
+    footprint: Footprint,
+) -> Result<Loaded<EngineHandle>, EngineError> {
+    let free = || gpu::memory(ordinal).map(|m| m.free).ok();
+    let before = free();
+    let (handle, stopped) = engine::start(spec).await?;
+    let after = free();
+    let measured = before
+        .zip(after)
+        .map(|(b, a)| b.saturating_sub(a) + footprint.scratch);
+    tracing::info!(
+        model = %id,
+        device = %format!("cuda:{ordinal}"),
+        free_before_bytes = before.unwrap_or(0),
+        free_after_bytes = after.unwrap_or(0),
+        estimated_bytes = footprint.total(),
+        "GPU memory taken by the load"
+    );
+    let stopped = async move {
+        let _ = stopped.await;
+    }
+    .boxed();
+    Ok(Loaded {
+        model: handle,
+        measured,
+        stopped,
+    })
 }

@@ -3,6 +3,7 @@
 //! requests wait), are charged against their device's memory budget, make
 //! room by evicting idle models, and unload when their keep-alive runs out.
 
+mod devices;
 mod download;
 mod evict;
 pub mod lifecycle;
@@ -18,8 +19,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::config::{Config, GenerationDefaults, KeepAlive, ModelKind, ModelManifest};
 use crate::engine::EngineError;
 use crate::metrics::{gauge_value, Metrics};
-use lifecycle::{DeviceBudget, Lifecycle, Policy};
 pub use lifecycle::{DeviceSnapshot, Snapshot};
+use lifecycle::{Lifecycle, Policy};
 pub use loader::EngineLoader;
 pub use memory::tune_allocator;
 
@@ -117,31 +118,20 @@ impl Registry {
                 (id.clone(), entry)
             })
             .collect();
-        let cpu_total = memory::cpu_total();
-        let devices = config
-            .devices
-            .iter()
-            .map(|(name, d)| {
-                let budget = d.budget.resolve(cpu_total.unwrap_or(0));
-                let dev = DeviceBudget {
-                    budget,
-                    total: cpu_total,
-                };
-                (name.clone(), dev)
-            })
-            .collect();
+        let devices = devices::Devices::probe(config);
         let policies = config
             .models
             .iter()
             .map(|(id, m)| {
                 let policy = Policy {
-                    device: m.device.clone(),
+                    device: devices.pin(m),
                     pin: m.pin,
                     keep_alive: m.keep_alive.unwrap_or(config.lifecycle.keep_alive),
                 };
                 (id.clone(), policy)
             })
             .collect();
+        let devices = devices.budgets;
         let loader = Arc::new(EngineLoader::new(config));
         let lifecycle = Lifecycle::new(
             loader.clone(),
@@ -314,8 +304,16 @@ impl Registry {
 
     /// Devices, models and memory, for `/admin/status`.
     pub fn status(&self) -> Status {
+        let mut devices = self.lifecycle.devices();
+        for d in &mut devices {
+            if let Some(crate::config::DeviceName::Cuda(n)) =
+                crate::config::DeviceName::parse(&d.name)
+            {
+                d.driver_free = kindling_models::gpu::memory(n).ok().map(|m| m.free);
+            }
+        }
         Status {
-            devices: self.lifecycle.devices(),
+            devices,
             models: self.list(),
             process_resident_bytes: memory::resident(),
         }

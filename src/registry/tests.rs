@@ -53,12 +53,19 @@ impl Loader for Arc<SizedLoader> {
         async move { Ok((id, size)) }.boxed()
     }
 
+    /// GPUs hold these models in half the bytes.
+    fn estimate_on(&self, id: &String, device: &str) -> Option<u64> {
+        device.starts_with("cuda:").then(|| self.sizes[id] / 2)
+    }
+
     fn load(
         &self,
         _id: &str,
         id: String,
+        device: &str,
     ) -> BoxFuture<'static, Result<Loaded<Arc<Alive>>, EngineError>> {
         let this = self.clone();
+        let measured = self.estimate_on(&id, device).unwrap_or(self.sizes[&id]);
         async move {
             *this.loads.lock().unwrap().entry(id.clone()).or_default() += 1;
             tokio::time::sleep(this.load_time).await;
@@ -72,7 +79,7 @@ impl Loader for Arc<SizedLoader> {
             let (tx, rx) = oneshot::channel();
             Ok(Loaded {
                 model: Arc::new(Alive(Some(tx))),
-                measured: Some(this.sizes[&id]),
+                measured: Some(measured),
                 stopped: rx.map(|_| ()).boxed(),
             })
         }
@@ -93,6 +100,15 @@ struct Fixture {
 const FIVE_MIN: Duration = Duration::from_secs(300);
 
 fn fixture(budget: u64, models: &[(&str, u64, bool)]) -> Fixture {
+    fixture_on(&[("cpu", budget)], models, &[])
+}
+
+/// Devices with budgets; `placed` pins models to devices.
+fn fixture_on(
+    budgets: &[(&str, u64)],
+    models: &[(&str, u64, bool)],
+    placed: &[(&str, &str)],
+) -> Fixture {
     let loader = Arc::new(SizedLoader {
         sizes: models
             .iter()
@@ -107,18 +123,25 @@ fn fixture(budget: u64, models: &[(&str, u64, bool)]) -> Fixture {
         retry_backoff: Duration::from_secs(5),
         max_retry_backoff: Duration::from_secs(60),
     };
-    let devices = BTreeMap::from([(
-        "cpu".to_string(),
-        DeviceBudget {
-            budget,
-            total: None,
-        },
-    )]);
+    let devices = budgets
+        .iter()
+        .map(|(name, budget)| {
+            let budget = DeviceBudget {
+                budget: *budget,
+                total: None,
+            };
+            (name.to_string(), budget)
+        })
+        .collect();
     let policies = models
         .iter()
         .map(|(id, _, pin)| {
+            let device = placed
+                .iter()
+                .find(|(m, _)| m == id)
+                .map(|(_, d)| d.to_string());
             let policy = Policy {
-                device: None,
+                device,
                 pin: *pin,
                 keep_alive: settings.keep_alive,
             };
@@ -331,4 +354,44 @@ async fn admin_unload_drains_a_busy_model() {
     // The next request loads it again.
     assert!(f.life.acquire("a", None).await.is_ok());
     assert_eq!(f.loader.loads("a"), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn models_go_to_the_gpu_with_the_most_free_budget_that_fits() {
+    let f = fixture_on(
+        &[("cpu", 10_000), ("cuda:0", 300), ("cuda:1", 500)],
+        &[
+            ("a", 400, false),
+            ("b", 400, false),
+            ("c", 400, false),
+            ("d", 2000, false),
+            ("e", 100, false),
+        ],
+        &[("e", "cpu")],
+    );
+    let device = |id: &str| f.life.snapshot(id).unwrap().device.unwrap();
+    let _a = f.life.acquire("a", None).await.unwrap();
+    assert_eq!(device("a"), "cuda:1");
+    assert_eq!(f.life.snapshot("a").unwrap().charged_bytes, 200);
+    let _b = f.life.acquire("b", None).await.unwrap();
+    let _c = f.life.acquire("c", None).await.unwrap();
+    // 300 free on each GPU after a; b takes one, c the other.
+    let mut gpus = vec![device("b"), device("c")];
+    gpus.sort();
+    assert_eq!(gpus, ["cuda:0", "cuda:1"]);
+    // No GPU has room for d's 1000 (all busy): the CPU does.
+    let _d = f.life.acquire("d", None).await.unwrap();
+    assert_eq!(device("d"), "cpu");
+    assert_eq!(f.life.snapshot("d").unwrap().charged_bytes, 2000);
+    // A model pinned to the CPU stays there.
+    let _e = f.life.acquire("e", None).await.unwrap();
+    assert_eq!(device("e"), "cpu");
+    let used: BTreeMap<String, u64> = f
+        .life
+        .devices()
+        .into_iter()
+        .map(|d| (d.name, d.used))
+        .collect();
+    assert_eq!(used["cpu"], 2100);
+    assert_eq!(used["cuda:0"] + used["cuda:1"], 600);
 }

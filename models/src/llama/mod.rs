@@ -8,6 +8,7 @@
 //! and one read of the weights.
 
 mod config;
+mod device;
 mod weights;
 
 use std::path::Path;
@@ -17,6 +18,7 @@ use candle_nn::Embedding;
 use kindling_kernels::{paged_attention, QueryRow, RopeTables};
 
 pub use config::{LlamaConfig, RopeScaling};
+pub use device::DeviceLlama;
 pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
 pub use weights::weight_files;
@@ -93,31 +95,22 @@ impl Llama {
     /// Loads a GGUF model, with rotary tables for `max_positions` positions
     /// (at most the trained context).
     pub fn from_gguf(gguf: &mut GgufFile, max_positions: usize) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(gguf)?;
-        // Llama 3.1 GGUFs carry their rope scaling as per-frequency divisors.
-        let factors = if gguf.has_tensor("rope_freqs.weight") {
-            Some(gguf.dense("rope_freqs.weight")?.to_vec1::<f32>()?)
-        } else {
-            None
-        };
-        Self::build(cfg, gguf, max_positions, factors)
+        let (cfg, inv_freq) = gguf_config(gguf)?;
+        Self::build(cfg, gguf, max_positions, &inv_freq)
     }
 
     /// Loads a Hugging Face model folder (`config.json` and safetensors).
     pub fn from_safetensors(dir: &Path, max_positions: usize) -> Result<Self> {
-        let path = dir.join("config.json");
-        let json =
-            std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
-        let cfg = LlamaConfig::from_hf_json(&json)?;
-        let mut files = Safetensors::open(dir)?;
-        Self::build(cfg, &mut files, max_positions, None)
+        let cfg = hf_config(dir)?;
+        let inv_freq = cfg.inv_freq();
+        Self::build(cfg, &mut Safetensors::open(dir)?, max_positions, &inv_freq)
     }
 
     fn build(
         cfg: LlamaConfig,
         src: &mut dyn Source,
         max_positions: usize,
-        rope_factors: Option<Vec<f32>>,
+        inv_freq: &[f32],
     ) -> Result<Self> {
         let max_positions = max_positions.min(cfg.trained_context).max(1);
         let output = src.global_name(Global::Output);
@@ -172,15 +165,9 @@ impl Llama {
         }
         let name = src.global_name(Global::OutputNorm).to_string();
         let final_norm = norm(src, name)?;
-        let mut inv_freq = cfg.inv_freq();
-        if let Some(factors) = rope_factors {
-            for (f, d) in inv_freq.iter_mut().zip(factors) {
-                *f /= d;
-            }
-        }
         Ok(Self {
             embed: Embedding::new(table, cfg.hidden_size),
-            rope: RopeTables::new(&inv_freq, max_positions),
+            rope: RopeTables::new(inv_freq, max_positions),
             cfg,
             blocks,
             norm: final_norm,
@@ -300,6 +287,56 @@ impl Llama {
         let y = Tensor::from_vec(y, (step.positions.len(), nh * hd), &Device::Cpu)?;
         block.o.forward(&y)
     }
+}
+
+impl DeviceLlama {
+    /// Loads a GGUF model onto `device` as `dtype` (quantized weights are
+    /// expanded).
+    pub fn from_gguf(
+        gguf: &mut GgufFile,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let (cfg, inv_freq) = gguf_config(gguf)?;
+        let max_positions = max_positions.min(cfg.trained_context).max(1);
+        Self::build(cfg, gguf, max_positions, &inv_freq, device, dtype)
+    }
+
+    /// Loads a Hugging Face model folder onto `device` as `dtype`.
+    pub fn from_safetensors(
+        dir: &Path,
+        max_positions: usize,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let cfg = hf_config(dir)?;
+        let inv_freq = cfg.inv_freq();
+        let max_positions = max_positions.min(cfg.trained_context).max(1);
+        let mut files = Safetensors::open(dir)?;
+        Self::build(cfg, &mut files, max_positions, &inv_freq, device, dtype)
+    }
+}
+
+/// A GGUF model's configuration and rotary frequencies. Llama 3.1 GGUFs
+/// carry their rope scaling as per-frequency divisors.
+fn gguf_config(gguf: &mut GgufFile) -> Result<(LlamaConfig, Vec<f32>)> {
+    let cfg = LlamaConfig::from_gguf(gguf)?;
+    let mut inv_freq = cfg.inv_freq();
+    if gguf.has_tensor("rope_freqs.weight") {
+        let factors = gguf.dense("rope_freqs.weight")?.to_vec1::<f32>()?;
+        for (f, d) in inv_freq.iter_mut().zip(factors) {
+            *f /= d;
+        }
+    }
+    Ok((cfg, inv_freq))
+}
+
+/// A Hugging Face folder's `config.json`.
+fn hf_config(dir: &Path) -> Result<LlamaConfig> {
+    let path = dir.join("config.json");
+    let json = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
+    LlamaConfig::from_hf_json(&json)
 }
 
 /// Per-token inputs shared by every layer of one pass.

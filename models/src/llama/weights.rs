@@ -89,6 +89,8 @@ pub(crate) trait Source {
     /// The token-embedding table as f32, read once; with `tied`, also the
     /// output projection that reuses it (kept quantized where it is).
     fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)>;
+    /// A tensor on `device` as `dtype`, converted there.
+    fn on_device(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor>;
 }
 
 fn missing(name: &str) -> ModelError {
@@ -144,6 +146,12 @@ impl Source for GgufFile {
             None
         };
         Ok((table, output))
+    }
+
+    fn on_device(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        // Quantized blocks are expanded on the host, one tensor at a time.
+        let t = self.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?;
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
     }
 }
 
@@ -286,5 +294,15 @@ impl Source for Safetensors {
         let table = self.dense(self.global_name(Global::Embedding))?;
         let output = tied.then(|| Linear::Dense(table.clone()));
         Ok((table, output))
+    }
+
+    fn on_device(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
+        if !self.contains(name) {
+            return Err(missing(name));
+        }
+        // The mapped bytes are copied to the device as they are in the file
+        // (no host copy when aligned, as safetensors data is), then
+        // converted on the device.
+        Ok(self.files.load(name, device)?.to_dtype(dtype)?)
     }
 }

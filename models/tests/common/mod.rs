@@ -30,7 +30,7 @@ pub fn demo_gguf() -> PathBuf {
 
 /// A pool big enough for a few test sequences of `model`.
 pub fn pool(model: &TextModel, positions: usize) -> KvCache {
-    KvCache::new(model.cache_shape(), KvCache::blocks_for(positions) + 8)
+    model.new_cache(KvCache::blocks_for(positions) + 8).unwrap()
 }
 
 /// One sequence: its blocks and how many positions are cached.

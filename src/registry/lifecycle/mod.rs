@@ -33,11 +33,18 @@ pub trait Loader: Send + Sync + 'static {
         id: &str,
         progress: Arc<Progress>,
     ) -> BoxFuture<'static, Result<(Self::Plan, u64), EngineError>>;
-    /// Loads the model.
+    /// The model's estimate on `device` when it differs from the one
+    /// `prepare` gave (a GPU holds weights in a narrower type).
+    fn estimate_on(&self, plan: &Self::Plan, device: &str) -> Option<u64> {
+        let _ = (plan, device);
+        None
+    }
+    /// Loads the model onto `device`.
     fn load(
         &self,
         id: &str,
         plan: Self::Plan,
+        device: &str,
     ) -> BoxFuture<'static, Result<Loaded<Self::Model>, EngineError>>;
     /// The model's live batch figures.
     fn batch(model: &Self::Model) -> BatchSnapshot;
@@ -153,6 +160,8 @@ struct Slot<M> {
     charged: u64,
     estimate: Option<u64>,
     measured: Option<u64>,
+    /// The device `measured` was taken on.
+    measured_on: Option<String>,
     failures: u32,
     progress: Arc<Progress>,
 }
@@ -262,6 +271,8 @@ pub struct DeviceSnapshot {
     pub used: u64,
     /// Bytes the device reports in all, if known.
     pub total: Option<u64>,
+    /// Bytes the GPU's driver reports free now (all processes counted).
+    pub driver_free: Option<u64>,
 }
 
 fn lock<M>(m: &Mutex<State<M>>) -> MutexGuard<'_, State<M>> {
@@ -302,6 +313,7 @@ impl<L: Loader> Lifecycle<L> {
                     charged: 0,
                     estimate: None,
                     measured: None,
+                    measured_on: None,
                     failures: 0,
                     progress: Arc::default(),
                 };
@@ -448,6 +460,7 @@ impl<L: Loader> Lifecycle<L> {
                 budget: d.budget,
                 used: st.used(name),
                 total: d.total,
+                driver_free: None,
             })
             .collect()
     }

@@ -190,6 +190,7 @@ impl<L: Loader> Core<L> {
                     .observe(took.as_secs_f64());
                 if let Some(m) = loaded.measured {
                     slot.measured = Some(m);
+                    slot.measured_on = slot.device.clone();
                     slot.charged = m;
                 }
                 slot.failures = 0;
@@ -243,10 +244,20 @@ impl<L: Loader> Core<L> {
         let (plan, estimate) = self.loader.prepare(id, progress).await?;
         let (need, device) = {
             let mut st = lock(&self.state);
-            let device = self.place(&st, id);
+            let need_on = |device: &str| -> u64 {
+                let slot = st.models.get(id);
+                match slot.and_then(|s| {
+                    s.measured
+                        .filter(|_| s.measured_on.as_deref() == Some(device))
+                }) {
+                    Some(m) => m,
+                    None => self.loader.estimate_on(&plan, device).unwrap_or(estimate),
+                }
+            };
+            let (device, need) = self.place(&st, id, need_on);
             let slot = st.models.get_mut(id).ok_or_else(|| unknown(id))?;
             slot.estimate = Some(estimate);
-            (slot.measured.unwrap_or(estimate), device)
+            (need, device)
         };
         let Some(load_lock) = self.load_locks.get(&device) else {
             return Err(EngineError::LoadFailed {
@@ -257,18 +268,43 @@ impl<L: Loader> Core<L> {
         };
         let _one_load_per_device = load_lock.lock().await;
         self.reserve(id, &device, need).await?;
-        self.loader.load(id, plan).await
+        self.loader.load(id, plan, &device).await
     }
 
-    /// The model's device: its manifest's, or the one with the most free budget.
-    fn place(&self, st: &State<L::Model>, id: &str) -> String {
+    /// The model's device and its need there: the manifest's device, else
+    /// the GPU with the most free budget that fits it, else the CPU if it
+    /// fits, else the GPU (or the CPU) where evicting idle models could
+    /// make room.
+    fn place(
+        &self,
+        st: &State<L::Model>,
+        id: &str,
+        need_on: impl Fn(&str) -> u64,
+    ) -> (String, u64) {
         if let Some(d) = st.models.get(id).and_then(|s| s.policy.device.clone()) {
-            return d;
+            let need = need_on(&d);
+            return (d, need);
         }
-        st.devices
+        let options: Vec<(&String, u64, u64, u64)> = st
+            .devices
             .iter()
-            .max_by_key(|(name, d)| d.budget.saturating_sub(st.used(name)))
-            .map_or_else(|| "cpu".to_string(), |(name, _)| name.clone())
+            .map(|(name, d)| {
+                let free = d.budget.saturating_sub(st.used(name));
+                (name, need_on(name), free, d.budget)
+            })
+            .collect();
+        let gpu = |name: &str| name != "cpu";
+        let best = |fits: &dyn Fn(&(&String, u64, u64, u64)) -> bool| {
+            options
+                .iter()
+                .filter(|o| fits(o))
+                .max_by_key(|o| o.2)
+                .map(|o| (o.0.clone(), o.1))
+        };
+        best(&|o| gpu(o.0) && o.1 <= o.2)
+            .or_else(|| best(&|o| !gpu(o.0) && o.1 <= o.2))
+            .or_else(|| best(&|o| gpu(o.0) && o.1 <= o.3))
+            .unwrap_or_else(|| ("cpu".to_string(), need_on("cpu")))
     }
 
     /// Charges `need` bytes to `device` for `id`, evicting idle models if
