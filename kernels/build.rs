@@ -10,7 +10,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=cuda");
+    println!("cargo:rerun-if-changed=cuda/common.cuh");
     println!("cargo:rerun-if-env-changed=CUDA_COMPUTE_CAP");
     println!("cargo:rerun-if-env-changed=CUDA_ROOT");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
@@ -23,12 +23,11 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
     let cap = cap.trim().trim_start_matches("sm_").replace('.', "");
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
-        .expect("kernels/cuda exists")
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+    // Every module src/fused/cuda.rs embeds.
+    let sources: Vec<PathBuf> = ["norm", "swiglu", "attention"]
+        .iter()
+        .map(|m| PathBuf::from(format!("cuda/{m}.cu")))
         .collect();
-    sources.sort();
     for src in sources {
         println!("cargo:rerun-if-changed={}", src.display());
         let stem = src.file_stem().expect("a file name").to_string_lossy();

@@ -20,6 +20,7 @@ source "$dir/env.sh"
 
 # The patched cudarc (see cuda-toolkit.sh) replaces the registry's for this
 # build only; the committed lock file is put back afterwards.
+cargo metadata --format-version 1 >/dev/null
 cp Cargo.lock "$dir/Cargo.lock.saved"
 trap 'cp "$dir/Cargo.lock.saved" Cargo.lock' EXIT
 patch_arg="patch.crates-io.cudarc.path=\"$dir/cudarc\""

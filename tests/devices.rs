@@ -13,9 +13,14 @@ use common::{chat, client, config_with_manifests, demo_manifest, get_json, post,
 fn devices_config() -> std::path::PathBuf {
     let on_gpu = demo_manifest("on-gpu", None, "device = \"cuda:0\"\ndtype = \"bf16\"");
     let anywhere = demo_manifest("anywhere", None, "");
+    let images = "id = \"images\"\nkind = \"image\"\nformat = \"safetensors\"\narchitecture = \"stable-diffusion\"\ndevice = \"cuda:0\"\n[weights]\npath = \"sd-tiny\"\n[image]\nsteps = 2\n";
     config_with_manifests(
         "[devices.auto]\n[devices.\"cuda:0\"]\nbudget = \"90%\"\n",
-        &[("on-gpu.toml", &on_gpu), ("anywhere.toml", &anywhere)],
+        &[
+            ("on-gpu.toml", &on_gpu),
+            ("anywhere.toml", &anywhere),
+            ("images.toml", images),
+        ],
     )
 }
 
@@ -92,4 +97,25 @@ async fn gpu_devices_fall_back_to_the_cpu_or_serve_on_the_gpu() {
         assert_eq!(status, 200, "{id}: {reply}");
         assert_eq!(reply["usage"]["completion_tokens"], 4, "{reply}");
     }
+    let body =
+        serde_json::json!({"model": "images", "prompt": "a red fox", "size": "64x64", "seed": 3});
+    let (status, _, reply) = post(&server, "/v1/images/generations", &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply["data"][0]["b64_json"]
+        .as_str()
+        .is_some_and(|b| b.len() > 100));
+    let expected = if kindling_models::gpu::device_count().is_ok() {
+        "cuda:0"
+    } else {
+        "cpu"
+    };
+    let m = get_json(&server, "/v1/models/images").await;
+    let status = get_json(&server, "/admin/status").await;
+    let placed = status["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == "images")
+        .unwrap();
+    assert_eq!(placed["device"], expected, "{m} {placed}");
 }

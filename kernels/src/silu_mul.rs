@@ -83,6 +83,7 @@ impl CustomOp2 for SiluMul {
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result, Shape};

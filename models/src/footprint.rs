@@ -244,6 +244,8 @@ pub struct ImageServing {
     pub max_side: usize,
     /// Images per UNet call.
     pub max_batch: usize,
+    /// Bytes per element on a device (2 for bf16/f16); `None`: f32 on the CPU.
+    pub device_element_bytes: Option<u64>,
 }
 
 /// Estimates a Stable Diffusion pipeline folder: every component's
@@ -254,7 +256,7 @@ pub struct ImageServing {
 pub fn estimate_image(dir: &Path, serving: ImageServing) -> Result<Footprint> {
     use crate::diffusion::config::{UNetConfig, VaeConfig};
     use crate::diffusion::layout::component_weights;
-    let f32s = 4u64;
+    let f32s = serving.device_element_bytes.unwrap_or(4);
     let mut elements = 0u64;
     for component in ["unet", "vae", "text_encoder", "text_encoder_2"] {
         let sub = dir.join(component);

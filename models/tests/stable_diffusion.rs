@@ -23,6 +23,17 @@ fn reference(name: &str) -> Value {
 /// Writes the preset's pipeline fresh and checks its weights are the ones
 /// the reference was rendered from.
 fn pipeline(preset: Preset, tag: &str, reference: &Value) -> Pipeline {
+    pipeline_on(preset, tag, reference, &Device::Cpu, DType::F32)
+}
+
+/// As [`pipeline`], loaded onto `device` in `dtype`.
+fn pipeline_on(
+    preset: Preset,
+    tag: &str,
+    reference: &Value,
+    device: &Device,
+    dtype: DType,
+) -> Pipeline {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(tag);
     write_pipeline(&dir, preset, DType::F32, 0).unwrap();
     for (component, sha) in reference["weights_sha256"].as_object().unwrap() {
@@ -38,7 +49,7 @@ fn pipeline(preset: Preset, tag: &str, reference: &Value) -> Pipeline {
             "{component}: weights differ from the reference's; rerun scripts/sd_reference.py"
         );
     }
-    Pipeline::load(&dir, &Device::Cpu).unwrap()
+    Pipeline::load_as(&dir, device, dtype).unwrap()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
@@ -50,6 +61,12 @@ fn floats(v: &Value) -> Vec<f32> {
 }
 
 fn check(pipe: &Pipeline, reference: &Value) {
+    check_within(pipe, reference, 2, 1.0);
+}
+
+/// Every run's pixels within `max` of the reference, and within `mean` on
+/// average.
+fn check_within(pipe: &Pipeline, reference: &Value, max: i64, mean_max: f64) {
     let size = reference["size"].as_u64().unwrap() as usize;
     let latents = floats(&reference["latents"]);
     let tokens: Vec<u32> = reference["tokens"]
@@ -109,8 +126,8 @@ fn check(pipe: &Pipeline, reference: &Value) {
             kind.name()
         );
         assert!(
-            worst <= 2,
-            "{}: max pixel difference {worst} > 2",
+            worst <= max && mean <= mean_max,
+            "{} guidance {guidance}: pixel difference max {worst} (bar {max}), mean {mean:.3} (bar {mean_max})",
             kind.name()
         );
     }
@@ -121,6 +138,36 @@ fn sd_tiny_matches_diffusers() {
     let reference = reference("sd_tiny_reference.json");
     let pipe = pipeline(Preset::Tiny, "sd-tiny", &reference);
     check(&pipe, &reference);
+}
+
+/// The device path (candle's convolutions and products, the fused
+/// GroupNorm+SiLU kernel) in half precision stays close to diffusers' f32
+/// images: f16 on the CPU (candle's CPU convolutions have no bf16), and
+/// bf16 on `cuda:0` where there is one.
+#[test]
+fn half_precision_device_path_tracks_diffusers() {
+    let mut runs = vec![(Device::Cpu, DType::F16)];
+    match kindling_models::gpu::device(0) {
+        Ok(d) => runs.push((d, DType::BF16)),
+        Err(why) => eprintln!("the CUDA image path is not tested here: {why}"),
+    }
+    for (device, dtype) in runs {
+        for (preset, file) in [
+            (Preset::Tiny, "sd_tiny_reference.json"),
+            (Preset::TinyXl, "sd_tiny_xl_reference.json"),
+            (Preset::TinyV, "sd_tiny_v_reference.json"),
+        ] {
+            let reference = reference(file);
+            let tag = format!("{dtype:?}-{preset:?}-{:?}", device.location());
+            let pipe = pipeline_on(preset, &tag, &reference, &device, dtype);
+            let (max, mean) = if dtype == DType::F16 {
+                (6, 1.0)
+            } else {
+                (24, 3.0)
+            };
+            check_within(&pipe, &reference, max, mean);
+        }
+    }
 }
 
 #[test]

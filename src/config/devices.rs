@@ -98,13 +98,12 @@ pub(super) fn check(
                     devices.keys().cloned().collect::<Vec<_>>().join(", ")
                 );
             }
-            if name != DeviceName::Cpu && !matches!(m.kind, ModelKind::Chat | ModelKind::Completion)
-            {
-                bail!("{f}: device: only chat and completion models run on CUDA devices; this one runs on `cpu`");
+            if name != DeviceName::Cpu && m.kind == ModelKind::Embedding {
+                bail!("{f}: device: embedding models run on `cpu` only");
             }
         }
-        if m.dtype.is_some() && !matches!(m.kind, ModelKind::Chat | ModelKind::Completion) {
-            bail!("{f}: dtype: only chat and completion models take a dtype");
+        if m.dtype.is_some() && m.kind == ModelKind::Embedding {
+            bail!("{f}: dtype: embedding models run in f32 on the CPU; only text and image models take a dtype");
         }
     }
     Ok(())

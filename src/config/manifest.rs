@@ -209,7 +209,7 @@ pub struct ModelManifest {
     pub owned_by: String,
     /// The device to load onto (default: the registry's choice).
     pub device: Option<String>,
-    /// Float type of weights, activations and KV cache on a GPU (default
+    /// Float type of weights, activations (and KV cache) on a GPU (default
     /// bf16). On the CPU, weights run as f32 or as quantized in their file.
     pub dtype: Option<Precision>,
     /// Overrides the daemon's default keep-alive.

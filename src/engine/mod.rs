@@ -246,10 +246,17 @@ impl LoadSpec {
             kv_cache_tokens: self.kv_cache_tokens,
             batch_tokens: self.max_batch_tokens,
             sequences: self.max_sequences,
-            device_element_bytes: match self.target {
-                Target::Cpu => None,
-                Target::Cuda { dtype, .. } => Some(dtype.size_in_bytes() as u64),
-            },
+            device_element_bytes: self.target.element_bytes(),
+        }
+    }
+}
+
+impl Target {
+    /// Bytes per weight/activation element on a GPU; `None` on the CPU.
+    fn element_bytes(self) -> Option<u64> {
+        match self {
+            Self::Cpu => None,
+            Self::Cuda { dtype, .. } => Some(dtype.size_in_bytes() as u64),
         }
     }
 }
@@ -262,7 +269,7 @@ pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
         Task::Embedding { .. } => {
             kindling_models::footprint::estimate_embedding(&spec.path, spec.max_batch_tokens)
         }
-        Task::Image(ref serving) => image_footprint(&spec.path, serving),
+        Task::Image(ref serving) => image_footprint(&spec.path, serving, spec.target),
     };
     estimate.map_err(|e| EngineError::LoadFailed {
         model: spec.model.clone(),
@@ -274,6 +281,7 @@ pub fn estimate(spec: &LoadSpec) -> Result<Footprint, EngineError> {
 fn image_footprint(
     path: &std::path::Path,
     serving: &ImageServing,
+    target: Target,
 ) -> kindling_models::Result<Footprint> {
     let native = || -> kindling_models::Result<usize> {
         let unet =
@@ -291,6 +299,7 @@ fn image_footprint(
         kindling_models::footprint::ImageServing {
             max_side,
             max_batch: serving.max_batch,
+            device_element_bytes: target.element_bytes(),
         },
     )
 }
@@ -499,8 +508,18 @@ fn run(
         }
         Task::Image(serving) => {
             let started = Instant::now();
-            let device = kindling_models::Device::Cpu;
-            let pipeline = match kindling_models::diffusion::Pipeline::load(&spec.path, &device) {
+            let loaded = match spec.target {
+                Target::Cpu => kindling_models::diffusion::Pipeline::load(
+                    &spec.path,
+                    &kindling_models::Device::Cpu,
+                ),
+                Target::Cuda { ordinal, dtype } => kindling_models::gpu::device(ordinal)
+                    .map_err(kindling_models::ModelError::Device)
+                    .and_then(|d| {
+                        kindling_models::diffusion::Pipeline::load_as(&spec.path, &d, dtype)
+                    }),
+            };
+            let pipeline = match loaded {
                 Ok(p) => Arc::new(p),
                 Err(e) => {
                     let _ = ready.send(Err(load_failed(&spec, e.to_string())));
@@ -511,6 +530,7 @@ fn run(
                 model = %spec.model,
                 path = %spec.path.display(),
                 pipeline = pipeline.class_name(),
+                device = ?spec.target,
                 native_size = pipeline.native_size(),
                 max_batch = serving.max_batch,
                 elapsed_ms = started.elapsed().as_millis() as u64,

@@ -90,10 +90,10 @@ impl Devices {
     }
 
     /// Where a model must go: its manifest's device (or the CPU standing in
-    /// for it), the CPU for models only the CPU runs, else `None` (the
-    /// registry picks at load time).
+    /// for it), the CPU for embedding models (they run only there), else
+    /// `None` (the registry picks at load time).
     pub fn pin(&self, m: &ModelManifest) -> Option<String> {
-        if !matches!(m.kind, ModelKind::Chat | ModelKind::Completion) {
+        if m.kind == ModelKind::Embedding {
             return Some("cpu".to_string());
         }
         let d = m.device.as_deref()?;

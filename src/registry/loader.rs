@@ -32,11 +32,11 @@ pub struct EngineLoader {
 pub struct Plan {
     spec: LoadSpec,
     footprint: Footprint,
-    /// On a GPU, in the manifest's dtype (text models).
+    /// On a GPU, in the manifest's dtype (text and image models).
     gpu: Option<(DType, Footprint)>,
 }
 
-/// A text model's float type on a GPU (default bf16).
+/// A model's float type on a GPU (default bf16).
 fn gpu_dtype(manifest: &ModelManifest) -> DType {
     match manifest.dtype {
         Some(Precision::F16) => DType::F16,
@@ -227,12 +227,13 @@ impl Loader for Arc<EngineLoader> {
                 .get(&id)
                 .ok_or_else(|| failed(&id, "no such model"))?;
             let spec = this.spec(manifest, path);
-            let text = matches!(spec.task, Task::Text);
+            // Text and image models run on GPUs; embeddings on the CPU.
+            let gpu_capable = matches!(spec.task, Task::Text | Task::Image(_));
             let dtype = gpu_dtype(manifest);
             let for_estimate = spec.clone();
             let (footprint, gpu) = tokio::task::spawn_blocking(move || {
                 let cpu = engine::estimate(&for_estimate)?;
-                let gpu = if text {
+                let gpu = if gpu_capable {
                     let mut on_gpu = for_estimate;
                     on_gpu.target = Target::Cuda { ordinal: 0, dtype };
                     Some((dtype, engine::estimate(&on_gpu)?))
@@ -275,7 +276,7 @@ impl Loader for Arc<EngineLoader> {
                 Some((ordinal, footprint))
             }
             (Some(DeviceName::Cuda(_)), None) => {
-                let e = failed(id, format!("only text models run on {device}"));
+                let e = failed(id, format!("embedding models do not run on {device}"));
                 return async move { Err(e) }.boxed();
             }
             _ => None,

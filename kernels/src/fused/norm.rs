@@ -320,6 +320,7 @@ pub fn group_norm_silu_reference(
 
 #[cfg(feature = "cuda")]
 mod cuda {
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result, Shape};

@@ -2,7 +2,7 @@
 //! (`CLIPTextModel`, and SDXL's `CLIPTextModelWithProjection`), built from
 //! its own `config.json` so any width or depth loads.
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{Device, Module, Tensor};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
 };
@@ -104,7 +104,7 @@ impl ClipTextEncoder {
             .tokens
             .forward(&input)?
             .broadcast_add(&self.positions.forward(&pos)?)?;
-        let mask = causal_mask(len, device)?;
+        let mask = causal_mask(len, device)?.to_dtype(xs.dtype())?;
         let mut penultimate = xs.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == self.layers.len() {
@@ -171,5 +171,5 @@ fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
     let mask: Vec<f32> = (0..len)
         .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
-    Ok(Tensor::from_vec(mask, (len, len), device)?.to_dtype(DType::F32)?)
+    Ok(Tensor::from_vec(mask, (len, len), device)?)
 }

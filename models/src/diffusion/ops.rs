@@ -4,17 +4,48 @@
 //! row per output pixel, gathered from NCHW) times the packed filters.
 //! Every output row is computed on its own, so results do not depend on
 //! how many images share the call.
+//!
+//! On a device (a CUDA GPU, or any weights other than f32 on the CPU) the
+//! same layers run on candle's convolutions and products (cuBLAS) in the
+//! weights' float type, with the fused GroupNorm+SiLU kernel.
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 use candle_nn::VarBuilder;
 use kindling_kernels::{DenseMatrix, DenseScratch, Epilogue};
 use rayon::prelude::*;
 
 use crate::error::Result;
 
+/// Whether weights from `vb` run on our CPU kernels (f32 on the CPU) or
+/// on the device path.
+fn on_host(vb: &VarBuilder) -> bool {
+    vb.device().is_cpu() && vb.dtype() == DType::F32
+}
+
+/// Where a layer's weights live and how it computes.
+enum Weights {
+    /// Packed for our CPU dense kernels.
+    Host(DenseMatrix),
+    /// Device tensors: `[n, k]` (convolutions `[c_out, c_in, k, k]`) and
+    /// the bias `[n]`.
+    Device {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+}
+
+/// `xs · Wᵀ (+ b)` over the last dimension, on the device path.
+fn device_linear(xs: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let y = xs.broadcast_matmul(&weight.t()?)?;
+    Ok(match bias {
+        Some(b) => y.broadcast_add(b)?,
+        None => y,
+    })
+}
+
 /// A 2-D convolution (square kernel, same padding on every side).
 pub struct Conv {
-    dense: DenseMatrix,
+    weights: Weights,
     c_in: usize,
     c_out: usize,
     kernel: usize,
@@ -32,13 +63,25 @@ impl Conv {
         stride: usize,
         padding: usize,
     ) -> Result<Self> {
-        let w: Vec<f32> = vb
-            .get((c_out, c_in, kernel, kernel), "weight")?
-            .flatten_all()?
-            .to_vec1()?;
-        let b: Vec<f32> = vb.get(c_out, "bias")?.to_vec1()?;
+        let weight = vb.get((c_out, c_in, kernel, kernel), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        let weights = if on_host(&vb) {
+            let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = bias.to_vec1()?;
+            Weights::Host(DenseMatrix::new(
+                &w,
+                Some(&b),
+                c_out,
+                c_in * kernel * kernel,
+            ))
+        } else {
+            Weights::Device {
+                weight,
+                bias: Some(bias),
+            }
+        };
         Ok(Self {
-            dense: DenseMatrix::new(&w, Some(&b), c_out, c_in * kernel * kernel),
+            weights,
             c_in,
             c_out,
             kernel,
@@ -49,10 +92,20 @@ impl Conv {
 
     /// A 1×1 convolution from a linear layer's `[c_out, c_in]` weights.
     pub fn from_linear(vb: VarBuilder, c_in: usize, c_out: usize) -> Result<Self> {
-        let w: Vec<f32> = vb.get((c_out, c_in), "weight")?.flatten_all()?.to_vec1()?;
-        let b: Vec<f32> = vb.get(c_out, "bias")?.to_vec1()?;
+        let weight = vb.get((c_out, c_in), "weight")?;
+        let bias = vb.get(c_out, "bias")?;
+        let weights = if on_host(&vb) {
+            let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            let b: Vec<f32> = bias.to_vec1()?;
+            Weights::Host(DenseMatrix::new(&w, Some(&b), c_out, c_in))
+        } else {
+            Weights::Device {
+                weight: weight.reshape((c_out, c_in, 1, 1))?,
+                bias: Some(bias),
+            }
+        };
         Ok(Self {
-            dense: DenseMatrix::new(&w, Some(&b), c_out, c_in),
+            weights,
             c_in,
             c_out,
             kernel: 1,
@@ -77,6 +130,14 @@ impl Conv {
     pub fn forward_from_rows(&self, rows: &Tensor, h: usize, w: usize) -> Result<Tensor> {
         let (b, pixels, _) = rows.dims3()?;
         debug_assert!(self.kernel == 1 && pixels == h * w);
+        let dense = match &self.weights {
+            Weights::Host(d) => d,
+            Weights::Device { weight, bias } => {
+                let weight = weight.reshape((self.c_out, self.c_in))?;
+                let y = device_linear(rows, &weight, bias.as_ref())?;
+                return Ok(y.transpose(1, 2)?.reshape((b, self.c_out, h, w))?);
+            }
+        };
         let rows = rows.contiguous()?;
         let y = {
             let (storage, layout) = rows.storage_and_layout();
@@ -84,7 +145,7 @@ impl Conv {
                 return Err(candle_core::Error::Msg("convolutions run on the CPU".into()).into());
             };
             let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * pixels * self.c_in];
-            self.dense.forward(x, b * pixels, Epilogue::None)
+            dense.forward(x, b * pixels, Epilogue::None)
         };
         let n = self.c_out;
         let mut out = vec![0f32; b * n * pixels];
@@ -106,6 +167,19 @@ impl Conv {
         let (b, c, h, w) = xs.dims4()?;
         debug_assert_eq!(c, self.c_in);
         let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let dense = match &self.weights {
+            Weights::Host(d) => d,
+            Weights::Device { weight, bias } => {
+                let mut y = xs.conv2d(weight, p, s, 1, 1)?;
+                if let Some(bias) = bias {
+                    y = y.broadcast_add(&bias.reshape((1, self.c_out, 1, 1))?)?;
+                }
+                if rows_out {
+                    y = y.flatten_from(2)?.transpose(1, 2)?.contiguous()?;
+                }
+                return Ok(y);
+            }
+        };
         let oh = (h + 2 * p - k) / s + 1;
         let ow = (w + 2 * p - k) / s + 1;
         let xs = xs.contiguous()?;
@@ -124,7 +198,11 @@ impl Conv {
         let mut out = vec![0f32; b * n * pixels];
         SCRATCH.with(|cell| {
             let mut scratch = cell.borrow_mut();
-            let Scratch { cols, y, dense } = &mut *scratch;
+            let Scratch {
+                cols,
+                y,
+                dense: scratch_dense,
+            } = &mut *scratch;
             let mut start = 0;
             while start < total {
                 let rows = chunk.min(total - start);
@@ -162,8 +240,7 @@ impl Conv {
                         }
                     }
                 });
-                self.dense
-                    .forward_into(cols, rows, Epilogue::None, y, dense);
+                dense.forward_into(cols, rows, Epilogue::None, y, scratch_dense);
                 if rows_out {
                     out[start * n..(start + rows) * n].copy_from_slice(y);
                     start += rows;
@@ -194,6 +271,11 @@ pub fn geglu(h: &Tensor) -> Result<Tensor> {
     let mut dims = h.dims().to_vec();
     let two = dims.pop().unwrap_or(0);
     let inner = two / 2;
+    if !(h.device().is_cpu() && h.dtype() == DType::F32) {
+        let last = dims.len();
+        let (a, gate) = (h.narrow(last, 0, inner)?, h.narrow(last, inner, inner)?);
+        return Ok((a * gate.gelu_erf()?)?);
+    }
     let h = h.contiguous()?;
     let (storage, layout) = h.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
@@ -226,31 +308,35 @@ thread_local! {
 
 /// A linear layer over the last dimension.
 pub struct Linear {
-    dense: DenseMatrix,
+    weights: Weights,
     n: usize,
 }
 
 impl Linear {
     /// Loads `weight` `[n, k]` and, if `bias`, `bias` `[n]` from `vb`.
     pub fn new(vb: VarBuilder, k: usize, n: usize, bias: bool) -> Result<Self> {
-        let w: Vec<f32> = vb.get((n, k), "weight")?.flatten_all()?.to_vec1()?;
-        let b: Option<Vec<f32>> = if bias {
-            Some(vb.get(n, "bias")?.to_vec1()?)
+        let weight = vb.get((n, k), "weight")?;
+        let bias = if bias { Some(vb.get(n, "bias")?) } else { None };
+        let weights = if on_host(&vb) {
+            let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+            let b: Option<Vec<f32>> = bias.map(|b| b.to_vec1()).transpose()?;
+            Weights::Host(DenseMatrix::new(&w, b.as_deref(), n, k))
         } else {
-            None
+            Weights::Device { weight, bias }
         };
-        Ok(Self {
-            dense: DenseMatrix::new(&w, b.as_deref(), n, k),
-            n,
-        })
+        Ok(Self { weights, n })
     }
 
     /// `xs · Wᵀ + b` for `xs` `[…, k]`.
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let dense = match &self.weights {
+            Weights::Host(d) => d,
+            Weights::Device { weight, bias } => return device_linear(xs, weight, bias.as_ref()),
+        };
         let mut dims = xs.dims().to_vec();
         let k = dims.pop().unwrap_or(0);
         let rows = dims.iter().product();
-        debug_assert_eq!(k, self.dense.k());
+        debug_assert_eq!(k, dense.k());
         let xs = xs.contiguous()?;
         let y = {
             let (storage, layout) = xs.storage_and_layout();
@@ -258,7 +344,7 @@ impl Linear {
                 return Err(candle_core::Error::Msg("linear layers run on the CPU".into()).into());
             };
             let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..rows * k];
-            self.dense.forward(x, rows, Epilogue::None)
+            dense.forward(x, rows, Epilogue::None)
         };
         dims.push(self.n);
         Ok(Tensor::from_vec(y, dims, xs.device())?)
@@ -267,8 +353,9 @@ impl Linear {
 
 /// Group normalization over NCHW, optionally fused with SiLU.
 pub struct GroupNorm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
+    gamma: Tensor,
+    beta: Tensor,
+    host: Option<(Vec<f32>, Vec<f32>)>,
     groups: usize,
     eps: f32,
 }
@@ -276,9 +363,16 @@ pub struct GroupNorm {
 impl GroupNorm {
     /// Loads `weight` and `bias` `[channels]` from `vb`.
     pub fn new(vb: VarBuilder, groups: usize, channels: usize, eps: f64) -> Result<Self> {
+        let (gamma, beta) = (vb.get(channels, "weight")?, vb.get(channels, "bias")?);
+        let host = if on_host(&vb) {
+            Some((gamma.to_vec1()?, beta.to_vec1()?))
+        } else {
+            None
+        };
         Ok(Self {
-            gamma: vb.get(channels, "weight")?.to_vec1()?,
-            beta: vb.get(channels, "bias")?.to_vec1()?,
+            gamma,
+            beta,
+            host,
             groups,
             eps: eps as f32,
         })
@@ -286,6 +380,17 @@ impl GroupNorm {
 
     /// Normalizes `xs` `[batch, channels, h, w]`, then SiLU when `silu`.
     pub fn forward(&self, xs: &Tensor, silu: bool) -> Result<Tensor> {
+        let Some((gamma, beta)) = &self.host else {
+            let (g, b) = (&self.gamma, &self.beta);
+            return Ok(kindling_kernels::group_norm_silu(
+                xs,
+                g,
+                b,
+                self.groups,
+                self.eps,
+                silu,
+            )?);
+        };
         let (_, c, h, w) = xs.dims4()?;
         let xs = xs.contiguous()?;
         let mut out = vec![0f32; xs.elem_count()];
@@ -301,8 +406,8 @@ impl GroupNorm {
                 c,
                 h * w,
                 self.groups,
-                &self.gamma,
-                &self.beta,
+                gamma,
+                beta,
                 self.eps,
                 silu,
             );

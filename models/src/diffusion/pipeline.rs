@@ -17,11 +17,12 @@ use super::unet::{AddedCond, UNet};
 use super::vae::VaeDecoder;
 use crate::error::{ModelError, Result};
 
-fn vars(dir: &Path, device: &Device) -> Result<VarBuilder<'static>> {
+fn vars(dir: &Path, device: &Device, dtype: DType) -> Result<VarBuilder<'static>> {
     let files = component_weights(dir)?;
     // SAFETY: weight files are mapped read-only and never written while
-    // loaded (downloads land under new names).
-    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device)? })
+    // loaded (downloads land under new names). Each tensor goes from the
+    // mapped file to the device and is converted there.
+    Ok(unsafe { VarBuilder::from_mmaped_safetensors(&files, dtype, device)? })
 }
 
 struct TextStack {
@@ -93,11 +94,19 @@ pub struct Pipeline {
     vae_cfg: VaeConfig,
     scheduler: SchedulerConfig,
     device: Device,
+    dtype: DType,
 }
 
 impl Pipeline {
-    /// Loads every component of the pipeline folder `dir`.
+    /// Loads every component of the pipeline folder `dir` in f32 (on the
+    /// CPU: our dense kernels).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        Self::load_as(dir, device, DType::F32)
+    }
+
+    /// Loads the pipeline onto `device` with weights and activations in
+    /// `dtype` (bf16/f16 on a GPU). Sampling stays in f32 on the host.
+    pub fn load_as(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let index = PipelineIndex::read(dir)?;
         let unet_cfg = UNetConfig::read(&dir.join("unet/config.json"))?;
         let vae_cfg = VaeConfig::read(&dir.join("vae/config.json"))?;
@@ -113,7 +122,7 @@ impl Pipeline {
             width += cfg.hidden_size;
             text.push(TextStack {
                 tokenizer: ClipTokenizer::from_dir(&dir.join(tok), cfg.max_positions)?,
-                encoder: ClipTextEncoder::new(vars(&dir.join(enc), device)?, &cfg)?,
+                encoder: ClipTextEncoder::new(vars(&dir.join(enc), device, dtype)?, &cfg)?,
             });
         }
         if width != unet_cfg.cross_attention_dim {
@@ -133,8 +142,8 @@ impl Pipeline {
                 message: "SDXL conditioning needs `text_encoder_2`, and only SDXL uses it".into(),
             });
         }
-        let unet = UNet::new(vars(&dir.join("unet"), device)?, &unet_cfg)?;
-        let vae = VaeDecoder::new(vars(&dir.join("vae"), device)?, &vae_cfg)?;
+        let unet = UNet::new(vars(&dir.join("unet"), device, dtype)?, &unet_cfg)?;
+        let vae = VaeDecoder::new(vars(&dir.join("vae"), device, dtype)?, &vae_cfg)?;
         Ok(Self {
             index,
             text,
@@ -144,6 +153,7 @@ impl Pipeline {
             vae_cfg,
             scheduler,
             device: device.clone(),
+            dtype,
         })
     }
 
@@ -267,7 +277,7 @@ impl Pipeline {
         if rows == 0 {
             return Ok(());
         }
-        let xs = Tensor::from_vec(input, (rows, c, h, w), &self.device)?;
+        let xs = Tensor::from_vec(input, (rows, c, h, w), &self.device)?.to_dtype(self.dtype)?;
         let context = Tensor::cat(&contexts, 0)?;
         let text_embeds = if pooled.is_empty() {
             None
@@ -292,7 +302,7 @@ impl Pipeline {
         let out = self
             .unet
             .forward(&xs, schedule.timesteps()[i], &context, added)?;
-        let out: Vec<f32> = out.flatten_all()?.to_vec1()?;
+        let out: Vec<f32> = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
         let per = c * h * w;
         let mut row = 0;
         for (_, job) in images.iter_mut() {
@@ -331,7 +341,10 @@ impl Pipeline {
             &self.device,
         )?;
         let xs = ((xs / self.vae_cfg.scaling_factor)? + self.vae_cfg.shift_factor)?;
-        let img = self.vae.forward(&xs)?;
+        let img = self
+            .vae
+            .forward(&xs.to_dtype(self.dtype)?)?
+            .to_dtype(DType::F32)?;
         let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         let img = (img * 255.0)?.round()?.squeeze(0)?.permute((1, 2, 0))?;
         let values: Vec<f32> = img.flatten_all()?.to_vec1()?;

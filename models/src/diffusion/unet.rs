@@ -3,7 +3,7 @@
 //! SDXL's `text_time` conditioning (pooled text embedding and size
 //! numbers), which candle's own UNet leaves out.
 
-use candle_core::{Module, Tensor};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
 
@@ -193,14 +193,17 @@ impl UNet {
         // Every row shares the timestep: embed it once, for one row, so no
         // row's value depends on how many rows there are (small matrix
         // products take other code paths as their row count changes).
-        let t = (Tensor::ones(1, xs.dtype(), xs.device())? * timestep)?;
-        let emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        // Sinusoids in f32, as diffusers computes them, then the model's type.
+        let t = (Tensor::ones(1, DType::F32, xs.device())? * timestep)?;
+        let t = self.time_proj.forward(&t)?.to_dtype(xs.dtype())?;
+        let emb = self.time_embedding.forward(&t)?;
         let mut emb = emb.broadcast_as((rows, emb.dim(1)?))?.contiguous()?;
         if let (Some(tt), Some(added)) = (&self.text_time, added) {
             let mut extra = Vec::with_capacity(rows);
             for r in 0..rows {
                 let ids = added.time_ids.get(r)?;
                 let times = tt.time_proj.forward(&ids)?.reshape((1, ()))?;
+                let times = times.to_dtype(xs.dtype())?;
                 let input = Tensor::cat(&[&added.text_embeds.narrow(0, r, 1)?, &times], 1)?;
                 extra.push(tt.embedding.forward(&input)?);
             }
