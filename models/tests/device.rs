@@ -157,7 +157,7 @@ fn forked_device_sequences_continue_like_the_original() {
         TextModel::load_on(&dir, Some(512), &Placement::Device(Device::Cpu, DType::F32)).unwrap();
     let prompt = model.tokenizer.encode(PROMPTS[1]).unwrap();
     // 21 tokens: one full block shared, the partial second block copied.
-    assert!(prompt.len() % 16 != 0);
+    assert!(!prompt.len().is_multiple_of(16));
     let mut kv = pool(&model, 256);
     let mut a = Seq::default();
     let first = a.feed(&model, &mut kv, &prompt);

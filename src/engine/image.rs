@@ -302,7 +302,7 @@ pub(super) fn run(
     }
     stats.set_batch(0, 0, 0);
     drop(pipeline);
-    tracing::info!(model = %spec.model, "model unloaded");
+    super::unloaded(&spec);
 }
 
 /// Moves newly arrived jobs into the queue; false once every handle is gone.

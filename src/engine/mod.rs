@@ -449,6 +449,27 @@ pub async fn start(spec: LoadSpec) -> Result<(EngineHandle, Stopped), EngineErro
     Ok((handle, stopped_rx))
 }
 
+/// Logs that a worker has dropped its model. On a GPU the device's stream
+/// is drained first: frees are ordered on it, and only then does the memory
+/// go back to the driver, whose free figure the line reports.
+pub(crate) fn unloaded(spec: &LoadSpec) {
+    match spec.target {
+        Target::Cpu => tracing::info!(model = %spec.model, "model unloaded"),
+        Target::Cuda { ordinal, .. } => {
+            if let Ok(device) = kindling_models::gpu::device(ordinal) {
+                let _ = device.synchronize();
+            }
+            let free = kindling_models::gpu::memory(ordinal).map_or(0, |m| m.free);
+            tracing::info!(
+                model = %spec.model,
+                device = %format!("cuda:{ordinal}"),
+                free_bytes = free,
+                "model unloaded"
+            );
+        }
+    }
+}
+
 fn load_failed(spec: &LoadSpec, reason: String) -> EngineError {
     EngineError::LoadFailed {
         model: spec.model.clone(),

@@ -86,18 +86,7 @@ pub(super) fn run_worker(
     }
     drop(scheduler);
     drop(model);
-    match spec.target {
-        Target::Cpu => tracing::info!(model = %spec.model, "model unloaded"),
-        Target::Cuda { ordinal, .. } => {
-            // Frees are ordered on the device's stream; once it has drained,
-            // the memory goes back to the driver.
-            if let Ok(device) = gpu::device(ordinal) {
-                let _ = device.synchronize();
-            }
-            let free = gpu::memory(ordinal).map(|m| m.free).unwrap_or(0);
-            tracing::info!(model = %spec.model, device = %format!("cuda:{ordinal}"), free_bytes = free, "model unloaded");
-        }
-    }
+    super::unloaded(&spec);
 }
 
 /// Loads the model where `spec.target` says.

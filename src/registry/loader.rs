@@ -283,19 +283,26 @@ impl Loader for Arc<EngineLoader> {
         };
         let id = id.to_string();
         async move {
-            if let Some((ordinal, footprint)) = gpu {
-                return load_on_gpu(&id, plan.spec, ordinal, footprint).await;
-            }
-            let before = memory::resident();
-            let (handle, stopped) = engine::start(plan.spec).await?;
-            // What the load left resident: weights and tables (temporary
-            // buffers handed back first). The KV cache and activations grow
-            // with requests, so their estimate stays reserved on top.
-            memory::release_free_heap();
-            let after = memory::resident();
-            let measured = before
-                .zip(after)
-                .map(|(b, a)| a.saturating_sub(b) + plan.footprint.cache + plan.footprint.scratch);
+            let (handle, stopped, measured) = match gpu {
+                Some((ordinal, footprint)) => {
+                    load_on_gpu(&id, plan.spec, ordinal, footprint).await?
+                }
+                None => {
+                    let before = memory::resident();
+                    let (handle, stopped) = engine::start(plan.spec).await?;
+                    // What the load left resident: weights and tables
+                    // (temporary buffers handed back first). The KV cache
+                    // and activations grow with requests, so their estimate
+                    // stays reserved on top.
+                    memory::release_free_heap();
+                    let after = memory::resident();
+                    let f = plan.footprint;
+                    let measured = before
+                        .zip(after)
+                        .map(|(b, a)| a.saturating_sub(b) + f.cache + f.scratch);
+                    (handle, stopped, measured)
+                }
+            };
             let stopped = async move {
                 let _ = stopped.await;
             }
@@ -325,15 +332,15 @@ impl Loader for Arc<EngineLoader> {
     }
 }
 
-/// Loads a text model onto `cuda:ordinal`, measuring what it took from the
-/// driver's free memory (weights and the KV cache, allocated at load; one
-/// pass's activations stay reserved on top).
+/// Loads a model onto `cuda:ordinal`, measuring what it took from the
+/// driver's free memory (weights, and a text model's KV cache, allocated at
+/// load; one pass's activations stay reserved on top).
 async fn load_on_gpu(
     id: &str,
     spec: LoadSpec,
     ordinal: usize,
     footprint: Footprint,
-) -> Result<Loaded<EngineHandle>, EngineError> {
+) -> Result<(EngineHandle, engine::Stopped, Option<u64>), EngineError> {
     let free = || gpu::memory(ordinal).map(|m| m.free).ok();
     let before = free();
     let (handle, stopped) = engine::start(spec).await?;
@@ -349,13 +356,5 @@ async fn load_on_gpu(
         estimated_bytes = footprint.total(),
         "GPU memory taken by the load"
     );
-    let stopped = async move {
-        let _ = stopped.await;
-    }
-    .boxed();
-    Ok(Loaded {
-        model: handle,
-        measured,
-        stopped,
-    })
+    Ok((handle, stopped, measured))
 }

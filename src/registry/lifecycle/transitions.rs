@@ -285,25 +285,34 @@ impl<L: Loader> Core<L> {
             let need = need_on(&d);
             return (d, need);
         }
-        let options: Vec<(&String, u64, u64, u64)> = st
+        struct Placement<'a> {
+            name: &'a String,
+            gpu: bool,
+            need: u64,
+            free: u64,
+            budget: u64,
+        }
+        let options: Vec<Placement> = st
             .devices
             .iter()
-            .map(|(name, d)| {
-                let free = d.budget.saturating_sub(st.used(name));
-                (name, need_on(name), free, d.budget)
+            .map(|(name, d)| Placement {
+                name,
+                gpu: name != "cpu",
+                need: need_on(name),
+                free: d.budget.saturating_sub(st.used(name)),
+                budget: d.budget,
             })
             .collect();
-        let gpu = |name: &str| name != "cpu";
-        let best = |fits: &dyn Fn(&(&String, u64, u64, u64)) -> bool| {
+        let best = |fits: &dyn Fn(&Placement) -> bool| {
             options
                 .iter()
                 .filter(|o| fits(o))
-                .max_by_key(|o| o.2)
-                .map(|o| (o.0.clone(), o.1))
+                .max_by_key(|o| o.free)
+                .map(|o| (o.name.clone(), o.need))
         };
-        best(&|o| gpu(o.0) && o.1 <= o.2)
-            .or_else(|| best(&|o| !gpu(o.0) && o.1 <= o.2))
-            .or_else(|| best(&|o| gpu(o.0) && o.1 <= o.3))
+        best(&|o| o.gpu && o.need <= o.free)
+            .or_else(|| best(&|o| !o.gpu && o.need <= o.free))
+            .or_else(|| best(&|o| o.gpu && o.need <= o.budget))
             .unwrap_or_else(|| ("cpu".to_string(), need_on("cpu")))
     }
 
