@@ -3,6 +3,7 @@
 #
 #   scripts/build-cuda.sh            # -> target/release/kindling (+ libcudart)
 #   scripts/build-cuda.sh --tests    # also the kernel and model test binaries
+#   scripts/build-cuda.sh --bench    # also target/release/examples/gpu_decode
 #
 # Sets up the CUDA 13.0 toolkit from NVIDIA's wheels first when .cuda/ lacks
 # it (scripts/cuda-toolkit.sh). No GPU is needed to build. The binary opens
@@ -27,8 +28,9 @@ patch_arg="patch.crates-io.cudarc.path=\"$dir/cudarc\""
 
 target=${CARGO_TARGET_DIR:-$root/target}
 cargo build --release --features cuda --config "$patch_arg" --workspace --bins
-if [[ ${1:-} == --tests ]]; then
-    cargo test --release --features cuda --config "$patch_arg" --workspace --no-run
-fi
+case ${1:-} in
+    --tests) cargo test --release --features cuda --config "$patch_arg" --workspace --no-run ;;
+    --bench) cargo build --release --features cuda --config "$patch_arg" -p kindling-models --example gpu_decode ;;
+esac
 cp -L "$CUDA_ROOT/lib64/libcudart.so.13" "$target/release/"
 ls -l "$target/release/kindling"

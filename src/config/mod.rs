@@ -453,10 +453,7 @@ mod tests {
             &format!("device = \"cuda:0\"\n{embedding}"),
         );
         let e = format!("{:#}", load(&cfg("[devices.auto]\n")).unwrap_err());
-        assert!(
-            e.contains("only chat and completion models run on CUDA"),
-            "{e}"
-        );
+        assert!(e.contains("embedding models run on `cpu` only"), "{e}");
     }
 
     #[test]

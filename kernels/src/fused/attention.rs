@@ -404,8 +404,12 @@ impl CustomOp3 for PagedAttention {
     ) -> Result<(CpuStorage, Shape)> {
         let (rows, stride) = ml.shape().dims2()?;
         let meta = u32s(m, ml, self.name())?;
-        if rows != ql.shape().dims2()?.0 {
-            candle_core::bail!("paged-attention: {rows} metadata rows for {:?}", ql.dims());
+        if rows != ql.shape().dims2()?.0 || stride < 2 {
+            candle_core::bail!(
+                "paged-attention: metadata {:?} for {:?}",
+                ml.dims(),
+                ql.dims()
+            );
         }
         by_float_type!(
             qkv.dtype(),

@@ -195,7 +195,8 @@ impl DeviceLlama {
         let scale = 1.0 / (self.cfg.head_dim as f32).sqrt();
         let rotated = self.cfg.heads + self.cfg.kv_heads;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mut h = rms_norm(&x, &self.blocks[0].attn_norm, eps)?;
+        let first_norm = self.blocks.first().map_or(&self.norm, |b| &b.attn_norm);
+        let mut h = rms_norm(&x, first_norm, eps)?;
         for (i, (block, kv)) in self.blocks.iter().zip(layers).enumerate() {
             let mut qkv = linear(&h, &block.qkv)?;
             if let Some(b) = &block.qkv_bias {
