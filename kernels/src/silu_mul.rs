@@ -77,7 +77,7 @@ impl CustomOp2 for SiluMul {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::silu_mul(s1, l1, s2, l2)
+        crate::fused::by_float_type!(s1.dtype(), "silu-mul", cuda::silu_mul(s1, l1, s2, l2))
     }
 }
 
@@ -88,7 +88,6 @@ mod cuda {
     use candle_core::cuda_backend::CudaDType;
     use candle_core::{CudaStorage, Layout, Result, Shape};
 
-    use crate::fused::by_float_type;
     use crate::fused::cuda::{elementwise, int, kernel, launched, output, view, SWIGLU};
 
     /// Rows, columns and row stride of a 2-D operand with contiguous rows.
@@ -101,47 +100,39 @@ mod cuda {
         Ok((n, c, if n > 1 { s[0] } else { c }))
     }
 
-    pub(super) fn silu_mul(
+    pub(super) fn silu_mul<T: CudaDType + DeviceRepr>(
         g: &CudaStorage,
         gl: &Layout,
         u: &CudaStorage,
         ul: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        fn go<T: CudaDType + DeviceRepr>(
-            g: &CudaStorage,
-            gl: &Layout,
-            u: &CudaStorage,
-            ul: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            let ((n, c, gs), (un, uc, us)) = (rows(gl)?, rows(ul)?);
-            if (n, c) != (un, uc) {
-                candle_core::bail!(
-                    "silu-mul: shapes differ: {:?} and {:?}",
-                    gl.dims(),
-                    ul.dims()
-                );
-            }
-            let dev = g.device().clone();
-            let out = output::<T>(&dev, n * c)?;
-            let func = kernel(&dev, SWIGLU, "silu_mul", g.dtype())?;
-            let stream = dev.cuda_stream();
-            let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
-            let args = [
-                int(n, "rows")?,
-                int(c, "cols")?,
-                int(gs, "stride")?,
-                int(us, "stride")?,
-            ];
-            let mut b = stream.launch_builder(&func);
-            b.arg(&gv).arg(&uv).arg(&out);
-            for a in &args {
-                b.arg(a);
-            }
-            // SAFETY: n × c elements at the operands' strides.
-            launched(unsafe { b.launch(elementwise(n * c)) }.map(|_| ()))?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c))))
+        let ((n, c, gs), (un, uc, us)) = (rows(gl)?, rows(ul)?);
+        if (n, c) != (un, uc) {
+            candle_core::bail!(
+                "silu-mul: shapes differ: {:?} and {:?}",
+                gl.dims(),
+                ul.dims()
+            );
         }
-        by_float_type!(g.dtype(), "silu-mul", go(g, gl, u, ul))
+        let dev = g.device().clone();
+        let out = output::<T>(&dev, n * c)?;
+        let func = kernel(&dev, SWIGLU, "silu_mul", g.dtype())?;
+        let stream = dev.cuda_stream();
+        let (gv, uv) = (view::<T>(g, gl)?, view::<T>(u, ul)?);
+        let args = [
+            int(n, "rows")?,
+            int(c, "cols")?,
+            int(gs, "stride")?,
+            int(us, "stride")?,
+        ];
+        let mut b = stream.launch_builder(&func);
+        b.arg(&gv).arg(&uv).arg(&out);
+        for a in &args {
+            b.arg(a);
+        }
+        // SAFETY: n × c elements at the operands' strides.
+        launched(unsafe { b.launch(elementwise(n * c)) }.map(|_| ()))?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, c))))
     }
 }
 

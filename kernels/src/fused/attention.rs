@@ -152,7 +152,7 @@ impl InplaceOp3 for Rope {
         t: &candle_core::CudaStorage,
         tl: &Layout,
     ) -> Result<()> {
-        cuda::rope(self, x, xl, p, pl, t, tl)
+        by_float_type!(x.dtype(), "rope", cuda::rope(self, x, xl, p, pl, t, tl))
     }
 }
 
@@ -274,7 +274,11 @@ impl InplaceOp3 for CacheWrite {
         s: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> Result<()> {
-        cuda::cache_write(self, cache, cl, qkv, ql, s, sl)
+        by_float_type!(
+            cache.dtype(),
+            "cache-write",
+            cuda::cache_write(self, cache, cl, qkv, ql, s, sl)
+        )
     }
 }
 
@@ -428,7 +432,11 @@ impl CustomOp3 for PagedAttention {
         m: &candle_core::CudaStorage,
         ml: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::paged_attention(self, qkv, ql, cache, cl, m, ml)
+        by_float_type!(
+            qkv.dtype(),
+            self.name(),
+            cuda::paged_attention(self, qkv, ql, cache, cl, m, ml)
+        )
     }
 }
 

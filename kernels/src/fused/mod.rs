@@ -102,11 +102,11 @@ float_type!(half::bf16, BF16);
 /// Calls the generic function `$f::<T>(args)` for the float type `T` of
 /// `$dtype`; other dtypes are an error naming `$op`.
 macro_rules! by_float_type {
-    ($dtype:expr, $op:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+    ($dtype:expr, $op:expr, $($f:ident)::+ ( $($arg:expr),* $(,)? )) => {
         match $dtype {
-            candle_core::DType::F32 => $f::<f32>($($arg),*),
-            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
-            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F32 => $($f)::+::<f32>($($arg),*),
+            candle_core::DType::F16 => $($f)::+::<half::f16>($($arg),*),
+            candle_core::DType::BF16 => $($f)::+::<half::bf16>($($arg),*),
             d => candle_core::bail!("{}: unsupported dtype {d:?}", $op),
         }
     };

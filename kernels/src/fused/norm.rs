@@ -111,7 +111,11 @@ impl CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm(x, xl, None, w, wl, self.eps)
+        by_float_type!(
+            x.dtype(),
+            self.name(),
+            cuda::rms_norm(x, xl, None, w, wl, self.eps)
+        )
     }
 }
 
@@ -150,7 +154,11 @@ impl CustomOp3 for AddRmsNorm {
         w: &candle_core::CudaStorage,
         wl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
+        by_float_type!(
+            x.dtype(),
+            self.name(),
+            cuda::rms_norm(x, xl, Some((r, rl)), w, wl, self.eps)
+        )
     }
 }
 
@@ -271,8 +279,11 @@ impl CustomOp3 for GroupNormSilu {
         b: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (channels, plane) = group_shape(xl.dims(), self.groups)?;
-        cuda::group_norm(x, xl, g, gl, b, bl, channels, plane, self)
+        by_float_type!(
+            x.dtype(),
+            self.name(),
+            cuda::group_norm(self, x, xl, g, gl, b, bl)
+        )
     }
 }
 
@@ -327,75 +338,6 @@ mod cuda {
 
     use crate::fused::cuda::{int, kernel, launched, output, row_threads, view, NORM};
 
-    pub(super) fn rms_norm(
-        x: &CudaStorage,
-        xl: &Layout,
-        res: Option<(&CudaStorage, &Layout)>,
-        w: &CudaStorage,
-        wl: &Layout,
-        eps: f32,
-    ) -> Result<(CudaStorage, Shape)> {
-        fn go<T: CudaDType + DeviceRepr>(
-            x: &CudaStorage,
-            xl: &Layout,
-            res: Option<(&CudaStorage, &Layout)>,
-            w: &CudaStorage,
-            wl: &Layout,
-            eps: f32,
-        ) -> Result<(CudaStorage, Shape)> {
-            let op = "rms-norm";
-            let dev = x.device().clone();
-            let (rows, hidden) = xl.shape().dims2()?;
-            let xs = row_stride(xl, op)?;
-            let parts = if res.is_some() { 2 } else { 1 };
-            let out = output::<T>(&dev, parts * rows * hidden)?;
-            let func = kernel(&dev, NORM, "rms_norm", x.dtype())?;
-            let stream = dev.cuda_stream();
-            let xv = view::<T>(x, xl)?;
-            let wv = view::<T>(w, wl)?;
-            let (hidden_i, rows_i) = (int(hidden, "hidden")?, int(rows, "rows")?);
-            let (xs, rs) = (
-                int(xs, "stride")?,
-                int(res.map_or(Ok(0), |(_, l)| row_stride(l, op))?, "stride")?,
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (rows.max(1) as u32, 1, 1),
-                block_dim: (row_threads(hidden), 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let null = 0u64;
-            let rv = res.map(|(s, l)| view::<T>(s, l)).transpose()?;
-            let mut b = stream.launch_builder(&func);
-            b.arg(&xv);
-            match &rv {
-                Some(r) => b.arg(r),
-                None => b.arg(&null),
-            };
-            b.arg(&wv)
-                .arg(&out)
-                .arg(&rows_i)
-                .arg(&hidden_i)
-                .arg(&xs)
-                .arg(&rs)
-                .arg(&eps);
-            // SAFETY: the kernel reads `rows` rows at the given strides and
-            // writes `parts * rows * hidden` elements of `out`.
-            launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
-            let shape = if parts == 2 {
-                Shape::from((2, rows, hidden))
-            } else {
-                Shape::from((rows, hidden))
-            };
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
-        }
-        match x.dtype() {
-            candle_core::DType::F32 => go::<f32>(x, xl, res, w, wl, eps),
-            candle_core::DType::F16 => go::<half::f16>(x, xl, res, w, wl, eps),
-            candle_core::DType::BF16 => go::<half::bf16>(x, xl, res, w, wl, eps),
-            d => candle_core::bail!("rms-norm: unsupported dtype {d:?}"),
-        }
-    }
-
     fn row_stride(l: &Layout, op: &str) -> Result<usize> {
         let (n, c) = l.shape().dims2()?;
         let s = l.stride();
@@ -405,67 +347,94 @@ mod cuda {
         Ok(if n > 1 { s[0] } else { c })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn group_norm(
+    pub(super) fn rms_norm<T: CudaDType + DeviceRepr>(
+        x: &CudaStorage,
+        xl: &Layout,
+        res: Option<(&CudaStorage, &Layout)>,
+        w: &CudaStorage,
+        wl: &Layout,
+        eps: f32,
+    ) -> Result<(CudaStorage, Shape)> {
+        let op = "rms-norm";
+        let dev = x.device().clone();
+        let (rows, hidden) = xl.shape().dims2()?;
+        let parts = if res.is_some() { 2 } else { 1 };
+        let out = output::<T>(&dev, parts * rows * hidden)?;
+        let func = kernel(&dev, NORM, "rms_norm", x.dtype())?;
+        let stream = dev.cuda_stream();
+        let xv = view::<T>(x, xl)?;
+        let wv = view::<T>(w, wl)?;
+        let rv = res.map(|(s, l)| view::<T>(s, l)).transpose()?;
+        let args = [
+            int(rows, "rows")?,
+            int(hidden, "hidden")?,
+            int(row_stride(xl, op)?, "stride")?,
+            int(res.map_or(Ok(0), |(_, l)| row_stride(l, op))?, "stride")?,
+        ];
+        let cfg = LaunchConfig {
+            grid_dim: (rows.max(1) as u32, 1, 1),
+            block_dim: (row_threads(hidden), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let null = 0u64;
+        let mut b = stream.launch_builder(&func);
+        b.arg(&xv);
+        match &rv {
+            Some(r) => b.arg(r),
+            None => b.arg(&null),
+        };
+        b.arg(&wv).arg(&out);
+        for a in &args {
+            b.arg(a);
+        }
+        b.arg(&eps);
+        // SAFETY: the kernel reads `rows` rows at the given strides and
+        // writes `parts * rows * hidden` elements of `out`.
+        launched(unsafe { b.launch(cfg) }.map(|_| ()))?;
+        let shape = if parts == 2 {
+            Shape::from((2, rows, hidden))
+        } else {
+            Shape::from((rows, hidden))
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), shape))
+    }
+
+    pub(super) fn group_norm<T: CudaDType + DeviceRepr>(
+        op: &super::GroupNormSilu,
         x: &CudaStorage,
         xl: &Layout,
         g: &CudaStorage,
         gl: &Layout,
         b: &CudaStorage,
         bl: &Layout,
-        channels: usize,
-        plane: usize,
-        op: &super::GroupNormSilu,
     ) -> Result<(CudaStorage, Shape)> {
-        #[allow(clippy::too_many_arguments)]
-        fn go<T: CudaDType + DeviceRepr>(
-            x: &CudaStorage,
-            xl: &Layout,
-            g: &CudaStorage,
-            gl: &Layout,
-            b: &CudaStorage,
-            bl: &Layout,
-            channels: usize,
-            plane: usize,
-            op: &super::GroupNormSilu,
-        ) -> Result<(CudaStorage, Shape)> {
-            let dev = x.device().clone();
-            let n = xl.shape().elem_count();
-            let units = n / (channels / op.groups * plane).max(1);
-            let out = output::<T>(&dev, n)?;
-            let func = kernel(&dev, NORM, "group_norm", x.dtype())?;
-            let stream = dev.cuda_stream();
-            let (xv, gv, bv) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
-            let (c, p, gr) = (
-                int(channels, "channels")?,
-                int(plane, "plane")?,
-                int(op.groups, "groups")?,
-            );
-            let silu = i32::from(op.silu);
-            let cfg = LaunchConfig {
-                grid_dim: (units.max(1) as u32, 1, 1),
-                block_dim: (512, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut l = stream.launch_builder(&func);
-            l.arg(&xv)
-                .arg(&gv)
-                .arg(&bv)
-                .arg(&out)
-                .arg(&c)
-                .arg(&p)
-                .arg(&gr)
-                .arg(&op.eps)
-                .arg(&silu);
-            // SAFETY: one block per (image, group), each within `n` elements.
-            launched(unsafe { l.launch(cfg) }.map(|_| ()))?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
+        let (channels, plane) = super::group_shape(xl.dims(), op.groups)?;
+        let dev = x.device().clone();
+        let n = xl.shape().elem_count();
+        let units = n / (channels / op.groups * plane).max(1);
+        let out = output::<T>(&dev, n)?;
+        let func = kernel(&dev, NORM, "group_norm", x.dtype())?;
+        let stream = dev.cuda_stream();
+        let (xv, gv, bv) = (view::<T>(x, xl)?, view::<T>(g, gl)?, view::<T>(b, bl)?);
+        let args = [
+            int(channels, "channels")?,
+            int(plane, "plane")?,
+            int(op.groups, "groups")?,
+        ];
+        let silu = i32::from(op.silu);
+        let cfg = LaunchConfig {
+            grid_dim: (units.max(1) as u32, 1, 1),
+            block_dim: (512, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = stream.launch_builder(&func);
+        l.arg(&xv).arg(&gv).arg(&bv).arg(&out);
+        for a in &args {
+            l.arg(a);
         }
-        match x.dtype() {
-            candle_core::DType::F32 => go::<f32>(x, xl, g, gl, b, bl, channels, plane, op),
-            candle_core::DType::F16 => go::<half::f16>(x, xl, g, gl, b, bl, channels, plane, op),
-            candle_core::DType::BF16 => go::<half::bf16>(x, xl, g, gl, b, bl, channels, plane, op),
-            d => candle_core::bail!("group-norm-silu: unsupported dtype {d:?}"),
-        }
+        l.arg(&op.eps).arg(&silu);
+        // SAFETY: one block per (image, group), each within `n` elements.
+        launched(unsafe { l.launch(cfg) }.map(|_| ()))?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), xl.shape().clone()))
     }
 }
