@@ -252,6 +252,19 @@ impl LoadSpec {
 }
 
 impl Target {
+    /// The models room's placement: the CPU path, or the candle device for
+    /// the GPU (which must be usable).
+    fn placement(self) -> kindling_models::Result<kindling_models::Placement> {
+        Ok(match self {
+            Self::Cpu => kindling_models::Placement::Host,
+            Self::Cuda { ordinal, dtype } => {
+                let device = kindling_models::gpu::device(ordinal)
+                    .map_err(kindling_models::ModelError::Device)?;
+                kindling_models::Placement::Device(device, dtype)
+            }
+        })
+    }
+
     /// Bytes per weight/activation element on a GPU; `None` on the CPU.
     fn element_bytes(self) -> Option<u64> {
         match self {
@@ -529,17 +542,15 @@ fn run(
         }
         Task::Image(serving) => {
             let started = Instant::now();
-            let loaded = match spec.target {
-                Target::Cpu => kindling_models::diffusion::Pipeline::load(
+            let loaded = spec.target.placement().and_then(|p| match p {
+                kindling_models::Placement::Host => kindling_models::diffusion::Pipeline::load(
                     &spec.path,
                     &kindling_models::Device::Cpu,
                 ),
-                Target::Cuda { ordinal, dtype } => kindling_models::gpu::device(ordinal)
-                    .map_err(kindling_models::ModelError::Device)
-                    .and_then(|d| {
-                        kindling_models::diffusion::Pipeline::load_as(&spec.path, &d, dtype)
-                    }),
-            };
+                kindling_models::Placement::Device(d, dtype) => {
+                    kindling_models::diffusion::Pipeline::load_as(&spec.path, &d, dtype)
+                }
+            });
             let pipeline = match loaded {
                 Ok(p) => Arc::new(p),
                 Err(e) => {

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kindling_models::{gpu, KvCache, Placement, SamplingParams, TextModel};
+use kindling_models::{KvCache, SamplingParams, TextModel};
 use tokio::sync::mpsc;
 
 use super::scheduler::{Limits, Request, Scheduler, Sequence};
 use super::sequence::{Choice, ChoiceSpec};
-use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt, Target};
+use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt};
 
 pub(super) fn run_worker(
     spec: LoadSpec,
@@ -91,14 +91,7 @@ pub(super) fn run_worker(
 
 /// Loads the model where `spec.target` says.
 fn load(spec: &LoadSpec) -> kindling_models::Result<TextModel> {
-    let placement = match spec.target {
-        Target::Cpu => Placement::Host,
-        Target::Cuda { ordinal, dtype } => {
-            let device = gpu::device(ordinal).map_err(kindling_models::ModelError::Device)?;
-            Placement::Device(device, dtype)
-        }
-    };
-    TextModel::load_on(&spec.path, spec.context_length, &placement)
+    TextModel::load_on(&spec.path, spec.context_length, &spec.target.placement()?)
 }
 
 /// Validates a new request and queues its sequences, or fails it at once.

@@ -26,7 +26,7 @@ use weights::{Global, Linear, Part, Safetensors, Source};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
-use crate::kv_cache::{CacheShape, KvCache};
+use crate::kv_cache::KvCache;
 
 struct RmsNorm {
     weight: Tensor,
@@ -184,15 +184,6 @@ impl Llama {
     /// Positions a sequence may hold (prompt and generated tokens together).
     pub fn max_positions(&self) -> usize {
         self.max_positions
-    }
-
-    /// The KV cache shape this model needs.
-    pub fn cache_shape(&self) -> CacheShape {
-        CacheShape {
-            layers: self.cfg.layers,
-            kv_heads: self.cfg.kv_heads,
-            head_dim: self.cfg.head_dim,
-        }
     }
 
     /// Runs every item's new tokens in one pass, writes their keys and
