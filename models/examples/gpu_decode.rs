@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use kindling_models::llama::DeviceLlama;
+use kindling_models::synthetic::Init;
 use kindling_models::{gpu, BatchItem, BlockTable, KvCache};
-use rayon::prelude::*;
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -57,24 +57,9 @@ fn preset(name: &str) -> Res<Shape> {
     })
 }
 
-/// Uniform values in ±`scale` from a SplitMix64 stream per chunk, as bf16.
-fn random(n: usize, scale: f32, seed: u64) -> Vec<half::bf16> {
-    let mut out = vec![half::bf16::ZERO; n];
-    out.par_chunks_mut(1 << 16)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let mut s = seed ^ ((c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-            for v in chunk {
-                s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = s;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^= z >> 31;
-                let u = (z >> 40) as f32 / (1u64 << 24) as f32;
-                *v = half::bf16::from_f32((2.0 * u - 1.0) * scale);
-            }
-        });
-    out
+/// Normal values of standard deviation `std` from `seed`, as bf16.
+fn random(n: usize, std: f32, seed: u64) -> Vec<half::bf16> {
+    Init { mean: 0.0, std }.sample_as(n, seed, half::bf16::from_f32)
 }
 
 fn write(dir: &Path, name: &str) -> Res<()> {

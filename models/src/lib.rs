@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod kv_cache;
 pub mod llama;
 pub mod sampling;
+pub mod synthetic;
 pub mod text;
 pub mod tokenizer;
 

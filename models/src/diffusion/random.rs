@@ -17,6 +17,7 @@ use super::config::{ClipConfig, UNetConfig, VaeConfig};
 use super::sampler::Noise;
 use super::unet::UNet;
 use crate::error::{ModelError, Result};
+use crate::synthetic::init_for;
 
 /// Which architecture to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -215,8 +216,8 @@ fn configs(preset: Preset) -> Vec<(&'static str, Value)> {
     }
 }
 
-/// Gives every variable a value drawn from `seed`: norms start at one,
-/// biases and embeddings small, matrices scaled by their fan-in.
+/// Gives every variable a value drawn from `seed`, one stream for the whole
+/// map in name order (see [`init_for`] for the scales).
 fn fill(varmap: &VarMap, seed: u64, dtype: DType) -> Result<HashMap<String, Tensor>> {
     let data = varmap
         .data()
@@ -227,21 +228,10 @@ fn fill(varmap: &VarMap, seed: u64, dtype: DType) -> Result<HashMap<String, Tens
     let mut out = HashMap::new();
     for (name, var) in sorted {
         let shape = var.shape().clone();
-        let n = shape.elem_count();
-        let dims = shape.dims();
-        let leaf = name.rsplit('.').nth(1).unwrap_or("");
-        let values: Vec<f32> =
-            if dims.len() == 1 && leaf.contains("norm") && name.ends_with("weight") {
-                (0..n).map(|_| 1.0 + 0.1 * noise.normal()).collect()
-            } else if dims.len() == 1 {
-                (0..n).map(|_| 0.02 * noise.normal()).collect()
-            } else if name.contains("embedding.weight") && !name.contains("time") {
-                (0..n).map(|_| 0.5 * noise.normal()).collect()
-            } else {
-                let fan_in: usize = dims[1..].iter().product();
-                let std = 1.0 / (fan_in as f32).sqrt();
-                (0..n).map(|_| std * noise.normal()).collect()
-            };
+        let init = init_for(name, shape.dims());
+        let values: Vec<f32> = (0..shape.elem_count())
+            .map(|_| init.draw(&mut noise))
+            .collect();
         out.insert(
             name.clone(),
             Tensor::from_vec(values, shape, &Device::Cpu)?.to_dtype(dtype)?,
