@@ -45,9 +45,11 @@ def transformers_side(args):
     dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}[args.dtype]
     device = "cpu" if args.device == "cpu" else f"cuda:{args.ordinal}"
     sync = (lambda: None) if device == "cpu" else (lambda: torch.cuda.synchronize(device))
+    # Straight onto the device where accelerate can place it (no host copy).
+    placed = {} if device == "cpu" else {"device_map": device}
     try:
-        model = AutoModelForCausalLM.from_pretrained(args.weights, dtype=dtype, attn_implementation="eager")
-    except TypeError:  # transformers before `dtype`
+        model = AutoModelForCausalLM.from_pretrained(args.weights, dtype=dtype, attn_implementation="eager", **placed)
+    except (TypeError, ImportError, ValueError):  # older transformers, or no accelerate
         model = AutoModelForCausalLM.from_pretrained(args.weights, torch_dtype=dtype, attn_implementation="eager")
     model = model.to(device)
     model.eval()
@@ -78,6 +80,47 @@ def transformers_side(args):
     return results
 
 
+def summarize(ours, peer):
+    """One result: bandwidth, loads, unload, and per batch size our rate,
+    the peer's, and how long the greedy tokens agree."""
+    out = {"d2d_bytes_per_s": next(x["d2d_bytes_per_s"] for x in ours if "d2d_bytes_per_s" in x),
+           "loads": [x for x in ours if "load" in x],
+           "unload": next((x for x in ours if "free_after_unload" in x), None),
+           "peer": peer.get("name"), "batches": []}
+    for x in ours:
+        if "batch" not in x:
+            continue
+        row = {k: x[k] for k in ("batch", "tokens_per_s", "step_ms", "roofline_steps_per_s", "of_roofline")}
+        if x["batch"] in peer.get("rates", {}):
+            rate, tokens = peer["rates"][x["batch"]]
+            row["peer_tokens_per_s"] = round(rate, 2)
+            row["ratio"] = round(x["tokens_per_s"] / rate, 3)
+            row["agree_steps"] = next((i for i, (a, c) in enumerate(zip(x["tokens"], tokens)) if a != c), len(tokens))
+            row["steps"] = len(tokens)
+        out["batches"].append(row)
+    return out
+
+
+def print_summary(s):
+    bw = s["d2d_bytes_per_s"]
+    print(f"\ndevice-to-device copy: {bw / 1e9:.1f} GB/s (bytes read + written)")
+    for x in s["loads"]:
+        print(f"load ({x['load']}): {x['gb_per_s']:.2f} GB/s, free {x['free_before'] / 2**30:.2f} -> "
+              f"{x['free_after_load'] / 2**30:.2f} GiB")
+    u = s["unload"]
+    if u:
+        print(f"unload: free {u['free_before_unload'] / 2**30:.2f} -> {u['free_after_unload'] / 2**30:.2f} GiB")
+    print(f"\npeer: {s['peer']}")
+    print("\n| batch | Kindling tok/s | of roofline | transformers tok/s | ratio |")
+    print("|---:|---:|---:|---:|---:|")
+    for b in s["batches"]:
+        peer = f"{b['peer_tokens_per_s']:.1f} | {b['ratio']:.2f}" if "ratio" in b else "- | -"
+        print(f"| {b['batch']} | {b['tokens_per_s']:.1f} | {b['of_roofline']:.2f} | {peer} |")
+    agree = [f"batch {b['batch']}: {b['agree_steps']} of {b['steps']}" for b in s["batches"] if "agree_steps" in b]
+    if agree:
+        print("\ngreedy tokens of the first sequence equal to transformers' up to step:", ", ".join(agree))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin", default="target/release/examples/gpu_decode")
@@ -89,32 +132,23 @@ def main():
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--context", type=int, default=128)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args()
 
     ours = kindling(args)
     for line in ours:
         print("kindling", json.dumps(line))
-    peer = transformers_side(args)
-    bw = next(x["d2d_bytes_per_s"] for x in ours if "d2d_bytes_per_s" in x)
-    print(f"\ndevice-to-device copy: {bw / 1e9:.1f} GB/s (bytes read + written)")
-    for x in ours:
-        if "load" in x:
-            print(f"load ({x['load']}): {x['gb_per_s']:.2f} GB/s, free {x['free_before'] / 2**30:.2f} -> "
-                  f"{x['free_after_load'] / 2**30:.2f} GiB")
-        if "free_after_unload" in x:
-            print(f"unload: free {x['free_before_unload'] / 2**30:.2f} -> {x['free_after_unload'] / 2**30:.2f} GiB")
-    print("\n| batch | Kindling tok/s | of roofline | transformers tok/s | ratio |")
-    print("|---:|---:|---:|---:|---:|")
-    agree = []
-    for x in ours:
-        if "batch" in x:
-            b = x["batch"]
-            rate, tokens = peer[b]
-            print(f"| {b} | {x['tokens_per_s']:.1f} | {x['of_roofline']:.2f} | {rate:.1f} | "
-                  f"{x['tokens_per_s'] / rate:.2f} |")
-            same = next((i for i, (a, c) in enumerate(zip(x["tokens"], tokens)) if a != c), len(tokens))
-            agree.append(f"batch {b}: {same} of {len(tokens)}")
-    print("\ngreedy tokens of the first sequence equal to transformers' up to step:", ", ".join(agree))
+    try:
+        import transformers
+        peer = {"name": f"transformers {transformers.__version__} (eager attention)",
+                "rates": transformers_side(args)}
+    except ImportError as e:
+        # Kindling's figures stand alone; the report says the peer is missing.
+        peer = {"name": f"unavailable ({e})"}
+    summary = summarize(ours, peer)
+    print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,9 @@ fn main() {
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
+    // The test binaries find libcudart.so.13 where scripts/build-cuda.sh
+    // copies it, one folder up from them.
+    println!("cargo:rustc-link-arg-tests=-Wl,-rpath,$ORIGIN/..");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let nvcc = std::env::var_os("CUDA_ROOT")
         .map(|r| PathBuf::from(r).join("bin/nvcc"))
