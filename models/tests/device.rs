@@ -126,7 +126,7 @@ fn bf16_on_the_device_path_tracks_f32() {
     bf16_tracks_f32(&Device::Cpu);
     match gpu::device(0) {
         Ok(d) => bf16_tracks_f32(&d),
-        Err(why) => eprintln!("the CUDA model path is not tested here: {why}"),
+        Err(why) => common::skip_cuda("the CUDA model path", &why),
     }
 }
 

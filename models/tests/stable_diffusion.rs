@@ -4,6 +4,8 @@
 //! latents; the decoded pixels must agree within 2 of 255.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::DType;
@@ -149,7 +151,7 @@ fn half_precision_device_path_tracks_diffusers() {
     let mut runs = vec![(Device::Cpu, DType::F16)];
     match kindling_models::gpu::device(0) {
         Ok(d) => runs.push((d, DType::BF16)),
-        Err(why) => eprintln!("the CUDA image path is not tested here: {why}"),
+        Err(why) => common::skip_cuda("the CUDA image path", &why),
     }
     for (device, dtype) in runs {
         for (preset, file) in [

@@ -28,6 +28,18 @@ pub fn demo_gguf() -> PathBuf {
     path
 }
 
+/// Notes that the CUDA part of a test did not run; where
+/// `KINDLING_TEST_REQUIRE_CUDA` is set (scripts/gpu-check.sh sets it) that
+/// fails the test instead, so a GPU run cannot pass by skipping.
+pub fn skip_cuda(what: &str, why: &str) {
+    let required = std::env::var_os("KINDLING_TEST_REQUIRE_CUDA").is_some();
+    assert!(
+        !required,
+        "{what}: CUDA is required here but unusable: {why}"
+    );
+    eprintln!("{what} is not tested here: {why}");
+}
+
 /// A pool big enough for a few test sequences of `model`.
 pub fn pool(model: &TextModel, positions: usize) -> KvCache {
     model.new_cache(KvCache::blocks_for(positions) + 8).unwrap()
