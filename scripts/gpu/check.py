@@ -365,7 +365,8 @@ def stage_decode(run, big, threads):
     if not out.exists():
         raise StageError(f"gpu_decode.py exited {rc}", tail)
     result = json.loads(out.read_text())
-    result.update(status="pass" if rc == 0 else "fail", seconds=round(secs, 1), write_seconds=written)
+    result.update(status="pass" if rc == 0 else "fail", seconds=round(secs, 1), write_seconds=written,
+                  model="a two-layer stand-in, f32 on the CPU" if dry else "Llama-3-8B architecture, bf16")
     return result
 
 
@@ -382,7 +383,8 @@ def stage_images(run, big, threads):
     warm = runs[1:] or runs
     best = min(warm, key=lambda r: r["image_s"])
     return {"status": "pass", "seconds": round(secs, 1), "write_seconds": written, "size": size, "steps": steps,
-            "dtype": "f32" if dry else "bf16", "runs": runs, "unet_step_s": best["step_s"],
+            "dtype": "f32" if dry else "bf16", "runs": runs,
+            "model": "sd-tiny on the CPU" if dry else "SD 1.5 architecture", "unet_step_s": best["step_s"],
             "image_s": best["image_s"], "first_image_s": runs[0]["image_s"]}
 
 

@@ -55,7 +55,7 @@ def measured(title, s, key):
 
 
 def decode_section(d):
-    rows, missing = measured("Decode (Llama-3-8B architecture, random weights)", d, "batches")
+    rows, missing = measured(f"Decode ({d.get('model', 'Llama-3-8B architecture')}, random weights)", d, "batches")
     if missing:
         return missing
     rows.append(f"- device-to-device copy: {d['d2d_bytes_per_s'] / 1e9:.1f} GB/s (read + written)")
@@ -76,7 +76,7 @@ def decode_section(d):
 
 
 def images_section(i):
-    rows, missing = measured("Images (SD 1.5 architecture, random weights)", i, "image_s")
+    rows, missing = measured(f"Images ({i.get('model', 'SD 1.5 architecture')}, random weights)", i, "image_s")
     if missing:
         return missing
     rows += [f"- {i['size']}x{i['size']}, {i['steps']} DDIM steps, guidance 7.5 (UNet batch 2), {i['dtype']}",
