@@ -27,17 +27,9 @@ fn devices() -> Vec<Device> {
     out
 }
 
-/// Notes that the CUDA part of a test did not run; where
-/// `KINDLING_TEST_REQUIRE_CUDA` is set (scripts/gpu-check.sh sets it) that
-/// fails the test instead, so a GPU run cannot pass by skipping.
-fn skip_cuda(what: &str, why: &str) {
-    let required = std::env::var_os("KINDLING_TEST_REQUIRE_CUDA").is_some();
-    assert!(
-        !required,
-        "{what}: CUDA is required here but unusable: {why}"
-    );
-    eprintln!("{what} is not tested here: {why}");
-}
+#[path = "support/cuda.rs"]
+mod cuda;
+use cuda::skip_cuda;
 
 const DTYPES: [(DType, f32); 3] = [(DType::F32, 1e-4), (DType::F16, 4e-3), (DType::BF16, 3e-2)];
 

@@ -28,17 +28,10 @@ pub fn demo_gguf() -> PathBuf {
     path
 }
 
-/// Notes that the CUDA part of a test did not run; where
-/// `KINDLING_TEST_REQUIRE_CUDA` is set (scripts/gpu-check.sh sets it) that
-/// fails the test instead, so a GPU run cannot pass by skipping.
-pub fn skip_cuda(what: &str, why: &str) {
-    let required = std::env::var_os("KINDLING_TEST_REQUIRE_CUDA").is_some();
-    assert!(
-        !required,
-        "{what}: CUDA is required here but unusable: {why}"
-    );
-    eprintln!("{what} is not tested here: {why}");
-}
+#[path = "../../../kernels/tests/support/cuda.rs"]
+mod cuda;
+#[allow(unused_imports)] // not every test binary has a GPU half
+pub use cuda::skip_cuda;
 
 /// A pool big enough for a few test sequences of `model`.
 pub fn pool(model: &TextModel, positions: usize) -> KvCache {
