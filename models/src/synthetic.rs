@@ -99,7 +99,8 @@ impl Init {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+/// Maps an I/O error on `path` to a [`ModelError::Io`].
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {
         path: path.to_path_buf(),
         source,

@@ -139,7 +139,7 @@ class Checks:
         return out
 
 
-def config(dir, store, device, manifests, devices_toml, extra=""):
+def config(dir, store, manifests, devices_toml, extra=""):
     """A kindling.toml (and a manifests folder) in `dir`."""
     if manifests is None:
         manifests_dir = REPO / "configs/models"
@@ -158,7 +158,7 @@ def serve(args, checks, tmp):
 
     gpu = args.device != "cpu"
     devices = '[devices.auto]\nbudget = "90%"\n' if gpu else ""
-    d = Daemon(args.bin, config(tmp, args.store, args.device, None, devices), args.logs / "serve-daemon.log")
+    d = Daemon(args.bin, config(tmp, args.store, None, devices), args.logs / "serve-daemon.log")
     status = d.get("/admin/status")
     names = [x["name"] for x in status["devices"]]
     dev0 = d.device(args.device)
@@ -273,7 +273,7 @@ def lifecycle(args, checks, tmp):
     manifests["chat-huge"] = chat_manifest("chat-huge", args.device, "6s", 50_000_000)
     # The estimate of one model under a generous budget, then a budget that
     # holds one model and not two.
-    probe = Daemon(args.bin, config(tmp / "probe", args.store, args.device, manifests,
+    probe = Daemon(args.bin, config(tmp / "probe", args.store, manifests,
                                     f'[devices.{key}]\nbudget = "90%"\n'), args.logs / "lifecycle-probe-daemon.log")
     s, body, _ = probe.call("POST", "/admin/models/chat-a/load")
     one = probe.get("/v1/models/chat-a")["estimated_bytes"]
@@ -281,7 +281,7 @@ def lifecycle(args, checks, tmp):
     checks.check("probe load", s == 200 and one, body)
     budget = int(one * 1.5)
     checks.figures.update(model_estimate_bytes=one, budget_bytes=budget)
-    d = Daemon(args.bin, config(tmp / "tight", args.store, args.device, manifests,
+    d = Daemon(args.bin, config(tmp / "tight", args.store, manifests,
                                 f'[devices.{key}]\nbudget = "{budget}"\n'), args.logs / "lifecycle-daemon.log")
 
     def free():

@@ -17,7 +17,7 @@ use super::config::{ClipConfig, UNetConfig, VaeConfig};
 use super::sampler::Noise;
 use super::unet::UNet;
 use crate::error::{ModelError, Result};
-use crate::synthetic::init_for;
+use crate::synthetic::{init_for, io};
 
 /// Which architecture to write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,13 +43,6 @@ impl Preset {
             "sd15" => Some(Self::Sd15),
             _ => None,
         }
-    }
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
-    move |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
     }
 }
 
