@@ -10,8 +10,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use kindling_models::EmbeddingModel;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use super::shell::{Backend, Jobs, Step, Ticket};
 use super::{EngineError, EngineStats, LoadSpec};
 
 /// One input to embed.
@@ -49,14 +50,48 @@ pub(crate) struct EmbedJob {
     inputs: Vec<Vec<u32>>,
     deadline: Option<(Instant, f64)>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+    ticket: Ticket,
 }
 
-/// What the handle keeps to reach an embedding worker.
+/// What a handle keeps to check and tokenize a request before queueing it.
 #[derive(Clone)]
-pub(crate) struct EmbedWorker {
-    pub(super) jobs: mpsc::UnboundedSender<EmbedJob>,
-    pub(super) model: Arc<EmbeddingModel>,
-    pub(super) dimensions: Arc<[usize]>,
+pub(crate) struct Reach {
+    model: Arc<EmbeddingModel>,
+    dimensions: Arc<[usize]>,
+}
+
+/// Loads an embedding model; `dimensions` are the shorter widths it allows.
+pub(super) fn load(
+    spec: &LoadSpec,
+    stats: &Arc<EngineStats>,
+    dimensions: &[usize],
+) -> Result<(EmbedBackend, Reach), EngineError> {
+    let started = Instant::now();
+    let model = EmbeddingModel::load(&spec.path)
+        .map(Arc::new)
+        .map_err(|e| super::spec::load_failed(spec, e.to_string()))?;
+    tracing::info!(
+        model = %spec.model,
+        path = %spec.path.display(),
+        dimensions = model.dimensions(),
+        max_tokens = model.max_tokens(),
+        max_batch_tokens = spec.max_batch_tokens,
+        kernels = model.kernels(),
+        weight_bytes = model.weight_bytes(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    let backend = EmbedBackend {
+        budget: spec.max_batch_tokens.max(model.max_tokens()),
+        model: model.clone(),
+        pending: VecDeque::new(),
+        stats: stats.clone(),
+    };
+    let reach = Reach {
+        model,
+        dimensions: dimensions.into(),
+    };
+    Ok((backend, reach))
 }
 
 fn invalid(message: impl Into<String>) -> EngineError {
@@ -66,7 +101,7 @@ fn invalid(message: impl Into<String>) -> EngineError {
     }
 }
 
-impl EmbedWorker {
+impl Reach {
     /// Checks `dimensions` against what the model allows.
     fn check_dimensions(&self, dimensions: Option<usize>) -> Result<(), EngineError> {
         let full = self.model.dimensions();
@@ -132,23 +167,17 @@ impl EmbedWorker {
             .collect()
     }
 
+    /// Checks and tokenizes `request` (off the async threads), queues it
+    /// and waits for its vectors.
     pub(super) async fn embed(
         &self,
-        model_id: &str,
-        stats: &Arc<EngineStats>,
-        queue_size: usize,
+        jobs: &Jobs<EmbedJob>,
         request: EmbedRequest,
     ) -> Result<Embeddings, EngineError> {
         self.check_dimensions(request.dimensions)?;
         let arrived = Instant::now();
-        if !stats.try_enqueue(queue_size) {
-            return Err(EngineError::QueueFull {
-                model: model_id.to_string(),
-                queue: queue_size,
-            });
-        }
-        // Leaves the queue count right however this future ends.
-        let mut queued = Queued(Some(stats.clone()));
+        // Held from here: however this future ends, the place goes back.
+        let ticket = jobs.ticket()?;
         let model = self.model.clone();
         let deadline = request.deadline;
         let dimensions = request.dimensions;
@@ -157,16 +186,12 @@ impl EmbedWorker {
             .map_err(|e| EngineError::Compute(format!("tokenizer task failed: {e}")))??;
         let prompt_tokens = inputs.iter().map(Vec::len).sum();
         let (reply, rx) = oneshot::channel();
-        let job = EmbedJob {
+        jobs.send(EmbedJob {
             inputs,
             deadline: deadline.map(|d| (d, d.saturating_duration_since(arrived).as_secs_f64())),
             reply,
-        };
-        if self.jobs.send(job).is_err() {
-            return Err(EngineError::Stopped(model_id.to_string()));
-        }
-        // The worker takes the request off the waiting count from here on.
-        queued.0 = None;
+            ticket,
+        })?;
         let mut vectors = rx
             .await
             .map_err(|_| EngineError::Compute("the model worker stopped unexpectedly".into()))??;
@@ -185,153 +210,134 @@ impl EmbedWorker {
     }
 }
 
-/// Takes a request off the waiting count when dropped, unless disarmed.
-struct Queued(Option<Arc<EngineStats>>);
-
-impl Drop for Queued {
-    fn drop(&mut self) {
-        if let Some(stats) = self.0.take() {
-            stats.dequeue();
-        }
-    }
-}
-
 /// A request in the worker: its inputs, how far it has got, its results.
 struct Pending {
-    job: EmbedJob,
+    inputs: Vec<Vec<u32>>,
+    deadline: Option<(Instant, f64)>,
+    ticket: Ticket,
+    reply: Option<oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>>,
     next: usize,
     results: Vec<Vec<f32>>,
-    started: bool,
 }
 
-/// Loads the model, reports ready, then batches until the last handle is
-/// dropped and every request has been answered.
-pub(super) fn run(
-    spec: LoadSpec,
+/// A loaded embedding model and the requests in its hands.
+pub(super) struct EmbedBackend {
     model: Arc<EmbeddingModel>,
-    mut jobs: mpsc::UnboundedReceiver<EmbedJob>,
+    budget: usize,
+    pending: VecDeque<Pending>,
     stats: Arc<EngineStats>,
-) {
-    let budget = spec.max_batch_tokens.max(model.max_tokens());
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut open = true;
-    loop {
-        if pending.is_empty() {
-            if !open {
-                break;
-            }
-            match jobs.blocking_recv() {
-                Some(job) => pending.push_back(Pending::new(job)),
-                None => break,
-            }
-        }
-        loop {
-            match jobs.try_recv() {
-                Ok(job) => pending.push_back(Pending::new(job)),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        sweep(&mut pending, &stats);
-        let batch = plan(&mut pending, budget, &stats);
+}
+
+impl Backend for EmbedBackend {
+    type Job = EmbedJob;
+
+    fn admit(&mut self, job: EmbedJob) {
+        self.pending.push_back(Pending::new(job));
+    }
+
+    /// Encodes one packed batch and answers the requests it completes.
+    fn step(&mut self) -> Step {
+        sweep(&mut self.pending);
+        let batch = plan(&mut self.pending, self.budget);
         if batch.is_empty() {
-            continue;
+            return Step::Worked;
         }
+        let pending = &mut self.pending;
         let inputs: Vec<&[u32]> = batch
             .iter()
-            .map(|&(r, i)| pending[r].job.inputs[i].as_slice())
+            .map(|&(r, i)| pending[r].inputs[i].as_slice())
             .collect();
         let tokens: usize = inputs.iter().map(|i| i.len()).sum();
-        stats.set_batch(pending.iter().filter(|p| p.started).count(), 0, 0);
-        let result = std::panic::catch_unwind(AssertUnwindSafe(|| model.embed(&inputs)));
-        stats.record_step(tokens as u64, 0);
+        self.stats.set_batch(started(pending), 0, 0);
+        let result = std::panic::catch_unwind(AssertUnwindSafe(|| self.model.embed(&inputs)));
+        self.stats.record_step(tokens as u64, 0);
         match result {
             Ok(Ok(vectors)) => {
                 for (&(r, i), v) in batch.iter().zip(vectors) {
                     pending[r].results[i] = v;
                 }
             }
-            Ok(Err(e)) => fail_batch(&mut pending, &batch, EngineError::Compute(e.to_string())),
-            Err(_) => {
-                tracing::error!(model = %spec.model, "the encoder panicked; failing its batch");
-                fail_batch(
-                    &mut pending,
-                    &batch,
-                    EngineError::Compute("the model failed on this batch".into()),
-                );
-            }
+            Ok(Err(e)) => fail_batch(pending, &batch, EngineError::Compute(e.to_string())),
+            Err(_) => fail_batch(
+                pending,
+                &batch,
+                EngineError::Compute("the encoder panicked on this batch".into()),
+            ),
         }
         // Answer the requests whose inputs are all done.
-        let mut kept = VecDeque::with_capacity(pending.len());
-        for p in pending.drain(..) {
-            if p.next == p.job.inputs.len() {
-                let _ = p.job.reply.send(Ok(p.results));
-            } else {
-                kept.push_back(p);
+        pending.retain_mut(|p| {
+            let done = p.next == p.inputs.len();
+            if done {
+                let results = std::mem::take(&mut p.results);
+                p.answer(Ok(results));
             }
-        }
-        pending = kept;
-        stats.set_batch(pending.iter().filter(|p| p.started).count(), 0, 0);
+            !done
+        });
+        self.stats.set_batch(started(pending), 0, 0);
+        Step::Worked
     }
-    stats.set_batch(0, 0, 0);
-    drop(model);
-    tracing::info!(model = %spec.model, "model unloaded");
+
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn abort(&mut self) {
+        for mut p in self.pending.drain(..) {
+            p.answer(Err(EngineError::Compute(
+                "the embedding worker failed".into(),
+            )));
+        }
+    }
+}
+
+fn started(pending: &VecDeque<Pending>) -> usize {
+    pending.iter().filter(|p| !p.ticket.is_waiting()).count()
 }
 
 impl Pending {
     fn new(job: EmbedJob) -> Self {
         let results = vec![Vec::new(); job.inputs.len()];
         Self {
-            job,
+            inputs: job.inputs,
+            deadline: job.deadline,
+            ticket: job.ticket,
+            reply: Some(job.reply),
             next: 0,
             results,
-            started: false,
+        }
+    }
+
+    fn answer(&mut self, result: Result<Vec<Vec<f32>>, EngineError>) {
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result);
         }
     }
 }
 
 /// Drops requests whose client went away and fails those past their deadline.
-fn sweep(pending: &mut VecDeque<Pending>, stats: &EngineStats) {
+fn sweep(pending: &mut VecDeque<Pending>) {
     let now = Instant::now();
-    let mut kept = VecDeque::with_capacity(pending.len());
-    for p in pending.drain(..) {
-        let gone = p.job.reply.is_closed();
-        let expired = p.job.deadline.filter(|&(d, _)| now >= d);
-        if !gone && expired.is_none() {
-            kept.push_back(p);
-            continue;
-        }
-        if !p.started {
-            stats.dequeue();
-        }
+    pending.retain_mut(|p| {
+        let gone = p.reply.as_ref().is_none_or(|r| r.is_closed());
+        let expired = p.deadline.filter(|&(d, _)| now >= d);
         if gone {
             tracing::info!("embedding request cancelled: the client went away");
         } else if let Some((_, seconds)) = expired {
-            let _ = p
-                .job
-                .reply
-                .send(Err(EngineError::DeadlineExceeded { seconds }));
+            p.answer(Err(EngineError::DeadlineExceeded { seconds }));
         }
-    }
-    *pending = kept;
+        !gone && expired.is_none()
+    });
 }
 
 /// The next batch: `(request, input)` pairs, one input per request in turn
 /// (in arrival order) until the token budget is full.
-fn plan(
-    pending: &mut VecDeque<Pending>,
-    budget: usize,
-    stats: &EngineStats,
-) -> Vec<(usize, usize)> {
+fn plan(pending: &mut VecDeque<Pending>, budget: usize) -> Vec<(usize, usize)> {
     let mut batch = Vec::new();
     let mut tokens = 0;
     'rounds: loop {
         let mut progress = false;
         for (r, p) in pending.iter_mut().enumerate() {
-            let Some(input) = p.job.inputs.get(p.next) else {
+            let Some(input) = p.inputs.get(p.next) else {
                 continue;
             };
             if tokens + input.len() > budget && !batch.is_empty() {
@@ -341,10 +347,7 @@ fn plan(
             batch.push((r, p.next));
             p.next += 1;
             progress = true;
-            if !p.started {
-                p.started = true;
-                stats.dequeue();
-            }
+            p.ticket.leave();
         }
         if !progress {
             break;
@@ -358,8 +361,8 @@ fn fail_batch(pending: &mut VecDeque<Pending>, batch: &[(usize, usize)], error: 
     failed.sort_unstable();
     failed.dedup();
     for &r in failed.iter().rev() {
-        if let Some(p) = pending.remove(r) {
-            let _ = p.job.reply.send(Err(error.clone()));
+        if let Some(mut p) = pending.remove(r) {
+            p.answer(Err(error.clone()));
         }
     }
 }

@@ -4,8 +4,9 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use kindling_models::tokenizer::Tokenizer;
 use kindling_models::{
-    Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TextModel, TokenLogprobs,
+    Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
@@ -89,6 +90,11 @@ impl Events {
         }
     }
 
+    /// When a client that is behind will have stalled for too long.
+    pub(super) fn stall_expiry(&self) -> Option<Instant> {
+        self.stalled_since.map(|since| since + self.stall_timeout)
+    }
+
     /// Reports a failure; the request ends.
     pub(super) fn fail(&mut self, error: EngineError) {
         let _ = self.send(GenerateEvent::Failed(error));
@@ -148,14 +154,13 @@ impl Choice {
     /// whether to go on.
     pub(super) fn accept(
         &mut self,
-        model: &TextModel,
+        tok: &Tokenizer,
         logits: &[f32],
         events: &mut Events,
     ) -> Result<Next, Gone> {
         if let Some(echo) = self.echo.take() {
             self.delta(events, echo, Vec::new())?;
         }
-        let tok = &model.tokenizer;
         let sampled = self.sampler.sample(logits);
         self.produced += 1;
         if !self.ignore_eos && tok.is_end_of_generation(sampled.token) {
@@ -167,7 +172,7 @@ impl Choice {
         let logprobs: Vec<TokenLogprob> = sampled
             .logprobs
             .as_ref()
-            .map(|lp| vec![token_logprob(model, sampled.token, lp)])
+            .map(|lp| vec![token_logprob(tok, sampled.token, lp)])
             .unwrap_or_default();
         let piece = self.detok.push(tok, sampled.token).unwrap_or_default();
         match self.stops.push(&piece) {
@@ -216,9 +221,9 @@ impl Choice {
     }
 }
 
-fn token_logprob(model: &TextModel, token: u32, lp: &TokenLogprobs) -> TokenLogprob {
+fn token_logprob(tok: &Tokenizer, token: u32, lp: &TokenLogprobs) -> TokenLogprob {
     let alt = |id: u32, logprob: f32| {
-        let bytes = model.tokenizer.token_bytes(id).to_vec();
+        let bytes = tok.token_bytes(id).to_vec();
         TokenAlternative {
             token: String::from_utf8_lossy(&bytes).into_owned(),
             bytes,

@@ -13,7 +13,6 @@ use futures::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use serde::Serialize;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::error::ApiError;
 use super::log::RequestLog;
@@ -186,7 +185,7 @@ async fn submit(
         }
     }
     Ok(Generation {
-        events: Box::pin(ReceiverStream::new(rx)),
+        events: Box::pin(rx),
         choices,
         usage,
         cold_load: lease.cold_load,

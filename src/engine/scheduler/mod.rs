@@ -13,10 +13,30 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kindling_models::{BatchItem, BlockTable, KvCache, TextModel};
+use kindling_models::tokenizer::Tokenizer;
+use kindling_models::{BatchItem, BlockTable, KvCache};
 
 use super::sequence::{Choice, Events, Next, Readiness, EVENTS_PER_STEP};
+use super::shell::Ticket;
 use super::{EngineError, EngineStats, GenerateEvent};
+
+#[cfg(test)]
+mod tests;
+
+/// What the scheduler needs of a model: one batched forward pass over the
+/// paged cache (a logits row for each item that asks for one), and the
+/// tokenizer that turns samples into text. Tests drive it with a fake.
+pub(super) trait StepModel {
+    /// Runs `batch`, writing its keys and values into `cache`.
+    fn forward(
+        &self,
+        batch: &[BatchItem<'_>],
+        cache: &mut KvCache,
+    ) -> kindling_models::Result<Vec<Vec<f32>>>;
+
+    /// The model's tokenizer.
+    fn tokenizer(&self) -> &Tokenizer;
+}
 
 /// Limits of one batch.
 #[derive(Debug, Clone, Copy)]
@@ -25,13 +45,14 @@ pub(super) struct Limits {
     pub(super) max_batch_tokens: usize,
 }
 
-/// One request: its events and how many of its choices are still live.
+/// One request: its events, its place in the queue until it starts, and
+/// how many of its choices are still live.
 pub(super) struct Request {
     pub(super) events: Events,
+    pub(super) ticket: Ticket,
     pub(super) deadline: Option<(Instant, Duration)>,
     pub(super) prompt_tokens: usize,
     pub(super) live: usize,
-    pub(super) started: bool,
 }
 
 /// One sequence: prompt plus generated tokens, how many are in the cache,
@@ -88,10 +109,6 @@ impl Scheduler {
         self.kv.total_blocks() * kindling_models::kv_cache::BLOCK_SIZE
     }
 
-    pub(super) fn stats(&self) -> &EngineStats {
-        &self.stats
-    }
-
     pub(super) fn is_idle(&self) -> bool {
         self.requests.is_empty()
     }
@@ -106,7 +123,7 @@ impl Scheduler {
     }
 
     /// Runs one step. Returns whether any work was done.
-    pub(super) fn step(&mut self, model: &TextModel) -> bool {
+    pub(super) fn step(&mut self, model: &impl StepModel) -> bool {
         let skip = self.sweep(Instant::now());
         let plan = self.plan(&skip);
         if plan.is_empty() {
@@ -130,7 +147,7 @@ impl Scheduler {
         let logits = match outcome {
             Ok(Ok(logits)) => logits,
             Ok(Err(e)) => return self.fail_batch(&plan, e.to_string()),
-            Err(_) => return self.fail_batch(&plan, "internal error (see the server log)".into()),
+            Err(_) => return self.fail_batch(&plan, "the forward pass panicked".into()),
         };
         self.commit(model, &plan, logits);
         true
@@ -173,11 +190,9 @@ impl Scheduler {
     /// Ends request `id`: its sequences leave the batch and the queue and
     /// their blocks go back to the pool.
     fn remove(&mut self, id: u64) {
-        let Some(req) = self.requests.remove(&id) else {
+        // Its ticket, if it never started, goes back with it.
+        if self.requests.remove(&id).is_none() {
             return;
-        };
-        if !req.started {
-            self.stats.dequeue();
         }
         let kv = &mut self.kv;
         let mut keep = |s: &mut Sequence| {
@@ -296,9 +311,8 @@ impl Scheduler {
             }
             seats += s.seats();
             if let Some(req) = self.requests.get_mut(&s.request) {
-                if !req.started {
-                    req.started = true;
-                    self.stats.dequeue();
+                if req.ticket.is_waiting() {
+                    req.ticket.leave();
                     let _ = req.events.send(GenerateEvent::Started {
                         prompt_tokens: req.prompt_tokens,
                     });
@@ -315,7 +329,7 @@ impl Scheduler {
         }
     }
 
-    fn commit(&mut self, model: &TextModel, plan: &[Planned], logits: Vec<Vec<f32>>) {
+    fn commit(&mut self, model: &impl StepModel, plan: &[Planned], logits: Vec<Vec<f32>>) {
         let mut logits = logits.into_iter();
         let mut finished = vec![false; self.running.len()];
         let mut spawned = Vec::new();
@@ -400,13 +414,13 @@ impl Scheduler {
     /// Samples `s`'s next token from `row`. Returns whether it finished
     /// (or its client left).
     fn advance(
-        model: &TextModel,
+        model: &impl StepModel,
         s: &mut Sequence,
         row: &[f32],
         events: &mut Events,
         generated: &mut u64,
     ) -> bool {
-        match s.choice.accept(model, row, events) {
+        match s.choice.accept(model.tokenizer(), row, events) {
             Ok(Next::Continue(token)) => {
                 *generated += 1;
                 s.tokens.push(token);
@@ -420,16 +434,38 @@ impl Scheduler {
         }
     }
 
+    /// Fails the requests of a batch whose forward pass failed; the
+    /// others run on.
     fn fail_batch(&mut self, plan: &[Planned], message: String) -> bool {
         tracing::error!(error = %message, "forward pass failed");
         let ids: HashSet<u64> = plan.iter().map(|p| self.running[p.seq].request).collect();
+        self.fail(ids, &message);
+        true
+    }
+
+    /// Fails every request in hand (after a panic outside the forward pass).
+    pub(super) fn fail_all(&mut self) {
+        let ids: HashSet<u64> = self.requests.keys().copied().collect();
+        self.fail(ids, "the scheduler failed");
+    }
+
+    fn fail(&mut self, ids: HashSet<u64>, message: &str) {
         for id in ids {
             if let Some(req) = self.requests.get_mut(&id) {
-                req.events.fail(EngineError::Compute(message.clone()));
+                req.events.fail(EngineError::Compute(message.to_string()));
             }
             self.remove(id);
         }
-        true
+    }
+
+    /// When the scheduler must look again although no client has read:
+    /// the earliest deadline or stall timeout of a request in hand.
+    pub(super) fn next_timeout(&self) -> Option<Instant> {
+        self.requests
+            .values()
+            .flat_map(|r| [r.deadline.map(|(d, _)| d), r.events.stall_expiry()])
+            .flatten()
+            .min()
     }
 
     fn publish(&self) {

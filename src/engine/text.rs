@@ -1,41 +1,86 @@
-//! The worker thread: loads one model, then runs the scheduler, taking new
-//! requests in between steps, until the last handle is gone and every
-//! request has finished.
+//! The text backend: a model, its paged KV cache and the scheduler that
+//! batches its requests (continuous batching with chunked prefill).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kindling_models::{KvCache, SamplingParams, TextModel};
+use kindling_models::tokenizer::Tokenizer;
+use kindling_models::{BatchItem, KvCache, SamplingParams, TextModel};
 use tokio::sync::mpsc;
 
-use super::scheduler::{Limits, Request, Scheduler, Sequence};
-use super::sequence::{Choice, ChoiceSpec};
-use super::{EngineError, EngineStats, GenerateRequest, Job, LoadSpec, Prompt};
+use super::request::GenerateEvents;
+use super::scheduler::{Limits, Request, Scheduler, Sequence, StepModel};
+use super::sequence::{Choice, ChoiceSpec, Events};
+use super::shell::{Backend, Jobs, Step, Ticket};
+use super::{EngineError, EngineStats, GenerateRequest, LoadSpec, Prompt};
 
-pub(super) fn run_worker(
-    spec: LoadSpec,
-    mut jobs: mpsc::UnboundedReceiver<Job>,
-    ready: impl FnOnce(Result<(), EngineError>) -> bool,
-    stats: Arc<EngineStats>,
-) {
+/// A queued text request.
+pub(crate) struct TextJob {
+    request: GenerateRequest,
+    events: Events,
+    ticket: Ticket,
+}
+
+/// Events are buffered this deep per request before the worker waits for
+/// the client to catch up.
+const EVENT_BUFFER: usize = 256;
+
+/// Queues `request` on a text worker.
+pub(super) fn submit(
+    jobs: &Jobs<TextJob>,
+    stall_timeout: Duration,
+    request: GenerateRequest,
+) -> Result<GenerateEvents, EngineError> {
+    let ticket = jobs.ticket()?;
+    // Room for every choice's events of a few steps: a request only takes
+    // part in a step when its client has room for that step.
+    let choices = request.n * request.prompts.len();
+    let depth = EVENT_BUFFER.max(4 * super::sequence::EVENTS_PER_STEP * choices);
+    let (tx, rx) = mpsc::channel(depth);
+    let job = TextJob {
+        request,
+        events: Events::new(tx, stall_timeout),
+        ticket,
+    };
+    jobs.send(job)?;
+    Ok(GenerateEvents::new(rx, jobs.waker().clone()))
+}
+
+impl StepModel for TextModel {
+    fn forward(
+        &self,
+        batch: &[BatchItem<'_>],
+        cache: &mut KvCache,
+    ) -> kindling_models::Result<Vec<Vec<f32>>> {
+        TextModel::forward(self, batch, cache)
+    }
+
+    fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}
+
+/// A loaded text model and its scheduler.
+pub(super) struct TextBackend {
+    model: TextModel,
+    scheduler: Scheduler,
+}
+
+/// Loads the model where `spec.target` says, with a KV cache that holds at
+/// least one sequence at the full context.
+pub(super) fn load(
+    spec: &LoadSpec,
+    stats: &Arc<EngineStats>,
+) -> Result<(TextBackend, ()), EngineError> {
     let started = Instant::now();
-    // The pool holds at least one sequence at the full context.
-    let loaded = load(&spec).and_then(|model| {
+    let loaded = spec.target.placement().and_then(|placement| {
+        let model = TextModel::load_on(&spec.path, spec.context_length, &placement)?;
         let positions = spec.kv_cache_tokens.max(model.max_positions());
         let kv = model.new_cache(KvCache::blocks_for(positions))?;
         Ok((model, kv, positions))
     });
-    let (model, kv, positions) = match loaded {
-        Ok(m) => m,
-        Err(e) => {
-            ready(Err(EngineError::LoadFailed {
-                model: spec.model.clone(),
-                reason: e.to_string(),
-                retry_after: None,
-            }));
-            return;
-        }
-    };
+    let (model, kv, positions) =
+        loaded.map_err(|e| super::spec::load_failed(spec, e.to_string()))?;
     let elapsed = started.elapsed();
     let limits = Limits {
         max_sequences: spec.max_sequences.max(1),
@@ -54,54 +99,43 @@ pub(super) fn run_worker(
         load_gb_per_s = format!("{:.2}", model.weight_bytes() as f64 / elapsed.as_secs_f64().max(1e-9) / 1e9),
         "model loaded"
     );
-    if !ready(Ok(())) {
-        return;
-    }
-    let mut scheduler = Scheduler::new(limits, kv, stats);
-    let mut open = true;
-    loop {
-        if scheduler.is_idle() {
-            if !open {
-                break;
-            }
-            match jobs.blocking_recv() {
-                Some(job) => intake(&model, &mut scheduler, job),
-                None => break,
-            }
-        }
-        loop {
-            match jobs.try_recv() {
-                Ok(job) => intake(&model, &mut scheduler, job),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
-        if !scheduler.step(&model) && !scheduler.is_idle() {
-            // Everyone is waiting on a slow client: do not spin.
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-    drop(scheduler);
-    drop(model);
-    super::unloaded(&spec);
+    let scheduler = Scheduler::new(limits, kv, stats.clone());
+    Ok((TextBackend { model, scheduler }, ()))
 }
 
-/// Loads the model where `spec.target` says.
-fn load(spec: &LoadSpec) -> kindling_models::Result<TextModel> {
-    TextModel::load_on(&spec.path, spec.context_length, &spec.target.placement()?)
+impl Backend for TextBackend {
+    type Job = TextJob;
+
+    fn admit(&mut self, job: TextJob) {
+        intake(&self.model, &mut self.scheduler, job);
+    }
+
+    fn step(&mut self) -> Step {
+        if self.scheduler.step(&self.model) {
+            Step::Worked
+        } else {
+            Step::Wait(self.scheduler.next_timeout())
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.scheduler.is_idle()
+    }
+
+    fn abort(&mut self) {
+        self.scheduler.fail_all();
+    }
 }
 
-/// Validates a new request and queues its sequences, or fails it at once.
-fn intake(model: &TextModel, scheduler: &mut Scheduler, job: Job) {
-    let Job {
+/// Validates a new request against the loaded model and queues its
+/// sequences, or fails it at once.
+fn intake(model: &TextModel, scheduler: &mut Scheduler, job: TextJob) {
+    let TextJob {
         request,
         mut events,
+        ticket,
     } = job;
     if events.is_closed() {
-        scheduler.stats().dequeue();
         return;
     }
     match sequences(model, &request, scheduler.kv_capacity()) {
@@ -109,19 +143,16 @@ fn intake(model: &TextModel, scheduler: &mut Scheduler, job: Job) {
             let now = Instant::now();
             let req = Request {
                 events,
+                ticket,
                 deadline: request
                     .deadline
                     .map(|d| (d, d.saturating_duration_since(now))),
                 prompt_tokens,
                 live: request.n * request.prompts.len(),
-                started: false,
             };
             scheduler.enqueue(req, sequences);
         }
-        Err(e) => {
-            scheduler.stats().dequeue();
-            events.fail(e);
-        }
+        Err(e) => events.fail(e),
     }
 }
 

@@ -1,0 +1,152 @@
+//! What a text generation request is, once validated, and what the worker
+//! reports back while serving it.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use kindling_models::{ChatMessage, SamplingParams};
+use tokio::sync::mpsc;
+
+use super::shell::Wake;
+use super::EngineError;
+
+/// What to generate from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, tokenized as is.
+    Text(String),
+    /// Token ids, used as is.
+    Tokens(Vec<u32>),
+}
+
+/// A validated generation request.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The inputs: one for chat, one or more for text completions. Choice
+    /// `i` of prompt `p` is numbered `p * n + i`.
+    pub prompts: Vec<Prompt>,
+    /// Most tokens to generate per choice, as the client asked; prompt plus
+    /// this must fit the context. `None` = up to the context length.
+    pub max_tokens: Option<usize>,
+    /// A default limit for when the client named none; unlike `max_tokens`
+    /// it shrinks to fit the context instead of failing the request.
+    pub default_max_tokens: Option<usize>,
+    /// Stop sequences; the output ends before the first one.
+    pub stop: Vec<String>,
+    /// Choices to generate from each prompt.
+    pub n: usize,
+    /// Sampling parameters of choice 0; choice `i` uses seed `seed + i`.
+    pub sampling: SamplingParams,
+    /// Prefix each choice's text with the prompt text (legacy completions `echo`).
+    pub echo: bool,
+    /// Keep generating past end-of-turn tokens (benchmarks, fixed-length tests).
+    pub ignore_eos: bool,
+    /// When the request must be done by; past it, it fails and frees its slot.
+    pub deadline: Option<Instant>,
+}
+
+/// Why a choice ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// End-of-turn token or stop sequence.
+    Stop,
+    /// `max_tokens` or the context length reached.
+    Length,
+}
+
+/// One alternative in a log-probability report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenAlternative {
+    /// The token's text (lossy where it is a partial UTF-8 sequence).
+    pub token: String,
+    /// Its raw bytes.
+    pub bytes: Vec<u8>,
+    /// Its log-probability.
+    pub logprob: f32,
+}
+
+/// Log-probability of one generated token and its top alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    /// The generated token.
+    pub chosen: TokenAlternative,
+    /// The most likely tokens at that step.
+    pub top: Vec<TokenAlternative>,
+}
+
+/// What a worker reports while it serves a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GenerateEvent {
+    /// Every prompt was accepted; generation begins.
+    Started {
+        /// Tokens in all prompts together.
+        prompt_tokens: usize,
+    },
+    /// New text for one choice (may be empty when only log-probabilities are new).
+    Delta {
+        /// The choice.
+        index: usize,
+        /// The text.
+        text: String,
+        /// Log-probabilities of the tokens behind this text, when asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// A choice ended.
+    Finished {
+        /// The choice.
+        index: usize,
+        /// Why.
+        reason: FinishReason,
+        /// Tokens generated for it.
+        completion_tokens: usize,
+    },
+    /// The request failed; no more events follow.
+    Failed(EngineError),
+}
+
+/// A text request's events, in order. Reading makes room in the request's
+/// buffer and wakes the worker, which leaves a request out of the batch
+/// while its client is behind; dropping the stream cancels the request at
+/// the next step (and wakes the worker too).
+pub struct GenerateEvents {
+    rx: mpsc::Receiver<GenerateEvent>,
+    wake: Wake,
+}
+
+impl GenerateEvents {
+    pub(super) fn new(rx: mpsc::Receiver<GenerateEvent>, wake: Wake) -> Self {
+        Self { rx, wake }
+    }
+
+    /// The next event; `None` once the worker has sent the last one.
+    pub async fn recv(&mut self) -> Option<GenerateEvent> {
+        std::future::poll_fn(|cx| self.poll_recv(cx)).await
+    }
+
+    fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<GenerateEvent>> {
+        let polled = self.rx.poll_recv(cx);
+        if polled.is_ready() {
+            self.wake.wake();
+        }
+        polled
+    }
+}
+
+impl futures::Stream for GenerateEvents {
+    type Item = GenerateEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<GenerateEvent>> {
+        self.get_mut().poll_recv(cx)
+    }
+}
+
+impl Drop for GenerateEvents {
+    fn drop(&mut self) {
+        // Closed before the wake-up, so the worker sees the client gone.
+        self.rx.close();
+        self.wake.wake();
+    }
+}
