@@ -23,7 +23,6 @@ Kindling with `cargo build --release`.
 """
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -113,10 +112,9 @@ def main():
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=4, help="rounds of 64 concurrent requests per run")
     ap.add_argument("--kindling-bin", default=str(ROOT / "target" / "release" / "kindling"))
-    ap.add_argument("--no-amx", action="store_true", help="run Kindling's f32 kernels (KINDLING_NO_AMX=1)")
+    ap.add_argument("--no-amx", action="store_true",
+                    help="run Kindling's f32 kernels ([devices.cpu] disable = [\"amx\"] in its config)")
     args = ap.parse_args()
-    if args.no_amx:
-        os.environ["KINDLING_NO_AMX"] = "1"
 
     import torch
     import sentence_transformers
@@ -147,7 +145,8 @@ def main():
         tmp = Path(tmp)
         (tmp / "models").mkdir()
         (tmp / "models" / f"{MODEL}.toml").write_text((ROOT / "configs" / "models" / f"{MODEL}.toml").read_text())
-        (tmp / "kindling.toml").write_text(f'[models]\nmanifests = "models"\nstore = "{ROOT / "store"}"\n')
+        devices = '[devices.cpu]\ndisable = ["amx"]\n' if args.no_amx else ""
+        (tmp / "kindling.toml").write_text(f'[models]\nmanifests = "models"\nstore = "{ROOT / "store"}"\n{devices}')
         server = Kindling(args.kindling_bin, tmp / "kindling.toml", args.threads)
         try:
             url = f"http://{server.addr}/v1/embeddings"

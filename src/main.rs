@@ -3,7 +3,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -94,7 +94,8 @@ async fn serve(config: Config) -> Result<()> {
         config.server.max_body_size,
         config.admin.enabled,
     )
-    .with_request_timeout(config.engine.request_timeout);
+    .with_request_timeout(config.engine.request_timeout)
+    .with_read_timeout(config.server.read_timeout);
     tracing::info!(
         config = %config.path.display(),
         models = config.models.len(),
@@ -135,19 +136,36 @@ async fn shutdown_signal() {
     }
 }
 
+/// Loads the config and applies its process-wide settings before any model
+/// loads: which optional instruction sets the CPU kernels may use.
+fn load_config(path: &Path, listen: Option<SocketAddr>, env: &Environment) -> Result<Config> {
+    let config = Config::load(path, listen, env)?;
+    let features = config.cpu_features();
+    kindling_models::configure_cpu(features)
+        .with_context(|| format!("{}: devices.cpu.disable", path.display()))?;
+    if features != kindling_models::CpuFeatures::default() {
+        tracing::info!(
+            amx = features.amx,
+            vnni = features.vnni,
+            "CPU kernels limited by devices.cpu.disable"
+        );
+    }
+    Ok(config)
+}
+
 fn run(args: Args) -> Result<()> {
     let env = Environment::from_process();
     match args.command {
         Command::Serve { config, listen } => {
             init_logging(&env);
-            let config = Config::load(&config.config, listen, &env)?;
+            let config = load_config(&config.config, listen, &env)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
             runtime.block_on(serve(config))
         }
         Command::Models { config } => {
-            let config = Config::load(&config.config, None, &env)?;
+            let config = load_config(&config.config, None, &env)?;
             for m in config.models.values() {
                 let source = match &m.weights {
                     WeightSource::Local(p) => p.display().to_string(),
@@ -159,7 +177,7 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Pull { config, model } => {
             init_logging(&env);
-            let config = Config::load(&config.config, None, &env)?;
+            let config = load_config(&config.config, None, &env)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;

@@ -1,10 +1,13 @@
 //! Kindling's fused tensor operations. Each op has a plain reference
 //! implementation beside it (built from stock candle ops) and tests
 //! comparing the two on random inputs. [`fused`] holds the ops that also run
-//! on CUDA (`cuda` feature, kernels in `kernels/cuda/`).
+//! on CUDA (`cuda` feature, kernels in `kernels/cuda/`). Which optional CPU
+//! instruction sets the kernels may use is set through [`cpu`], never read
+//! from the environment.
 
 pub mod activation;
 pub mod attention;
+pub mod cpu;
 pub mod dense;
 pub mod encoder_attention;
 pub mod fused;
@@ -17,6 +20,7 @@ pub mod rope;
 pub mod silu_mul;
 
 pub use attention::{paged_attention, PagedLayout, QueryRow};
+pub use cpu::{configure_cpu, cpu_features, CpuFeatures, CpuFeaturesFixed};
 pub use dense::{dense_isa, DenseIsa, DenseMatrix, DenseScratch, Epilogue};
 pub use encoder_attention::{encoder_attention, encoder_attention_into};
 pub use fused::{

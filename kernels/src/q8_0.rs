@@ -4,8 +4,7 @@
 
 use half::f16;
 
-use crate::q4_1::{BlockQ8_1, BLOCK};
-use crate::quant::{Kernels, QuantBlock, QuantMatrix};
+use crate::quant::{BlockQ8_1, Isa, Kernels, QuantBlock, QuantMatrix, BLOCK};
 
 /// Bytes per Q8_0 block in GGML files.
 pub const BLOCK_BYTES: usize = 34;
@@ -45,7 +44,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ8_0, BlockQ8_1};
-    use crate::quant::hsum;
+    use crate::quant::avx2::hsum;
 
     #[inline(always)]
     unsafe fn scale(wb: &BlockQ8_0) -> f32 {
@@ -100,12 +99,12 @@ mod avx2 {
         };
     }
 
-    dots!("avx2,fma,f16c", dot, dot4, crate::q4_1::avx2::ints_avx2);
+    dots!("avx2,fma,f16c", dot, dot4, crate::quant::avx2::ints_avx2);
     dots!(
         "avx2,fma,f16c,avxvnni",
         dot_vnni,
         dot4_vnni,
-        crate::q4_1::avx2::ints_vnni
+        crate::quant::avx2::ints_vnni
     );
 }
 
@@ -126,8 +125,18 @@ impl QuantBlock for BlockQ8_0 {
     }
 
     fn kernels() -> Kernels<Self> {
-        crate::quant::pick_kernels!(BlockQ8_0)
+        // SAFETY: `isa` is detected on this CPU.
+        unsafe { kernels_for(crate::quant::isa()) }
     }
+}
+
+/// The dot products for `isa`.
+///
+/// # Safety
+/// This CPU must run `isa` (as it does [`crate::quant::isa`], and every
+/// variant the tests get from `quant::runnable`).
+unsafe fn kernels_for(isa: Isa) -> Kernels<BlockQ8_0> {
+    crate::quant::pick_kernels!(BlockQ8_0, isa)
 }
 
 /// A Q8_0 weight matrix.
@@ -139,7 +148,7 @@ mod tests {
     use rand::{Rng, SeedableRng};
 
     use super::*;
-    use crate::q4_1::quantize_q8_1;
+    use crate::quant::{quantize_q8_1, runnable};
 
     fn random(rows: usize, cols: usize, rng: &mut StdRng) -> Q8_0Matrix {
         let mut bytes = Vec::new();
@@ -164,13 +173,23 @@ mod tests {
                 q
             })
             .collect();
-        let (dot, dot4) = BlockQ8_0::kernels();
         let row = &w.blocks[..cols / BLOCK];
-        let four = dot4(row, [&xs[0], &xs[1], &xs[2], &xs[3]]);
-        for (r, x) in xs.iter().enumerate() {
-            let want = dot_reference(row, x);
-            assert!((dot(row, x) - want).abs() <= 1e-4 * want.abs().max(1.0));
-            assert_eq!(four[r], dot(row, x), "row {r}");
+        let four = |(_, dot4): Kernels<BlockQ8_0>| dot4(row, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+        // Every variant this CPU runs, whatever the settings pick.
+        let mut simd: Option<[f32; 4]> = None;
+        for isa in runnable() {
+            // SAFETY: `runnable` lists only variants this CPU runs.
+            let kernels = unsafe { kernels_for(isa) };
+            let got = four(kernels);
+            for (r, x) in xs.iter().enumerate() {
+                let want = dot_reference(row, x);
+                let one = kernels.0(row, x);
+                assert!((one - want).abs() <= 1e-4 * want.abs().max(1.0), "{isa:?}");
+                assert_eq!(got[r], one, "{isa:?} row {r}");
+            }
+            if isa != Isa::Reference {
+                assert_eq!(*simd.get_or_insert(got), got, "{isa:?}");
+            }
         }
     }
 

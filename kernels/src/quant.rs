@@ -3,12 +3,72 @@
 //! quantized to Q8_1 (GGML's rounding), and dot products run on integers,
 //! four activation rows at a time so each weight block is unpacked once.
 //! A row's result is the same whichever rows share the call.
+//!
+//! The weight formats ([`crate::q4_1`], [`crate::q8_0`]) build on this
+//! module: the Q8_1 activation blocks, the instruction-set pick and the
+//! SIMD helpers their dot products share are here.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use half::f16;
 use rayon::prelude::*;
 
-use crate::q4_1::{quantize_q8_1, BlockQ8_1, BLOCK};
+use crate::cpu::{cpu_features, CpuFeatures};
+
+/// Values per block (weights and activations alike).
+pub const BLOCK: usize = 32;
+
+/// 32 activations: `x[i] ≈ d * qs[i]`, with `s = d * Σ qs` for the Q4_1 minimum term.
+/// `d` and `s` hold f16-rounded values, as GGML stores them.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[repr(C)]
+pub struct BlockQ8_1 {
+    /// Scale (an f16 value).
+    pub d: f32,
+    /// `d * Σ qs` (an f16 value).
+    pub s: f32,
+    /// Quantized values.
+    pub qs: [i8; BLOCK],
+}
+
+impl Default for BlockQ8_1 {
+    fn default() -> Self {
+        Self {
+            d: 0.0,
+            s: 0.0,
+            qs: [0; BLOCK],
+        }
+    }
+}
+
+/// Quantizes `x` (a multiple of 32 long) to Q8_1 blocks, as GGML does;
+/// with AVX2 when the CPU has it (the same results, bit for bit).
+pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() != Isa::Reference {
+        // SAFETY: the AVX2/FMA/F16C kernels were selected, so the CPU has AVX2.
+        unsafe { avx2::quantize(x, out) };
+        return;
+    }
+    quantize_q8_1_reference(x, out);
+}
+
+/// The plain version of [`quantize_q8_1`].
+pub fn quantize_q8_1_reference(x: &[f32], out: &mut [BlockQ8_1]) {
+    for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+        let amax = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in block.qs.iter_mut().zip(chunk) {
+            let r = (v * id).round_ties_even();
+            *q = r as i8;
+            sum += r as i32;
+        }
+        block.d = f16::from_f32(d).to_f32();
+        block.s = f16::from_f32(d * sum as f32).to_f32();
+    }
+}
 
 /// One weight row's dot product with one activation row.
 pub type DotFn<B> = fn(&[B], &[BlockQ8_1]) -> f32;
@@ -18,44 +78,70 @@ pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8_1]; 4]) -> [f32; 4];
 /// The pair, as picked for this CPU.
 pub type Kernels<B> = (DotFn<B>, Dot4Fn<B>);
 
-/// The dot-product variants this CPU can run, detected once.
+/// The dot-product variants, from plainest to fastest.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Isa {
     /// The plain reference code.
     Reference,
     /// AVX2 + FMA + F16C.
     Avx2,
-    /// The same plus AVX-VNNI (unless `KINDLING_NO_VNNI` is set, for comparisons).
+    /// The same plus AVX-VNNI.
     Vnni,
 }
 
+/// The variant in use: the fastest this CPU runs among those the
+/// [`crate::cpu`] settings allow, picked once.
 pub(crate) fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-        {
-            if is_x86_feature_detected!("avxvnni") && std::env::var_os("KINDLING_NO_VNNI").is_none()
-            {
-                return Isa::Vnni;
-            }
-            return Isa::Avx2;
-        }
-        Isa::Reference
-    })
+    *ISA.get_or_init(|| detect(cpu_features()))
 }
 
-/// Picks a block format's kernels for [`isa`]: its module `avx2` must have
-/// `dot`, `dot4`, `dot_vnni` and `dot4_vnni`; the reference functions are
-/// `dot_reference` and `dot4_reference`.
+/// The fastest variant this CPU runs among those `allowed`.
+pub(crate) fn detect(allowed: CpuFeatures) -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+    {
+        if allowed.vnni && is_x86_feature_detected!("avxvnni") {
+            return Isa::Vnni;
+        }
+        return Isa::Avx2;
+    }
+    let _ = allowed;
+    Isa::Reference
+}
+
+/// Every variant this CPU runs, plainest first (for tests comparing them).
+#[cfg(test)]
+pub(crate) fn runnable() -> Vec<Isa> {
+    let no_vnni = CpuFeatures {
+        vnni: false,
+        ..CpuFeatures::default()
+    };
+    let mut all = vec![Isa::Reference];
+    if detect(no_vnni) == Isa::Avx2 {
+        all.push(Isa::Avx2);
+    }
+    if detect(CpuFeatures::default()) == Isa::Vnni {
+        all.push(Isa::Vnni);
+    }
+    all
+}
+
+/// A block format's kernels for `isa`, an expression of type [`Isa`] that
+/// this CPU runs (use it inside an `unsafe fn` whose caller promises so):
+/// the format's module `avx2` must have `dot`, `dot4`, `dot_vnni` and
+/// `dot4_vnni`; the reference functions are `dot_reference` and
+/// `dot4_reference`.
 macro_rules! pick_kernels {
-    ($block:ty) => {{
+    ($block:ty, $isa:expr) => {{
+        use $crate::quant::BlockQ8_1;
         #[cfg(target_arch = "x86_64")]
         {
             fn dot_avx2(w: &[$block], x: &[BlockQ8_1]) -> f32 {
-                // SAFETY: only picked when `isa` found AVX2, FMA and F16C.
+                // SAFETY: only picked for an `isa` this CPU runs, so it has
+                // AVX2, FMA and F16C.
                 unsafe { avx2::dot(w, x) }
             }
             fn dot4_avx2(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
@@ -63,36 +149,105 @@ macro_rules! pick_kernels {
                 unsafe { avx2::dot4(w, x) }
             }
             fn dot_vnni(w: &[$block], x: &[BlockQ8_1]) -> f32 {
-                // SAFETY: only picked when `isa` found AVX-VNNI too.
+                // SAFETY: only picked for `Isa::Vnni`, so it has AVX-VNNI too.
                 unsafe { avx2::dot_vnni(w, x) }
             }
             fn dot4_vnni(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
                 // SAFETY: as for `dot_vnni`.
                 unsafe { avx2::dot4_vnni(w, x) }
             }
-            match $crate::quant::isa() {
+            match $isa {
                 $crate::quant::Isa::Vnni => return (dot_vnni, dot4_vnni),
                 $crate::quant::Isa::Avx2 => return (dot_avx2, dot4_avx2),
                 $crate::quant::Isa::Reference => {}
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = $isa;
         (dot_reference, dot4_reference)
     }};
 }
 pub(crate) use pick_kernels;
 
-/// Sums the eight lanes of `acc` (the same order everywhere, so results
-/// do not depend on which kernel variant ran).
-///
-/// # Safety
-/// The CPU must support AVX.
+/// SIMD pieces the weight formats' dot products share, and the AVX2 Q8_1
+/// quantizer.
 #[cfg(target_arch = "x86_64")]
-#[inline(always)]
-pub(crate) unsafe fn hsum(acc: std::arch::x86_64::__m256) -> f32 {
+pub(crate) mod avx2 {
     use std::arch::x86_64::*;
-    let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-    let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
-    _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+
+    use super::{BlockQ8_1, BLOCK};
+
+    /// Sums the eight lanes of `acc` (the same order everywhere, so results
+    /// do not depend on which kernel variant ran).
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[inline(always)]
+    pub(crate) unsafe fn hsum(acc: __m256) -> f32 {
+        let half = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
+        let quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
+    }
+
+    /// Sums of four u8 × i8 products per i32 lane: pairs → i16 (at most
+    /// 2·15·127 for Q4_1, 2·128·127 for Q8_0's sign trick: no saturation) → i32.
+    #[inline(always)]
+    pub(crate) unsafe fn ints_avx2(qw: __m256i, qx: __m256i) -> __m256i {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), _mm256_set1_epi16(1))
+    }
+
+    /// The same sums in one VNNI instruction (exact: the same integers).
+    #[target_feature(enable = "avx2,avxvnni")]
+    #[inline]
+    pub(crate) unsafe fn ints_vnni(qw: __m256i, qx: __m256i) -> __m256i {
+        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qw, qx)
+    }
+
+    /// Q8_1 quantization of 32-value blocks: the same operations as the
+    /// scalar version (multiply, round half to even), eight lanes at a time.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn quantize(x: &[f32], out: &mut [BlockQ8_1]) {
+        let sign = _mm256_set1_ps(-0.0);
+        for (chunk, block) in x.chunks_exact(BLOCK).zip(out.iter_mut()) {
+            // SAFETY: `chunk` holds 32 floats; unaligned loads.
+            let v: [__m256; 4] =
+                std::array::from_fn(|i| unsafe { _mm256_loadu_ps(chunk.as_ptr().add(8 * i)) });
+            let abs = v.map(|x| _mm256_andnot_ps(sign, x));
+            let m = _mm256_max_ps(_mm256_max_ps(abs[0], abs[1]), _mm256_max_ps(abs[2], abs[3]));
+            let m = _mm_max_ps(_mm256_extractf128_ps::<1>(m), _mm256_castps256_ps128(m));
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+            let d = amax / 127.0;
+            let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q = v.map(|x| {
+                _mm256_cvtps_epi32(_mm256_round_ps::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(_mm256_mul_ps(x, id)))
+            });
+            let total =
+                _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let t = _mm_add_epi32(
+                _mm256_extracti128_si256::<1>(total),
+                _mm256_castsi256_si128(total),
+            );
+            let t = _mm_add_epi32(t, _mm_shuffle_epi32::<0b01_00_11_10>(t));
+            let sum = _mm_cvtsi128_si32(_mm_add_epi32(t, _mm_shuffle_epi32::<0b10_11_00_01>(t)));
+            // i32 → i16 → i8 packs work per 128-bit lane; restore the order.
+            let packed = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let ordered =
+                _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            // SAFETY: `qs` is 32 bytes; unaligned store.
+            unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
+            block.d = half::f16::from_f32(d).to_f32();
+            block.s = half::f16::from_f32(d * sum as f32).to_f32();
+        }
+    }
 }
 
 /// A GGML block of 32 quantized weights.
@@ -236,3 +391,6 @@ impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
         Ok((CpuStorage::F32(out), Shape::from(dims)))
     }
 }
+
+#[cfg(test)]
+mod tests;

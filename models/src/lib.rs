@@ -22,6 +22,7 @@ pub use embedding::{EmbeddingModel, Pooling, TooLong};
 pub use error::{ModelError, Result};
 pub use footprint::Footprint;
 pub use kindling_kernels::gpu;
+pub use kindling_kernels::{configure_cpu, CpuFeatures};
 pub use kv_cache::{BlockTable, CacheShape, KvCache};
 pub use llama::BatchItem;
 pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};

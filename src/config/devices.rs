@@ -2,7 +2,8 @@
 //! `cpu`, `cuda:N` (one GPU), or `auto` (every GPU the driver reports).
 //! Whether a GPU is really there is found out at start-up, not here: a
 //! configuration written for a GPU host also starts where there is none,
-//! and its models run on the CPU.
+//! and its models run on the CPU. `[devices.cpu]` also says which optional
+//! instruction sets the CPU kernels may use.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,7 +11,7 @@ use std::path::Path;
 use anyhow::{bail, Result};
 use serde::Deserialize;
 
-use super::{Budget, ModelKind, ModelManifest};
+use super::{Budget, Config, ModelKind, ModelManifest};
 
 /// `[devices.<name>]`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
@@ -20,6 +21,22 @@ pub struct DeviceConfig {
     /// of what the device reports (`"80%"`). Default: 80% of the machine's
     /// memory for `cpu`, 90% of a GPU's.
     pub budget: Option<Budget>,
+    /// Optional instruction sets the CPU kernels must not use even where
+    /// the CPU has them (`cpu` only): `amx`, `vnni`.
+    #[serde(default)]
+    pub disable: Vec<CpuFeature>,
+}
+
+/// An optional CPU instruction set the kernels use where the CPU has it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CpuFeature {
+    /// AMX-BF16 tiles for the dense products of embedding and image models
+    /// (without them, AVX-512 or AVX2 f32 kernels).
+    Amx,
+    /// AVX-VNNI for the quantized dot products of GGUF models (without it,
+    /// AVX2, with the same results).
+    Vnni,
 }
 
 impl DeviceConfig {
@@ -29,6 +46,19 @@ impl DeviceConfig {
             DeviceName::Cpu => Budget::Fraction(0.8),
             DeviceName::Cuda(_) | DeviceName::Auto => Budget::Fraction(0.9),
         })
+    }
+}
+
+impl Config {
+    /// The optional instruction sets the CPU kernels may use: every one but
+    /// those `[devices.cpu] disable` names. For
+    /// `kindling_models::configure_cpu`, before any model loads.
+    pub fn cpu_features(&self) -> kindling_models::CpuFeatures {
+        let disabled = self.devices.get("cpu").map_or(&[][..], |d| &d.disable[..]);
+        kindling_models::CpuFeatures {
+            amx: !disabled.contains(&CpuFeature::Amx),
+            vnni: !disabled.contains(&CpuFeature::Vnni),
+        }
     }
 }
 
@@ -74,10 +104,16 @@ pub(super) fn check(
     devices: &mut BTreeMap<String, DeviceConfig>,
     models: &BTreeMap<String, ModelManifest>,
 ) -> Result<()> {
-    for name in devices.keys() {
-        if DeviceName::parse(name).is_none() {
+    for (name, device) in devices.iter() {
+        let Some(parsed) = DeviceName::parse(name) else {
             bail!(
                 "{}: devices.{name}: expected `cpu`, `cuda:N` or `auto`",
+                path.display()
+            );
+        };
+        if parsed != DeviceName::Cpu && !device.disable.is_empty() {
+            bail!(
+                "{}: devices.{name}.disable: only `[devices.cpu]` takes CPU instruction sets to disable",
                 path.display()
             );
         }
@@ -107,4 +143,74 @@ pub(super) fn check(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::Environment;
+
+    fn load(tag: &str, devices: &str) -> Result<Config> {
+        let d =
+            std::env::temp_dir().join(format!("kindling-config-cpu-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("models")).unwrap();
+        let path: PathBuf = d.join("kindling.toml");
+        std::fs::write(&path, format!("[models]\nstore = \"store\"\n{devices}")).unwrap();
+        Config::load(&path, None, &Environment::default())
+    }
+
+    #[test]
+    fn cpu_instruction_sets_can_be_disabled() {
+        let all = kindling_models::CpuFeatures::default();
+        assert_eq!(load("none", "").unwrap().cpu_features(), all);
+        let c = load("budget", "[devices.cpu]\nbudget = \"50%\"\n").unwrap();
+        assert_eq!(c.cpu_features(), all);
+        let c = load("amx", "[devices.cpu]\ndisable = [\"amx\"]\n").unwrap();
+        assert_eq!(c.devices["cpu"].disable, [CpuFeature::Amx]);
+        assert_eq!(
+            c.cpu_features(),
+            kindling_models::CpuFeatures {
+                amx: false,
+                vnni: true
+            }
+        );
+        let c = load("both", "[devices.cpu]\ndisable = [\"vnni\", \"amx\"]\n").unwrap();
+        assert_eq!(
+            c.cpu_features(),
+            kindling_models::CpuFeatures {
+                amx: false,
+                vnni: false
+            }
+        );
+        let c = load("empty", "[devices.cpu]\ndisable = []\n").unwrap();
+        assert_eq!(c.cpu_features(), all);
+    }
+
+    #[test]
+    fn unknown_or_misplaced_instruction_sets_are_errors() {
+        let e = format!(
+            "{:#}",
+            load("unknown", "[devices.cpu]\ndisable = [\"avx512\"]\n").unwrap_err()
+        );
+        assert!(
+            e.contains("kindling.toml") && e.contains("avx512") && e.contains("`amx`"),
+            "{e}"
+        );
+        let e = format!(
+            "{:#}",
+            load("string", "[devices.cpu]\ndisable = \"amx\"\n").unwrap_err()
+        );
+        assert!(e.contains("kindling.toml") && e.contains("disable"), "{e}");
+        let e = format!(
+            "{:#}",
+            load("gpu", "[devices.auto]\ndisable = [\"amx\"]\n").unwrap_err()
+        );
+        assert!(
+            e.contains("devices.auto.disable") && e.contains("[devices.cpu]"),
+            "{e}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ mod devices;
 mod manifest;
 mod units;
 
-pub use devices::{DeviceConfig, DeviceName};
+pub use devices::{CpuFeature, DeviceConfig, DeviceName};
 pub use manifest::{
     load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
     ModelManifest, Precision, WeightFormat, WeightSource,
@@ -58,6 +58,10 @@ pub struct ServerConfig {
     /// How long in-flight requests may run after SIGTERM (`"30s"`).
     #[serde(with = "duration")]
     pub shutdown_timeout: Duration,
+    /// Time allowed for a request's headers, and again for its body
+    /// (`"30s"`); a client that sends them slower is cut off (408).
+    #[serde(with = "duration")]
+    pub read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -66,6 +70,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_size: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -321,10 +326,11 @@ mod tests {
     fn valid_config_loads_and_resolves_paths() {
         let d = temp_dir("ok");
         write(&d.join("models"), "m.toml", MANIFEST);
-        let cfg = write(&d, "k.toml", "[models]\nstore = \"store\"\n[server]\nmax_body_size = \"1MiB\"\nshutdown_timeout = \"5s\"\n");
+        let cfg = write(&d, "k.toml", "[models]\nstore = \"store\"\n[server]\nmax_body_size = \"1MiB\"\nshutdown_timeout = \"5s\"\nread_timeout = \"10s\"\n");
         let c = Config::load(&cfg, None, &Environment::default()).unwrap();
         assert_eq!(c.server.max_body_size, 1 << 20);
         assert_eq!(c.server.shutdown_timeout, Duration::from_secs(5));
+        assert_eq!(c.server.read_timeout, Duration::from_secs(10));
         assert_eq!(
             c.models["m"].weights,
             WeightSource::Local(d.join("store/w.gguf"))

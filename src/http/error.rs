@@ -95,6 +95,19 @@ impl ApiError {
         .code("request_too_large")
     }
 
+    /// 408: the body did not arrive in time.
+    pub fn body_timeout(limit: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "invalid_request_error",
+            format!(
+                "the request body did not arrive within {}s",
+                limit.as_secs_f64()
+            ),
+        )
+        .code("request_timeout")
+    }
+
     /// 500: a bug; the details stay in the server log.
     pub fn internal() -> Self {
         Self::new(

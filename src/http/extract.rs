@@ -1,5 +1,6 @@
 //! A JSON body extractor whose every rejection is an OpenAI-shaped error:
-//! malformed JSON and wrong types are 400, an oversized body is 413.
+//! malformed JSON and wrong types are 400, an oversized body is 413, a body
+//! that does not arrive within the read timeout is 408.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -16,10 +17,13 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Self(v)),
-            Err(rejection) => Err(reject(rejection, state.max_body_size)),
-        }
+        let read = async {
+            match axum::Json::<T>::from_request(req, state).await {
+                Ok(axum::Json(v)) => Ok(Self(v)),
+                Err(rejection) => Err(reject(rejection, state.max_body_size)),
+            }
+        };
+        super::edge::read_body(state, read).await
     }
 }
 

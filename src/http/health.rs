@@ -1,7 +1,5 @@
 //! Liveness and readiness probes (also under KServe's `/v2/health/*`).
 
-use std::sync::atomic::Ordering;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -17,7 +15,7 @@ pub async fn live() -> Json<Value> {
 /// 200 while new requests are accepted; 503 once shutdown has begun, so
 /// load balancers stop sending traffic while in-flight requests drain.
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    if state.draining.load(Ordering::SeqCst) {
+    if state.drain.is_draining() {
         (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({ "status": "draining" })),

@@ -4,6 +4,7 @@
 mod admin;
 mod chat;
 mod completions;
+mod edge;
 mod embeddings;
 pub mod error;
 mod extract;
@@ -14,15 +15,12 @@ mod log;
 mod models;
 mod wire;
 
-use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{get, post};
 use axum::Router;
-use tokio::net::TcpListener;
 
 use crate::registry::Registry;
 use error::ApiError;
@@ -35,11 +33,13 @@ pub struct AppState {
     /// Largest accepted body, in bytes.
     pub max_body_size: u64,
     /// Set once shutdown begins.
-    pub draining: Arc<AtomicBool>,
+    pub drain: edge::Drain,
+    /// Time allowed for a request's headers, and for its body.
+    pub read_timeout: Duration,
     /// Whether `/admin/*` is served.
     pub admin: bool,
     /// Deadline for generation requests that name no `timeout`.
-    pub request_timeout: Option<std::time::Duration>,
+    pub request_timeout: Option<Duration>,
 }
 
 impl AppState {
@@ -48,21 +48,28 @@ impl AppState {
         Self {
             registry,
             max_body_size,
-            draining: Arc::new(AtomicBool::new(false)),
+            drain: edge::Drain::default(),
+            read_timeout: Duration::from_secs(30),
             admin,
             request_timeout: None,
         }
     }
 
     /// Sets the deadline for requests that name no `timeout`.
-    pub fn with_request_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+    pub fn with_request_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.request_timeout = timeout;
+        self
+    }
+
+    /// Sets the time allowed for a request's headers, and for its body.
+    pub fn with_read_timeout(mut self, timeout: Duration) -> Self {
+        self.read_timeout = timeout;
         self
     }
 
     /// Refuses new work once shutdown has begun.
     fn accepting(&self) -> Result<(), ApiError> {
-        if self.draining.load(Ordering::SeqCst) {
+        if self.drain.is_draining() {
             Err(ApiError::shutting_down())
         } else {
             Ok(())
@@ -114,43 +121,13 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
+            edge::refuse_oversized,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
             log::log_requests,
         ))
         .with_state(state)
 }
 
-/// Serves until `shutdown` resolves, then stops accepting connections, lets
-/// in-flight requests finish for up to `grace`, and returns.
-pub async fn serve(
-    listener: TcpListener,
-    state: AppState,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-    grace: Duration,
-) -> std::io::Result<()> {
-    let draining = state.draining.clone();
-    let (begun_tx, begun_rx) = tokio::sync::oneshot::channel::<()>();
-    let signal = async move {
-        shutdown.await;
-        draining.store(true, Ordering::SeqCst);
-        tracing::info!(
-            grace_s = grace.as_secs_f64(),
-            "shutting down: no new connections, draining in-flight requests"
-        );
-        let _ = begun_tx.send(());
-    };
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(signal);
-    let deadline = async move {
-        if begun_rx.await.is_ok() {
-            tokio::time::sleep(grace).await;
-        } else {
-            std::future::pending::<()>().await;
-        }
-    };
-    tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!("shutdown grace period over; closing the remaining connections");
-            Ok(())
-        }
-    }
-}
+pub use edge::serve;

@@ -12,6 +12,7 @@
 use rayon::prelude::*;
 
 use crate::activation::gelu;
+use crate::cpu::CpuFeatures;
 
 /// What happens to `x · Wᵀ + b` as it is written out.
 #[derive(Debug, Clone, Copy)]
@@ -48,25 +49,30 @@ pub enum DenseIsa {
     Reference,
 }
 
-/// The best kernel family this CPU (and OS) can run, detected once.
-/// `KINDLING_NO_AMX` skips AMX, for comparisons.
+/// The best kernel family this CPU (and OS) can run among those the
+/// [`crate::cpu`] settings allow, detected once.
 pub fn dense_isa() -> DenseIsa {
     static ISA: std::sync::OnceLock<DenseIsa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::env::var_os("KINDLING_NO_AMX").is_none() && amx::enable() {
-                return DenseIsa::Amx;
-            }
-            if is_x86_feature_detected!("avx512f") {
-                return DenseIsa::Avx512;
-            }
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                return DenseIsa::Avx2;
-            }
+    *ISA.get_or_init(|| detect(crate::cpu::cpu_features()))
+}
+
+/// The best kernel family this CPU runs among those `allowed` (asking the
+/// OS for the AMX tile state when AMX is allowed and present).
+fn detect(allowed: CpuFeatures) -> DenseIsa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if allowed.amx && amx::enable() {
+            return DenseIsa::Amx;
         }
-        DenseIsa::Reference
-    })
+        if is_x86_feature_detected!("avx512f") {
+            return DenseIsa::Avx512;
+        }
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return DenseIsa::Avx2;
+        }
+    }
+    let _ = allowed;
+    DenseIsa::Reference
 }
 
 /// Columns per packed panel of the f32 kernels.

@@ -103,3 +103,32 @@ fn a_row_is_the_same_alone_and_in_any_batch() {
         }
     }
 }
+
+#[test]
+fn detection_follows_the_settings() {
+    let all = detect(CpuFeatures::default());
+    let no_amx = detect(CpuFeatures {
+        amx: false,
+        ..CpuFeatures::default()
+    });
+    assert_ne!(no_amx, DenseIsa::Amx);
+    if all == DenseIsa::Amx {
+        // What a CPU without AMX runs: still a SIMD kernel.
+        assert!(
+            matches!(no_amx, DenseIsa::Avx512 | DenseIsa::Avx2),
+            "{no_amx:?}"
+        );
+    } else {
+        assert_eq!(no_amx, all);
+    }
+    // VNNI is the quantized kernels' business, not this module's.
+    let no_vnni = CpuFeatures {
+        vnni: false,
+        ..CpuFeatures::default()
+    };
+    assert_eq!(detect(no_vnni), all);
+    // The family in use is the one the settings in force give.
+    assert_eq!(dense_isa(), detect(crate::cpu::cpu_features()));
+    assert!(isas().contains(&dense_isa()) && isas().contains(&no_amx));
+    eprintln!("dense products: {:?}", dense_isa());
+}
