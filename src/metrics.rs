@@ -18,6 +18,15 @@ pub struct ModelLabel {
     pub model: String,
 }
 
+/// `model`, `state` labels.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelStateLabels {
+    /// The model id.
+    pub model: String,
+    /// `cold`, `downloading`, `loading`, `warm`, `busy`, `draining` or `failed`.
+    pub state: String,
+}
+
 /// `model`, `outcome` labels.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct LoadLabels {
@@ -116,6 +125,8 @@ pub struct Metrics {
     pub kv_blocks_used: Family<ModelLabel, Gauge>,
     /// KV cache blocks per model (set when rendering).
     pub kv_blocks_total: Family<ModelLabel, Gauge>,
+    /// 1 for each model's current lifecycle state, 0 for the others.
+    pub model_state: Family<ModelStateLabels, Gauge>,
     /// Tokens generated per second over the last ten seconds (set when rendering).
     pub tokens_per_second: Family<ModelLabel, FloatGauge>,
     /// vLLM's name for requests waiting (set when rendering).
@@ -161,6 +172,7 @@ impl Metrics {
             batch_steps: Family::default(),
             kv_blocks_used: Family::default(),
             kv_blocks_total: Family::default(),
+            model_state: Family::default(),
             tokens_per_second: Family::default(),
             vllm_waiting: Family::default(),
             vllm_running: Family::default(),
@@ -253,6 +265,11 @@ impl Metrics {
             "kindling_batch_steps",
             "Forward passes (batches) a loaded model's worker has run",
             m.batch_steps.clone(),
+        );
+        r.register(
+            "kindling_model_state",
+            "1 for each model's current lifecycle state, 0 for the others",
+            m.model_state.clone(),
         );
         r.register(
             "kindling_kv_cache_blocks_used",

@@ -70,6 +70,8 @@ async fn invalid_values_are_400_naming_the_parameter() {
         (json!({"top_p": 0}), "top_p"),
         (json!({"top_p": 1.01}), "top_p"),
         (json!({"n": 0}), "n"),
+        (json!({"stop": ["a", "b", "c", "d", "e"]}), "stop"),
+        (json!({"stop": ""}), "stop"),
         (json!({"max_tokens": 0}), "max_tokens"),
         (
             json!({"max_completion_tokens": -5}),

@@ -42,14 +42,6 @@ pub enum EngineError {
     /// The model failed while computing.
     #[error("model computation failed: {0}")]
     Compute(String),
-    /// Loading must wait: there is no room for the model yet.
-    #[error("{message}")]
-    NoRoom {
-        /// Why, with the figures.
-        message: String,
-        /// Seconds after which a retry may succeed; `None` if it never will.
-        retry_after: Option<u64>,
-    },
     /// The request's deadline passed before it finished.
     #[error("the request did not finish within its {seconds:.1}s deadline")]
     DeadlineExceeded {

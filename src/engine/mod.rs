@@ -31,8 +31,8 @@ pub use embed::{EmbedInput, EmbedRequest, Embeddings};
 pub use error::EngineError;
 pub use image::{ImageEvent, ImageRequest, ImageServing};
 pub use request::{
-    FinishReason, GenerateEvent, GenerateEvents, GenerateRequest, Prompt, TokenAlternative,
-    TokenLogprob,
+    FinishReason, GenerateEvent, GenerateEvents, GenerateSpec, Prompt, TokenAlternative,
+    TokenLogprob, ValidGenerate, MAX_CHOICES, MAX_STOP,
 };
 pub use spec::{estimate, LoadSpec, Target, Task};
 pub use stats::EngineStats;
@@ -80,7 +80,7 @@ impl EngineHandle {
 
     /// Queues `request`; its events arrive on the returned stream.
     /// Dropping the stream cancels the request at the next step.
-    pub fn submit(&self, request: GenerateRequest) -> Result<GenerateEvents, EngineError> {
+    pub fn submit(&self, request: ValidGenerate) -> Result<GenerateEvents, EngineError> {
         let Worker::Text {
             jobs,
             stall_timeout,

@@ -22,9 +22,16 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
-/// A validated generation request.
+/// Most choices one request may make, over all its prompts.
+pub const MAX_CHOICES: usize = 128;
+/// Most stop sequences.
+pub const MAX_STOP: usize = 4;
+
+/// A generation request as the client shaped it, its values already parsed
+/// and range-checked at the edge; [`GenerateSpec::validate`] checks it as a
+/// whole.
 #[derive(Debug, Clone)]
-pub struct GenerateRequest {
+pub struct GenerateSpec {
     /// The inputs: one for chat, one or more for text completions. Choice
     /// `i` of prompt `p` is numbered `p * n + i`.
     pub prompts: Vec<Prompt>,
@@ -44,8 +51,88 @@ pub struct GenerateRequest {
     pub echo: bool,
     /// Keep generating past end-of-turn tokens (benchmarks, fixed-length tests).
     pub ignore_eos: bool,
+}
+
+/// A generation request the engine trusts: made only by
+/// [`GenerateSpec::validate`]. The worker re-checks only what depends on
+/// the loaded model (vocabulary, context length, the tokenized prompt).
+#[derive(Debug, Clone)]
+pub struct ValidGenerate {
+    pub(super) spec: GenerateSpec,
     /// When the request must be done by; past it, it fails and frees its slot.
-    pub deadline: Option<Instant>,
+    pub(super) deadline: Option<Instant>,
+}
+
+fn invalid(param: &'static str, message: String) -> EngineError {
+    EngineError::InvalidInput { param, message }
+}
+
+impl GenerateSpec {
+    /// Checks the request as a whole: at least one prompt and one choice,
+    /// at most [`MAX_CHOICES`] choices in all, `max_tokens` at least 1, at
+    /// most [`MAX_STOP`] stop sequences and none empty, no empty token list
+    /// or conversation.
+    pub fn validate(self) -> Result<ValidGenerate, EngineError> {
+        let (prompts, n) = (self.prompts.len(), self.n);
+        if prompts == 0 {
+            return Err(invalid("prompt", "at least one prompt is needed".into()));
+        }
+        if n == 0 || prompts.saturating_mul(n) > MAX_CHOICES {
+            let message = if prompts == 1 {
+                format!("`n` must be between 1 and {MAX_CHOICES}, got {n}")
+            } else {
+                format!("{prompts} prompts × n = {n} asks for more than {MAX_CHOICES} choices")
+            };
+            return Err(invalid("n", message));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(invalid(
+                "max_tokens",
+                "`max_tokens` must be at least 1, got 0".into(),
+            ));
+        }
+        if self.stop.len() > MAX_STOP {
+            let message = format!(
+                "at most {MAX_STOP} stop sequences are allowed, got {}",
+                self.stop.len()
+            );
+            return Err(invalid("stop", message));
+        }
+        if self.stop.iter().any(String::is_empty) {
+            return Err(invalid("stop", "stop sequences must not be empty".into()));
+        }
+        for prompt in &self.prompts {
+            match prompt {
+                Prompt::Tokens(ids) if ids.is_empty() => {
+                    return Err(invalid("prompt", "the prompt is empty".into()))
+                }
+                Prompt::Chat(messages) if messages.is_empty() => {
+                    return Err(invalid(
+                        "messages",
+                        "`messages` must contain at least one message".into(),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        Ok(ValidGenerate {
+            spec: self,
+            deadline: None,
+        })
+    }
+}
+
+impl ValidGenerate {
+    /// Sets when the request must be done by.
+    pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Choices over all prompts.
+    pub fn choices(&self) -> usize {
+        self.spec.n * self.spec.prompts.len()
+    }
 }
 
 /// Why a choice ended.
@@ -148,5 +235,53 @@ impl Drop for GenerateEvents {
         // Closed before the wake-up, so the worker sees the client gone.
         self.rx.close();
         self.wake.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(prompts: usize, n: usize) -> GenerateSpec {
+        GenerateSpec {
+            prompts: vec![Prompt::Text("hi".into()); prompts],
+            max_tokens: None,
+            default_max_tokens: None,
+            stop: Vec::new(),
+            n,
+            sampling: SamplingParams::default(),
+            echo: false,
+            ignore_eos: false,
+        }
+    }
+
+    fn param(r: Result<ValidGenerate, EngineError>) -> &'static str {
+        match r {
+            Err(EngineError::InvalidInput { param, .. }) => param,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_request_is_checked_as_a_whole_naming_the_parameter() {
+        assert_eq!(spec(2, 64).validate().unwrap().choices(), 128);
+        assert_eq!(param(spec(0, 1).validate()), "prompt");
+        assert_eq!(param(spec(1, 0).validate()), "n");
+        assert_eq!(param(spec(3, 64).validate()), "n");
+        let zero = GenerateSpec {
+            max_tokens: Some(0),
+            ..spec(1, 1)
+        };
+        assert_eq!(param(zero.validate()), "max_tokens");
+        let stops = GenerateSpec {
+            stop: vec!["a".into(), String::new()],
+            ..spec(1, 1)
+        };
+        assert_eq!(param(stops.validate()), "stop");
+        let empty = GenerateSpec {
+            prompts: vec![Prompt::Tokens(Vec::new())],
+            ..spec(1, 1)
+        };
+        assert_eq!(param(empty.validate()), "prompt");
     }
 }

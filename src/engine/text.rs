@@ -12,11 +12,11 @@ use super::request::GenerateEvents;
 use super::scheduler::{Limits, Request, Scheduler, Sequence, StepModel};
 use super::sequence::{Choice, ChoiceSpec, Events};
 use super::shell::{Backend, Jobs, Step, Ticket};
-use super::{EngineError, EngineStats, GenerateRequest, LoadSpec, Prompt};
+use super::{EngineError, EngineStats, LoadSpec, Prompt, ValidGenerate};
 
 /// A queued text request.
 pub(crate) struct TextJob {
-    request: GenerateRequest,
+    request: ValidGenerate,
     events: Events,
     ticket: Ticket,
 }
@@ -29,13 +29,12 @@ const EVENT_BUFFER: usize = 256;
 pub(super) fn submit(
     jobs: &Jobs<TextJob>,
     stall_timeout: Duration,
-    request: GenerateRequest,
+    request: ValidGenerate,
 ) -> Result<GenerateEvents, EngineError> {
     let ticket = jobs.ticket()?;
     // Room for every choice's events of a few steps: a request only takes
     // part in a step when its client has room for that step.
-    let choices = request.n * request.prompts.len();
-    let depth = EVENT_BUFFER.max(4 * super::sequence::EVENTS_PER_STEP * choices);
+    let depth = EVENT_BUFFER.max(4 * super::sequence::EVENTS_PER_STEP * request.choices());
     let (tx, rx) = mpsc::channel(depth);
     let job = TextJob {
         request,
@@ -148,7 +147,7 @@ fn intake(model: &TextModel, scheduler: &mut Scheduler, job: TextJob) {
                     .deadline
                     .map(|d| (d, d.saturating_duration_since(now))),
                 prompt_tokens,
-                live: request.n * request.prompts.len(),
+                live: request.choices(),
             };
             scheduler.enqueue(req, sequences);
         }
@@ -204,9 +203,10 @@ fn prompt_ids(model: &TextModel, prompt: &Prompt) -> Result<Vec<u32>, EngineErro
 /// checked before any is queued, so a bad one fails the whole request.
 fn sequences(
     model: &TextModel,
-    req: &GenerateRequest,
+    request: &ValidGenerate,
     kv_capacity: usize,
 ) -> Result<(Vec<Sequence>, usize), EngineError> {
+    let req = &request.spec;
     let context = model.max_positions().min(kv_capacity);
     let vocab = model.tokenizer.vocab_size();
     let mut out = Vec::with_capacity(req.prompts.len());

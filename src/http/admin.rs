@@ -57,7 +57,6 @@ struct StatusObject {
 /// queue depths, and every model's state.
 pub async fn status(State(state): State<AppState>) -> Json<impl Serialize> {
     let s = state.registry.status();
-    let resident = |st: &str| matches!(st, "warm" | "busy" | "draining");
     Json(StatusObject {
         devices: s
             .devices
@@ -74,7 +73,7 @@ pub async fn status(State(state): State<AppState>) -> Json<impl Serialize> {
         models_resident: s
             .models
             .iter()
-            .filter(|m| resident(m.state.state))
+            .filter(|m| m.state.state.is_resident())
             .map(|m| m.id.clone())
             .collect(),
         queue_depths: s

@@ -13,7 +13,7 @@ use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step}
 use super::log::RequestLog;
 use super::wire::{token_limit, SamplingFields, StreamOptions, Usage};
 use super::AppState;
-use crate::engine::{GenerateRequest, Prompt, TokenAlternative, TokenLogprob};
+use crate::engine::{GenerateSpec, Prompt, TokenAlternative, TokenLogprob};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -191,7 +191,7 @@ pub async fn handle(
     };
     let defaults = state.registry.text_defaults(&req.model, Purpose::Chat)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
-    let request = GenerateRequest {
+    let request = GenerateSpec {
         prompts: vec![Prompt::Chat(messages)],
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
@@ -200,8 +200,8 @@ pub async fn handle(
         sampling: sampling.params,
         echo: false,
         ignore_eos: req.sampling.ignore_eos,
-        deadline: None,
-    };
+    }
+    .validate()?;
     let job = Job::new(
         &req.model,
         request,

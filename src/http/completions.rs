@@ -12,9 +12,9 @@ use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step};
 use super::log::RequestLog;
-use super::wire::{token_limit, SamplingFields, StreamOptions, Usage, MAX_CHOICES};
+use super::wire::{token_limit, SamplingFields, StreamOptions, Usage};
 use super::AppState;
-use crate::engine::{GenerateRequest, Prompt, TokenLogprob};
+use crate::engine::{GenerateSpec, Prompt, TokenLogprob};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -123,17 +123,7 @@ pub async fn handle(
         ));
     }
     let prompts = prompts(req.prompt)?;
-    if prompts.len() * sampling.n > MAX_CHOICES {
-        return Err(ApiError::invalid(
-            "n",
-            format!(
-                "{} prompts × n = {} asks for more than {MAX_CHOICES} choices",
-                prompts.len(),
-                sampling.n
-            ),
-        ));
-    }
-    let request = GenerateRequest {
+    let request = GenerateSpec {
         prompts,
         max_tokens,
         // OpenAI's default for this endpoint (the manifest's `max_tokens`
@@ -144,8 +134,8 @@ pub async fn handle(
         sampling: sampling.params,
         echo: req.echo,
         ignore_eos: req.sampling.ignore_eos,
-        deadline: None,
-    };
+    }
+    .validate()?;
     let job = Job::new(
         &req.model,
         request,

@@ -108,14 +108,14 @@ impl ApiError {
         .code("request_timeout")
     }
 
-    /// 500: a bug; the details stay in the server log.
+    /// 500: a bug or a failure inside the daemon. The client gets the
+    /// request id, the details stay in the server log under it.
     pub fn internal() -> Self {
-        Self::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "server_error",
-            "internal error (see the server log)",
-        )
-        .code("internal_error")
+        let message = match super::log::current_request_id() {
+            Some(id) => format!("internal error (request id {id})"),
+            None => "internal error".to_string(),
+        };
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).code("internal_error")
     }
 
     /// 503: the daemon is shutting down.
@@ -178,28 +178,21 @@ impl From<EngineError> for ApiError {
                     .code("context_length_exceeded")
             }
             EngineError::InvalidInput { param, .. } => Self::invalid(param, message),
-            EngineError::LoadFailed { retry_after, .. } => {
-                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .code("model_load_failed");
-                Self {
-                    retry_after: Some(retry_after.unwrap_or(1)),
-                    ..e
-                }
-            }
-            EngineError::NoRoom { retry_after, .. } => {
-                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
-                    .code("insufficient_memory");
-                Self { retry_after, ..e }
-            }
+            // A worker that failed to load is the registry's failed load.
+            e @ EngineError::LoadFailed { .. } => RegistryError::from(e).into(),
             EngineError::DeadlineExceeded { .. } => {
                 Self::new(StatusCode::GATEWAY_TIMEOUT, "timeout_error", message)
                     .param("timeout")
                     .code("deadline_exceeded")
             }
             EngineError::Stopped(_) => Self::shutting_down(),
-            EngineError::Compute(_) => {
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
-                    .code("internal_error")
+            EngineError::Compute(detail) => {
+                tracing::error!(
+                    request_id = super::log::current_request_id().as_deref().unwrap_or("-"),
+                    error = %detail,
+                    "model computation failed"
+                );
+                Self::internal()
             }
         }
     }
@@ -221,6 +214,19 @@ impl From<RegistryError> for ApiError {
                 Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
                     .code("model_loading")
                     .retry(1)
+            }
+            RegistryError::LoadFailed { retry_after, .. } => {
+                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("model_load_failed");
+                Self {
+                    retry_after: Some(retry_after.unwrap_or(1)),
+                    ..e
+                }
+            }
+            RegistryError::NoRoom { retry_after, .. } => {
+                let e = Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+                    .code("insufficient_memory");
+                Self { retry_after, ..e }
             }
             RegistryError::Engine(e) => e.into(),
         }

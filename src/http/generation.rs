@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::log::RequestLog;
 use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
-use crate::engine::{EngineError, FinishReason, GenerateEvent, GenerateRequest, TokenLogprob};
+use crate::engine::{EngineError, FinishReason, GenerateEvent, TokenLogprob, ValidGenerate};
 use crate::metrics::Metrics;
 use crate::registry::{Lease, Registry};
 
@@ -61,7 +61,7 @@ impl Timing {
             prompt_tokens: metrics.prompt_tokens.get_or_create(&label).clone(),
             generation_tokens: metrics.generation_tokens.get_or_create(&label).clone(),
             first_seen: false,
-            last: vec![None; job.request.n * job.request.prompts.len()],
+            last: vec![None; job.request.choices()],
         }
     }
 
@@ -99,7 +99,7 @@ pub struct Job {
     /// The model id.
     pub model: String,
     /// What to generate.
-    pub request: GenerateRequest,
+    pub request: ValidGenerate,
     /// The request's `keep_alive`, if it named one.
     pub keep_alive: Option<KeepAlive>,
     /// The parameter blamed for prompt errors (`messages` or `prompt`).
@@ -137,14 +137,14 @@ impl Job {
     /// deadline (its `timeout`, else `default_timeout`, from arrival).
     pub fn new(
         model: &str,
-        mut request: GenerateRequest,
+        request: ValidGenerate,
         fields: &SamplingFields,
         param: &'static str,
         log: &RequestLog,
         default_timeout: Option<Duration>,
     ) -> Result<Self, ApiError> {
         let timeout = fields.timeout()?.or(default_timeout);
-        request.deadline = timeout.map(|t| log.arrived() + t);
+        let request = request.with_deadline(timeout.map(|t| log.arrived() + t));
         Ok(Self {
             model: model.to_string(),
             request,
@@ -168,10 +168,10 @@ pub async fn start(registry: &Registry, job: Job) -> Result<Generation, ApiError
 
 async fn submit(
     lease: Lease,
-    request: GenerateRequest,
+    request: ValidGenerate,
     mut timing: Timing,
 ) -> Result<Generation, ApiError> {
-    let choices = request.n * request.prompts.len();
+    let choices = request.choices();
     let mut rx = lease.submit(request)?;
     let mut usage = UsageCounter::default();
     match rx.recv().await {

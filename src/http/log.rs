@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
@@ -12,6 +13,37 @@ use axum::response::Response;
 
 use super::AppState;
 use crate::metrics::{Metrics, RequestLabels};
+
+tokio::task_local! {
+    /// The id of the request being handled (or streamed) on this task.
+    static REQUEST_ID: Arc<str>;
+}
+
+/// The id of the request being handled, where there is one: error bodies
+/// name it, so a client's report can be matched to the server's log.
+pub fn current_request_id() -> Option<Arc<str>> {
+    REQUEST_ID.try_with(Arc::clone).ok()
+}
+
+/// A response body polled with its request's id in scope.
+struct Scoped<S> {
+    id: Arc<str>,
+    inner: S,
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for Scoped<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        let this = &mut *self;
+        REQUEST_ID.sync_scope(this.id.clone(), || {
+            std::pin::Pin::new(&mut this.inner).poll_next(cx)
+        })
+    }
+}
 
 /// Client-chosen strings are cut to this many characters in the log.
 const LOGGED_CHARS: usize = 128;
@@ -205,7 +237,8 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
         note: "request (client disconnected)",
         armed: true,
     };
-    let mut resp = next.run(req).await;
+    let scope: Arc<str> = Arc::from(id.as_str());
+    let mut resp = REQUEST_ID.scope(scope.clone(), next.run(req)).await;
     abandoned.armed = false;
     let status: StatusCode = resp.status();
     *log.0.status.lock().unwrap_or_else(|e| e.into_inner()) = status.as_u16();
@@ -214,6 +247,29 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
     }
     if resp.extensions().get::<Deferred>().is_none() {
         log.finish("request");
+        return resp;
     }
-    resp
+    // A stream: its errors are made while it is polled, later.
+    let (parts, body) = resp.into_parts();
+    let inner = body.into_data_stream();
+    Response::from_parts(parts, Body::from_stream(Scoped { id: scope, inner }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::EngineError;
+    use crate::http::error::ApiError;
+
+    #[tokio::test]
+    async fn a_failure_inside_the_daemon_shows_the_request_id_not_the_detail() {
+        let e = REQUEST_ID
+            .scope(Arc::from("req-42"), async {
+                ApiError::from(EngineError::Compute("shape mismatch in matmul".into()))
+            })
+            .await;
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(e.message, "internal error (request id req-42)");
+        assert_eq!(ApiError::internal().message, "internal error");
+    }
 }

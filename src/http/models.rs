@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
-use crate::registry::{ModelSummary, RegistryError};
+use crate::registry::{ModelState, ModelSummary, RegistryError};
 
 fn unix(t: Option<SystemTime>) -> Option<f64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -31,8 +31,8 @@ pub struct ModelObject {
     owned_by: String,
     /// Extension: whether the weights are in memory now.
     loaded: bool,
-    /// `cold`, `downloading`, `loading`, `warm`, `busy`, `draining` or `failed`.
-    state: &'static str,
+    /// Where it is in its lifecycle.
+    state: ModelState,
     /// `chat` or `completion`.
     kind: &'static str,
     device: Option<String>,
@@ -60,7 +60,7 @@ impl From<ModelSummary> for ModelObject {
             object: "model",
             created: m.created,
             owned_by: m.owned_by,
-            loaded: matches!(s.state, "warm" | "busy" | "draining"),
+            loaded: s.state.is_resident(),
             state: s.state,
             kind: m.kind,
             device: s.device,

@@ -142,10 +142,6 @@ pub struct ValidSampling {
 
 /// Most choices one request may ask for.
 pub const MAX_N: i64 = 128;
-/// Most choices over all prompts of one request.
-pub const MAX_CHOICES: usize = 128;
-/// Most stop sequences.
-pub const MAX_STOP: usize = 4;
 
 fn in_range(param: &str, v: Option<f32>, lo: f32, hi: f32, lo_open: bool) -> Result<(), ApiError> {
     match v {
@@ -209,21 +205,6 @@ impl SamplingFields {
             Some(StopSpec::One(s)) => vec![s.clone()],
             Some(StopSpec::Many(v)) => v.clone(),
         };
-        if stop.len() > MAX_STOP {
-            return Err(ApiError::invalid(
-                "stop",
-                format!(
-                    "at most {MAX_STOP} stop sequences are allowed, got {}",
-                    stop.len()
-                ),
-            ));
-        }
-        if stop.iter().any(String::is_empty) {
-            return Err(ApiError::invalid(
-                "stop",
-                "stop sequences must not be empty",
-            ));
-        }
         let params = SamplingParams {
             temperature: self.temperature.or(defaults.temperature).unwrap_or(1.0),
             top_p: self.top_p.or(defaults.top_p).unwrap_or(1.0),
@@ -288,8 +269,6 @@ mod tests {
             (r#"{"top_k": -3}"#, "top_k"),
             (r#"{"min_p": 1.1}"#, "min_p"),
             (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
-            (r#"{"stop": ["a","b","c","d","e"]}"#, "stop"),
-            (r#"{"stop": ""}"#, "stop"),
         ] {
             let err = fields(json).validate(&d, None).unwrap_err();
             assert_eq!(err.param.as_deref(), Some(param), "{json}");

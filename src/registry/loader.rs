@@ -12,11 +12,12 @@ use kindling_models::Footprint;
 use super::download;
 use super::lifecycle::{BatchSnapshot, Loaded, Loader, Progress};
 use super::memory;
+use super::RegistryError;
 use crate::config::{
     parse_size, Config, DeviceName, EngineConfig, HubConfig, ModelKind, ModelManifest, Precision,
     WeightFormat, WeightSource,
 };
-use crate::engine::{self, EngineError, EngineHandle, ImageServing, LoadSpec, Target, Task};
+use crate::engine::{self, EngineHandle, ImageServing, LoadSpec, Target, Task};
 use kindling_models::diffusion::SamplerKind;
 use kindling_models::{gpu, DType};
 
@@ -45,8 +46,8 @@ fn gpu_dtype(manifest: &ModelManifest) -> DType {
     }
 }
 
-fn failed(model: &str, reason: impl Into<String>) -> EngineError {
-    EngineError::LoadFailed {
+fn failed(model: &str, reason: impl Into<String>) -> RegistryError {
+    RegistryError::LoadFailed {
         model: model.to_string(),
         reason: reason.into(),
         retry_after: None,
@@ -150,7 +151,7 @@ impl EngineLoader {
         id: &str,
         progress: Arc<Progress>,
         show_bar: bool,
-    ) -> Result<PathBuf, EngineError> {
+    ) -> Result<PathBuf, RegistryError> {
         let manifest = self
             .manifests
             .get(id)
@@ -217,7 +218,7 @@ impl Loader for Arc<EngineLoader> {
         &self,
         id: &str,
         progress: Arc<Progress>,
-    ) -> BoxFuture<'static, Result<(Plan, u64), EngineError>> {
+    ) -> BoxFuture<'static, Result<(Plan, u64), RegistryError>> {
         let this = self.clone();
         let id = id.to_string();
         async move {
@@ -240,7 +241,7 @@ impl Loader for Arc<EngineLoader> {
                 } else {
                     None
                 };
-                Ok::<_, EngineError>((cpu, gpu))
+                Ok::<_, RegistryError>((cpu, gpu))
             })
             .await
             .map_err(|e| failed(&id, format!("estimate task failed: {e}")))??;
@@ -269,7 +270,7 @@ impl Loader for Arc<EngineLoader> {
         id: &str,
         mut plan: Plan,
         device: &str,
-    ) -> BoxFuture<'static, Result<Loaded<EngineHandle>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Loaded<EngineHandle>, RegistryError>> {
         let gpu = match (DeviceName::parse(device), plan.gpu) {
             (Some(DeviceName::Cuda(ordinal)), Some((dtype, footprint))) => {
                 plan.spec.target = Target::Cuda { ordinal, dtype };
@@ -340,7 +341,7 @@ async fn load_on_gpu(
     spec: LoadSpec,
     ordinal: usize,
     footprint: Footprint,
-) -> Result<(EngineHandle, engine::Stopped, Option<u64>), EngineError> {
+) -> Result<(EngineHandle, engine::Stopped, Option<u64>), RegistryError> {
     let free = || gpu::memory(ordinal).map(|m| m.free).ok();
     let before = free();
     let (handle, stopped) = engine::start(spec).await?;

@@ -19,7 +19,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use crate::config::{Config, GenerationDefaults, KeepAlive, ModelKind, ModelManifest};
 use crate::engine::EngineError;
 use crate::metrics::{gauge_value, Metrics};
-pub use lifecycle::{DeviceSnapshot, Snapshot};
+pub use lifecycle::{DeviceSnapshot, ModelState, Snapshot};
 use lifecycle::{Lifecycle, Policy};
 pub use loader::EngineLoader;
 pub use memory::tune_allocator;
@@ -43,9 +43,46 @@ pub enum RegistryError {
     /// The model is loading; it can be unloaded once loaded.
     #[error("model `{0}` is loading; unload it once it has loaded")]
     Loading(String),
-    /// Loading or reaching the model failed.
+    /// The model could not be loaded.
+    #[error("model `{model}` failed to load: {reason}")]
+    LoadFailed {
+        /// The model.
+        model: String,
+        /// Why.
+        reason: String,
+        /// Seconds until the next attempt is allowed, if it is held back.
+        retry_after: Option<u64>,
+    },
+    /// Loading must wait: there is no room for the model yet.
+    #[error("{message}")]
+    NoRoom {
+        /// Why, with the figures.
+        message: String,
+        /// Seconds after which a retry may succeed; `None` if it never will.
+        retry_after: Option<u64>,
+    },
+    /// The engine refused or failed the request.
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Engine(EngineError),
+}
+
+impl From<EngineError> for RegistryError {
+    /// A worker that failed to load is a failed load; anything else the
+    /// engine says passes through.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::LoadFailed {
+                model,
+                reason,
+                retry_after,
+            } => Self::LoadFailed {
+                model,
+                reason,
+                retry_after,
+            },
+            other => Self::Engine(other),
+        }
+    }
 }
 
 /// What a request wants a text model for.
@@ -204,7 +241,7 @@ impl Registry {
     pub fn is_resident(&self, id: &str) -> bool {
         self.lifecycle
             .snapshot(id)
-            .is_some_and(|s| matches!(s.state, "warm" | "busy"))
+            .is_some_and(|s| matches!(s.state, ModelState::Warm | ModelState::Busy))
     }
 
     /// The sampling defaults of a text model that can serve `purpose`.
@@ -282,7 +319,7 @@ impl Registry {
         keep_alive: Option<KeepAlive>,
     ) -> Result<Lease, RegistryError> {
         self.entry(id)?;
-        Ok(self.lifecycle.acquire(id, keep_alive).await?)
+        self.lifecycle.acquire(id, keep_alive).await
     }
 
     /// Loads the model (if cold) and starts its keep-alive timer.
@@ -323,7 +360,7 @@ impl Registry {
     /// the terminal (`kindling pull`); returns the weight file.
     pub async fn pull(&self, id: &str) -> Result<std::path::PathBuf, RegistryError> {
         self.entry(id)?;
-        Ok(self.loader.fetch(id, Arc::default(), true).await?)
+        self.loader.fetch(id, Arc::default(), true).await
     }
 
     /// Unloads every model (at shutdown); workers exit once their in-flight
@@ -349,7 +386,16 @@ impl Registry {
         for s in &status.models {
             let label = Metrics::model(&s.id);
             let st = &s.state;
-            resident += i64::from(matches!(st.state, "warm" | "busy" | "draining"));
+            resident += i64::from(st.state.is_resident());
+            for state in ModelState::ALL {
+                let label = crate::metrics::ModelStateLabels {
+                    model: s.id.clone(),
+                    state: state.as_str().to_string(),
+                };
+                m.model_state
+                    .get_or_create(&label)
+                    .set(i64::from(state == st.state));
+            }
             m.model_estimated
                 .get_or_create(&label)
                 .set(gauge_value(st.estimated_bytes.unwrap_or(0)));

@@ -11,8 +11,8 @@ use tokio::sync::oneshot;
 
 use super::lifecycle::{DeviceBudget, Lifecycle, Loaded, Loader, Policy, Progress};
 use crate::config::{KeepAlive, LifecycleConfig};
-use crate::engine::EngineError;
 use crate::metrics::Metrics;
+use crate::registry::RegistryError;
 
 /// Signals its owner's loader when the last clone of a model is dropped.
 struct Alive(Option<oneshot::Sender<()>>);
@@ -47,7 +47,7 @@ impl Loader for Arc<SizedLoader> {
         &self,
         id: &str,
         _progress: Arc<Progress>,
-    ) -> BoxFuture<'static, Result<(String, u64), EngineError>> {
+    ) -> BoxFuture<'static, Result<(String, u64), RegistryError>> {
         let size = self.sizes[id];
         let id = id.to_string();
         async move { Ok((id, size)) }.boxed()
@@ -63,14 +63,14 @@ impl Loader for Arc<SizedLoader> {
         _id: &str,
         id: String,
         device: &str,
-    ) -> BoxFuture<'static, Result<Loaded<Arc<Alive>>, EngineError>> {
+    ) -> BoxFuture<'static, Result<Loaded<Arc<Alive>>, RegistryError>> {
         let this = self.clone();
         let measured = self.estimate_on(&id, device).unwrap_or(self.sizes[&id]);
         async move {
             *this.loads.lock().unwrap().entry(id.clone()).or_default() += 1;
             tokio::time::sleep(this.load_time).await;
             if this.failing.lock().unwrap().contains(&id) {
-                return Err(EngineError::LoadFailed {
+                return Err(RegistryError::LoadFailed {
                     model: id,
                     reason: "corrupt header".into(),
                     retry_after: None,
@@ -159,7 +159,7 @@ fn fixture_on(
 
 impl Fixture {
     fn state(&self, id: &str) -> &'static str {
-        self.life.snapshot(id).unwrap().state
+        self.life.snapshot(id).unwrap().state.as_str()
     }
 }
 
@@ -273,7 +273,7 @@ async fn busy_and_pinned_models_are_never_evicted() {
     let busy = f.life.acquire("busy", None).await.unwrap();
     let err = f.life.acquire("c", None).await.err().unwrap();
     match err {
-        EngineError::NoRoom { retry_after, .. } => assert!(retry_after.is_some()),
+        RegistryError::NoRoom { retry_after, .. } => assert!(retry_after.is_some()),
         other => panic!("expected NoRoom, got {other:?}"),
     }
     assert_eq!((f.state("pinned"), f.state("busy")), ("warm", "busy"));
@@ -297,7 +297,7 @@ async fn busy_and_pinned_models_are_never_evicted() {
 async fn a_model_that_can_never_fit_fails_at_once() {
     let f = fixture(250, &[("huge", 1000, false)]);
     match f.life.acquire("huge", None).await.err().unwrap() {
-        EngineError::NoRoom {
+        RegistryError::NoRoom {
             message,
             retry_after: None,
         } => assert!(
@@ -314,13 +314,13 @@ async fn failed_loads_are_retried_with_backoff() {
     f.loader.failing.lock().unwrap().push("bad".into());
     let both = futures::future::join_all((0..3).map(|_| f.life.acquire("bad", None))).await;
     assert!(both.iter().all(
-        |r| matches!(r, Err(EngineError::LoadFailed { reason, .. }) if reason.contains("corrupt"))
+        |r| matches!(r, Err(RegistryError::LoadFailed { reason, .. }) if reason.contains("corrupt"))
     ));
     assert_eq!(f.loader.loads("bad"), 1);
     assert_eq!(f.state("bad"), "failed");
     // Held back: no new attempt, a Retry-After instead.
     match f.life.acquire("bad", None).await.err().unwrap() {
-        EngineError::LoadFailed { retry_after, .. } => assert_eq!(retry_after, Some(5)),
+        RegistryError::LoadFailed { retry_after, .. } => assert_eq!(retry_after, Some(5)),
         other => panic!("{other:?}"),
     }
     assert_eq!(f.loader.loads("bad"), 1);
@@ -333,7 +333,7 @@ async fn failed_loads_are_retried_with_backoff() {
     assert_eq!(f.loader.loads("bad"), 2);
     // The second failure doubles the wait.
     match f.life.acquire("bad", None).await.err().unwrap() {
-        EngineError::LoadFailed { retry_after, .. } => assert_eq!(retry_after, Some(10)),
+        RegistryError::LoadFailed { retry_after, .. } => assert_eq!(retry_after, Some(10)),
         other => panic!("{other:?}"),
     }
     f.loader.failing.lock().unwrap().clear();

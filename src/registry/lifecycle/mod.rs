@@ -15,8 +15,8 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio::sync::Notify;
 
 use crate::config::{KeepAlive, LifecycleConfig};
-use crate::engine::EngineError;
 use crate::metrics::Metrics;
+use crate::registry::RegistryError;
 
 mod transitions;
 
@@ -32,7 +32,7 @@ pub trait Loader: Send + Sync + 'static {
         &self,
         id: &str,
         progress: Arc<Progress>,
-    ) -> BoxFuture<'static, Result<(Self::Plan, u64), EngineError>>;
+    ) -> BoxFuture<'static, Result<(Self::Plan, u64), RegistryError>>;
     /// The model's estimate on `device` when it differs from the one
     /// `prepare` gave (a GPU holds weights in a narrower type).
     fn estimate_on(&self, plan: &Self::Plan, device: &str) -> Option<u64> {
@@ -45,7 +45,7 @@ pub trait Loader: Send + Sync + 'static {
         id: &str,
         plan: Self::Plan,
         device: &str,
-    ) -> BoxFuture<'static, Result<Loaded<Self::Model>, EngineError>>;
+    ) -> BoxFuture<'static, Result<Loaded<Self::Model>, RegistryError>>;
     /// The model's live batch figures.
     fn batch(model: &Self::Model) -> BatchSnapshot;
 }
@@ -134,7 +134,7 @@ impl Reason {
     }
 }
 
-type SharedLoad = Shared<BoxFuture<'static, Result<Duration, EngineError>>>;
+type SharedLoad = Shared<BoxFuture<'static, Result<Duration, RegistryError>>>;
 type SharedStop = Shared<BoxFuture<'static, ()>>;
 
 enum Phase<M> {
@@ -227,11 +227,68 @@ impl<L: Loader> Drop for Lease<L> {
     }
 }
 
+/// Where a model is in its lifecycle, as users see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    /// Not in memory; the next request loads it.
+    Cold,
+    /// Its weights are being fetched.
+    Downloading,
+    /// Its weights are being loaded.
+    Loading,
+    /// In memory, serving nothing right now.
+    Warm,
+    /// In memory, serving requests.
+    Busy,
+    /// Unloading once its requests end.
+    Draining,
+    /// The last load failed; a retry is held back for a while.
+    Failed,
+}
+
+impl ModelState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [Self; 7] = [
+        Self::Cold,
+        Self::Downloading,
+        Self::Loading,
+        Self::Warm,
+        Self::Busy,
+        Self::Draining,
+        Self::Failed,
+    ];
+
+    /// The state's name in the API, the status page and the metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cold => "cold",
+            Self::Downloading => "downloading",
+            Self::Loading => "loading",
+            Self::Warm => "warm",
+            Self::Busy => "busy",
+            Self::Draining => "draining",
+            Self::Failed => "failed",
+        }
+    }
+
+    /// Whether its weights are in memory.
+    pub fn is_resident(self) -> bool {
+        matches!(self, Self::Warm | Self::Busy | Self::Draining)
+    }
+}
+
+impl std::fmt::Display for ModelState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A model's state as users see it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
-    /// `cold`, `downloading`, `loading`, `warm`, `busy`, `draining` or `failed`.
-    pub state: &'static str,
+    /// Where it is in its lifecycle.
+    pub state: ModelState,
     /// The device it is on (or loading onto).
     pub device: Option<String>,
     /// Estimated bytes, once the weights' headers were read.
@@ -343,7 +400,7 @@ impl<L: Loader> Lifecycle<L> {
         &self,
         id: &str,
         keep_alive: Option<KeepAlive>,
-    ) -> Result<Lease<L>, EngineError> {
+    ) -> Result<Lease<L>, RegistryError> {
         let core = &self.core;
         let mut cold_load = None;
         let mut waiting = None::<Pending<L>>;
@@ -371,7 +428,7 @@ impl<L: Loader> Lifecycle<L> {
                     Phase::Loading(load) => Wait::Load(load.clone()),
                     Phase::Draining(stop) => Wait::Stop(stop.clone()),
                     Phase::Failed { reason, retry_at } if *retry_at > Instant::now() => {
-                        return Err(EngineError::LoadFailed {
+                        return Err(RegistryError::LoadFailed {
                             model: id.to_string(),
                             reason: format!("{reason} (the next attempt is held back)"),
                             retry_after: Some(retry_secs(*retry_at)),
@@ -466,8 +523,8 @@ impl<L: Loader> Lifecycle<L> {
     }
 }
 
-fn unknown(id: &str) -> EngineError {
-    EngineError::LoadFailed {
+fn unknown(id: &str) -> RegistryError {
+    RegistryError::LoadFailed {
         model: id.to_string(),
         reason: "no such model".into(),
         retry_after: None,
@@ -477,13 +534,13 @@ fn unknown(id: &str) -> EngineError {
 fn snapshot<L: Loader>(s: &Slot<L::Model>) -> Snapshot {
     let downloading = s.progress.active.load(Ordering::Relaxed);
     let state = match &s.phase {
-        Phase::Cold => "cold",
-        Phase::Loading(_) if downloading => "downloading",
-        Phase::Loading(_) => "loading",
-        Phase::Resident { .. } if s.in_flight > 0 => "busy",
-        Phase::Resident { .. } => "warm",
-        Phase::Draining(_) => "draining",
-        Phase::Failed { .. } => "failed",
+        Phase::Cold => ModelState::Cold,
+        Phase::Loading(_) if downloading => ModelState::Downloading,
+        Phase::Loading(_) => ModelState::Loading,
+        Phase::Resident { .. } if s.in_flight > 0 => ModelState::Busy,
+        Phase::Resident { .. } => ModelState::Warm,
+        Phase::Draining(_) => ModelState::Draining,
+        Phase::Failed { .. } => ModelState::Failed,
     };
     let batch = match &s.phase {
         Phase::Resident { model, .. } => L::batch(model),

@@ -13,9 +13,9 @@ use super::{
     lock, unknown, Core, KeepAlive, Loaded, Loader, Phase, Progress, Reason, SharedLoad,
     SharedStop, Slot, State,
 };
-use crate::engine::EngineError;
 use crate::metrics::{EvictionLabels, LoadLabels, Metrics};
 use crate::registry::evict::{choose_victims, Candidate};
+use crate::registry::RegistryError;
 
 impl<L: Loader> Core<L> {
     pub(super) fn release(self: &Arc<Self>, id: &str, keep_alive: Option<KeepAlive>) {
@@ -146,7 +146,7 @@ impl<L: Loader> Core<L> {
         let model = id.to_string();
         let load = async move {
             task.await.unwrap_or_else(|e| {
-                Err(EngineError::LoadFailed {
+                Err(RegistryError::LoadFailed {
                     model,
                     reason: format!("load task failed: {e}"),
                     retry_after: None,
@@ -159,7 +159,7 @@ impl<L: Loader> Core<L> {
         load
     }
 
-    async fn run_load(self: Arc<Self>, id: &str) -> Result<Duration, EngineError> {
+    async fn run_load(self: Arc<Self>, id: &str) -> Result<Duration, RegistryError> {
         let started = Instant::now();
         let progress = lock(&self.state)
             .models
@@ -214,7 +214,7 @@ impl<L: Loader> Core<L> {
                 slot.device = None;
                 match &e {
                     // Not the model's fault: the next request tries afresh.
-                    EngineError::NoRoom { .. } => slot.phase = Phase::Cold,
+                    RegistryError::NoRoom { .. } => slot.phase = Phase::Cold,
                     _ => {
                         slot.failures += 1;
                         let backoff = self
@@ -240,7 +240,7 @@ impl<L: Loader> Core<L> {
         self: &Arc<Self>,
         id: &str,
         progress: Arc<Progress>,
-    ) -> Result<Loaded<L::Model>, EngineError> {
+    ) -> Result<Loaded<L::Model>, RegistryError> {
         let (plan, estimate) = self.loader.prepare(id, progress).await?;
         let (need, device) = {
             let mut st = lock(&self.state);
@@ -260,7 +260,7 @@ impl<L: Loader> Core<L> {
             (need, device)
         };
         let Some(load_lock) = self.load_locks.get(&device) else {
-            return Err(EngineError::LoadFailed {
+            return Err(RegistryError::LoadFailed {
                 model: id.to_string(),
                 reason: format!("device `{device}` is not declared"),
                 retry_after: None,
@@ -323,7 +323,7 @@ impl<L: Loader> Core<L> {
         id: &str,
         device: &str,
         need: u64,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), RegistryError> {
         let deadline = tokio::time::Instant::now() + self.settings.load_timeout;
         loop {
             let notified = self.room.notified();
@@ -333,7 +333,7 @@ impl<L: Loader> Core<L> {
                 let mut st = lock(&self.state);
                 let budget = st.devices.get(device).map_or(0, |d| d.budget);
                 if need > budget {
-                    return Err(EngineError::NoRoom {
+                    return Err(RegistryError::NoRoom {
                         message: format!(
                             "model `{id}` needs an estimated {need} bytes but device `{device}` has a budget of {budget} bytes; it can never fit (raise devices.{device}.budget or shorten its context_length)"
                         ),
@@ -381,7 +381,7 @@ impl<L: Loader> Core<L> {
             if !waited {
                 let st = lock(&self.state);
                 let budget = st.devices.get(device).map_or(0, |d| d.budget);
-                return Err(EngineError::NoRoom {
+                return Err(RegistryError::NoRoom {
                     message: format!(
                         "no room to load model `{id}` (needs {need} bytes): device `{device}` has {} of {budget} bytes in use by models that are busy or pinned",
                         st.used(device)
