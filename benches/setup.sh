@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Creates .venv-bench with the peer for the benchmarks: llama.cpp built from
 # the sources in the llama-cpp-python sdist with every x86 extension this
-# machine's CPU has (AVX2, AVX-VNNI, AVX-512 F/VBMI/VNNI/BF16, FMA, F16C,
-# BMI2) except AMX: llama.cpp's native build (GGML_NATIVE) crashes here in its
-# AMX code on the first decode, so the options are named one by one.
+# machine's CPU reports (of AVX2, AVX-VNNI, AVX-512 F/VBMI/VNNI/BF16, FMA,
+# F16C, BMI2) except AMX: llama.cpp's native build (GGML_NATIVE) crashes in
+# its AMX code on the first decode on AMX machines, so the options are named
+# one by one, from /proc/cpuinfo.
 #
 # - llama-cpp-python (in-process llama.cpp, for the single-stream figures),
 # - .venv-bench/bin/llama-server, built from the same sdist's vendored
@@ -18,7 +19,12 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$root/.venv-bench
 version=0.3.36
 jobs=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
-ggml_opts="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
+# Each extension is switched on only where this machine's CPU reports it
+# (CPUs of this kind differ: AVX-VNNI on some, only AVX-512 VNNI on others).
+cpu_flags=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+has() { [[ $cpu_flags == *" $1 "* ]]; }
+onoff() { if has "$1"; then echo ON; else echo OFF; fi; }
+ggml_opts="-DGGML_NATIVE=OFF -DGGML_AVX=$(onoff avx) -DGGML_AVX2=$(onoff avx2) -DGGML_AVX_VNNI=$(onoff avx_vnni) -DGGML_AVX512=$(onoff avx512f) -DGGML_AVX512_VBMI=$(onoff avx512vbmi) -DGGML_AVX512_VNNI=$(onoff avx512_vnni) -DGGML_AVX512_BF16=$(onoff avx512_bf16) -DGGML_FMA=$(onoff fma) -DGGML_F16C=$(onoff f16c) -DGGML_BMI2=$(onoff bmi2) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 py_cmake_args="-DLLAMA_CURL=OFF $ggml_opts"
 # Server build: static, release, no web UI (neither built nor downloaded), no
 # HTTPS, no tests or examples.
