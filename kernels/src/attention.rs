@@ -68,17 +68,8 @@ pub fn paged_attention(
         .for_each_init(Vec::new, |scores, (i, o)| {
             let (row, head) = (i / heads, i % heads);
             let query = &q[i * d..(i + 1) * d];
-            attend(
-                query,
-                &rows[row],
-                head / group,
-                k,
-                v,
-                layout,
-                scale,
-                scores,
-                o,
-            );
+            let cache = CacheLayer { k, v, layout };
+            attend(query, &rows[row], head / group, cache, scale, scores, o);
         });
     out
 }
@@ -102,18 +93,25 @@ fn check(q: &[f32], heads: usize, rows: &[QueryRow<'_>], layout: PagedLayout) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One layer of the paged cache.
+#[derive(Clone, Copy)]
+struct CacheLayer<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    layout: PagedLayout,
+}
+
+/// One query head's attention over the positions its row sees.
 fn attend(
     query: &[f32],
     row: &QueryRow<'_>,
     kv_head: usize,
-    k: &[f32],
-    v: &[f32],
-    layout: PagedLayout,
+    cache: CacheLayer<'_>,
     scale: f32,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
+    let CacheLayer { k, v, layout } = cache;
     let (d, bs) = (layout.head_dim, layout.block_size);
     scores.clear();
     let mut max = f32::NEG_INFINITY;

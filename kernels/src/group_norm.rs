@@ -7,23 +7,41 @@
 
 use rayon::prelude::*;
 
-/// Normalizes `x` (`[batch, channels, plane]`) into `out`, with `gamma`
-/// and `beta` per channel, then applies SiLU when `silu`.
+/// One group normalization: the shape of `[batch, channels, plane]`
+/// activations, the groups, the per-channel scale and shift, epsilon, and
+/// whether SiLU follows.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupNorm<'a> {
+    /// Channels per image.
+    pub channels: usize,
+    /// Values per channel (height × width).
+    pub plane: usize,
+    /// Groups the channels split into.
+    pub groups: usize,
+    /// Scale per channel.
+    pub gamma: &'a [f32],
+    /// Shift per channel.
+    pub beta: &'a [f32],
+    /// Added to the variance.
+    pub eps: f32,
+    /// Apply SiLU after the affine.
+    pub silu: bool,
+}
+
+/// Normalizes `x` (`[batch, channels, plane]`) into `out` as `p` says.
 ///
 /// # Panics
 /// If the lengths disagree or `channels` is not a multiple of `groups`.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm(
-    x: &[f32],
-    out: &mut [f32],
-    channels: usize,
-    plane: usize,
-    groups: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    silu: bool,
-) {
+pub fn group_norm(x: &[f32], out: &mut [f32], p: &GroupNorm<'_>) {
+    let GroupNorm {
+        channels,
+        plane,
+        groups,
+        gamma,
+        beta,
+        eps,
+        silu,
+    } = *p;
     assert!(
         groups > 0 && channels.is_multiple_of(groups),
         "{channels} channels in {groups} groups"
@@ -65,17 +83,16 @@ pub fn group_norm(
 }
 
 /// The plain definition, in f64, for tests.
-#[allow(clippy::too_many_arguments)]
-pub fn group_norm_reference(
-    x: &[f32],
-    channels: usize,
-    plane: usize,
-    groups: usize,
-    gamma: &[f32],
-    beta: &[f32],
-    eps: f32,
-    silu: bool,
-) -> Vec<f32> {
+pub fn group_norm_reference(x: &[f32], p: &GroupNorm<'_>) -> Vec<f32> {
+    let GroupNorm {
+        channels,
+        plane,
+        groups,
+        gamma,
+        beta,
+        eps,
+        silu,
+    } = *p;
     let per = channels / groups;
     let mut out = vec![0f32; x.len()];
     for (b, img) in x.chunks(channels * plane).enumerate() {
@@ -134,12 +151,18 @@ mod tests {
             let gamma = data(channels, 7);
             let beta = data(channels, 9);
             for silu in [false, true] {
+                let p = GroupNorm {
+                    channels,
+                    plane,
+                    groups,
+                    gamma: &gamma,
+                    beta: &beta,
+                    eps: 1e-5,
+                    silu,
+                };
                 let mut out = vec![0f32; x.len()];
-                group_norm(
-                    &x, &mut out, channels, plane, groups, &gamma, &beta, 1e-5, silu,
-                );
-                let want =
-                    group_norm_reference(&x, channels, plane, groups, &gamma, &beta, 1e-5, silu);
+                group_norm(&x, &mut out, &p);
+                let want = group_norm_reference(&x, &p);
                 let worst = out
                     .iter()
                     .zip(&want)
@@ -159,15 +182,20 @@ mod tests {
         let x = data(3 * channels * plane, 3);
         let gamma = data(channels, 1);
         let beta = data(channels, 2);
+        let p = GroupNorm {
+            channels,
+            plane,
+            groups,
+            gamma: &gamma,
+            beta: &beta,
+            eps: 1e-6,
+            silu: true,
+        };
         let mut all = vec![0f32; x.len()];
-        group_norm(
-            &x, &mut all, channels, plane, groups, &gamma, &beta, 1e-6, true,
-        );
+        group_norm(&x, &mut all, &p);
         let one = &x[channels * plane..2 * channels * plane];
         let mut alone = vec![0f32; one.len()];
-        group_norm(
-            one, &mut alone, channels, plane, groups, &gamma, &beta, 1e-6, true,
-        );
+        group_norm(one, &mut alone, &p);
         assert_eq!(alone, all[channels * plane..2 * channels * plane]);
     }
 }

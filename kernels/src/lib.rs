@@ -27,7 +27,7 @@ pub use fused::{
     add_rms_norm, cache_write, group_norm_silu, paged_decode_attention, rms_norm, rope_in_place,
     AttentionShape,
 };
-pub use group_norm::{group_norm, group_norm_reference};
+pub use group_norm::{group_norm, group_norm_reference, GroupNorm};
 pub use q4_1::Q4_1Matrix;
 pub use q8_0::Q8_0Matrix;
 pub use quant::QuantMatrix;

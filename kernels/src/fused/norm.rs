@@ -231,9 +231,16 @@ fn group_norm_cpu<T: Float>(
         );
     }
     let mut out = vec![0f32; x.len()];
-    crate::group_norm(
-        &x, &mut out, channels, plane, op.groups, &gamma, &beta, op.eps, op.silu,
-    );
+    let p = crate::GroupNorm {
+        channels,
+        plane,
+        groups: op.groups,
+        gamma: &gamma,
+        beta: &beta,
+        eps: op.eps,
+        silu: op.silu,
+    };
+    crate::group_norm(&x, &mut out, &p);
     Ok((
         T::to_cpu_storage_owned(super::narrow(&out)),
         xl.shape().clone(),

@@ -400,17 +400,16 @@ impl GroupNorm {
                 return Err(candle_core::Error::Msg("group norm runs on the CPU".into()).into());
             };
             let x = &cpu.as_slice::<f32>()?[layout.start_offset()..][..out.len()];
-            kindling_kernels::group_norm(
-                x,
-                &mut out,
-                c,
-                h * w,
-                self.groups,
+            let p = kindling_kernels::GroupNorm {
+                channels: c,
+                plane: h * w,
+                groups: self.groups,
                 gamma,
                 beta,
-                self.eps,
+                eps: self.eps,
                 silu,
-            );
+            };
+            kindling_kernels::group_norm(x, &mut out, &p);
         }
         Ok(Tensor::from_vec(out, xs.dims(), xs.device())?)
     }
