@@ -248,7 +248,7 @@ impl EmbeddingModel {
                 self.max_tokens
             )));
         }
-        let states = self.bert.forward(inputs)?;
+        let states = crate::in_pool(|| self.bert.forward(inputs))?;
         let h = self.dimensions();
         let mut out = Vec::with_capacity(inputs.len());
         let mut start = 0;

@@ -27,3 +27,19 @@ pub use kv_cache::{BlockTable, CacheShape, KvCache};
 pub use llama::BatchItem;
 pub use sampling::{Sampled, Sampler, SamplingParams, TokenLogprobs};
 pub use text::{Detokenizer, Network, Placement, StopMatcher, StopOutcome, TextModel};
+
+/// Runs `f` on one of rayon's worker threads and waits for it.
+///
+/// A forward pass is a few hundred small parallel operations. Called from
+/// a thread outside the pool, each of them is handed to the pool and the
+/// caller sleeps until it is done: two context switches per operation,
+/// which at one decode token a step cost as much as the arithmetic. Run
+/// from inside the pool, the operations split among the workers directly,
+/// and the caller waits once for the whole pass.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}

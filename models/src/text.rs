@@ -133,10 +133,12 @@ impl TextModel {
         }
     }
 
-    /// Runs one batched forward pass (see [`Llama::forward`]).
+    /// Runs one batched forward pass (see [`Llama::forward`]). On the CPU
+    /// the whole pass runs on one of the thread pool's workers (see
+    /// [`crate::in_pool`]).
     pub fn forward(&self, batch: &[BatchItem<'_>], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
         match &self.model {
-            Network::Host(m) => m.forward(batch, cache),
+            Network::Host(m) => crate::in_pool(|| m.forward(batch, cache)),
             Network::Device(m) => m.forward(batch, cache),
         }
     }
