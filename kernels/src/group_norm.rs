@@ -84,15 +84,7 @@ pub fn group_norm(x: &[f32], out: &mut [f32], p: &GroupNorm<'_>) {
 
 /// The plain definition, in f64, for tests.
 pub fn group_norm_reference(x: &[f32], p: &GroupNorm<'_>) -> Vec<f32> {
-    let GroupNorm {
-        channels,
-        plane,
-        groups,
-        gamma,
-        beta,
-        eps,
-        silu,
-    } = *p;
+    let (channels, plane, groups, eps) = (p.channels, p.plane, p.groups, p.eps);
     let per = channels / groups;
     let mut out = vec![0f32; x.len()];
     for (b, img) in x.chunks(channels * plane).enumerate() {
@@ -109,9 +101,9 @@ pub fn group_norm_reference(x: &[f32], p: &GroupNorm<'_>) -> Vec<f32> {
                 for i in 0..plane {
                     let at = b * channels * plane + ch * plane + i;
                     let y = (f64::from(x[at]) - mean) / (var + f64::from(eps)).sqrt()
-                        * f64::from(gamma[ch])
-                        + f64::from(beta[ch]);
-                    out[at] = if silu {
+                        * f64::from(p.gamma[ch])
+                        + f64::from(p.beta[ch]);
+                    out[at] = if p.silu {
                         (y / (1.0 + (-y).exp())) as f32
                     } else {
                         y as f32
