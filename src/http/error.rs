@@ -118,6 +118,17 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message).code("internal_error")
     }
 
+    /// 500 for a failure inside the daemon: `detail` goes to the log under
+    /// the request id, the client gets [`ApiError::internal`].
+    pub fn internal_because(detail: impl std::fmt::Display) -> Self {
+        tracing::error!(
+            request_id = super::log::current_request_id().as_deref().unwrap_or("-"),
+            error = %detail,
+            "internal error"
+        );
+        Self::internal()
+    }
+
     /// 503: the daemon is shutting down.
     pub fn shutting_down() -> Self {
         Self::new(
@@ -186,14 +197,7 @@ impl From<EngineError> for ApiError {
                     .code("deadline_exceeded")
             }
             EngineError::Stopped(_) => Self::shutting_down(),
-            EngineError::Compute(detail) => {
-                tracing::error!(
-                    request_id = super::log::current_request_id().as_deref().unwrap_or("-"),
-                    error = %detail,
-                    "model computation failed"
-                );
-                Self::internal()
-            }
+            EngineError::Compute(detail) => Self::internal_because(detail),
         }
     }
 }

@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::log::RequestLog;
 use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
-use crate::engine::{EngineError, FinishReason, GenerateEvent, TokenLogprob, ValidGenerate};
+use crate::engine::{FinishReason, GenerateEvent, TokenLogprob, ValidGenerate};
 use crate::metrics::Metrics;
 use crate::registry::{Lease, Registry};
 
@@ -181,7 +181,9 @@ async fn submit(
         }
         Some(GenerateEvent::Failed(e)) => return Err(e.into()),
         Some(_) | None => {
-            return Err(EngineError::Compute("the model worker stopped unexpectedly".into()).into())
+            return Err(ApiError::internal_because(
+                "the model worker stopped unexpectedly",
+            ))
         }
     }
     Ok(Generation {
@@ -241,9 +243,7 @@ impl Generation {
             }
         }
         if out.iter().any(|c| c.finish_reason.is_none()) {
-            return Err(
-                crate::engine::EngineError::Compute("generation ended early".into()).into(),
-            );
+            return Err(ApiError::internal_because("generation ended early"));
         }
         let usage = self.usage.usage();
         log.tokens(usage.prompt_tokens, usage.completion_tokens);
@@ -316,7 +316,7 @@ where
             }
         }
         if unfinished > 0 {
-            yield SseItem::Error(EngineError::Compute("generation ended early".into()).into());
+            yield SseItem::Error(ApiError::internal_because("generation ended early"));
             return;
         }
         let totals = gen.usage.usage();
@@ -351,7 +351,7 @@ impl SseItem {
     pub fn chunk<T: Serialize>(value: &T) -> Self {
         match serde_json::to_string(value) {
             Ok(v) => SseItem::Chunk(v),
-            Err(e) => SseItem::Error(EngineError::Compute(e.to_string()).into()),
+            Err(e) => SseItem::Error(ApiError::internal_because(e)),
         }
     }
 }

@@ -24,7 +24,7 @@ use super::log::RequestLog;
 use super::wire::LifetimeFields;
 use super::AppState;
 use crate::config::parse_size;
-use crate::engine::{EngineError, ImageEvent, ImageRequest};
+use crate::engine::{ImageEvent, ImageRequest};
 
 /// Most images per request (OpenAI's limit).
 pub const MAX_IMAGES: i64 = 10;
@@ -254,8 +254,8 @@ async fn encode(
         encode_image(&rgb, width, height, output.format, output.quality)
     })
     .await
-    .map_err(|e| ApiError::from(EngineError::Compute(format!("encoder task failed: {e}"))))?
-    .map_err(|e| ApiError::from(EngineError::Compute(e.to_string())))?;
+    .map_err(|e| ApiError::internal_because(format!("encoder task failed: {e}")))?
+    .map_err(ApiError::internal_because)?;
     Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
 }
 
@@ -337,7 +337,7 @@ pub async fn handle(
                 }
             }
             if completed < n {
-                yield SseItem::Error(EngineError::Compute("image generation ended early".into()).into());
+                yield SseItem::Error(ApiError::internal_because("image generation ended early"));
             }
         };
         let mut resp = sse_response(items, log);
@@ -414,7 +414,7 @@ async fn collect(
         }
     }
     if out.images.len() != n || out.images.iter().any(|(_, w, _, _)| *w == 0) {
-        return Err(EngineError::Compute("image generation ended early".into()).into());
+        return Err(ApiError::internal_because("image generation ended early"));
     }
     Ok(out)
 }
