@@ -158,31 +158,25 @@ fn run(
     stats: &Arc<EngineStats>,
     ready: oneshot::Sender<Result<Worker, EngineError>>,
 ) {
+    let reply = move |worker: Result<Worker, EngineError>| ready.send(worker).is_ok();
     match &spec.task {
         Task::Text => shell::run(spec, stats, text::load, |r| {
-            let worker = r.map(|(jobs, ())| Worker::Text {
+            reply(r.map(|(jobs, ())| Worker::Text {
                 jobs,
                 stall_timeout: spec.stall_timeout,
-            });
-            ready.send(worker).is_ok()
+            }))
         }),
         Task::Embedding { dimensions } => shell::run(
             spec,
             stats,
             |spec, stats| embed::load(spec, stats, dimensions),
-            |r| {
-                let worker = r.map(|(jobs, reach)| Worker::Embedding { jobs, reach });
-                ready.send(worker).is_ok()
-            },
+            |r| reply(r.map(|(jobs, reach)| Worker::Embedding { jobs, reach })),
         ),
         Task::Image(serving) => shell::run(
             spec,
             stats,
             |spec, stats| image::load(spec, stats, serving),
-            |r| {
-                let worker = r.map(|(jobs, limits)| Worker::Image { jobs, limits });
-                ready.send(worker).is_ok()
-            },
+            |r| reply(r.map(|(jobs, limits)| Worker::Image { jobs, limits })),
         ),
     }
 }

@@ -67,7 +67,7 @@ pub struct LoadSpec {
 }
 
 impl LoadSpec {
-    pub(super) fn serving(&self) -> kindling_models::footprint::TextServing {
+    fn serving(&self) -> kindling_models::footprint::TextServing {
         kindling_models::footprint::TextServing {
             context_length: self.context_length,
             kv_cache_tokens: self.kv_cache_tokens,
