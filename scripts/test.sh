@@ -10,6 +10,15 @@ cd "$root"
 
 scripts/fetch-models.sh
 
+# A throwaway PostgreSQL server for the usage store's tests (KINDLING_TEST_PG=0 skips it).
+if [[ ${KINDLING_TEST_PG:-1} != 0 ]]; then
+    pgtmp=$(mktemp -d)
+    chmod 755 "$pgtmp"  # the server runs as user postgres when we are root
+    trap 'scripts/pg-test-server.sh stop "$pgtmp/pg" || true; rm -rf "$pgtmp"' EXIT
+    KINDLING_TEST_PG_URL=$(scripts/pg-test-server.sh start "$pgtmp/pg")
+    export KINDLING_TEST_PG_URL KINDLING_REQUIRE_PG=1
+fi
+
 cargo test --workspace --locked
 
 venv=${KINDLING_TEST_VENV:-$root/.venv}

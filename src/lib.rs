@@ -9,3 +9,4 @@ pub mod engine;
 pub mod http;
 pub mod metrics;
 pub mod registry;
+pub mod tenancy;

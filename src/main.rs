@@ -13,7 +13,10 @@ use kindling::config::{Config, Environment, WeightSource};
 use kindling::http::{self, AppState};
 use kindling::metrics::Metrics;
 use kindling::registry::Registry;
+use kindling::tenancy::Tenancy;
 use tracing_subscriber::EnvFilter;
+
+mod cli;
 
 /// Kindling: a self-hosted model-serving daemon with an OpenAI-compatible API.
 ///
@@ -54,6 +57,32 @@ enum Command {
         /// (port 0 picks a free one).
         #[arg(long, short, value_name = "ADDR:PORT")]
         listen: Option<SocketAddr>,
+        /// A key every request must carry (`Authorization: Bearer KEY`),
+        /// with full access; repeatable. Also KINDLING_API_KEY
+        /// (comma-separated). Managed keys: `[auth] keys_file`.
+        #[arg(long = "api-key", value_name = "KEY")]
+        api_keys: Vec<String>,
+        /// Listen beyond loopback with no API key (anyone who can reach the
+        /// port may use it).
+        #[arg(long)]
+        insecure_public: bool,
+    },
+    /// Manage API keys in the keys file (`[auth] keys_file`).
+    Keys {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The keys file (instead of the config's `[auth] keys_file`).
+        #[arg(long, value_name = "PATH", global = true)]
+        keys_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: cli::KeysCommand,
+    },
+    /// Report metered usage from the usage store, as a table, CSV or JSON.
+    Usage {
+        #[command(flatten)]
+        config: ConfigArgs,
+        #[command(flatten)]
+        args: cli::UsageArgs,
     },
     /// Check the config and manifests, and list the models they declare.
     Models {
@@ -82,23 +111,44 @@ fn init_logging(env: &Environment) {
         .init();
 }
 
+/// Refuses to serve beyond loopback with no key, unless told to.
+fn check_exposure(config: &Config, insecure_public: bool) -> Result<()> {
+    let ip = config.server.listen.ip();
+    if ip.is_loopback() || config.auth.enabled() || insecure_public {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "refusing to listen on {} with no API key: anyone who can reach it could use it. \
+         Add a key (`--api-key KEY`, the KINDLING_API_KEY variable, or `[auth] keys_file` \
+         with `kindling keys create`), listen on 127.0.0.1, or pass --insecure-public \
+         if an open server is what you want",
+        config.server.listen
+    )
+}
+
 async fn serve(config: Config) -> Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let tenancy = Arc::new(Tenancy::new(&config, metrics.clone())?);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let addr = listener.local_addr()?;
-    let registry = Arc::new(Registry::new(&config, Arc::new(Metrics::new())));
+    let registry = Arc::new(Registry::new(&config, metrics));
     registry.start_background();
+    tenancy.start_background();
     let state = AppState::new(
         registry.clone(),
+        tenancy.clone(),
         config.server.max_body_size,
         config.admin.enabled,
     )
     .with_request_timeout(config.engine.request_timeout)
-    .with_read_timeout(config.server.read_timeout);
+    .with_read_timeout(config.server.read_timeout)
+    .with_cors(config.server.cors_origins.clone());
     tracing::info!(
         config = %config.path.display(),
         models = config.models.len(),
+        keys = config.auth.enabled(),
         "listening on http://{addr}"
     );
     http::serve(
@@ -108,6 +158,8 @@ async fn serve(config: Config) -> Result<()> {
         config.server.shutdown_timeout,
     )
     .await?;
+    // Every request has ended: its usage record is queued. Commit them all.
+    tenancy.close().await;
     registry.unload_all();
     tracing::info!("stopped");
     Ok(())
@@ -156,9 +208,16 @@ fn load_config(path: &Path, listen: Option<SocketAddr>, env: &Environment) -> Re
 fn run(args: Args) -> Result<()> {
     let env = Environment::from_process();
     match args.command {
-        Command::Serve { config, listen } => {
+        Command::Serve {
+            config,
+            listen,
+            api_keys,
+            insecure_public,
+        } => {
             init_logging(&env);
-            let config = load_config(&config.config, listen, &env)?;
+            let mut config = load_config(&config.config, listen, &env)?;
+            config.auth.api_keys.extend(api_keys);
+            check_exposure(&config, insecure_public)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
@@ -175,6 +234,15 @@ fn run(args: Args) -> Result<()> {
             }
             Ok(())
         }
+        Command::Keys {
+            config,
+            keys_file,
+            command,
+        } => {
+            let path = cli::keys_file(&config.config, keys_file, &env)?;
+            cli::keys(&path, command)
+        }
+        Command::Usage { config, args } => cli::usage(&config.config, &env, args),
         Command::Pull { config, model } => {
             init_logging(&env);
             let config = load_config(&config.config, None, &env)?;

@@ -56,6 +56,24 @@ pub struct RequestLabels {
     pub status: String,
 }
 
+/// `key`, `model` labels: usage per API key (its name, never its secret).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UsageLabels {
+    /// The key's name.
+    pub key: String,
+    /// The model id.
+    pub model: String,
+}
+
+/// `key`, `reason` labels: requests refused by a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// The key's name.
+    pub key: String,
+    /// `requests`, `tokens` or `quota`.
+    pub reason: String,
+}
+
 /// `model_name` label, as vLLM names it (for autoscaler triggers written
 /// against vLLM's metrics).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -137,6 +155,16 @@ pub struct Metrics {
     pub vllm_kv_usage: Family<ModelNameLabel, FloatGauge>,
     /// This process's resident memory (set when rendering).
     pub process_resident: Gauge,
+    /// Requests metered, per key and model.
+    pub key_requests: Family<UsageLabels, Counter>,
+    /// Prompt and embedding tokens, per key and model.
+    pub key_prompt_tokens: Family<UsageLabels, Counter>,
+    /// Completion tokens, per key and model.
+    pub key_completion_tokens: Family<UsageLabels, Counter>,
+    /// Images made, per key and model.
+    pub key_images: Family<UsageLabels, Counter>,
+    /// Requests refused by a key's limits.
+    pub rate_limited: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -178,6 +206,11 @@ impl Metrics {
             vllm_running: Family::default(),
             vllm_kv_usage: Family::default(),
             process_resident: Gauge::default(),
+            key_requests: Family::default(),
+            key_prompt_tokens: Family::default(),
+            key_completion_tokens: Family::default(),
+            key_images: Family::default(),
+            rate_limited: Family::default(),
             registry: Registry::default(),
             render_lock: Mutex::new(()),
         };
@@ -305,6 +338,31 @@ impl Metrics {
             "kindling_process_resident_memory_bytes",
             "Resident memory of the daemon",
             m.process_resident.clone(),
+        );
+        r.register(
+            "kindling_key_requests",
+            "Requests metered, per API key name and model",
+            m.key_requests.clone(),
+        );
+        r.register(
+            "kindling_key_prompt_tokens",
+            "Prompt and embedding tokens, per API key name and model",
+            m.key_prompt_tokens.clone(),
+        );
+        r.register(
+            "kindling_key_completion_tokens",
+            "Completion tokens, per API key name and model",
+            m.key_completion_tokens.clone(),
+        );
+        r.register(
+            "kindling_key_images",
+            "Images made, per API key name and model",
+            m.key_images.clone(),
+        );
+        r.register(
+            "kindling_rate_limited",
+            "Requests refused by a key's limits, by reason (requests, tokens, quota)",
+            m.rate_limited.clone(),
         );
         Self { registry: r, ..m }
     }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 
 mod devices;
 mod manifest;
+mod tenancy;
 mod units;
 
 pub use devices::{CpuFeature, DeviceConfig, DeviceName};
@@ -20,6 +21,7 @@ pub use manifest::{
     load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
     ModelManifest, Precision, WeightFormat, WeightSource,
 };
+pub use tenancy::{AuthConfig, UsageConfig, UsageTarget};
 use units::{de_bytes, duration};
 pub use units::{parse_bytes, Budget, KeepAlive};
 
@@ -44,6 +46,10 @@ pub struct Config {
     pub hub: HubConfig,
     /// The model catalog, by id.
     pub models: BTreeMap<String, ModelManifest>,
+    /// API keys.
+    pub auth: AuthConfig,
+    /// Usage records.
+    pub usage: UsageConfig,
 }
 
 /// `[server]` in `kindling.toml`.
@@ -62,6 +68,9 @@ pub struct ServerConfig {
     /// (`"30s"`); a client that sends them slower is cut off (408).
     #[serde(with = "duration")]
     pub read_timeout: Duration,
+    /// Origins browsers may call the API from (`["https://app.example"]`,
+    /// or `["*"]`); CORS is off when empty.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -71,6 +80,7 @@ impl Default for ServerConfig {
             max_body_size: 4 << 20,
             shutdown_timeout: Duration::from_secs(30),
             read_timeout: Duration::from_secs(30),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -102,6 +112,9 @@ pub struct EngineConfig {
     /// Images per UNet call of an image model: concurrent compatible
     /// requests (same size, sampler and steps) run together up to this.
     pub image_batch: usize,
+    /// Share each model's batch and queue fairly between API keys: while
+    /// others wait, no key holds more than its share of sequences.
+    pub fair_share: bool,
 }
 
 impl Default for EngineConfig {
@@ -115,6 +128,7 @@ impl Default for EngineConfig {
             request_timeout: None,
             embedding_batch_tokens: 2048,
             image_batch: 4,
+            fair_share: true,
         }
     }
 }
@@ -208,6 +222,10 @@ struct DaemonFile {
     admin: AdminConfig,
     #[serde(default)]
     hub: HubConfig,
+    #[serde(default)]
+    auth: AuthConfig,
+    #[serde(default)]
+    usage: UsageConfig,
 }
 
 /// Values taken from the process environment.
@@ -219,6 +237,8 @@ pub struct Environment {
     pub rust_log: Option<String>,
     /// `HF_TOKEN`, for Hugging Face downloads.
     pub hf_token: Option<String>,
+    /// `KINDLING_API_KEY`: full-access keys, comma-separated.
+    pub api_keys: Vec<String>,
 }
 
 impl Environment {
@@ -228,6 +248,15 @@ impl Environment {
             port: std::env::var("PORT").ok().filter(|p| !p.is_empty()),
             rust_log: std::env::var("RUST_LOG").ok().filter(|p| !p.is_empty()),
             hf_token: std::env::var("HF_TOKEN").ok().filter(|p| !p.is_empty()),
+            api_keys: std::env::var("KINDLING_API_KEY")
+                .map(|v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|k| !k.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -287,6 +316,11 @@ impl Config {
         devices::check(path, &mut devices, &models)?;
         let mut hub = file.hub;
         hub.token = env.hf_token.clone();
+        let mut auth = file.auth;
+        auth.keys_file = auth.keys_file.map(|f| base.join(f));
+        auth.api_keys = env.api_keys.clone();
+        let mut usage = file.usage;
+        usage.resolve(path, base, &store)?;
         Ok(Self {
             path: path.to_path_buf(),
             server,
@@ -297,6 +331,8 @@ impl Config {
             devices,
             admin: file.admin,
             hub,
+            auth,
+            usage,
         })
     }
 }

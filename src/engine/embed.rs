@@ -35,6 +35,8 @@ pub struct EmbedRequest {
     pub dimensions: Option<usize>,
     /// When the request must be done by.
     pub deadline: Option<Instant>,
+    /// The API key's name, for the fair queue.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// The result: one vector per input, in input order.
@@ -44,12 +46,17 @@ pub struct Embeddings {
     pub vectors: Vec<Vec<f32>>,
     /// Tokens in all inputs together.
     pub prompt_tokens: usize,
+    /// When its first input went into a batch (the end of its wait).
+    pub started: Instant,
 }
+
+/// What the worker answers: the vectors, and when the first was started.
+type Reply = oneshot::Sender<Result<(Vec<Vec<f32>>, Instant), EngineError>>;
 
 pub(crate) struct EmbedJob {
     inputs: Vec<Vec<u32>>,
     deadline: Option<(Instant, f64)>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>,
+    reply: Reply,
     ticket: Ticket,
 }
 
@@ -177,7 +184,7 @@ impl Reach {
         self.check_dimensions(request.dimensions)?;
         let arrived = Instant::now();
         // Held from here: however this future ends, the place goes back.
-        let ticket = jobs.ticket()?;
+        let ticket = jobs.ticket(request.tenant.clone())?;
         let model = self.model.clone();
         let deadline = request.deadline;
         let dimensions = request.dimensions;
@@ -192,7 +199,7 @@ impl Reach {
             reply,
             ticket,
         })?;
-        let mut vectors = rx
+        let (mut vectors, started) = rx
             .await
             .map_err(|_| EngineError::Compute("the model worker stopped unexpectedly".into()))??;
         if let Some(d) = dimensions.filter(|&d| d < self.model.dimensions()) {
@@ -206,6 +213,7 @@ impl Reach {
         Ok(Embeddings {
             vectors,
             prompt_tokens,
+            started,
         })
     }
 }
@@ -215,9 +223,10 @@ struct Pending {
     inputs: Vec<Vec<u32>>,
     deadline: Option<(Instant, f64)>,
     ticket: Ticket,
-    reply: Option<oneshot::Sender<Result<Vec<Vec<f32>>, EngineError>>>,
+    reply: Option<Reply>,
     next: usize,
     results: Vec<Vec<f32>>,
+    started: Option<Instant>,
 }
 
 /// A loaded embedding model and the requests in its hands.
@@ -304,12 +313,14 @@ impl Pending {
             reply: Some(job.reply),
             next: 0,
             results,
+            started: None,
         }
     }
 
     fn answer(&mut self, result: Result<Vec<Vec<f32>>, EngineError>) {
+        let started = self.started.unwrap_or_else(Instant::now);
         if let Some(reply) = self.reply.take() {
-            let _ = reply.send(result);
+            let _ = reply.send(result.map(|v| (v, started)));
         }
     }
 }
@@ -348,6 +359,7 @@ fn plan(pending: &mut VecDeque<Pending>, budget: usize) -> Vec<(usize, usize)> {
             p.next += 1;
             progress = true;
             p.ticket.leave();
+            p.started.get_or_insert_with(Instant::now);
         }
         if !progress {
             break;

@@ -2,6 +2,7 @@
 //! reports back while serving it.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -61,6 +62,9 @@ pub struct ValidGenerate {
     pub(super) spec: GenerateSpec,
     /// When the request must be done by; past it, it fails and frees its slot.
     pub(super) deadline: Option<Instant>,
+    /// The API key's name: the batch and the queue are shared fairly
+    /// between keys.
+    pub(super) tenant: Option<Arc<str>>,
 }
 
 fn invalid(param: &'static str, message: String) -> EngineError {
@@ -118,6 +122,7 @@ impl GenerateSpec {
         Ok(ValidGenerate {
             spec: self,
             deadline: None,
+            tenant: None,
         })
     }
 }
@@ -126,6 +131,12 @@ impl ValidGenerate {
     /// Sets when the request must be done by.
     pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
         self.deadline = deadline;
+        self
+    }
+
+    /// Sets the API key the request is charged to.
+    pub fn with_tenant(mut self, tenant: Option<Arc<str>>) -> Self {
+        self.tenant = tenant;
         self
     }
 
@@ -180,6 +191,8 @@ pub enum GenerateEvent {
         text: String,
         /// Log-probabilities of the tokens behind this text, when asked for.
         logprobs: Vec<TokenLogprob>,
+        /// Tokens generated for this choice so far (this delta's included).
+        produced: usize,
     },
     /// A choice ended.
     Finished {

@@ -208,6 +208,7 @@ impl Choice {
             index: self.index,
             text,
             logprobs,
+            produced: self.produced,
         })
     }
 
@@ -245,6 +246,7 @@ mod tests {
             index: i,
             text: "x".into(),
             logprobs: Vec::new(),
+            produced: 1,
         }
     }
 

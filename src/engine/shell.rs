@@ -55,20 +55,26 @@ pub(super) trait Backend {
 /// admission limit: a request takes a ticket before it is queued (or is
 /// refused with 429), and gives it back when it starts running, when it
 /// fails, or when it is dropped, wherever that happens.
-pub(crate) struct Ticket(Option<Arc<EngineStats>>);
+pub(crate) struct Ticket(Option<(Arc<EngineStats>, Option<Arc<str>>)>);
 
 impl Ticket {
-    /// Takes one of `capacity` places counted in `stats`, if one is free.
-    pub(super) fn take(stats: &Arc<EngineStats>, capacity: usize) -> Option<Self> {
+    /// Takes one of `capacity` places counted in `stats`, if one is free
+    /// (and, with `fair`, if `tenant` is within its share).
+    pub(super) fn take(
+        stats: &Arc<EngineStats>,
+        capacity: usize,
+        tenant: Option<Arc<str>>,
+        fair: bool,
+    ) -> Option<Self> {
         stats
-            .try_enqueue(capacity)
-            .then(|| Self(Some(stats.clone())))
+            .try_enqueue(capacity, tenant.as_ref(), fair)
+            .then(|| Self(Some((stats.clone(), tenant))))
     }
 
     /// The request has left the queue for the batch.
     pub(super) fn leave(&mut self) {
-        if let Some(stats) = self.0.take() {
-            stats.dequeue();
+        if let Some((stats, tenant)) = self.0.take() {
+            stats.dequeue(tenant.as_ref());
         }
     }
 
@@ -116,6 +122,7 @@ struct Sender<J> {
     wake: Wake,
     stats: Arc<EngineStats>,
     capacity: usize,
+    fair: bool,
     model: Arc<str>,
 }
 
@@ -128,10 +135,11 @@ impl<J> Drop for Sender<J> {
 }
 
 impl<J> Jobs<J> {
-    /// Takes a place in the queue, or refuses with `QueueFull`.
-    pub(super) fn ticket(&self) -> Result<Ticket, EngineError> {
+    /// Takes a place in the queue for a request of `tenant`, or refuses
+    /// with `QueueFull`.
+    pub(super) fn ticket(&self, tenant: Option<Arc<str>>) -> Result<Ticket, EngineError> {
         let s = &self.0;
-        Ticket::take(&s.stats, s.capacity).ok_or_else(|| EngineError::QueueFull {
+        Ticket::take(&s.stats, s.capacity, tenant, s.fair).ok_or_else(|| EngineError::QueueFull {
             model: s.model.to_string(),
             queue: s.capacity,
         })
@@ -196,6 +204,7 @@ pub(super) fn run<B: Backend, R>(
         wake: Wake::current(),
         stats: stats.clone(),
         capacity,
+        fair: spec.fair_share,
         model: Arc::from(spec.model.as_str()),
     }));
     if ready(Ok((jobs, reach))) {
@@ -294,6 +303,7 @@ mod tests {
             max_batch_tokens: 1,
             kv_cache_tokens: 1,
             target: Default::default(),
+            fair_share: true,
         }
     }
 
@@ -319,9 +329,9 @@ mod tests {
         });
         let jobs: Jobs<(usize, Ticket)> = ready_rx.recv().unwrap().unwrap();
         // Two places: a third request waiting at once is refused.
-        let (a, b) = (jobs.ticket().unwrap(), jobs.ticket().unwrap());
+        let (a, b) = (jobs.ticket(None).unwrap(), jobs.ticket(None).unwrap());
         assert!(matches!(
-            jobs.ticket(),
+            jobs.ticket(None),
             Err(EngineError::QueueFull { queue: 2, .. })
         ));
         jobs.send((3, a)).unwrap();
@@ -336,7 +346,7 @@ mod tests {
         }
         assert_eq!(stats.waiting(), 0, "tickets came back");
         // The worker is parked with nothing in hand, yet serves the next job.
-        let c = jobs.ticket().unwrap();
+        let c = jobs.ticket(None).unwrap();
         jobs.send((2, c)).unwrap();
         drop(jobs);
         worker.join().unwrap();

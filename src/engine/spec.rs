@@ -64,6 +64,8 @@ pub struct LoadSpec {
     pub kv_cache_tokens: usize,
     /// The device (text models; the others run on the CPU).
     pub target: Target,
+    /// Share the batch and the queue fairly between API keys.
+    pub fair_share: bool,
 }
 
 impl LoadSpec {

@@ -2,7 +2,8 @@
 //! without locks on the hot path: queue and batch sizes, KV cache blocks,
 //! token counts and recent throughput.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -21,20 +22,49 @@ pub struct EngineStats {
     generated_tokens: AtomicU64,
     steps: AtomicU64,
     recent: Mutex<VecDeque<(Instant, u64)>>,
+    /// Waiting requests per key, for the fair queue.
+    by_tenant: Mutex<HashMap<Arc<str>, usize>>,
 }
 
 impl EngineStats {
-    /// Takes a place in the waiting queue unless `capacity` are taken.
-    pub(super) fn try_enqueue(&self, capacity: usize) -> bool {
-        self.waiting
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                (w < capacity).then_some(w + 1)
-            })
-            .is_ok()
+    /// Takes a place in the waiting queue unless `capacity` are taken, or
+    /// (with `fair`) unless `tenant` holds its share: a quarter of the
+    /// queue is kept for keys that are not waiting yet, the rest is split
+    /// between the keys that are.
+    pub(super) fn try_enqueue(
+        &self,
+        capacity: usize,
+        tenant: Option<&Arc<str>>,
+        fair: bool,
+    ) -> bool {
+        let mut by_tenant = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        if self.waiting.load(Ordering::Acquire) >= capacity {
+            return false;
+        }
+        if let Some(t) = tenant {
+            let held = by_tenant.get(t).copied().unwrap_or(0);
+            let active = by_tenant.len() + usize::from(held == 0);
+            let share = ((capacity - capacity / 4) / active.max(1)).max(1);
+            if fair && held >= share {
+                return false;
+            }
+            *by_tenant.entry(t.clone()).or_default() += 1;
+        }
+        self.waiting.fetch_add(1, Ordering::AcqRel);
+        true
     }
 
     /// Gives a place in the waiting queue back.
-    pub(super) fn dequeue(&self) {
+    pub(super) fn dequeue(&self, tenant: Option<&Arc<str>>) {
+        let mut by_tenant = self.by_tenant.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(t) = tenant {
+            if let Some(n) = by_tenant.get_mut(t) {
+                *n -= 1;
+                if *n == 0 {
+                    by_tenant.remove(t);
+                }
+            }
+        }
         let _ = self
             .waiting
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
@@ -132,11 +162,33 @@ mod tests {
     #[test]
     fn the_queue_refuses_past_capacity_and_frees_places() {
         let s = EngineStats::default();
-        assert!(s.try_enqueue(2));
-        assert!(s.try_enqueue(2));
-        assert!(!s.try_enqueue(2));
-        s.dequeue();
-        assert!(s.try_enqueue(2));
+        assert!(s.try_enqueue(2, None, true));
+        assert!(s.try_enqueue(2, None, true));
+        assert!(!s.try_enqueue(2, None, true));
+        s.dequeue(None);
+        assert!(s.try_enqueue(2, None, true));
         assert_eq!(s.waiting(), 2);
+    }
+
+    #[test]
+    fn one_key_cannot_fill_the_queue_when_sharing_fairly() {
+        let (a, b): (Arc<str>, Arc<str>) = (Arc::from("a"), Arc::from("b"));
+        let s = EngineStats::default();
+        // A quarter of 8 stays free for keys not yet waiting.
+        for _ in 0..6 {
+            assert!(s.try_enqueue(8, Some(&a), true));
+        }
+        assert!(!s.try_enqueue(8, Some(&a), true));
+        assert!(s.try_enqueue(8, Some(&b), true));
+        assert!(s.try_enqueue(8, Some(&b), true));
+        assert!(!s.try_enqueue(8, Some(&b), true), "the queue is full");
+        s.dequeue(Some(&a));
+        assert!(!s.try_enqueue(8, Some(&a), true), "a is over its share of two keys");
+        assert!(s.try_enqueue(8, Some(&b), true));
+        // Without fair share, only the total counts.
+        let s = EngineStats::default();
+        for _ in 0..8 {
+            assert!(s.try_enqueue(8, Some(&a), false));
+        }
     }
 }

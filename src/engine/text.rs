@@ -31,7 +31,7 @@ pub(super) fn submit(
     stall_timeout: Duration,
     request: ValidGenerate,
 ) -> Result<GenerateEvents, EngineError> {
-    let ticket = jobs.ticket()?;
+    let ticket = jobs.ticket(request.tenant.clone())?;
     // Room for every choice's events of a few steps: a request only takes
     // part in a step when its client has room for that step.
     let depth = EVENT_BUFFER.max(4 * super::sequence::EVENTS_PER_STEP * request.choices());
@@ -84,6 +84,7 @@ pub(super) fn load(
     let limits = Limits {
         max_sequences: spec.max_sequences.max(1),
         max_batch_tokens: spec.max_batch_tokens.max(spec.max_sequences).max(1),
+        fair: spec.fair_share,
     };
     tracing::info!(
         model = %spec.model,
@@ -148,6 +149,7 @@ fn intake(model: &TextModel, scheduler: &mut Scheduler, job: TextJob) {
                     .map(|d| (d, d.saturating_duration_since(now))),
                 prompt_tokens,
                 live: request.choices(),
+                tenant: request.tenant.clone(),
             };
             scheduler.enqueue(req, sequences);
         }

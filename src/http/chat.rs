@@ -162,10 +162,12 @@ fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
 pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
+    Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.model(&req.model);
+    ApiError::check_model(&key, &req.model)?;
     unsupported(&req)?;
     log.user(req.sampling.user.as_deref());
     let messages = messages(&req.messages)?;
@@ -213,12 +215,12 @@ pub async fn handle(
     let meta = Meta::new("chatcmpl", &log, &req.model, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let render = move |gen, log| stream(gen, meta, include_usage, log);
+        let render = move |gen| stream(gen, meta, include_usage);
         return generation::stream_response(&state.registry, job, log, render).await;
     }
     let gen = generation::start(&state.registry, job).await?;
     let cold_load = gen.cold_load;
-    let (choices, usage) = gen.collect(&log).await?;
+    let (choices, usage) = gen.collect().await?;
     let choices = choices
         .into_iter()
         .enumerate()
@@ -261,7 +263,6 @@ fn stream(
     gen: Generation,
     meta: Meta,
     include_usage: bool,
-    log: RequestLog,
 ) -> impl Stream<Item = SseItem> {
     // The first chunk of each choice carries the assistant role.
     let roles: Vec<SseItem> = (0..gen.choices)
@@ -314,7 +315,6 @@ fn stream(
     futures::stream::iter(roles).chain(generation::sse_events(
         gen,
         include_usage,
-        log,
         render,
         usage,
     ))

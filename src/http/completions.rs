@@ -79,10 +79,12 @@ fn prompts(p: PromptIn) -> Result<Vec<Prompt>, ApiError> {
 pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
+    Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.model(&req.model);
+    ApiError::check_model(&key, &req.model)?;
     if req.stream_options.is_some() && !req.stream {
         return Err(ApiError::invalid(
             "stream_options",
@@ -147,12 +149,12 @@ pub async fn handle(
     let meta = Meta::new("cmpl", &log, &req.model, top_logprobs.is_some());
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
-        let render = move |gen, log| stream(gen, meta, include_usage, log);
+        let render = move |gen| stream(gen, meta, include_usage);
         return generation::stream_response(&state.registry, job, log, render).await;
     }
     let gen = generation::start(&state.registry, job).await?;
     let cold_load = gen.cold_load;
-    let (choices, usage) = gen.collect(&log).await?;
+    let (choices, usage) = gen.collect().await?;
     let choices = choices
         .into_iter()
         .enumerate()
@@ -180,7 +182,6 @@ fn stream(
     gen: Generation,
     meta: Meta,
     include_usage: bool,
-    log: RequestLog,
 ) -> impl Stream<Item = SseItem> {
     let chunk = |meta: &Meta, choices: Vec<Choice>, usage: Option<Usage>| {
         SseItem::chunk(&Completion {
@@ -224,7 +225,7 @@ fn stream(
         chunk(&step_meta, vec![choice], None)
     };
     let usage = move |usage| chunk(&meta, Vec::new(), Some(usage));
-    generation::sse_events(gen, include_usage, log, render, usage)
+    generation::sse_events(gen, include_usage, render, usage)
 }
 
 #[derive(Serialize)]

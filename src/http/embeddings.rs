@@ -145,10 +145,12 @@ fn base64_of(v: &[f32]) -> String {
 pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
+    Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.model(&req.model);
+    ApiError::check_model(&key, &req.model)?;
     log.user(req.user.as_deref());
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -180,6 +182,7 @@ pub async fn handle(
         truncate: req.truncate.unwrap_or(true),
         dimensions,
         deadline: timeout.map(|t| log.arrived() + t),
+        tenant: log.key_name(),
     };
     let result = lease.embed(request).await?;
     state
@@ -188,7 +191,8 @@ pub async fn handle(
         .prompt_tokens
         .get_or_create(&crate::metrics::Metrics::model(&req.model))
         .inc_by(result.prompt_tokens as u64);
-    log.tokens(result.prompt_tokens, 0);
+    log.embedding_tokens(result.prompt_tokens);
+    log.compute_started(result.started);
     let data = result
         .vectors
         .into_iter()

@@ -9,6 +9,7 @@ use serde::Serialize;
 
 use crate::engine::EngineError;
 use crate::registry::RegistryError;
+use crate::tenancy::{Denied, Limited};
 
 /// An error response.
 #[derive(Debug, Clone, PartialEq)]
@@ -140,6 +141,24 @@ impl ApiError {
         .retry(1)
     }
 
+    /// 403: the key may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message).code("permission_denied")
+    }
+
+    /// 403 unless `key` may use `model`.
+    pub fn check_model(key: &crate::tenancy::Principal, model: &str) -> Result<(), Self> {
+        if key.may_use(model) {
+            Ok(())
+        } else {
+            Err(Self::forbidden(format!(
+                "this API key may not use model `{model}`"
+            ))
+            .param("model")
+            .code("model_not_allowed"))
+        }
+    }
+
     /// Sets the parameter at fault.
     pub fn param(mut self, param: &str) -> Self {
         self.param = Some(param.to_string());
@@ -237,6 +256,62 @@ impl From<RegistryError> for ApiError {
     }
 }
 
+impl From<Denied> for ApiError {
+    fn from(d: Denied) -> Self {
+        let message = match d {
+            Denied::Missing => {
+                "missing API key: send `Authorization: Bearer <key>` (or `x-api-key: <key>`)"
+            }
+            Denied::Unknown => "invalid API key",
+        };
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+            .code("invalid_api_key")
+    }
+}
+
+/// Whole seconds, rounded up, as `Retry-After` wants.
+fn ceil_secs(d: std::time::Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+impl From<Limited> for ApiError {
+    fn from(l: Limited) -> Self {
+        let limited = |what: &str, retry_after| {
+            Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                format!(
+                    "rate limit reached for {what} per minute on this API key; retry in {}s",
+                    ceil_secs(retry_after)
+                ),
+            )
+            .code("rate_limit_exceeded")
+            .retry(ceil_secs(retry_after).max(1))
+        };
+        match l {
+            Limited::Requests { retry_after, .. } => limited("requests", retry_after),
+            Limited::Tokens { retry_after, .. } => limited("tokens", retry_after),
+            Limited::Quota {
+                quota,
+                period,
+                retry_after,
+            } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "insufficient_quota",
+                format!(
+                    "this API key has used its quota of {quota} tokens for the {}",
+                    match period {
+                        crate::tenancy::Period::Day => "day",
+                        crate::tenancy::Period::Month => "month",
+                    }
+                ),
+            )
+            .code("insufficient_quota")
+            .retry(ceil_secs(retry_after).max(1)),
+        }
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         if self.status.is_server_error() {
@@ -252,6 +327,10 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

@@ -35,7 +35,17 @@ pub struct Generation {
     /// How long the model's load took, when this request waited for it.
     pub cold_load: Option<Duration>,
     timing: Timing,
+    log: RequestLog,
     _lease: Lease,
+}
+
+impl Drop for Generation {
+    /// However the generation ends (finished, failed, or its client gone),
+    /// the request's record gets the tokens generated so far.
+    fn drop(&mut self) {
+        let usage = self.usage.usage();
+        self.log.tokens(usage.prompt_tokens, usage.completion_tokens);
+    }
 }
 
 /// Records a generation's token metrics as its events pass: time to first
@@ -106,29 +116,51 @@ pub struct Job {
     pub param: &'static str,
     /// When the request arrived (for time to first token).
     pub arrived: Instant,
+    /// The request's log record, which gets its usage.
+    pub log: RequestLog,
 }
 
-/// Counts tokens as events pass.
-#[derive(Debug, Default, Clone, Copy)]
+/// Counts tokens as events pass: a choice's count is final when it
+/// finishes; until then it is what its deltas have delivered (what a
+/// client that leaves early is billed for).
+#[derive(Debug, Default, Clone)]
 pub struct UsageCounter {
     prompt: usize,
-    completion: usize,
+    /// Per choice: tokens so far, and whether the count is final.
+    choices: Vec<(usize, bool)>,
 }
 
 impl UsageCounter {
+    fn choice(&mut self, index: usize) -> &mut (usize, bool) {
+        if self.choices.len() <= index {
+            self.choices.resize(index + 1, (0, false));
+        }
+        &mut self.choices[index]
+    }
+
     fn observe(&mut self, event: &GenerateEvent) {
         match event {
             GenerateEvent::Started { prompt_tokens } => self.prompt += prompt_tokens,
+            GenerateEvent::Delta {
+                index, produced, ..
+            } => {
+                let c = self.choice(*index);
+                if !c.1 {
+                    c.0 = c.0.max(*produced);
+                }
+            }
             GenerateEvent::Finished {
-                completion_tokens, ..
-            } => self.completion += completion_tokens,
-            _ => {}
+                index,
+                completion_tokens,
+                ..
+            } => *self.choice(*index) = (*completion_tokens, true),
+            GenerateEvent::Failed(_) => {}
         }
     }
 
     /// The totals.
     pub fn usage(&self) -> Usage {
-        Usage::new(self.prompt, self.completion)
+        Usage::new(self.prompt, self.choices.iter().map(|c| c.0).sum())
     }
 }
 
@@ -144,13 +176,16 @@ impl Job {
         default_timeout: Option<Duration>,
     ) -> Result<Self, ApiError> {
         let timeout = fields.timeout()?.or(default_timeout);
-        let request = request.with_deadline(timeout.map(|t| log.arrived() + t));
+        let request = request
+            .with_deadline(timeout.map(|t| log.arrived() + t))
+            .with_tenant(log.key_name());
         Ok(Self {
             model: model.to_string(),
             request,
             keep_alive: fields.keep_alive()?,
             param,
             arrived: log.arrived(),
+            log: log.clone(),
         })
     }
 }
@@ -161,7 +196,7 @@ impl Job {
 pub async fn start(registry: &Registry, job: Job) -> Result<Generation, ApiError> {
     let lease = registry.acquire(&job.model, job.keep_alive).await?;
     let timing = Timing::new(&job, registry.metrics());
-    submit(lease, job.request, timing)
+    submit(lease, job.request, timing, job.log)
         .await
         .map_err(|e| e.param_or(job.param))
 }
@@ -170,12 +205,14 @@ async fn submit(
     lease: Lease,
     request: ValidGenerate,
     mut timing: Timing,
+    log: RequestLog,
 ) -> Result<Generation, ApiError> {
     let choices = request.choices();
     let mut rx = lease.submit(request)?;
     let mut usage = UsageCounter::default();
     match rx.recv().await {
         Some(event @ GenerateEvent::Started { .. }) => {
+            log.compute_started(Instant::now());
             usage.observe(&event);
             timing.observe(&event);
         }
@@ -192,6 +229,7 @@ async fn submit(
         usage,
         cold_load: lease.cold_load,
         timing,
+        log,
         _lease: lease,
     })
 }
@@ -214,11 +252,8 @@ impl Generation {
         Some(event)
     }
 
-    /// Runs to the end and returns every choice; the token counts go to the log.
-    pub async fn collect(
-        mut self,
-        log: &RequestLog,
-    ) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
+    /// Runs to the end and returns every choice.
+    pub async fn collect(mut self) -> Result<(Vec<ChoiceOutput>, Usage), ApiError> {
         let mut out: Vec<ChoiceOutput> =
             (0..self.choices).map(|_| ChoiceOutput::default()).collect();
         while let Some(event) = self.next().await {
@@ -227,6 +262,7 @@ impl Generation {
                     index,
                     text,
                     logprobs,
+                    ..
                 } => {
                     if let Some(c) = out.get_mut(index) {
                         c.text.push_str(&text);
@@ -245,9 +281,7 @@ impl Generation {
         if out.iter().any(|c| c.finish_reason.is_none()) {
             return Err(ApiError::internal_because("generation ended early"));
         }
-        let usage = self.usage.usage();
-        log.tokens(usage.prompt_tokens, usage.completion_tokens);
-        Ok((out, usage))
+        Ok((out, self.usage.usage()))
     }
 }
 
@@ -287,11 +321,9 @@ pub enum Step {
 
 /// Streams a generation: each step rendered by `chunk`, a failure as an
 /// error event, and at the end, if asked, the usage rendered by `usage`.
-/// The request log gets the token counts.
 pub fn sse_events<C, U>(
     mut gen: Generation,
     include_usage: bool,
-    log: RequestLog,
     mut chunk: C,
     usage: U,
 ) -> impl Stream<Item = SseItem>
@@ -303,7 +335,7 @@ where
         let mut unfinished = gen.choices;
         while let Some(event) = gen.next().await {
             match event {
-                GenerateEvent::Delta { index, text, logprobs } => yield chunk(Step::Delta { index, text, logprobs }),
+                GenerateEvent::Delta { index, text, logprobs, .. } => yield chunk(Step::Delta { index, text, logprobs }),
                 GenerateEvent::Finished { index, reason, .. } => {
                     unfinished = unfinished.saturating_sub(1);
                     yield chunk(Step::Finished { index, reason });
@@ -320,7 +352,6 @@ where
             return;
         }
         let totals = gen.usage.usage();
-        log.tokens(totals.prompt_tokens, totals.completion_tokens);
         if include_usage {
             yield usage(totals);
         }
@@ -368,20 +399,24 @@ pub fn sse_response<S>(items: S, log: RequestLog) -> Response
 where
     S: Stream<Item = SseItem> + Send + 'static,
 {
+    log.streaming();
     let stream = async_stream::stream! {
-        let _log = log.finish_on_drop();
+        // Dropped last: the items (and the generation in them) first.
+        let _finish = log.finish_on_drop();
         let mut items = std::pin::pin!(items);
         while let Some(item) = items.next().await {
             match item {
                 SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v)),
                 SseItem::Comment(c) => yield Ok(Event::default().comment(c)),
                 SseItem::Error(e) => {
+                    log.stream_ended(Some(e.status.as_u16()));
                     let body = serde_json::json!(ErrorEvent { error: e.detail() });
                     yield Ok(Event::default().data(body.to_string()));
                     return;
                 }
             }
         }
+        log.stream_ended(None);
         yield Ok(Event::default().data("[DONE]"));
     };
     let mut resp = Sse::new(stream).into_response();
@@ -410,8 +445,8 @@ pub fn mark_cold(resp: &mut Response, load: Option<Duration>) {
     }
 }
 
-/// Answers a streaming request; `render` turns the generation into chunks
-/// (it gets the request log for the token counts). A warm model's errors before the first
+/// Answers a streaming request; `render` turns the generation into
+/// chunks. A warm model's errors before the first
 /// token get a proper status; a cold model's response starts at once (its
 /// headers say it is cold) and carries SSE comments while the model loads,
 /// then the stream, or an error event if the load fails.
@@ -422,18 +457,17 @@ pub async fn stream_response<F, S>(
     render: F,
 ) -> Result<Response, ApiError>
 where
-    F: FnOnce(Generation, RequestLog) -> S + Send + 'static,
+    F: FnOnce(Generation) -> S + Send + 'static,
     S: Stream<Item = SseItem> + Send + 'static,
 {
     if registry.is_resident(&job.model) {
         let gen = start(registry, job).await?;
         let load = gen.cold_load;
-        let mut resp = sse_response(render(gen, log.clone()), log);
+        let mut resp = sse_response(render(gen), log);
         mark_cold(&mut resp, load);
         return Ok(resp);
     }
     let registry = registry.clone();
-    let stream_log = log.clone();
     let items = async_stream::stream! {
         let param = job.param;
         let timing = Timing::new(&job, registry.metrics());
@@ -456,14 +490,14 @@ where
         if let Some(took) = lease.cold_load {
             yield SseItem::Comment(format!("model loaded in {} ms", took.as_millis()));
         }
-        let gen = match submit(lease, job.request, timing).await {
+        let gen = match submit(lease, job.request, timing, job.log).await {
             Ok(gen) => gen,
             Err(e) => {
                 yield SseItem::Error(e.param_or(param));
                 return;
             }
         };
-        for await item in render(gen, stream_log) {
+        for await item in render(gen) {
             yield item;
         }
     };

@@ -232,6 +232,7 @@ fn parse(req: &ImagesRequest) -> Result<(ImageRequest, Output, bool), ApiError> 
         seed,
         previews: if stream { previews as usize } else { 0 },
         deadline: None,
+        tenant: None,
     };
     Ok((
         request,
@@ -263,6 +264,7 @@ async fn encode(
 pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
+    Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
     ApiJson(req): ApiJson<ImagesRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
@@ -278,10 +280,12 @@ pub async fn handle(
             .ok_or_else(|| ApiError::invalid("model", "no image model is configured"))?,
     };
     log.model(&model);
+    ApiError::check_model(&key, &model)?;
     let (mut request, output, stream) = parse(&req)?;
     let timeout = req.lifetime.timeout()?.or(state.request_timeout);
     let keep_alive = req.lifetime.keep_alive()?;
     request.deadline = timeout.map(|t| log.arrived() + t);
+    request.tenant = log.key_name();
     let n = request.n;
     let lease = state.registry.acquire(&model, keep_alive).await?;
     let cold = lease.cold_load;
@@ -297,9 +301,13 @@ pub async fn handle(
             let mut usage = Usage::new(0);
             let mut partial = 0usize;
             let mut completed = 0usize;
+            let mut step_count = 0usize;
+            let mut pixel_steps = 0.0;
             while let Some(event) = rx.recv().await {
                 match event {
-                    ImageEvent::Started { prompt_tokens, width, height, .. } => {
+                    ImageEvent::Started { prompt_tokens, width, height, steps, .. } => {
+                        log.compute_started(std::time::Instant::now());
+                        step_count = steps;
                         sizes = format!("{width}x{height}");
                         usage = Usage::new(prompt_tokens);
                         metrics.prompt_tokens.get_or_create(&model_label).inc_by(prompt_tokens as u64);
@@ -324,6 +332,8 @@ pub async fn handle(
                         match encode(rgb, width, height, output).await {
                             Ok(b64) => {
                                 completed += 1;
+                                pixel_steps += pixel_steps_of(width, height, step_count);
+                                log.images(completed, pixel_steps);
                                 yield SseItem::chunk(&json!({
                                 "type": "image_generation.completed", "created_at": now(),
                                 "b64_json": b64, "image_index": index, "seed": seed,
@@ -344,8 +354,14 @@ pub async fn handle(
         super::generation::mark_cold(&mut resp, cold);
         return Ok(resp);
     }
-    let collected = collect(&mut rx, n).await?;
+    let collected = collect(&mut rx, n, &log).await?;
     drop(lease);
+    let pixel_steps = collected
+        .images
+        .iter()
+        .map(|(_, w, h, _)| pixel_steps_of(*w, *h, collected.steps))
+        .sum();
+    log.images(collected.images.len(), pixel_steps);
     metrics
         .prompt_tokens
         .get_or_create(&model_label)
@@ -370,8 +386,14 @@ pub async fn handle(
     Ok(resp)
 }
 
+/// What an image costs in the usage record: megapixels × steps.
+fn pixel_steps_of(width: usize, height: usize, steps: usize) -> f64 {
+    (width * height * steps) as f64 / 1e6
+}
+
 struct Collected {
     tokens: usize,
+    steps: usize,
     size: String,
     images: Vec<(u64, usize, usize, Vec<u8>)>,
 }
@@ -380,9 +402,11 @@ struct Collected {
 async fn collect(
     rx: &mut mpsc::UnboundedReceiver<ImageEvent>,
     n: usize,
+    log: &RequestLog,
 ) -> Result<Collected, ApiError> {
     let mut out = Collected {
         tokens: 0,
+        steps: 0,
         size: String::new(),
         images: Vec::new(),
     };
@@ -392,8 +416,11 @@ async fn collect(
                 prompt_tokens,
                 width,
                 height,
+                steps,
                 ..
             } => {
+                log.compute_started(std::time::Instant::now());
+                out.steps = steps;
                 out.tokens = prompt_tokens;
                 out.size = format!("{width}x{height}");
             }

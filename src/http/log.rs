@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -13,6 +13,7 @@ use axum::response::Response;
 
 use super::AppState;
 use crate::metrics::{Metrics, RequestLabels};
+use crate::tenancy::{Principal, Tenancy, UsageRecord};
 
 tokio::task_local! {
     /// The id of the request being handled (or streamed) on this task.
@@ -55,9 +56,12 @@ fn clip(s: &str) -> String {
 /// The route a path belongs to, for metric labels (ids left out, so the
 /// label set stays small).
 fn endpoint(path: &str) -> &'static str {
-    const FIXED: [&str; 10] = [
+    const FIXED: [&str; 13] = [
         "/v1/chat/completions",
         "/v1/completions",
+        "/v1/embeddings",
+        "/v1/images/generations",
+        "/admin/usage",
         "/v1/models",
         "/metrics",
         "/admin/status",
@@ -89,8 +93,18 @@ pub struct Deferred;
 struct Fields {
     model: Option<String>,
     user: Option<String>,
+    key: Option<Arc<Principal>>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    embedding_tokens: usize,
+    images: usize,
+    pixel_steps: f64,
+    /// Arrival to the start of compute, and compute to the end.
+    queue: Option<Duration>,
+    compute_started: Option<Instant>,
+    /// A streamed response: whether it reached its end, and the status of
+    /// an error it ended with.
+    stream: Option<(bool, Option<u16>)>,
 }
 
 struct Inner {
@@ -102,6 +116,7 @@ struct Inner {
     fields: Mutex<Fields>,
     done: AtomicBool,
     metrics: Arc<Metrics>,
+    tenancy: Arc<Tenancy>,
 }
 
 /// A request's log record; handlers add the model and token counts.
@@ -133,11 +148,83 @@ impl RequestLog {
         self.fields().user = user.map(clip);
     }
 
+    /// Records the key the request came with.
+    pub fn key(&self, key: Arc<Principal>) {
+        self.fields().key = Some(key);
+    }
+
+    /// The key's name, for fair sharing between keys.
+    pub fn key_name(&self) -> Option<Arc<str>> {
+        self.fields().key.as_ref().map(|k| k.name.clone())
+    }
+
     /// Records token counts.
     pub fn tokens(&self, prompt: usize, completion: usize) {
         let mut f = self.fields();
         f.prompt_tokens = prompt;
         f.completion_tokens = completion;
+    }
+
+    /// Records the tokens an embeddings request encoded.
+    pub fn embedding_tokens(&self, tokens: usize) {
+        self.fields().embedding_tokens = tokens;
+    }
+
+    /// Records images made and their pixel-steps (width × height × steps ÷ 1e6).
+    pub fn images(&self, images: usize, pixel_steps: f64) {
+        let mut f = self.fields();
+        f.images = images;
+        f.pixel_steps = pixel_steps;
+    }
+
+    /// Records that the request's compute began at `at`.
+    pub fn compute_started(&self, at: Instant) {
+        let mut f = self.fields();
+        f.queue = Some(at.saturating_duration_since(self.0.started));
+        f.compute_started = Some(at);
+    }
+
+    /// Marks the response as a stream, which has not reached its end yet.
+    pub fn streaming(&self) {
+        self.fields().stream = Some((false, None));
+    }
+
+    /// The stream reached its end; `error` is the status of the error it
+    /// ended with, if it did.
+    pub fn stream_ended(&self, error: Option<u16>) {
+        self.fields().stream = Some((true, error));
+    }
+
+    /// The usage record of a metered request, if this is one.
+    fn usage(&self, f: &Fields, status: u16) -> Option<(Arc<Principal>, UsageRecord)> {
+        let key = f.key.clone()?;
+        let endpoint = super::auth::METERED
+            .iter()
+            .find(|p| **p == self.0.path)?;
+        let compute = f
+            .compute_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let record = UsageRecord {
+            ts_ms: crate::tenancy::now_ms(),
+            request_id: self.0.id.clone(),
+            key: key.name.to_string(),
+            model: f.model.clone().unwrap_or_default(),
+            version: None,
+            endpoint: endpoint.to_string(),
+            status,
+            prompt_tokens: f.prompt_tokens as u64,
+            completion_tokens: f.completion_tokens as u64,
+            cached_tokens: 0,
+            embedding_tokens: f.embedding_tokens as u64,
+            images: f.images as u64,
+            pixel_steps: f.pixel_steps,
+            compute_seconds: compute,
+            queue_seconds: f
+                .queue
+                .unwrap_or_else(|| self.0.started.elapsed())
+                .as_secs_f64(),
+        };
+        Some((key, record))
     }
 
     /// Writes the line now (once).
@@ -147,10 +234,14 @@ impl RequestLog {
         }
         let f = self.fields();
         // 499: the client closed the connection before a response was sent.
-        let status = match *self.0.status.lock().unwrap_or_else(|e| e.into_inner()) {
-            0 => 499,
-            s => s,
+        let status = match (*self.0.status.lock().unwrap_or_else(|e| e.into_inner()), f.stream) {
+            (0, _) | (_, Some((false, _))) => 499,
+            (_, Some((true, Some(error)))) => error,
+            (s, _) => s,
         };
+        if let Some((key, record)) = self.usage(&f, status) {
+            self.0.tenancy.record(&key, record);
+        }
         let latency_ms = self.0.started.elapsed().as_secs_f64() * 1e3;
         self.0
             .metrics
@@ -229,6 +320,7 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
         fields: Mutex::new(Fields::default()),
         done: AtomicBool::new(false),
         metrics: state.registry.metrics().clone(),
+        tenancy: state.tenancy.clone(),
     }));
     req.extensions_mut().insert(log.clone());
     // Written if the client disconnects before the handler answers.

@@ -2,6 +2,7 @@
 //! mapping of errors to status codes. Knows nothing of tensors or threads.
 
 mod admin;
+mod auth;
 mod chat;
 mod completions;
 mod edge;
@@ -13,6 +14,7 @@ mod health;
 mod images;
 mod log;
 mod models;
+mod usage;
 mod wire;
 
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::registry::Registry;
+use crate::tenancy::Tenancy;
 use error::ApiError;
 
 /// Shared state of every handler.
@@ -30,6 +33,8 @@ use error::ApiError;
 pub struct AppState {
     /// The model registry.
     pub registry: Arc<Registry>,
+    /// Keys, limits and usage.
+    pub tenancy: Arc<Tenancy>,
     /// Largest accepted body, in bytes.
     pub max_body_size: u64,
     /// Set once shutdown begins.
@@ -40,19 +45,34 @@ pub struct AppState {
     pub admin: bool,
     /// Deadline for generation requests that name no `timeout`.
     pub request_timeout: Option<Duration>,
+    /// Origins allowed to call from a browser (CORS off when empty).
+    pub cors_origins: Vec<String>,
 }
 
 impl AppState {
-    /// New state around `registry`.
-    pub fn new(registry: Arc<Registry>, max_body_size: u64, admin: bool) -> Self {
+    /// New state around `registry` and `tenancy`.
+    pub fn new(
+        registry: Arc<Registry>,
+        tenancy: Arc<Tenancy>,
+        max_body_size: u64,
+        admin: bool,
+    ) -> Self {
         Self {
             registry,
+            tenancy,
             max_body_size,
             drain: edge::Drain::default(),
             read_timeout: Duration::from_secs(30),
             admin,
             request_timeout: None,
+            cors_origins: Vec::new(),
         }
+    }
+
+    /// Sets the origins browsers may call from.
+    pub fn with_cors(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
     }
 
     /// Sets the deadline for requests that name no `timeout`.
@@ -99,9 +119,10 @@ pub fn router(state: AppState) -> Router {
     if state.admin {
         router = router
             .route("/admin/models/{*action}", post(admin::model_action))
-            .route("/admin/status", get(admin::status));
+            .route("/admin/status", get(admin::status))
+            .route("/admin/usage", get(usage::report));
     }
-    router
+    let router = router
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
         .route("/v1/embeddings", post(embeddings::handle))
@@ -125,9 +146,42 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            log::log_requests,
+            auth::authorize,
         ))
-        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            log::log_requests,
+        ));
+    let router = match cors(&state.cors_origins) {
+        Some(layer) => router.layer(layer),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the configured origins; preflights are answered before auth.
+fn cors(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use tower_http::cors::{AllowOrigin, Any, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| axum::http::HeaderValue::from_str(o).ok()),
+        )
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers(Any)
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 pub use edge::serve;

@@ -1,15 +1,17 @@
 //! `GET /v1/models` and `GET /v1/models/{id}`: the OpenAI model objects,
 //! extended with each model's lifecycle state and memory.
 
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
 use crate::registry::{ModelState, ModelSummary, RegistryError};
+use crate::tenancy::Principal;
 
 fn unix(t: Option<SystemTime>) -> Option<f64> {
     t.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
@@ -88,11 +90,15 @@ pub struct ModelList {
 }
 
 /// Every declared model, loaded or not.
-pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(key): Extension<Arc<Principal>>,
+) -> Json<ModelList> {
     let data = state
         .registry
         .list()
         .into_iter()
+        .filter(|m| key.may_use(&m.id))
         .map(ModelObject::from)
         .collect();
     Json(ModelList {
@@ -104,11 +110,13 @@ pub async fn list(State(state): State<AppState>) -> Json<ModelList> {
 /// One model; ids may contain `/`.
 pub async fn get(
     State(state): State<AppState>,
+    Extension(key): Extension<Arc<Principal>>,
     Path(id): Path<String>,
 ) -> Result<Json<ModelObject>, ApiError> {
-    let model = state
-        .registry
-        .describe(&id)
+    // A model the key may not use is not there, as far as it can tell.
+    let model = Some(&id)
+        .filter(|id| key.may_use(id))
+        .and_then(|id| state.registry.describe(id))
         .ok_or_else(|| ApiError::from(RegistryError::NotFound(id.clone())))?;
     Ok(Json(model.into()))
 }

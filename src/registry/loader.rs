@@ -89,6 +89,7 @@ impl EngineLoader {
             context_length: manifest.context_length,
             queue_size: self.engine.queue_size,
             stall_timeout: self.engine.stall_timeout,
+            fair_share: self.engine.fair_share,
             max_sequences: self.engine.max_sequences,
             max_batch_tokens: if embedding {
                 self.engine.embedding_batch_tokens

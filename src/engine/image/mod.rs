@@ -52,6 +52,8 @@ pub struct ImageRequest {
     /// Low-cost previews to send while denoising, spread over the steps.
     pub previews: usize,
     pub deadline: Option<Instant>,
+    /// The API key's name, for the fair queue.
+    pub tenant: Option<Arc<str>>,
 }
 
 /// What the worker reports about a request.
@@ -241,7 +243,7 @@ pub(super) fn submit(
     let seed = request
         .seed
         .unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let ticket = jobs.ticket()?;
+    let ticket = jobs.ticket(request.tenant.clone())?;
     let (events, rx) = mpsc::unbounded_channel();
     let arrived = Instant::now();
     let job = ImageJobMsg {

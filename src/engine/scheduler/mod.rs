@@ -20,6 +20,7 @@ use super::sequence::{Choice, Events, Next, Readiness, EVENTS_PER_STEP};
 use super::shell::Ticket;
 use super::{EngineError, EngineStats, GenerateEvent};
 
+mod fair;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +44,8 @@ pub(super) trait StepModel {
 pub(super) struct Limits {
     pub(super) max_sequences: usize,
     pub(super) max_batch_tokens: usize,
+    /// Share seats and prompt budget fairly between tenants (API keys).
+    pub(super) fair: bool,
 }
 
 /// One request: its events, its place in the queue until it starts, and
@@ -53,6 +56,8 @@ pub(super) struct Request {
     pub(super) deadline: Option<(Instant, Duration)>,
     pub(super) prompt_tokens: usize,
     pub(super) live: usize,
+    /// The API key it is charged to.
+    pub(super) tenant: Option<Arc<str>>,
 }
 
 /// One sequence: prompt plus generated tokens, how many are in the cache,
@@ -207,6 +212,7 @@ impl Scheduler {
     }
 
     fn plan(&mut self, skip: &HashSet<u64>) -> Vec<Planned> {
+        self.rebalance();
         let mut plan = Vec::new();
         let mut budget = self.limits.max_batch_tokens;
         let mut preempted = false;
@@ -236,8 +242,10 @@ impl Scheduler {
                 }
             }
         }
-        // Then prompt chunks of admitted sequences (their blocks are held).
-        for (i, s) in self.running.iter().enumerate() {
+        // Then prompt chunks of admitted sequences (their blocks are held),
+        // the tenants with the fewest seats first when sharing fairly.
+        for i in self.prefill_order() {
+            let s = &self.running[i];
             let remaining = s.tokens.len() - s.computed;
             if budget == 0 {
                 break;
@@ -294,19 +302,20 @@ impl Scheduler {
     fn admit(&mut self, plan: &mut Vec<Planned>, budget: &mut usize) {
         let mut seats: usize = self.running.iter().map(Sequence::seats).sum();
         while *budget > 0 {
-            let Some(front) = self.waiting.front() else {
+            let Some(next) = self.next_waiting() else {
                 break;
             };
+            let front = &self.waiting[next];
             // A fork copies at most one partly filled block.
             let blocks = KvCache::blocks_for(front.tokens.len()) + front.forks.len();
             if seats + front.seats() > self.limits.max_sequences || blocks > self.kv.free_blocks() {
                 break;
             }
-            let Some(mut s) = self.waiting.pop_front() else {
+            let Some(mut s) = self.waiting.remove(next) else {
                 break;
             };
             if !self.kv.grow(&mut s.table, s.tokens.len()) {
-                self.waiting.push_front(s);
+                self.waiting.insert(next, s);
                 break;
             }
             seats += s.seats();

@@ -120,6 +120,7 @@ fn scheduler(max_sequences: usize, max_batch_tokens: usize, blocks: usize) -> Sc
     let limits = Limits {
         max_sequences,
         max_batch_tokens,
+        fair: true,
     };
     Scheduler::new(
         limits,
@@ -137,8 +138,22 @@ fn submit(
     stall: Duration,
     deadline: Option<Instant>,
 ) -> mpsc::Receiver<GenerateEvent> {
+    submit_as(s, None, prompt, max_tokens, buffer, stall, deadline)
+}
+
+/// [`submit`] for a tenant.
+fn submit_as(
+    s: &mut Scheduler,
+    tenant: Option<&str>,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    buffer: usize,
+    stall: Duration,
+    deadline: Option<Instant>,
+) -> mpsc::Receiver<GenerateEvent> {
     let (tx, rx) = mpsc::channel(buffer);
-    let ticket = Ticket::take(&s.stats, 64).unwrap();
+    let tenant: Option<Arc<str>> = tenant.map(Arc::from);
+    let ticket = Ticket::take(&s.stats, 64, tenant.clone(), false).unwrap();
     let params = SamplingParams {
         temperature: 0.0,
         ..Default::default()
@@ -166,6 +181,7 @@ fn submit(
         deadline: deadline.map(|d| (d, Duration::from_millis(1))),
         prompt_tokens: prompt.len(),
         live: 1,
+        tenant,
     };
     s.enqueue(request, vec![sequence]);
     rx
@@ -340,4 +356,44 @@ fn deadlines_and_failed_passes_end_only_the_requests_they_concern() {
         "cd",
         "the scheduler serves on after a failed pass"
     );
+}
+
+fn text_of(ids: &[u32]) -> String {
+    ids.iter()
+        .map(|&i| char::from(b'a' + (i - 1) as u8))
+        .collect()
+}
+
+#[test]
+fn a_flooding_tenant_gives_up_seats_to_one_that_waits() {
+    for fair in [true, false] {
+        let fake = Fake::new();
+        let mut s = scheduler(4, 64, 256);
+        s.limits.fair = fair;
+        let mut flood: Vec<_> = (0..6)
+            .map(|i| submit_as(&mut s, Some("a"), letters(1 + i, 3), 12, 256, LONG, None))
+            .collect();
+        assert!(s.step(&fake));
+        assert!(s.step(&fake));
+        let mut b = submit_as(&mut s, Some("b"), letters(3, 3), 3, 256, LONG, None);
+        assert!(s.step(&fake));
+        let seats = s.seats_by_tenant();
+        let (first, _, started) = read(&mut b);
+        assert_eq!(started, fair);
+        if fair {
+            assert_eq!(seats.get(&Some(Arc::from("a"))), Some(&3));
+        } else {
+            // First come, first served: b waits.
+            assert_eq!(seats.get(&Some(Arc::from("a"))), Some(&4));
+        }
+        while s.step(&fake) {}
+        assert_eq!(first + &read(&mut b).0, "fgh");
+        // The preempted sequences were recomputed: their text is unchanged.
+        for (i, rx) in flood.iter_mut().enumerate() {
+            let (text, finish, _) = read(rx);
+            assert_eq!(text, text_of(&letters(4 + i as u32, 12)), "request {i}");
+            assert_eq!(finish, Some(FinishReason::Length));
+        }
+        assert_eq!(s.kv.free_blocks(), 256);
+    }
 }
