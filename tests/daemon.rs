@@ -138,7 +138,11 @@ fn bad_config_fails_at_start_naming_file_and_field() {
 
 #[tokio::test]
 async fn port_variable_is_honoured() {
-    let server = Server::spawn(&repo().join("configs/kindling.toml"), &[("PORT", "0")]);
+    // Listening on every interface needs a key.
+    let server = Server::spawn(
+        &repo().join("configs/kindling.toml"),
+        &[("PORT", "0"), ("KINDLING_API_KEY", "k")],
+    );
     assert!(
         server.logs().contains("listening on http://0.0.0.0:"),
         "{}",

@@ -197,7 +197,9 @@ impl RequestLog {
 
     /// The usage record of a metered request, if this is one.
     fn usage(&self, f: &Fields, status: u16) -> Option<(Arc<Principal>, UsageRecord)> {
+        // Requests turned away before naming a model used nothing.
         let key = f.key.clone()?;
+        let model = f.model.clone()?;
         let endpoint = super::auth::METERED
             .iter()
             .find(|p| **p == self.0.path)?;
@@ -208,7 +210,7 @@ impl RequestLog {
             ts_ms: crate::tenancy::now_ms(),
             request_id: self.0.id.clone(),
             key: key.name.to_string(),
-            model: f.model.clone().unwrap_or_default(),
+            model,
             version: None,
             endpoint: endpoint.to_string(),
             status,

@@ -236,6 +236,7 @@ impl Tenancy {
         let me = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(KEYS_CHECK_EVERY);
+            let mut resident = 0;
             loop {
                 tick.tick().await;
                 let Some(t) = me.upgrade() else { return };
@@ -243,6 +244,13 @@ impl Tenancy {
                     let t2 = t.clone();
                     let _ = tokio::task::spawn_blocking(move || t2.keys.refresh()).await;
                 }
+                // Scaled to zero: commit what the last requests used now,
+                // as the replica may be stopped next.
+                let now = t.metrics.resident_models.get();
+                if resident > 0 && now == 0 {
+                    t.flush().await;
+                }
+                resident = now;
             }
         });
         let me = Arc::downgrade(self);

@@ -125,22 +125,33 @@ pub struct Usage {
 }
 
 impl Usage {
-    /// Opens (and if needed creates) the store, and starts the writer.
+    /// Starts the writer, which opens (and if needed creates) the store
+    /// on its own thread (database clients may block).
     pub fn open(target: UsageTarget, flush_interval: Duration) -> Result<Self> {
-        let store = match open(&target) {
-            Ok(s) => Some(s),
-            // A database server may come up after the daemon: records wait
-            // in memory and the writer keeps trying.
-            Err(e) if matches!(target, UsageTarget::Postgres(_)) => {
-                tracing::error!(error = %format!("{e:#}"), "usage database unreachable; records are kept in memory until it answers");
-                None
-            }
-            Err(e) => return Err(e),
-        };
         let (tx, rx) = mpsc::channel();
+        let (opened_tx, opened) = mpsc::channel();
         std::thread::Builder::new()
             .name("kindling-usage".into())
-            .spawn(move || Writer::new(store, target, flush_interval).run(rx))?;
+            .spawn(move || {
+                let store = match open(&target) {
+                    Ok(s) => Some(s),
+                    // A database server may come up after the daemon:
+                    // records wait in memory and the writer keeps trying.
+                    Err(e) if matches!(target, UsageTarget::Postgres(_)) => {
+                        tracing::error!(error = %format!("{e:#}"), "usage database unreachable; records are kept in memory until it answers");
+                        None
+                    }
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = opened_tx.send(Ok(()));
+                Writer::new(store, target, flush_interval).run(rx);
+            })?;
+        opened
+            .recv()
+            .map_err(|_| anyhow!("the usage writer failed to start"))??;
         Ok(Self { tx })
     }
 
