@@ -28,6 +28,7 @@ class Stream:
     end: float = 0.0
     times: list = field(default_factory=list)  # arrival of each chunk with text
     usage_tokens: int = None
+    prompt_tokens: int = None  # usage.prompt_tokens, when the server sent usage
     finish_reason: str = None
     error: str = None
 
@@ -67,6 +68,8 @@ class SseReader:
             usage = obj.get("usage")
             if usage and usage.get("completion_tokens") is not None:
                 self.s.usage_tokens = usage["completion_tokens"]
+            if usage and usage.get("prompt_tokens") is not None:
+                self.s.prompt_tokens = usage["prompt_tokens"]
             for choice in obj.get("choices") or []:
                 if choice.get("text"):
                     self.s.times.append(now)
@@ -74,12 +77,13 @@ class SseReader:
                     self.s.finish_reason = choice["finish_reason"]
 
 
-async def _exchange(host, port, body: bytes, s: Stream):
+async def _exchange(host, port, body: bytes, s: Stream, api_key=None):
     reader, writer = await asyncio.open_connection(host, port)
     try:
+        auth = f"Authorization: Bearer {api_key}\r\n" if api_key else ""
         writer.write(
             f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
-            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+            f"Content-Type: application/json\r\nAccept: text/event-stream\r\n{auth}"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
         await writer.drain()
         status_line = await reader.readline()
@@ -120,15 +124,19 @@ async def _exchange(host, port, body: bytes, s: Stream):
         writer.close()
 
 
-async def stream_completion(base, prompt_ids, max_tokens, timeout) -> Stream:
+async def stream_completion(base, prompt_ids, max_tokens, timeout, api_key=None, stream=None) -> Stream:
+    """`prompt_ids`: token ids or a text. `api_key`: sent as `Authorization:
+    Bearer`. `stream`: a Stream to fill in (its start is set here), so that a
+    caller who cancels the task keeps the chunks timed so far."""
     host, port = base
     body = json.dumps({
         "model": MODEL, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
         "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
     }).encode()
-    s = Stream(start=time.perf_counter())
+    s = stream if stream is not None else Stream()
+    s.start = time.perf_counter()
     try:
-        await asyncio.wait_for(_exchange(host, port, body, s), timeout)
+        await asyncio.wait_for(_exchange(host, port, body, s, api_key), timeout)
         if not s.times:
             raise ServerError("no tokens")
     except Exception as e:  # noqa: BLE001 - every failure is an error count
@@ -146,10 +154,13 @@ def free_port():
 
 
 class Kindling:
-    def __init__(self, binary, config, threads):
-        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG="warn,kindling=info")
+    """`extra_args`: more `kindling serve` arguments (e.g. `--api-key K`);
+    `rust_log`: RUST_LOG; `on_line`: called with each line the daemon logs."""
+
+    def __init__(self, binary, config, threads, extra_args=(), rust_log="warn,kindling=info", on_line=None):
+        env = dict(os.environ, RAYON_NUM_THREADS=str(threads), RUST_LOG=rust_log)
         self.proc = subprocess.Popen(
-            [binary, "serve", "--config", str(config), "--listen", "127.0.0.1:0"],
+            [binary, "serve", "--config", str(config), "--listen", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.tail = []
         found = threading.Event()
@@ -158,6 +169,8 @@ class Kindling:
         def drain():
             for line in self.proc.stdout:
                 self.tail = (self.tail + [line.rstrip()])[-20:]
+                if on_line is not None:
+                    on_line(line)
                 if self.addr is None and "listening on http://" in line:
                     self.addr = line.split("listening on http://")[1].split()[0]
                     found.set()

@@ -118,7 +118,10 @@ pub fn keys(path: &Path, command: KeysCommand) -> Result<()> {
                 &now,
             )?;
             file.write(path)?;
-            eprintln!("created key `{name}` in {}; its secret (shown only now):", path.display());
+            eprintln!(
+                "created key `{name}` in {}; its secret (shown only now):",
+                path.display()
+            );
             println!("{secret}");
         }
         KeysCommand::List => {
@@ -126,18 +129,26 @@ pub fn keys(path: &Path, command: KeysCommand) -> Result<()> {
             let opt = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
             for k in &file.keys {
                 let quota = match (k.quota_tokens, k.quota_period) {
-                    (Some(t), Some(p)) => format!("{t}/{}", if p == Period::Day { "day" } else { "month" }),
+                    (Some(t), Some(p)) => {
+                        format!("{t}/{}", if p == Period::Day { "day" } else { "month" })
+                    }
                     _ => "-".into(),
                 };
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{quota}\t{}\t{}\t{}…",
                     k.name,
-                    if k.scope == Scope::Admin { "admin" } else { "inference" },
+                    if k.scope == Scope::Admin {
+                        "admin"
+                    } else {
+                        "inference"
+                    },
                     k.models.as_ref().map_or("*".into(), |m| m.join(",")),
                     opt(k.rpm),
                     opt(k.tpm),
                     k.created,
-                    k.revoked.as_ref().map_or("active".into(), |t| format!("revoked {t}")),
+                    k.revoked
+                        .as_ref()
+                        .map_or("active".into(), |t| format!("revoked {t}")),
                     k.hint,
                 );
             }
@@ -195,8 +206,17 @@ pub fn usage(config: &Path, env: &Environment, args: UsageArgs) -> Result<()> {
         "compute_seconds",
         "queue_seconds",
     ];
-    let sep = if let Format::Csv = args.format { "," } else { "\t" };
-    let header: Vec<&str> = q.group_by.iter().map(String::as_str).chain(totals).collect();
+    let sep = if let Format::Csv = args.format {
+        ","
+    } else {
+        "\t"
+    };
+    let header: Vec<&str> = q
+        .group_by
+        .iter()
+        .map(String::as_str)
+        .chain(totals)
+        .collect();
     println!("{}", header.join(sep));
     for r in rows {
         let mut cells: Vec<String> = q

@@ -1,7 +1,8 @@
 //! Kindling: a self-hosted model-serving daemon with an OpenAI-compatible API.
 //!
 //! Rooms, each depending only on those to its right:
-//! `http` → `registry` → `engine` → `kindling_models` → `kindling_kernels`.
+//! `http` → `tenancy` → `registry` → `engine` → `kindling_models` →
+//! `kindling_kernels`.
 //! `config` and `metrics` are shared leaves that every room may use.
 
 pub mod config;

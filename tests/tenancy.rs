@@ -20,11 +20,11 @@ fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_kindling")
 }
 
-/// A config with a keys file and its own usage database; `usage` adds
-/// `[usage]` settings, `daemon` other sections.
-fn tenancy_config(usage: &str, daemon: &str) -> PathBuf {
+/// A config with a keys file and its own usage database; `auth` and
+/// `usage` add settings to their sections, `daemon` other sections.
+fn tenancy_config(auth: &str, usage: &str, daemon: &str) -> PathBuf {
     write_config(&format!(
-        "[auth]\nkeys_file = \"keys.toml\"\n[usage]\npath = \"usage.sqlite\"\n{usage}\n{daemon}"
+        "[auth]\nkeys_file = \"keys.toml\"\n{auth}\n[usage]\npath = \"usage.sqlite\"\n{usage}\n{daemon}"
     ))
 }
 
@@ -86,7 +86,7 @@ fn chat(max_tokens: u32) -> Value {
 
 #[tokio::test]
 async fn the_auth_matrix_and_a_keys_file_that_changes_while_serving() {
-    let config = tenancy_config("flush_interval = \"200ms\"", "");
+    let config = tenancy_config("", "flush_interval = \"200ms\"", "");
     let alice = create(&config, "alice", &["--models", CHAT]);
     let root = create(&config, "root", &["--scope", "admin"]);
     let server = Server::spawn(&config, &[("KINDLING_API_KEY", "plain-secret")]);
@@ -106,7 +106,11 @@ async fn the_auth_matrix_and_a_keys_file_that_changes_while_serving() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     for open in ["/health/live", "/health/ready", "/metrics"] {
-        assert_eq!(call(&server, "GET", open, None, None).await.0, 200, "{open}");
+        assert_eq!(
+            call(&server, "GET", open, None, None).await.0,
+            200,
+            "{open}"
+        );
     }
     // A key scoped to one model sees only it, and may not use another.
     let (_, _, models) = call(&server, "GET", "/v1/models", Some(&alice), None).await;
@@ -127,7 +131,12 @@ async fn the_auth_matrix_and_a_keys_file_that_changes_while_serving() {
     let (status, _, e) = call(&server, "GET", "/admin/status", Some(&alice), None).await;
     assert_eq!(status, 403, "{e}");
     for key in [root.as_str(), "plain-secret"] {
-        assert_eq!(call(&server, "GET", "/admin/status", Some(key), None).await.0, 200);
+        assert_eq!(
+            call(&server, "GET", "/admin/status", Some(key), None)
+                .await
+                .0,
+            200
+        );
     }
     // A stream in flight when its key is revoked finishes; new requests get 401.
     let mut body = chat(48);
@@ -145,15 +154,25 @@ async fn the_auth_matrix_and_a_keys_file_that_changes_while_serving() {
     let text = resp.text().await.unwrap();
     assert!(text.trim_end().ends_with("data: [DONE]"), "{text}");
     let t0 = Instant::now();
-    while call(&server, "GET", "/v1/models", Some(&alice), None).await.0 != 401 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "revoked key still works");
+    while call(&server, "GET", "/v1/models", Some(&alice), None)
+        .await
+        .0
+        != 401
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "revoked key still works"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // A key made while the daemon runs works within seconds.
     let bob = create(&config, "bob", &[]);
     let t0 = Instant::now();
     while call(&server, "GET", "/v1/models", Some(&bob), None).await.0 != 200 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "new key not picked up");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "new key not picked up"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // No secret in the log or the keys file.
@@ -188,7 +207,14 @@ fn no_public_listening_without_a_key_unless_asked() {
 
 /// Totals per key from `/admin/usage`.
 async fn usage_by_key(server: &Server, admin: &str) -> Value {
-    let (status, _, body) = call(&server, "GET", "/admin/usage?group_by=key", Some(admin), None).await;
+    let (status, _, body) = call(
+        &server,
+        "GET",
+        "/admin/usage?group_by=key",
+        Some(admin),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let mut out = json!({});
     for row in body["data"].as_array().unwrap() {
@@ -204,7 +230,7 @@ fn add(sum: &mut [u64; 3], usage: &Value) {
 
 #[tokio::test]
 async fn metered_usage_equals_the_responses_and_survives_a_restart() {
-    let config = tenancy_config("flush_interval = \"200ms\"", "");
+    let config = tenancy_config("", "flush_interval = \"200ms\"", "");
     let admin = create(&config, "admin", &["--scope", "admin"]);
     let a = create(&config, "tenant-a", &[]);
     let b = create(&config, "tenant-b", &[]);
@@ -213,7 +239,14 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     let mut want = [[0u64; 3]; 2];
     let mut requests = [0u64; 2];
     for (i, key) in [&a, &b].into_iter().enumerate() {
-        let (s, _, r) = call(&server, "POST", "/v1/chat/completions", Some(key), Some(chat(8))).await;
+        let (s, _, r) = call(
+            &server,
+            "POST",
+            "/v1/chat/completions",
+            Some(key),
+            Some(chat(8)),
+        )
+        .await;
         assert_eq!(s, 200, "{r}");
         add(&mut want[i], &r["usage"]);
         let body = json!({"model": CHAT, "prompt": "Once upon a time", "max_tokens": 6, "n": 2});
@@ -241,7 +274,14 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     }
     // Images for a: its text tokens are prompt tokens; 2 images of 64×48, 3 steps.
     let body = json!({"model": IMAGE, "prompt": "a red cat", "n": 2, "size": "64x48", "steps": 3, "seed": 1});
-    let (s, _, r) = call(&server, "POST", "/v1/images/generations", Some(&a), Some(body)).await;
+    let (s, _, r) = call(
+        &server,
+        "POST",
+        "/v1/images/generations",
+        Some(&a),
+        Some(body),
+    )
+    .await;
     assert_eq!(s, 200, "{r}");
     want[0][0] += r["usage"]["input_tokens"].as_u64().unwrap();
     requests[0] += 1;
@@ -268,18 +308,38 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let totals = usage_by_key(&server, &admin).await;
     let cancelled = {
-        let (_, _, body) = call(&server, "GET", "/admin/usage?key=tenant-b&group_by=status", Some(&admin), None).await;
-        body["data"].as_array().unwrap().iter().find(|r| r["status"] == "499").cloned().expect("a 499 record")
+        let (_, _, body) = call(
+            &server,
+            "GET",
+            "/admin/usage?key=tenant-b&group_by=status",
+            Some(&admin),
+            None,
+        )
+        .await;
+        body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["status"] == "499")
+            .cloned()
+            .expect("a 499 record")
     };
     let got = cancelled["completion_tokens"].as_u64().unwrap();
-    assert!((4..200).contains(&got), "billed {got} tokens for a stream cut after 6 chunks");
+    assert!(
+        (4..200).contains(&got),
+        "billed {got} tokens for a stream cut after 6 chunks"
+    );
     want[1][0] += cancelled["prompt_tokens"].as_u64().unwrap();
     want[1][1] += got;
     for (i, name) in ["tenant-a", "tenant-b"].into_iter().enumerate() {
         let t = &totals[name];
         assert_eq!(t["requests"], requests[i], "{name}: {t}");
         assert_eq!(
-            [t["prompt_tokens"].as_u64().unwrap(), t["completion_tokens"].as_u64().unwrap(), t["embedding_tokens"].as_u64().unwrap()],
+            [
+                t["prompt_tokens"].as_u64().unwrap(),
+                t["completion_tokens"].as_u64().unwrap(),
+                t["embedding_tokens"].as_u64().unwrap()
+            ],
             want[i],
             "{name}: {t}"
         );
@@ -291,7 +351,12 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     // Per-key counters in /metrics carry names, not secrets.
     let (_, _, metrics) = call(&server, "GET", "/metrics", None, None).await;
     let metrics = metrics.as_str().unwrap().to_string();
-    assert!(metrics.contains(&format!("kindling_key_requests_total{{key=\"tenant-a\",model=\"{CHAT}\"}}")), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "kindling_key_requests_total{{key=\"tenant-a\",model=\"{CHAT}\"}}"
+        )),
+        "{metrics}"
+    );
     // A graceful stop, a restart: the same totals, read by the CLI as well.
     server.sigterm();
     assert!(server.wait_exit(Duration::from_secs(30)).unwrap().success());
@@ -303,20 +368,41 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
         .output()
         .unwrap();
     let csv = String::from_utf8(csv.stdout).unwrap();
-    let line = csv.lines().find(|l| l.starts_with("tenant-a,")).unwrap_or_else(|| panic!("{csv}"));
-    assert!(line.starts_with(&format!("tenant-a,{},{},{}", requests[0], want[0][0], want[0][1])), "{line}");
+    let line = csv
+        .lines()
+        .find(|l| l.starts_with("tenant-a,"))
+        .unwrap_or_else(|| panic!("{csv}"));
+    assert!(
+        line.starts_with(&format!(
+            "tenant-a,{},{},{}",
+            requests[0], want[0][0], want[0][1]
+        )),
+        "{line}"
+    );
 }
 
 #[tokio::test]
 async fn sigterm_during_a_workload_loses_no_record() {
     // Records are committed only at the stop: nothing is flushed before.
     let config = tenancy_config(
+        "",
         "flush_interval = \"1h\"\nquota_sync_interval = \"1h\"",
         "[server]\nshutdown_timeout = \"60s\"",
     );
     let admin = create(&config, "admin", &["--scope", "admin"]);
     let mut server = Server::spawn(&config, &[]);
-    assert_eq!(call(&server, "POST", "/v1/chat/completions", Some(&admin), Some(chat(2))).await.0, 200);
+    assert_eq!(
+        call(
+            &server,
+            "POST",
+            "/v1/chat/completions",
+            Some(&admin),
+            Some(chat(2))
+        )
+        .await
+        .0,
+        200
+    );
     let mut running = Vec::new();
     for _ in 0..6 {
         let req = client()
@@ -344,35 +430,84 @@ async fn sigterm_during_a_workload_loses_no_record() {
 
 #[tokio::test]
 async fn rate_limits_and_quotas_answer_429_with_openais_headers() {
-    let config = tenancy_config("flush_interval = \"200ms\"", "");
+    let config = tenancy_config("", "flush_interval = \"200ms\"", "");
     let rpm = create(&config, "rpm", &["--rpm", "2"]);
     let tpm = create(&config, "tpm", &["--tpm", "30"]);
-    let quota = create(&config, "quota", &["--quota-tokens", "20", "--quota-period", "day"]);
+    let quota = create(
+        &config,
+        "quota",
+        &["--quota-tokens", "20", "--quota-period", "day"],
+    );
     let server = Server::spawn(&config, &[]);
     let body = json!({"model": EMBED, "input": "a sentence of a few tokens"});
     for left in [1, 0] {
-        let (s, h, _) = call(&server, "POST", "/v1/embeddings", Some(&rpm), Some(body.clone())).await;
+        let (s, h, _) = call(
+            &server,
+            "POST",
+            "/v1/embeddings",
+            Some(&rpm),
+            Some(body.clone()),
+        )
+        .await;
         assert_eq!(s, 200);
         assert_eq!(h["x-ratelimit-limit-requests"], "2");
-        assert_eq!(h["x-ratelimit-remaining-requests"], left.to_string().as_str());
+        assert_eq!(
+            h["x-ratelimit-remaining-requests"],
+            left.to_string().as_str()
+        );
         assert!(h.contains_key("x-ratelimit-reset-requests"));
     }
-    let (s, h, e) = call(&server, "POST", "/v1/embeddings", Some(&rpm), Some(body.clone())).await;
+    let (s, h, e) = call(
+        &server,
+        "POST",
+        "/v1/embeddings",
+        Some(&rpm),
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(s, 429, "{e}");
     assert_eq!(e["error"]["code"], "rate_limit_exceeded");
     let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=30).contains(&wait), "{wait}");
     // 40 tokens of chat against 30 a minute: the next request waits.
-    let (s, h, r) = call(&server, "POST", "/v1/chat/completions", Some(&tpm), Some(chat(8))).await;
+    let (s, h, r) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&tpm),
+        Some(chat(8)),
+    )
+    .await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(h["x-ratelimit-limit-tokens"], "30");
-    let (s, h, e) = call(&server, "POST", "/v1/chat/completions", Some(&tpm), Some(chat(8))).await;
+    let (s, h, e) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&tpm),
+        Some(chat(8)),
+    )
+    .await;
     assert_eq!(s, 429, "{e}");
     assert!(h.contains_key("retry-after") && h.contains_key("x-ratelimit-remaining-tokens"));
     // The quota lets the request that crosses it finish, then closes for the day.
-    let (s, _, _) = call(&server, "POST", "/v1/chat/completions", Some(&quota), Some(chat(8))).await;
+    let (s, _, _) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&quota),
+        Some(chat(8)),
+    )
+    .await;
     assert_eq!(s, 200);
-    let (s, h, e) = call(&server, "POST", "/v1/chat/completions", Some(&quota), Some(chat(8))).await;
+    let (s, h, e) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&quota),
+        Some(chat(8)),
+    )
+    .await;
     assert_eq!(s, 429, "{e}");
     assert_eq!(e["error"]["code"], "insufficient_quota");
     assert_eq!(e["error"]["type"], "insufficient_quota");
@@ -390,10 +525,25 @@ async fn usage_goes_to_postgresql_when_configured() {
         eprintln!("skipped: no KINDLING_TEST_PG_URL (scripts/test.sh starts a PostgreSQL server)");
         return;
     };
-    let config = tenancy_config(&format!("database_url = {url:?}"), "");
-    let admin = create(&config, "pg-admin", &["--scope", "admin"]);
+    let config = tenancy_config("", &format!("database_url = {url:?}"), "");
+    // The database outlives the test: a fresh key name keeps its rows apart.
+    let name = format!(
+        "pg-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let admin = create(&config, &name, &["--scope", "admin"]);
     let mut server = Server::spawn(&config, &[]);
-    let (s, _, r) = call(&server, "POST", "/v1/chat/completions", Some(&admin), Some(chat(5))).await;
+    let (s, _, r) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(chat(5)),
+    )
+    .await;
     assert_eq!(s, 200, "{r}");
     let body = json!({"model": EMBED, "input": "hello"});
     let (s, _, e) = call(&server, "POST", "/v1/embeddings", Some(&admin), Some(body)).await;
@@ -402,18 +552,98 @@ async fn usage_goes_to_postgresql_when_configured() {
     assert!(server.wait_exit(Duration::from_secs(30)).unwrap().success());
     // Read back through the CLI, which connects to the same database.
     let out = Command::new(bin())
-        .args(["usage", "--key", "pg-admin", "--group-by", "key,endpoint", "--format", "json", "--config"])
+        .args([
+            "usage",
+            "--key",
+            &name,
+            "--group-by",
+            "key,endpoint",
+            "--format",
+            "json",
+            "--config",
+        ])
         .arg(&config)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
-    let chat_row = rows.iter().find(|r| r["endpoint"] == "/v1/chat/completions").unwrap();
+    let chat_row = rows
+        .iter()
+        .find(|r| r["endpoint"] == "/v1/chat/completions")
+        .unwrap();
     assert_eq!(chat_row["prompt_tokens"], r["usage"]["prompt_tokens"]);
-    assert_eq!(chat_row["completion_tokens"], r["usage"]["completion_tokens"]);
-    let embed_row = rows.iter().find(|r| r["endpoint"] == "/v1/embeddings").unwrap();
+    assert_eq!(
+        chat_row["completion_tokens"],
+        r["usage"]["completion_tokens"]
+    );
+    let embed_row = rows
+        .iter()
+        .find(|r| r["endpoint"] == "/v1/embeddings")
+        .unwrap();
     assert_eq!(embed_row["embedding_tokens"], e["usage"]["prompt_tokens"]);
     assert!(!config.parent().unwrap().join("usage.sqlite").exists());
+}
+
+#[tokio::test]
+async fn cors_is_off_by_default_and_answers_configured_origins() {
+    let preflight = |server: &Server| {
+        client()
+            .request(reqwest::Method::OPTIONS, server.url("/v1/chat/completions"))
+            .header("origin", "https://app.example")
+            .header("access-control-request-method", "POST")
+            .header(
+                "access-control-request-headers",
+                "authorization,content-type",
+            )
+            .send()
+    };
+    let closed = Server::with_config("");
+    let resp = preflight(&closed).await.unwrap();
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
+    let config = tenancy_config(
+        "metrics_need_key = true",
+        "",
+        "[server]\ncors_origins = [\"https://app.example\"]",
+    );
+    let key = create(&config, "web", &[]);
+    let open = Server::spawn(&config, &[]);
+    // This config keys /metrics too.
+    assert_eq!(call(&open, "GET", "/metrics", None, None).await.0, 401);
+    assert_eq!(
+        call(&open, "GET", "/metrics", Some(&key), None).await.0,
+        200
+    );
+    // The preflight needs no key; the answer names the origin.
+    let resp = preflight(&open).await.unwrap();
+    assert!(resp.status().is_success(), "{}", resp.status());
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let resp = client()
+        .get(open.url("/v1/models"))
+        .header("origin", "https://app.example")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        resp.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let resp = client()
+        .get(open.url("/v1/models"))
+        .header("origin", "https://elsewhere.example")
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert!(!resp.headers().contains_key("access-control-allow-origin"));
 }

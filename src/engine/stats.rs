@@ -3,8 +3,8 @@
 //! token counts and recent throughput.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -183,7 +183,10 @@ mod tests {
         assert!(s.try_enqueue(8, Some(&b), true));
         assert!(!s.try_enqueue(8, Some(&b), true), "the queue is full");
         s.dequeue(Some(&a));
-        assert!(!s.try_enqueue(8, Some(&a), true), "a is over its share of two keys");
+        assert!(
+            !s.try_enqueue(8, Some(&a), true),
+            "a is over its share of two keys"
+        );
         assert!(s.try_enqueue(8, Some(&b), true));
         // Without fair share, only the total counts.
         let s = EngineStats::default();

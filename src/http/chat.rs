@@ -259,11 +259,7 @@ fn chunk(meta: &Meta, choices: Vec<ChunkChoice>, usage: Option<Usage>) -> SseIte
     })
 }
 
-fn stream(
-    gen: Generation,
-    meta: Meta,
-    include_usage: bool,
-) -> impl Stream<Item = SseItem> {
+fn stream(gen: Generation, meta: Meta, include_usage: bool) -> impl Stream<Item = SseItem> {
     // The first chunk of each choice carries the assistant role.
     let roles: Vec<SseItem> = (0..gen.choices)
         .map(|index| {
@@ -312,12 +308,7 @@ fn stream(
         chunk(&step_meta, vec![choice], None)
     };
     let usage = move |usage| chunk(&meta, Vec::new(), Some(usage));
-    futures::stream::iter(roles).chain(generation::sse_events(
-        gen,
-        include_usage,
-        render,
-        usage,
-    ))
+    futures::stream::iter(roles).chain(generation::sse_events(gen, include_usage, render, usage))
 }
 
 #[derive(Serialize)]

@@ -178,11 +178,7 @@ pub async fn handle(
     Ok(resp)
 }
 
-fn stream(
-    gen: Generation,
-    meta: Meta,
-    include_usage: bool,
-) -> impl Stream<Item = SseItem> {
+fn stream(gen: Generation, meta: Meta, include_usage: bool) -> impl Stream<Item = SseItem> {
     let chunk = |meta: &Meta, choices: Vec<Choice>, usage: Option<Usage>| {
         SseItem::chunk(&Completion {
             id: &meta.id,

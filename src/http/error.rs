@@ -151,11 +151,11 @@ impl ApiError {
         if key.may_use(model) {
             Ok(())
         } else {
-            Err(Self::forbidden(format!(
-                "this API key may not use model `{model}`"
-            ))
-            .param("model")
-            .code("model_not_allowed"))
+            Err(
+                Self::forbidden(format!("this API key may not use model `{model}`"))
+                    .param("model")
+                    .code("model_not_allowed"),
+            )
         }
     }
 

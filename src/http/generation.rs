@@ -44,7 +44,8 @@ impl Drop for Generation {
     /// the request's record gets the tokens generated so far.
     fn drop(&mut self) {
         let usage = self.usage.usage();
-        self.log.tokens(usage.prompt_tokens, usage.completion_tokens);
+        self.log
+            .tokens(usage.prompt_tokens, usage.completion_tokens);
     }
 }
 

@@ -153,9 +153,14 @@ impl RequestLog {
         self.fields().key = Some(key);
     }
 
-    /// The key's name, for fair sharing between keys.
+    /// The key's name, for fair sharing between keys (none on an open
+    /// daemon, where there is one caller to share with).
     pub fn key_name(&self) -> Option<Arc<str>> {
-        self.fields().key.as_ref().map(|k| k.name.clone())
+        self.fields()
+            .key
+            .as_ref()
+            .map(|k| k.name.clone())
+            .filter(|n| &**n != crate::tenancy::ANONYMOUS)
     }
 
     /// Records token counts.
@@ -200,12 +205,8 @@ impl RequestLog {
         // Requests turned away before naming a model used nothing.
         let key = f.key.clone()?;
         let model = f.model.clone()?;
-        let endpoint = super::auth::METERED
-            .iter()
-            .find(|p| **p == self.0.path)?;
-        let compute = f
-            .compute_started
-            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        let endpoint = super::auth::METERED.iter().find(|p| **p == self.0.path)?;
+        let compute = f.compute_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let record = UsageRecord {
             ts_ms: crate::tenancy::now_ms(),
             request_id: self.0.id.clone(),
@@ -236,7 +237,10 @@ impl RequestLog {
         }
         let f = self.fields();
         // 499: the client closed the connection before a response was sent.
-        let status = match (*self.0.status.lock().unwrap_or_else(|e| e.into_inner()), f.stream) {
+        let status = match (
+            *self.0.status.lock().unwrap_or_else(|e| e.into_inner()),
+            f.stream,
+        ) {
             (0, _) | (_, Some((false, _))) => 499,
             (_, Some((true, Some(error)))) => error,
             (s, _) => s,

@@ -119,7 +119,10 @@ mod tests {
         let (s, e) = Period::Month.bounds(t);
         assert_eq!((day(s), day(e)), ("2024-02-01".into(), "2024-03-01".into()));
         let (s, e) = Period::Day.bounds(t);
-        assert_eq!((rfc3339(s), rfc3339(e)), ("2024-02-29T00:00:00Z".into(), "2024-03-01T00:00:00Z".into()));
+        assert_eq!(
+            (rfc3339(s), rfc3339(e)),
+            ("2024-02-29T00:00:00Z".into(), "2024-03-01T00:00:00Z".into())
+        );
         let (s, e) = Period::Month.bounds(parse_time("2026-12-31").unwrap());
         assert_eq!((day(s), day(e)), ("2026-12-01".into(), "2027-01-01".into()));
         assert_eq!(parse_time("86400").unwrap(), DAY_MS);

@@ -165,8 +165,8 @@ impl KeysFile {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
         };
-        let file: Self =
-            toml::from_str(&text).with_context(|| format!("invalid keys file {}", path.display()))?;
+        let file: Self = toml::from_str(&text)
+            .with_context(|| format!("invalid keys file {}", path.display()))?;
         let mut names = BTreeSet::new();
         for k in &file.keys {
             if !names.insert(k.name.as_str()) {

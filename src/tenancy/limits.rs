@@ -25,9 +25,15 @@ pub struct RateState {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Limited {
     /// Over its requests per minute.
-    Requests { retry_after: Duration, state: RateState },
+    Requests {
+        retry_after: Duration,
+        state: RateState,
+    },
     /// Over its tokens per minute.
-    Tokens { retry_after: Duration, state: RateState },
+    Tokens {
+        retry_after: Duration,
+        state: RateState,
+    },
     /// Its quota for the period is used up.
     Quota {
         quota: u64,
@@ -107,11 +113,7 @@ impl KeyState {
 
     fn state(&self, key: &Principal) -> RateState {
         RateState {
-            requests: key
-                .limits
-                .rpm
-                .zip(self.requests)
-                .map(|(l, b)| b.report(l)),
+            requests: key.limits.rpm.zip(self.requests).map(|(l, b)| b.report(l)),
             tokens: key.limits.tpm.zip(self.tokens).map(|(l, b)| b.report(l)),
         }
     }
@@ -225,7 +227,9 @@ mod tests {
         }
         match lim.admit(&k) {
             Err(Limited::Requests { retry_after, .. }) => {
-                assert!(retry_after > Duration::from_secs(15) && retry_after <= Duration::from_secs(20));
+                assert!(
+                    retry_after > Duration::from_secs(15) && retry_after <= Duration::from_secs(20)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -245,7 +249,11 @@ mod tests {
         let fresh = Limiter::default();
         fresh.sync_quota(&k, 260);
         match fresh.admit(&k) {
-            Err(Limited::Quota { quota: 250, retry_after, .. }) => {
+            Err(Limited::Quota {
+                quota: 250,
+                retry_after,
+                ..
+            }) => {
                 assert!(retry_after <= Duration::from_secs(31 * 86_400));
             }
             other => panic!("{other:?}"),

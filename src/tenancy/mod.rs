@@ -286,7 +286,9 @@ impl Tenancy {
                         }
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "quota counters not refreshed from the usage store"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "quota counters not refreshed from the usage store")
+                }
             }
         }
     }

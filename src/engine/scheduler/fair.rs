@@ -108,11 +108,7 @@ impl Scheduler {
                 return;
             };
             let over = over.clone();
-            let Some(victim) = self
-                .running
-                .iter()
-                .rposition(|s| self.tenant_of(s) == over)
-            else {
+            let Some(victim) = self.running.iter().rposition(|s| self.tenant_of(s) == over) else {
                 return;
             };
             tracing::debug!(

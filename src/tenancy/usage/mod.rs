@@ -226,7 +226,10 @@ impl Writer {
                     if self.buffer.len() > MAX_BUFFERED {
                         let over = self.buffer.len() - MAX_BUFFERED;
                         self.buffer.drain(..over);
-                        tracing::error!(dropped = over, "usage store unreachable too long; oldest records dropped");
+                        tracing::error!(
+                            dropped = over,
+                            "usage store unreachable too long; oldest records dropped"
+                        );
                     }
                     if self.buffer.len() >= BATCH {
                         let _ = self.flush();
@@ -262,10 +265,7 @@ impl Writer {
     }
 
     /// Runs `f` on the store, reconnecting first if it was lost.
-    fn with_store<T>(
-        &mut self,
-        f: impl FnOnce(&mut dyn Store) -> Result<T>,
-    ) -> Result<T, String> {
+    fn with_store<T>(&mut self, f: impl FnOnce(&mut dyn Store) -> Result<T>) -> Result<T, String> {
         if self.store.is_none() {
             if self.retry_at.is_some_and(|t| Instant::now() < t) {
                 return Err("the usage store is unreachable".into());

@@ -260,7 +260,10 @@ impl Store for Sqlite {
     fn token_totals(&mut self, since_ms: i64) -> Result<HashMap<String, u64>> {
         let mut st = self.0.prepare(&SQLITE.totals_sql())?;
         let rows = st.query_map([since_ms], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?.unwrap_or(0)))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+            ))
         })?;
         rows.map(|r| Ok(r.map(|(k, v)| (k, u64::try_from(v).unwrap_or(0)))?))
             .collect()
