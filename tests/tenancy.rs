@@ -2,6 +2,8 @@
 //! models, keys made with `kindling keys`, usage read back with
 //! `/admin/usage` and `kindling usage`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -208,7 +210,7 @@ fn no_public_listening_without_a_key_unless_asked() {
 /// Totals per key from `/admin/usage`.
 async fn usage_by_key(server: &Server, admin: &str) -> Value {
     let (status, _, body) = call(
-        &server,
+        server,
         "GET",
         "/admin/usage?group_by=key",
         Some(admin),
