@@ -5,7 +5,8 @@ on and off, in one run.
 
     cargo build --release --bin kindling
     python3 benches/fair_share.py [--threads 2] [--flood 32] [--samples 30]
-        [--warmup 5] [--pause 0.2] [--kindling-config benches/kindling.toml]
+        [--warmup 5] [--pause 0.2] [--max-window 150]
+        [--kindling-config benches/kindling.toml]
 
 Python standard library only. The daemon (binary: $KINDLING_BIN, else
 target/release/kindling) runs as `kindling serve --config TMP --listen
@@ -25,10 +26,16 @@ stream_options.include_usage, `Authorization: Bearer <key>`.
     16 seats, so A alone keeps the batch full and 16 requests queued), each
     re-issued as soon as it ends, with its own text prompt of about 96 tokens
     (`Note N.` and the first --flood-words words, 78, of shuffled sentences;
-    every request's text differs, so no prompt cache helps) and max_tokens --flood-max-tokens (64).
+    every request's text differs, so no prompt cache helps) and max_tokens
+    --flood-max-tokens (64).
   - Tenant B sends --samples requests (default 30) one after another, with
     --pause seconds (0.2) between the end of one and the start of the next;
-    short distinct prompts (about 15 tokens), max_tokens --b-max-tokens (8).
+    short distinct prompts (about 12 tokens), max_tokens --b-max-tokens (8).
+    It sends no new request once --max-window seconds (150) have passed since
+    its first: under first come, first served each of B's requests waits
+    behind A's 16 queued ones (over 10 s on 2 cores), so (c) gets about 10
+    samples and the run stays under 5 minutes; the table's `n` column says
+    how many each condition got.
 
 Conditions, one daemon per fair_share setting:
   (a) `alone`: B with no flood (daemon with fair_share = true, before its flood),
@@ -40,8 +47,9 @@ cancelled (its connections closed) after B's last.
 
 Per condition:
   - B TTFT: request start (before connecting) to the first chunk with text;
-    p50 and p99 over B's successful requests. With 30 samples p99 is
-    interpolated between the two largest values: it is essentially the max.
+    p50 and p99 over B's successful requests (linear interpolation). With
+    30 samples p99 lies between the two largest values, essentially the max;
+    with 10 it is the max, near enough.
   - B e2e: request start to the end of the stream ([DONE]), p50 and p99.
   - A tok/s: A's chunks with text that arrived inside B's measurement window
     (B's first request start to B's last request end) divided by the window;
@@ -51,9 +59,11 @@ Per condition:
   - errors per tenant: failed requests (HTTP status, error event, no [DONE],
     timeout); 429s are also counted separately. A's flood requests that end
     with an error are re-issued after 0.1 s.
-  - preemptions: lines in the daemon log (at RUST_LOG kindling=debug) saying
-    "sequence preempted: its tenant is over its share" (fair share) or
-    "sequence preempted: out of KV cache blocks", counted during the window.
+  - preemptions during the window, from the daemon log (at RUST_LOG
+    kindling=debug): "sequence preempted: its tenant is over its share"
+    (fair share) and "sequence preempted: out of KV cache blocks" (the
+    scheduler logs the latter for every preemption, fair share's included,
+    so the latter right after the former is not counted again).
 
 The client is one asyncio thread (bench_servers.py's raw HTTP/1.1 streaming
 client) on the same machine as the daemon; it shares the CPU with it.
@@ -78,6 +88,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_servers import MODEL, ROOT, Kindling, Stream, stream_completion  # noqa: E402
 
+CONDITIONS = ("alone", "fair", "fcfs")
 FLAGS = ("avx512f", "avx512_vnni", "amx_tile", "avx_vnni")
 PREEMPT_FAIR = "sequence preempted: its tenant is over its share"
 PREEMPT_KV = "sequence preempted: out of KV cache blocks"
@@ -161,8 +172,10 @@ def flood_prompt(n: int, words: int) -> str:
     return f"Note {n}. " + " ".join(" ".join(rng.sample(SENTENCES, len(SENTENCES))).split()[:words])
 
 
-def b_prompt(condition: str, i: int) -> str:
-    return f"Question {i} ({condition}): write one sentence about {TOPICS[i % len(TOPICS)]}."
+def b_prompt(condition: int, i: int) -> str:
+    # Three-digit numbers, distinct per condition and request, so every
+    # condition's prompts have the same length.
+    return f"Question {100 * (condition + 1) + i}: write one sentence about {TOPICS[i % len(TOPICS)]}."
 
 
 # -- measurement ---------------------------------------------------------------
@@ -186,20 +199,24 @@ def is_429(err):
 
 
 class LogCounter:
-    """Counts preemption lines in the daemon log while `phase` is set."""
+    """Counts preemptions in the daemon log while `phase` is set. Every
+    preemption logs PREEMPT_KV (whatever its cause); one for fair share
+    logs PREEMPT_FAIR just before it, so that pair counts once."""
 
     def __init__(self):
         self.phase = None
         self.counts = {}
+        self.pending_fair = False
 
     def __call__(self, line):
-        if self.phase is None:
-            return
-        c = self.counts.setdefault(self.phase, {"fair_share": 0, "kv_cache": 0})
         if PREEMPT_FAIR in line:
-            c["fair_share"] += 1
+            self.pending_fair = True
+            if self.phase is not None:
+                self.counts.setdefault(self.phase, {"fair_share": 0, "kv_cache": 0})["fair_share"] += 1
         elif PREEMPT_KV in line:
-            c["kv_cache"] += 1
+            if not self.pending_fair and self.phase is not None:
+                self.counts.setdefault(self.phase, {"fair_share": 0, "kv_cache": 0})["kv_cache"] += 1
+            self.pending_fair = False
 
 
 async def flood_worker(base, n0, step, streams, stop, args, key):
@@ -214,7 +231,7 @@ async def flood_worker(base, n0, step, streams, stop, args, key):
             await asyncio.sleep(0.1)
 
 
-async def run_condition(server, name, flood, log, args, keys):
+async def run_condition(server, name, index, flood, log, args, keys):
     a_streams, stop, tasks = [], asyncio.Event(), []
     if flood:
         tasks = [asyncio.create_task(flood_worker(server.base, i, args.flood, a_streams, stop, args, keys[0]))
@@ -226,8 +243,10 @@ async def run_condition(server, name, flood, log, args, keys):
     b_streams = []
     for i in range(args.samples):
         if i:
+            if time.perf_counter() - b_streams[0].start > args.max_window:
+                break
             await asyncio.sleep(args.pause)
-        b_streams.append(await stream_completion(server.base, b_prompt(name, i), args.b_max_tokens,
+        b_streams.append(await stream_completion(server.base, b_prompt(index, i), args.b_max_tokens,
                                                  args.request_timeout, api_key=keys[1]))
     log.phase = None
     t0, t1 = b_streams[0].start, b_streams[-1].end
@@ -254,7 +273,10 @@ async def run_condition(server, name, flood, log, args, keys):
         "b_ttft_max_ms": ms(max(ttft, default=None)),
         "b_e2e_p50_ms": ms(pct(e2e, 50)),
         "b_e2e_p99_ms": ms(pct(e2e, 99)),
+        # After the first chunk: B's 7 other tokens.
+        "b_rest_p50_ms": ms(pct([s.end - s.times[0] for s in ok], 50)),
         "b_ttft_ms": [ms(x) for x in ttft],
+        "b_e2e_ms": [ms(x) for x in e2e],
         "b_output_tokens": sum(s.tokens for s in ok),
         "b_prompt_tokens_mean": mean([s.prompt_tokens for s in ok]),
         "b_errors": len(b_err),
@@ -301,7 +323,7 @@ async def bench(args, binary, tmp):
         try:
             await warm_up(server, keys[1], args)
             for name, flood in conditions:
-                results[name] = await run_condition(server, name, flood, log, args, keys)
+                results[name] = await run_condition(server, name, CONDITIONS.index(name), flood, log, args, keys)
         finally:
             server.stop()
     return results, configs
@@ -320,18 +342,18 @@ def report(facts, command, binary, args, results, configs, duration):
     print(f"kindling: {binary}, RAYON_NUM_THREADS={args.threads}; [engine] max_sequences {args.max_sequences}, "
           f"queue_size {args.queue_size}, max_batch_tokens {args.max_batch_tokens}")
     print(f"{MODEL}; A: {args.flood} streams, ~{results.get('fair', {}).get('a_prompt_tokens_mean')}-token prompts, "
-          f"max_tokens {args.flood_max_tokens}; B: {args.samples} requests, "
+          f"max_tokens {args.flood_max_tokens}; B: up to {args.samples} requests in {args.max_window:g} s, "
           f"~{results['alone']['b_prompt_tokens_mean']}-token prompts, max_tokens {args.b_max_tokens}, "
-          f"{args.pause} s apart; p99 of {args.samples} samples is about the max")
-    head = (f"{'condition':<10}{'B TTFT p50':>12}{'B TTFT p99':>12}{'B e2e p50':>11}{'A tok/s':>9}"
+          f"{args.pause} s apart; p99 of n <= {args.samples} samples is about the max")
+    head = (f"{'condition':<10}{'n':>4}{'B TTFT p50':>12}{'B TTFT p99':>12}{'B e2e p50':>11}{'A tok/s':>9}"
             f"{'errors A (429)':>16}{'errors B (429)':>16}{'preempted':>11}")
     print(head)
-    print(f"{'':<10}{'ms':>12}{'ms':>12}{'ms':>11}")
-    for name in ("alone", "fair", "fcfs"):
+    print(f"{'':<14}{'ms':>12}{'ms':>12}{'ms':>11}")
+    for name in CONDITIONS:
         r = results[name]
         a_err = f"{r['a_errors']} ({r['a_429']})" if name != "alone" else "-"
         pre = r["preemptions"]["fair_share"] + r["preemptions"]["kv_cache"]
-        print(f"{name:<10}{fmt(r['b_ttft_p50_ms']):>12}{fmt(r['b_ttft_p99_ms']):>12}{fmt(r['b_e2e_p50_ms']):>11}"
+        print(f"{name:<10}{r['b_requests']:>4}{fmt(r['b_ttft_p50_ms']):>12}{fmt(r['b_ttft_p99_ms']):>12}{fmt(r['b_e2e_p50_ms']):>11}"
               f"{fmt(r['a_tok_s']):>9}{a_err:>16}{str(r['b_errors']) + ' (' + str(r['b_429']) + ')':>16}{pre:>11}")
     print(f"run: {duration:.1f} s")
     for name, r in results.items():
@@ -354,6 +376,8 @@ def main():
     ap.add_argument("--samples", type=int, default=30, help="tenant B's requests per condition")
     ap.add_argument("--warmup", type=float, default=5.0, help="seconds of flood before B starts")
     ap.add_argument("--pause", type=float, default=0.2, help="seconds between B's requests")
+    ap.add_argument("--max-window", type=float, default=150,
+                    help="B sends no new request once this many seconds passed since its first")
     ap.add_argument("--flood-max-tokens", type=int, default=64)
     ap.add_argument("--b-max-tokens", type=int, default=8)
     ap.add_argument("--flood-words", type=int, default=78,

@@ -32,6 +32,33 @@ impl Scheduler {
         seats
     }
 
+    /// The tenants running or waiting, and each one's share of the seats.
+    fn share(&self) -> usize {
+        let mut tenants: Vec<Tenant> = Vec::new();
+        for s in self.running.iter().chain(&self.waiting) {
+            let t = self.tenant_of(s);
+            if !tenants.contains(&t) {
+                tenants.push(t);
+            }
+        }
+        (self.limits.max_sequences / tenants.len().max(1)).max(1)
+    }
+
+    /// Whether waiting sequence `i`'s tenant holds fewer seats than its share.
+    pub(super) fn below_share(&self, i: usize) -> bool {
+        let Some(s) = self.waiting.get(i) else {
+            return false;
+        };
+        let tenant = self.tenant_of(s);
+        let held: usize = self
+            .running
+            .iter()
+            .filter(|r| self.tenant_of(r) == tenant)
+            .map(Sequence::seats)
+            .sum();
+        held < self.share()
+    }
+
     /// Index in the queue of the sequence to admit next: the front, or
     /// with fair share the first of the tenant holding the fewest seats.
     pub(super) fn next_waiting(&self) -> Option<usize> {
@@ -75,14 +102,7 @@ impl Scheduler {
         // Each round preempts one sequence; a batch has at most this many.
         for _ in 0..self.limits.max_sequences {
             let seats = self.seats_by_tenant();
-            let mut tenants: Vec<Tenant> = seats.keys().cloned().collect();
-            for s in &self.waiting {
-                let t = self.tenant_of(s);
-                if !tenants.contains(&t) {
-                    tenants.push(t);
-                }
-            }
-            let share = (self.limits.max_sequences / tenants.len().max(1)).max(1);
+            let share = self.share();
             let Some(next) = self.next_waiting() else {
                 return;
             };
@@ -111,11 +131,7 @@ impl Scheduler {
             let Some(victim) = self.running.iter().rposition(|s| self.tenant_of(s) == over) else {
                 return;
             };
-            tracing::debug!(
-                tenant = over.as_deref().unwrap_or("-"),
-                "sequence preempted: its tenant is over its share while another waits"
-            );
-            self.preempt(victim);
+            self.preempt(victim, "its tenant is over its share while another waits");
         }
     }
 }

@@ -238,13 +238,23 @@ impl Scheduler {
                 preempted = true;
                 if !self.preempt_after(i, need) {
                     // Nothing newer to take blocks from: this one waits.
-                    self.preempt(i);
+                    self.preempt(i, "out of KV cache blocks");
                 }
             }
+        }
+        // Sharing fairly, a tenant below its share joins before the prompt
+        // chunks of those at or over theirs take the step's budget.
+        let joined = self.running.len();
+        if self.limits.fair && !preempted {
+            self.admit(&mut plan, &mut budget, true);
         }
         // Then prompt chunks of admitted sequences (their blocks are held),
         // the tenants with the fewest seats first when sharing fairly.
         for i in self.prefill_order() {
+            if i >= joined {
+                // Just admitted: its first chunk is planned already.
+                continue;
+            }
             let s = &self.running[i];
             let remaining = s.tokens.len() - s.computed;
             if budget == 0 {
@@ -261,7 +271,7 @@ impl Scheduler {
             }
         }
         if !preempted {
-            self.admit(&mut plan, &mut budget);
+            self.admit(&mut plan, &mut budget, false);
         }
         self.publish();
         plan
@@ -277,7 +287,7 @@ impl Scheduler {
     /// grow to `positions`. Returns whether it could.
     fn preempt_after(&mut self, i: usize, positions: usize) -> bool {
         while self.running.len() > i + 1 {
-            self.preempt(self.running.len() - 1);
+            self.preempt(self.running.len() - 1, "out of KV cache blocks");
             if self.grow(i, positions) {
                 return true;
             }
@@ -285,12 +295,12 @@ impl Scheduler {
         false
     }
 
-    fn preempt(&mut self, i: usize) {
+    fn preempt(&mut self, i: usize, why: &str) {
         let mut s = self.running.remove(i);
         tracing::debug!(
             request = s.request,
             tokens = s.tokens.len(),
-            "sequence preempted: out of KV cache blocks"
+            "sequence preempted: {why}"
         );
         self.kv.release(&mut s.table);
         s.computed = 0;
@@ -299,12 +309,16 @@ impl Scheduler {
 
     /// Admits waiting sequences, in order, while seats, blocks and the
     /// token budget allow.
-    fn admit(&mut self, plan: &mut Vec<Planned>, budget: &mut usize) {
+    /// With `below_share`, only sequences of tenants below their fair share.
+    fn admit(&mut self, plan: &mut Vec<Planned>, budget: &mut usize, below_share: bool) {
         let mut seats: usize = self.running.iter().map(Sequence::seats).sum();
         while *budget > 0 {
             let Some(next) = self.next_waiting() else {
                 break;
             };
+            if below_share && !self.below_share(next) {
+                break;
+            }
             let front = &self.waiting[next];
             // A fork copies at most one partly filled block.
             let blocks = KvCache::blocks_for(front.tokens.len()) + front.forks.len();
