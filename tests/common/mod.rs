@@ -21,6 +21,8 @@ pub fn store() -> PathBuf {
     std::env::var_os("KINDLING_STORE").map_or_else(|| repo().join("store"), PathBuf::from)
 }
 
+pub mod keys;
+
 #[path = "../../kernels/tests/support/cuda.rs"]
 mod cuda;
 #[allow(unused_imports)] // not every test binary has a GPU half
