@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fetches the demo models and serves them: the one command to try Kindling.
-# Extra arguments go to `kindling serve` (e.g. --listen 0.0.0.0:8080).
+# Extra arguments go to `kindling serve` (e.g. --listen 0.0.0.0:8080
+# --api-key KEY: beyond loopback the daemon wants a key).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
