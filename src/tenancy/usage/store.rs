@@ -175,20 +175,50 @@ fn int(v: u64) -> i64 {
 /// SQLite, in WAL mode: readers (`kindling usage`) never block the writer.
 struct Sqlite(rusqlite::Connection);
 
+/// How long opening waits for another process that holds the file (two
+/// daemons sharing a store, `kindling usage` reading).
+const OPEN_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 impl Sqlite {
     fn open(path: &Path) -> Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
-        let c = rusqlite::Connection::open(path)
-            .with_context(|| format!("cannot open usage database {}", path.display()))?;
+        // Switching a new file to WAL does not wait on the busy handler:
+        // retry while another connection holds it.
+        let start = std::time::Instant::now();
+        loop {
+            match Self::connect(path) {
+                Err(e) if is_busy(&e) && start.elapsed() < OPEN_PATIENCE => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => {
+                    return other
+                        .map(Self)
+                        .with_context(|| format!("cannot open usage database {}", path.display()))
+                }
+            }
+        }
+    }
+
+    fn connect(path: &Path) -> rusqlite::Result<rusqlite::Connection> {
+        let c = rusqlite::Connection::open(path)?;
         c.busy_timeout(std::time::Duration::from_secs(5))?;
-        c.pragma_update(None, "journal_mode", "WAL")?;
+        let mode: String = c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            c.pragma_update(None, "journal_mode", "WAL")?;
+        }
         c.pragma_update(None, "synchronous", "NORMAL")?;
-        c.execute_batch(SCHEMA)
-            .with_context(|| format!("cannot create the usage table in {}", path.display()))?;
-        Ok(Self(c))
+        c.execute_batch(SCHEMA)?;
+        Ok(c)
     }
 }
 
@@ -359,5 +389,79 @@ impl Store for Postgres {
                 Ok((r.try_get(0)?, u64::try_from(v.unwrap_or(0)).unwrap_or(0)))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(key: &str, tokens: u64, ts_ms: i64) -> UsageRecord {
+        UsageRecord {
+            ts_ms,
+            request_id: "r".into(),
+            key: key.into(),
+            model: "m".into(),
+            endpoint: "/v1/completions".into(),
+            status: 200,
+            prompt_tokens: tokens,
+            completion_tokens: 1,
+            ..UsageRecord::default()
+        }
+    }
+
+    #[test]
+    fn daemons_sharing_a_store_open_it_together_and_sums_group_by_day() {
+        let dir = std::env::temp_dir().join(format!("kindling-usage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("usage.sqlite");
+        let start = std::sync::Arc::new(std::sync::Barrier::new(16));
+        let opened: Vec<_> = (0..16)
+            .map(|_| {
+                let (path, start) = (path.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    Sqlite::open(&path).map(|_| ())
+                })
+            })
+            .collect();
+        for t in opened {
+            t.join().unwrap().unwrap();
+        }
+        let mut s = Sqlite::open(&path).unwrap();
+        let day = 86_400_000;
+        s.insert(&[
+            record("a", 10, day),
+            record("a", 5, 2 * day + 1),
+            record("b", 7, day),
+        ])
+        .unwrap();
+        let q = UsageQuery {
+            group_by: vec!["key".into(), "day".into()],
+            ..UsageQuery::default()
+        };
+        let rows = s.query(&q).unwrap();
+        let got: Vec<(String, String, u64)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.group["key"].clone(),
+                    r.group["day"].clone(),
+                    r.prompt_tokens,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a".into(), "1970-01-02".into(), 10),
+                ("a".into(), "1970-01-03".into(), 5),
+                ("b".into(), "1970-01-02".into(), 7)
+            ]
+        );
+        let totals = s.token_totals(2 * day).unwrap();
+        assert_eq!(totals.get("a"), Some(&6));
+        assert_eq!(totals.get("b"), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
