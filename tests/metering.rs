@@ -397,3 +397,40 @@ async fn usage_goes_to_postgresql_when_configured() {
     assert_eq!(embed_row["embedding_tokens"], e["usage"]["prompt_tokens"]);
     assert!(!config.parent().unwrap().join("usage.sqlite").exists());
 }
+
+#[tokio::test]
+async fn an_unreachable_database_neither_stops_serving_nor_loses_the_error() {
+    // Nothing listens on port 1: the writer keeps records in memory.
+    let config = tenancy_config(
+        "",
+        "database_url = \"postgres://kindling@127.0.0.1:1/kindling\"",
+        "",
+    );
+    let admin = create(&config, "admin", &["--scope", "admin"]);
+    let server = Server::spawn(&config, &[]);
+    assert!(
+        server.logs().contains("usage database unreachable"),
+        "{}",
+        server.logs()
+    );
+    let (s, _, r) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&admin),
+        Some(chat_body(2)),
+    )
+    .await;
+    assert_eq!(s, 200, "{r}");
+    let (s, h, e) = call(&server, "GET", "/admin/usage", Some(&admin), None).await;
+    assert_eq!(s, 503, "{e}");
+    assert_eq!(e["error"]["code"], "service_unavailable");
+    assert!(h.contains_key("retry-after"));
+    assert!(
+        !e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1"),
+        "{e}"
+    );
+}

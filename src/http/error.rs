@@ -141,6 +141,23 @@ impl ApiError {
         .retry(1)
     }
 
+    /// 503: a store the request needs does not answer; the detail goes to
+    /// the log under the request id.
+    pub fn unavailable_because(what: &str, detail: impl std::fmt::Display) -> Self {
+        tracing::error!(
+            request_id = super::log::current_request_id().as_deref().unwrap_or("-"),
+            error = %detail,
+            "{what} unavailable"
+        );
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            format!("{what} is unavailable; try again shortly"),
+        )
+        .code("service_unavailable")
+        .retry(5)
+    }
+
     /// 403: the key may not do this.
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(StatusCode::FORBIDDEN, "permission_error", message).code("permission_denied")

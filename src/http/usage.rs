@@ -72,7 +72,7 @@ pub async fn report(
     let data = usage
         .query(q.clone())
         .await
-        .map_err(ApiError::internal_because)?;
+        .map_err(|e| ApiError::unavailable_because("the usage store", e))?;
     Ok(Json(Report {
         object: "list",
         since: tenancy::rfc3339(q.since_ms.unwrap_or(0)),
