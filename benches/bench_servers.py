@@ -37,6 +37,17 @@ class Stream:
         return self.usage_tokens if self.usage_tokens is not None else len(self.times)
 
 
+def pct(values, q):
+    """The q-th percentile of values, interpolated linearly; None if empty."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
 class ServerError(Exception):
     pass
 

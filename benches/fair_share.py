@@ -86,7 +86,7 @@ import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_servers import MODEL, ROOT, Kindling, Stream, stream_completion  # noqa: E402
+from bench_servers import MODEL, ROOT, Kindling, Stream, pct, stream_completion  # noqa: E402
 
 CONDITIONS = ("alone", "fair", "fcfs")
 FLAGS = ("avx512f", "avx512_vnni", "amx_tile", "avx_vnni")
@@ -179,16 +179,6 @@ def b_prompt(condition: int, i: int) -> str:
 
 
 # -- measurement ---------------------------------------------------------------
-
-def pct(values, q):
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
 
 def ms(x):
     return None if x is None else round(x * 1000, 1)

@@ -84,7 +84,7 @@ import llama_cpp
 import numpy as np
 
 from bench_servers import (GGUF, LLAMA_SERVER, MODEL, ROOT, VENV, Kindling, LlamaServer,
-                           ServerError, Stream, stream_completion)
+                           ServerError, Stream, pct, stream_completion)
 
 # Prompts are shuffles of these sentences, seeded per request.
 SENTENCES = [
@@ -197,16 +197,6 @@ class Prompts:
 
 
 # -- measurements ------------------------------------------------------------
-
-def pct(values, q):
-    if not values:
-        return None
-    v = sorted(values)
-    k = (len(v) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(v) - 1)
-    return v[lo] + (v[hi] - v[lo]) * (k - lo)
-
 
 async def run_level(base, prompts, max_tokens, timeout):
     gate = asyncio.Event()

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::keys::*;
@@ -47,14 +46,7 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     let mut want = [[0u64; 3]; 2];
     let mut requests = [0u64; 2];
     for (i, key) in [&a, &b].into_iter().enumerate() {
-        let (s, _, r) = call(
-            &server,
-            "POST",
-            "/v1/chat/completions",
-            Some(key),
-            Some(chat_body(8)),
-        )
-        .await;
+        let (s, _, r) = chat_as(&server, key, 8).await;
         assert_eq!(s, 200, "{r}");
         add(&mut want[i], &r["usage"]);
         let body = json!({"model": CHAT, "prompt": "Once upon a time", "max_tokens": 6, "n": 2});
@@ -170,12 +162,7 @@ async fn metered_usage_equals_the_responses_and_survives_a_restart() {
     assert!(server.wait_exit(Duration::from_secs(30)).unwrap().success());
     let server = Server::spawn(&config, &[]);
     assert_eq!(usage_by_key(&server, &admin).await, totals);
-    let csv = Command::new(bin())
-        .args(["usage", "--group-by", "key", "--format", "csv", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let csv = String::from_utf8(csv.stdout).unwrap();
+    let csv = kindling("usage", &config, &["--group-by", "key", "--format", "csv"]);
     let line = csv
         .lines()
         .find(|l| l.starts_with("tenant-a,"))
@@ -199,18 +186,7 @@ async fn sigterm_during_a_workload_loses_no_record() {
     );
     let admin = create(&config, "admin", &["--scope", "admin"]);
     let mut server = Server::spawn(&config, &[]);
-    assert_eq!(
-        call(
-            &server,
-            "POST",
-            "/v1/chat/completions",
-            Some(&admin),
-            Some(chat_body(2))
-        )
-        .await
-        .0,
-        200
-    );
+    assert_eq!(chat_as(&server, &admin, 2).await.0, 200);
     let mut running = Vec::new();
     for _ in 0..6 {
         let req = client()
@@ -227,12 +203,8 @@ async fn sigterm_during_a_workload_loses_no_record() {
         assert_eq!(resp.status(), 200);
     }
     assert!(server.wait_exit(Duration::from_secs(60)).unwrap().success());
-    let out = Command::new(bin())
-        .args(["usage", "--group-by", "key", "--format", "json", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = kindling("usage", &config, &["--group-by", "key", "--format", "json"]);
+    let rows: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(rows[0]["requests"], 7, "{rows}");
 }
 
@@ -278,44 +250,16 @@ async fn rate_limits_and_quotas_answer_429_with_openais_headers() {
     let wait: u64 = h["retry-after"].to_str().unwrap().parse().unwrap();
     assert!((1..=30).contains(&wait), "{wait}");
     // 40 tokens of chat against 30 a minute: the next request waits.
-    let (s, h, r) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&tpm),
-        Some(chat_body(8)),
-    )
-    .await;
+    let (s, h, r) = chat_as(&server, &tpm, 8).await;
     assert_eq!(s, 200, "{r}");
     assert_eq!(h["x-ratelimit-limit-tokens"], "30");
-    let (s, h, e) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&tpm),
-        Some(chat_body(8)),
-    )
-    .await;
+    let (s, h, e) = chat_as(&server, &tpm, 8).await;
     assert_eq!(s, 429, "{e}");
     assert!(h.contains_key("retry-after") && h.contains_key("x-ratelimit-remaining-tokens"));
     // The quota lets the request that crosses it finish, then closes for the day.
-    let (s, _, _) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&quota),
-        Some(chat_body(8)),
-    )
-    .await;
+    let (s, _, _) = chat_as(&server, &quota, 8).await;
     assert_eq!(s, 200);
-    let (s, h, e) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&quota),
-        Some(chat_body(8)),
-    )
-    .await;
+    let (s, h, e) = chat_as(&server, &quota, 8).await;
     assert_eq!(s, 429, "{e}");
     assert_eq!(e["error"]["code"], "insufficient_quota");
     assert_eq!(e["error"]["type"], "insufficient_quota");
@@ -344,14 +288,7 @@ async fn usage_goes_to_postgresql_when_configured() {
     );
     let admin = create(&config, &name, &["--scope", "admin"]);
     let mut server = Server::spawn(&config, &[]);
-    let (s, _, r) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&admin),
-        Some(chat_body(5)),
-    )
-    .await;
+    let (s, _, r) = chat_as(&server, &admin, 5).await;
     assert_eq!(s, 200, "{r}");
     let body = json!({"model": EMBED, "input": "hello"});
     let (s, _, e) = call(&server, "POST", "/v1/embeddings", Some(&admin), Some(body)).await;
@@ -359,26 +296,19 @@ async fn usage_goes_to_postgresql_when_configured() {
     server.sigterm();
     assert!(server.wait_exit(Duration::from_secs(30)).unwrap().success());
     // Read back through the CLI, which connects to the same database.
-    let out = Command::new(bin())
-        .args([
-            "usage",
+    let out = kindling(
+        "usage",
+        &config,
+        &[
             "--key",
             &name,
             "--group-by",
             "key,endpoint",
             "--format",
             "json",
-            "--config",
-        ])
-        .arg(&config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
-    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows: Value = serde_json::from_str(&out).unwrap();
     let rows = rows.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{rows:?}");
     let chat_row = rows
@@ -413,14 +343,7 @@ async fn an_unreachable_database_neither_stops_serving_nor_loses_the_error() {
         "{}",
         server.logs()
     );
-    let (s, _, r) = call(
-        &server,
-        "POST",
-        "/v1/chat/completions",
-        Some(&admin),
-        Some(chat_body(2)),
-    )
-    .await;
+    let (s, _, r) = chat_as(&server, &admin, 2).await;
     assert_eq!(s, 200, "{r}");
     let (s, h, e) = call(&server, "GET", "/admin/usage", Some(&admin), None).await;
     assert_eq!(s, 503, "{e}");

@@ -26,8 +26,14 @@ pub fn tenancy_config(auth: &str, usage: &str, daemon: &str) -> PathBuf {
 
 /// Runs `kindling keys …` against `config`; returns stdout.
 pub fn keys(config: &Path, args: &[&str]) -> String {
+    kindling("keys", config, args)
+}
+
+/// Runs `kindling COMMAND --config CONFIG ARGS…`, which must succeed;
+/// returns its stdout.
+pub fn kindling(command: &str, config: &Path, args: &[&str]) -> String {
     let out = Command::new(bin())
-        .args(["keys", "--config"])
+        .args([command, "--config"])
         .arg(config)
         .args(args)
         .output()
@@ -73,6 +79,22 @@ pub async fn call(
         headers,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// A chat request for `max_tokens` tokens, as `key`.
+pub async fn chat_as(
+    server: &Server,
+    key: &str,
+    max_tokens: u32,
+) -> (u16, reqwest::header::HeaderMap, Value) {
+    call(
+        server,
+        "POST",
+        "/v1/chat/completions",
+        Some(key),
+        Some(chat_body(max_tokens)),
+    )
+    .await
 }
 
 pub fn chat_body(max_tokens: u32) -> Value {

@@ -2,42 +2,17 @@
 
 Started by scripts/test.sh with KINDLING_BIN pointing at the built binary.
 """
-import os
-import queue
 import subprocess
 import tempfile
-import threading
 from pathlib import Path
 
+import daemon
 import openai
 import pytest
+from daemon import ROOT
 from openai import OpenAI
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
-
-
-def start(config, *args):
-    binary = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "debug" / "kindling"))
-    proc = subprocess.Popen(
-        [binary, "serve", "--config", str(config), "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    addresses: "queue.Queue[str]" = queue.Queue()
-    log = []
-
-    def drain():
-        for line in proc.stdout:
-            log.append(line)
-            if "listening on http://" in line:
-                addresses.put(line.split("listening on http://")[1].split()[0])
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        return proc, addresses.get(timeout=20), log
-    except queue.Empty:
-        proc.kill()
-        pytest.fail("kindling did not start:\n" + "".join(log))
 
 
 @pytest.fixture(scope="module")
@@ -48,15 +23,13 @@ def server():
             f'[auth]\nkeys_file = "keys.toml"\n[usage]\npath = "usage.sqlite"\n'
             f'[models]\nmanifests = "{ROOT / "configs" / "models"}"\nstore = "{ROOT / "store"}"\n'
         )
-        binary = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "debug" / "kindling"))
         limited = subprocess.run(
-            [binary, "keys", "--config", str(config), "create", "--name", "limited", "--rpm", "1"],
+            [daemon.binary(), "keys", "--config", str(config), "create", "--name", "limited", "--rpm", "1"],
             check=True, capture_output=True, text=True,
         ).stdout.strip()
-        proc, address, log = start(config, "--api-key", "full-key")
+        proc, address, log = daemon.start(config, "--api-key", "full-key")
         yield f"http://{address}/v1", limited
-        proc.terminate()
-        assert proc.wait(timeout=30) == 0, "".join(log)
+        daemon.stop(proc, log)
 
 
 def test_the_client_sends_its_api_key(server):

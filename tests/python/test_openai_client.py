@@ -3,48 +3,22 @@
 Started by scripts/test.sh with KINDLING_BIN pointing at the built binary.
 """
 import base64
-import os
-import queue
 import struct
-import subprocess
-import threading
-from pathlib import Path
 
+import daemon
 import openai
 import pytest
+from daemon import ROOT
 from openai import OpenAI
 
-ROOT = Path(__file__).resolve().parents[2]
 MODEL = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
 def client():
-    binary = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "debug" / "kindling"))
-    proc = subprocess.Popen(
-        [binary, "serve", "--config", str(ROOT / "configs" / "kindling.toml"), "--listen", "127.0.0.1:0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    addresses: "queue.Queue[str]" = queue.Queue()
-    log = []
-
-    def drain():
-        for line in proc.stdout:
-            log.append(line)
-            if "listening on http://" in line:
-                addresses.put(line.split("listening on http://")[1].split()[0])
-
-    threading.Thread(target=drain, daemon=True).start()
-    try:
-        address = addresses.get(timeout=20)
-    except queue.Empty:
-        proc.kill()
-        pytest.fail("kindling did not start:\n" + "".join(log))
+    proc, address, log = daemon.start(ROOT / "configs" / "kindling.toml")
     yield OpenAI(base_url=f"http://{address}/v1", api_key="not-needed", max_retries=0)
-    proc.terminate()
-    assert proc.wait(timeout=30) == 0, "".join(log)
+    daemon.stop(proc, log)
 
 
 def test_models_list_and_retrieve(client):

@@ -150,22 +150,60 @@ impl Dialect {
     }
 }
 
-/// Builds a row from a group's values and the nine totals.
-fn row(q: &UsageQuery, groups: Vec<String>, ints: [i64; 6], floats: [f64; 3]) -> UsageRow {
-    let group: BTreeMap<String, String> = q.group_by.iter().cloned().zip(groups).collect();
-    let u = |v: i64| u64::try_from(v).unwrap_or(0);
-    UsageRow {
-        group,
-        requests: u(ints[0]),
-        prompt_tokens: u(ints[1]),
-        completion_tokens: u(ints[2]),
-        cached_tokens: u(ints[3]),
-        embedding_tokens: u(ints[4]),
-        images: u(ints[5]),
-        pixel_steps: floats[0],
-        compute_seconds: floats[1],
-        queue_seconds: floats[2],
+/// A result row's columns by index, whichever database it came from (a
+/// NULL sum, over no rows, reads as zero).
+trait Columns {
+    fn text(&self, i: usize) -> Result<Option<String>>;
+    fn int(&self, i: usize) -> Result<Option<i64>>;
+    fn float(&self, i: usize) -> Result<Option<f64>>;
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.get(i)?)
     }
+    fn int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.get(i)?)
+    }
+    fn float(&self, i: usize) -> Result<Option<f64>> {
+        Ok(self.get(i)?)
+    }
+}
+
+impl Columns for postgres::Row {
+    fn text(&self, i: usize) -> Result<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> Result<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
+    fn float(&self, i: usize) -> Result<Option<f64>> {
+        Ok(self.try_get(i)?)
+    }
+}
+
+/// Reads a query's row: the group's values, then the nine totals.
+fn read_row(q: &UsageQuery, r: &impl Columns) -> Result<UsageRow> {
+    let n = q.group_by.len();
+    let mut group = BTreeMap::new();
+    for (i, name) in q.group_by.iter().enumerate() {
+        group.insert(name.clone(), r.text(i)?.unwrap_or_default());
+    }
+    let u =
+        |i: usize| -> Result<u64> { Ok(u64::try_from(r.int(n + i)?.unwrap_or(0)).unwrap_or(0)) };
+    let f = |i: usize| -> Result<f64> { Ok(r.float(n + 6 + i)?.unwrap_or(0.0)) };
+    Ok(UsageRow {
+        group,
+        requests: u(0)?,
+        prompt_tokens: u(1)?,
+        completion_tokens: u(2)?,
+        cached_tokens: u(3)?,
+        embedding_tokens: u(4)?,
+        images: u(5)?,
+        pixel_steps: f(0)?,
+        compute_seconds: f(1)?,
+        queue_seconds: f(2)?,
+    })
 }
 
 fn int(v: u64) -> i64 {
@@ -263,28 +301,14 @@ impl Store for Sqlite {
             })
             .collect();
         let mut st = self.0.prepare(&sql)?;
-        let n = q.group_by.len();
-        let rows = st.query_map(rusqlite::params_from_iter(params.iter()), |r| {
-            let mut groups = Vec::with_capacity(n);
-            for i in 0..n {
-                groups.push(r.get::<_, Option<String>>(i)?.unwrap_or_default());
-            }
-            let mut ints = [0i64; 6];
-            for (j, v) in ints.iter_mut().enumerate() {
-                *v = r.get::<_, Option<i64>>(n + j)?.unwrap_or(0);
-            }
-            let mut floats = [0f64; 3];
-            for (j, v) in floats.iter_mut().enumerate() {
-                *v = r.get::<_, Option<f64>>(n + 6 + j)?.unwrap_or(0.0);
-            }
-            Ok(row(q, groups, ints, floats))
-        })?;
+        let mut rows = st.query(rusqlite::params_from_iter(params.iter()))?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            out.push(read_row(q, r)?);
+        }
         // No rows at all: the ungrouped query still answers zeros.
-        Ok(rows
-            .collect::<rusqlite::Result<Vec<_>>>()?
-            .into_iter()
-            .filter(|r| r.requests > 0)
-            .collect())
+        out.retain(|r| r.requests > 0);
+        Ok(out)
     }
 
     fn token_totals(&mut self, since_ms: i64) -> Result<HashMap<String, u64>> {
@@ -358,26 +382,11 @@ impl Store for Postgres {
             .collect();
         let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
             params.iter().map(|p| p.as_ref()).collect();
-        let n = q.group_by.len();
         let mut out = Vec::new();
         for r in self.0.query(&sql, &refs)? {
-            let mut groups = Vec::with_capacity(n);
-            for i in 0..n {
-                groups.push(r.try_get::<_, Option<String>>(i)?.unwrap_or_default());
-            }
-            let mut ints = [0i64; 6];
-            for (j, v) in ints.iter_mut().enumerate() {
-                *v = r.try_get::<_, Option<i64>>(n + j)?.unwrap_or(0);
-            }
-            let mut floats = [0f64; 3];
-            for (j, v) in floats.iter_mut().enumerate() {
-                *v = r.try_get::<_, Option<f64>>(n + 6 + j)?.unwrap_or(0.0);
-            }
-            let row = row(q, groups, ints, floats);
-            if row.requests > 0 {
-                out.push(row);
-            }
+            out.push(read_row(q, &r)?);
         }
+        out.retain(|r| r.requests > 0);
         Ok(out)
     }
 
