@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
-use kindling::config::{Config, Environment};
+use kindling::config::{Config, Environment, UsageTarget, WeightSource};
 use kindling::tenancy::{self, KeysFile, NewKey, Period, Scope, UsageQuery};
 
 /// `kindling keys`.
@@ -240,5 +240,53 @@ pub fn usage(config: &Path, env: &Environment, args: UsageArgs) -> Result<()> {
         }
         println!("{}", cells.join(sep));
     }
+    Ok(())
+}
+
+/// `kindling serve --check-config`: the config and manifests have loaded
+/// (or we would not be here); check what they point at and say what would
+/// be served. Local weights that are missing are an error: their model
+/// could never load.
+pub fn check_config(config: &Config) -> Result<()> {
+    println!("config: {}", config.path.display());
+    println!("listen: {}", config.server.listen);
+    let mut missing = Vec::new();
+    for m in config.models.values() {
+        let (source, present) = match &m.weights {
+            WeightSource::Local(p) => (p.display().to_string(), p.exists()),
+            WeightSource::Hub { repo, revision, .. } => (format!("hf:{repo}@{revision}"), true),
+        };
+        let note = if present { "" } else { " (missing)" };
+        println!("model: {}\t{}\t{source}{note}", m.id, m.kind.name());
+        if !present {
+            missing.push(format!("{}: {source}", m.id));
+        }
+    }
+    match &config.auth.keys_file {
+        Some(path) => {
+            let file = KeysFile::read(path)?;
+            let live = file.keys.iter().filter(|k| k.revoked.is_none()).count();
+            println!("keys: {} ({live} in force)", path.display());
+        }
+        None if config.auth.api_keys.is_empty() => println!("keys: none (open API)"),
+        None => println!(
+            "keys: {} from the command line or environment",
+            config.auth.api_keys.len()
+        ),
+    }
+    match config.usage.target() {
+        Some(UsageTarget::Sqlite(path)) => println!("usage: sqlite {}", path.display()),
+        // The URL may hold a password: only say which kind of store.
+        Some(UsageTarget::Postgres(_)) => println!("usage: postgresql"),
+        None => println!("usage: off"),
+    }
+    if !missing.is_empty() {
+        bail!(
+            "weights missing for {} model(s): {} (scripts/fetch-models.sh fetches the demo models)",
+            missing.len(),
+            missing.join(", ")
+        );
+    }
+    println!("ok");
     Ok(())
 }

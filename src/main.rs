@@ -66,6 +66,14 @@ enum Command {
         /// port may use it).
         #[arg(long)]
         insecure_public: bool,
+        /// Log lines as text (default) or as one JSON object per line
+        /// (time, level, target, request id, model, fields).
+        #[arg(long, value_enum, env = "KINDLING_LOG_FORMAT", default_value = "text")]
+        log_format: LogFormat,
+        /// Check the config, the model manifests and the keys file, say
+        /// what would be served, and exit (1 if anything is wrong).
+        #[arg(long)]
+        check_config: bool,
     },
     /// Manage API keys in the keys file (`[auth] keys_file`).
     Keys {
@@ -99,16 +107,31 @@ enum Command {
     },
 }
 
-fn init_logging(env: &Environment) {
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+fn init_logging(env: &Environment, format: LogFormat) {
     let filter = env
         .rust_log
         .as_deref()
         .and_then(|f| EnvFilter::try_new(f).ok())
         .unwrap_or_else(|| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
 }
 
 /// Refuses to serve beyond loopback with no key, unless told to.
@@ -126,8 +149,8 @@ fn check_exposure(config: &Config, insecure_public: bool) -> Result<()> {
     )
 }
 
-async fn serve(config: Config) -> Result<()> {
-    let metrics = Arc::new(Metrics::new());
+async fn serve(config: Config, env: Environment) -> Result<()> {
+    let metrics = Arc::new(Metrics::with_labels(&env.platform_labels));
     let tenancy = Arc::new(Tenancy::new(&config, metrics.clone())?);
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
@@ -144,7 +167,8 @@ async fn serve(config: Config) -> Result<()> {
     )
     .with_request_timeout(config.engine.request_timeout)
     .with_read_timeout(config.server.read_timeout)
-    .with_cors(config.server.cors_origins.clone());
+    .with_cors(config.server.cors_origins.clone())
+    .with_sleep(config.sleep.clone());
     tracing::info!(
         config = %config.path.display(),
         models = config.models.len(),
@@ -213,15 +237,20 @@ fn run(args: Args) -> Result<()> {
             listen,
             api_keys,
             insecure_public,
+            log_format,
+            check_config,
         } => {
-            init_logging(&env);
+            init_logging(&env, log_format);
             let mut config = load_config(&config.config, listen, &env)?;
             config.auth.api_keys.extend(api_keys);
             check_exposure(&config, insecure_public)?;
+            if check_config {
+                return cli::check_config(&config);
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()?;
-            runtime.block_on(serve(config))
+            runtime.block_on(serve(config, env))
         }
         Command::Models { config } => {
             let config = load_config(&config.config, None, &env)?;
@@ -244,7 +273,7 @@ fn run(args: Args) -> Result<()> {
         }
         Command::Usage { config, args } => cli::usage(&config.config, &env, args),
         Command::Pull { config, model } => {
-            init_logging(&env);
+            init_logging(&env, LogFormat::Text);
             let config = load_config(&config.config, None, &env)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -165,6 +165,8 @@ pub struct Metrics {
     pub key_images: Family<UsageLabels, Counter>,
     /// Requests refused by a key's limits.
     pub rate_limited: Family<LimitLabels, Counter>,
+    /// The level the replica sleeps at (0: awake).
+    pub sleep_level: Gauge,
 }
 
 impl Default for Metrics {
@@ -176,7 +178,17 @@ impl Default for Metrics {
 impl Metrics {
     /// Every metric registered, all at zero.
     pub fn new() -> Self {
-        let mut r = Registry::default();
+        Self::with_labels(&[])
+    }
+
+    /// Every metric registered, all at zero, each series carrying the
+    /// constant `labels` (where the replica runs: service, revision, pod).
+    pub fn with_labels(labels: &[(String, String)]) -> Self {
+        let mut r = Registry::with_labels(
+            labels
+                .iter()
+                .map(|(k, v)| (k.clone().into(), v.clone().into())),
+        );
         let hist = || Histograms::new_with_constructor(latency_histogram as fn() -> Histogram);
         let m = Self {
             loads: Family::default(),
@@ -211,6 +223,7 @@ impl Metrics {
             key_completion_tokens: Family::default(),
             key_images: Family::default(),
             rate_limited: Family::default(),
+            sleep_level: Gauge::default(),
             registry: Registry::default(),
             render_lock: Mutex::new(()),
         };
@@ -363,6 +376,11 @@ impl Metrics {
             "kindling_rate_limited",
             "Requests refused by a key's limits, by reason (requests, tokens, quota)",
             m.rate_limited.clone(),
+        );
+        r.register(
+            "kindling_sleep_level",
+            "The level this replica sleeps at after POST /sleep (0: awake)",
+            m.sleep_level.clone(),
         );
         Self { registry: r, ..m }
     }

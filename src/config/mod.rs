@@ -12,15 +12,19 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 mod devices;
+mod env;
 mod manifest;
+mod sleep;
 mod tenancy;
 mod units;
 
 pub use devices::{CpuFeature, DeviceConfig, DeviceName};
+pub use env::Environment;
 pub use manifest::{
     load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
     ModelManifest, Precision, WeightFormat, WeightSource,
 };
+pub use sleep::SleepConfig;
 pub use tenancy::{AuthConfig, UsageConfig, UsageTarget};
 use units::{de_bytes, duration};
 pub use units::{parse_bytes, Budget, KeepAlive};
@@ -50,6 +54,8 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Usage records.
     pub usage: UsageConfig,
+    /// Sleep and wake.
+    pub sleep: SleepConfig,
 }
 
 /// `[server]` in `kindling.toml`.
@@ -226,39 +232,8 @@ struct DaemonFile {
     auth: AuthConfig,
     #[serde(default)]
     usage: UsageConfig,
-}
-
-/// Values taken from the process environment.
-#[derive(Debug, Clone, Default)]
-pub struct Environment {
-    /// `PORT`, as set by Knative and most container platforms.
-    pub port: Option<String>,
-    /// `RUST_LOG`, the log filter.
-    pub rust_log: Option<String>,
-    /// `HF_TOKEN`, for Hugging Face downloads.
-    pub hf_token: Option<String>,
-    /// `KINDLING_API_KEY`: full-access keys, comma-separated.
-    pub api_keys: Vec<String>,
-}
-
-impl Environment {
-    /// Reads the variables Kindling honours.
-    pub fn from_process() -> Self {
-        Self {
-            port: std::env::var("PORT").ok().filter(|p| !p.is_empty()),
-            rust_log: std::env::var("RUST_LOG").ok().filter(|p| !p.is_empty()),
-            hf_token: std::env::var("HF_TOKEN").ok().filter(|p| !p.is_empty()),
-            api_keys: std::env::var("KINDLING_API_KEY")
-                .map(|v| {
-                    v.split(',')
-                        .map(str::trim)
-                        .filter(|k| !k.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default(),
-        }
-    }
+    #[serde(default)]
+    sleep: SleepConfig,
 }
 
 impl Config {
@@ -333,6 +308,7 @@ impl Config {
             hub,
             auth,
             usage,
+            sleep: file.sleep,
         })
     }
 }

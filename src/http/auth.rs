@@ -38,12 +38,15 @@ pub const METERED: [&str; 4] = [
     "/v1/images/generations",
 ];
 
+/// Sleep and wake (vLLM's paths), admin-only.
+const SLEEP_ROUTES: [&str; 3] = ["/sleep", "/wake_up", "/is_sleeping"];
+
 fn access(path: &str) -> Access {
     if path.starts_with("/health/") || path.starts_with("/v2/health/") {
         Access::Open
     } else if path == "/metrics" {
         Access::Metrics
-    } else if path == "/admin" || path.starts_with("/admin/") {
+    } else if path == "/admin" || path.starts_with("/admin/") || SLEEP_ROUTES.contains(&path) {
         Access::Admin
     } else if METERED.contains(&path) {
         Access::Metered
@@ -122,6 +125,9 @@ pub async fn authorize(State(state): State<AppState>, mut req: Request, next: Ne
         return ApiError::forbidden("this API key lacks the admin scope").into_response();
     }
     let rate = if access == Access::Metered {
+        if let Err(e) = super::sleep::gate(&state).await {
+            return e.into_response();
+        }
         match tenancy.admit(&key) {
             Ok(rate) => Some(rate),
             Err(limited) => {
@@ -170,5 +176,6 @@ mod tests {
         assert_eq!(access("/admin/usage"), Access::Admin);
         assert_eq!(access("/v1/embeddings"), Access::Metered);
         assert_eq!(access("/v1/models"), Access::Keyed);
+        assert_eq!(access("/wake_up"), Access::Admin);
     }
 }

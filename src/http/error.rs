@@ -141,6 +141,18 @@ impl ApiError {
         .retry(1)
     }
 
+    /// 503: the replica sleeps (`POST /sleep`) and wakes only on
+    /// `POST /wake_up`.
+    pub fn asleep(retry_after: std::time::Duration) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "this replica is asleep; try another replica or again later",
+        )
+        .code("sleeping")
+        .retry(retry_after.as_secs().max(1))
+    }
+
     /// 503: a store the request needs does not answer; the detail goes to
     /// the log under the request id.
     pub fn unavailable_because(what: &str, detail: impl std::fmt::Display) -> Self {

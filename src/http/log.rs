@@ -336,7 +336,15 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
         armed: true,
     };
     let scope: Arc<str> = Arc::from(id.as_str());
-    let mut resp = REQUEST_ID.scope(scope.clone(), next.run(req)).await;
+    // Every line logged while handling the request names it (the JSON log
+    // format shows the span's fields).
+    let span = tracing::info_span!("request", request_id = %id);
+    let mut resp = REQUEST_ID
+        .scope(
+            scope.clone(),
+            tracing::Instrument::instrument(next.run(req), span),
+        )
+        .await;
     abandoned.armed = false;
     let status: StatusCode = resp.status();
     *log.0.status.lock().unwrap_or_else(|e| e.into_inner()) = status.as_u16();

@@ -14,6 +14,7 @@ mod health;
 mod images;
 mod log;
 mod models;
+mod sleep;
 mod usage;
 mod wire;
 
@@ -24,6 +25,7 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::routing::{get, post};
 use axum::Router;
 
+use crate::config::SleepConfig;
 use crate::registry::Registry;
 use crate::tenancy::Tenancy;
 use error::ApiError;
@@ -47,6 +49,8 @@ pub struct AppState {
     pub request_timeout: Option<Duration>,
     /// Origins allowed to call from a browser (CORS off when empty).
     pub cors_origins: Vec<String>,
+    /// What a sleeping replica does with requests.
+    pub sleep: SleepConfig,
 }
 
 impl AppState {
@@ -66,7 +70,14 @@ impl AppState {
             admin,
             request_timeout: None,
             cors_origins: Vec::new(),
+            sleep: SleepConfig::default(),
         }
+    }
+
+    /// Sets what a sleeping replica does with requests.
+    pub fn with_sleep(mut self, sleep: SleepConfig) -> Self {
+        self.sleep = sleep;
+        self
     }
 
     /// Sets the origins browsers may call from.
@@ -120,7 +131,10 @@ pub fn router(state: AppState) -> Router {
         router = router
             .route("/admin/models/{*action}", post(admin::model_action))
             .route("/admin/status", get(admin::status))
-            .route("/admin/usage", get(usage::report));
+            .route("/admin/usage", get(usage::report))
+            .route("/sleep", post(sleep::sleep))
+            .route("/wake_up", post(sleep::wake_up))
+            .route("/is_sleeping", get(sleep::is_sleeping));
     }
     let router = router
         .route("/v1/chat/completions", post(chat::handle))

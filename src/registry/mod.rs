@@ -9,6 +9,7 @@ mod evict;
 pub mod lifecycle;
 mod loader;
 mod memory;
+mod sleep;
 #[cfg(test)]
 mod tests;
 
@@ -23,6 +24,7 @@ pub use lifecycle::{DeviceSnapshot, ModelState, Snapshot};
 use lifecycle::{Lifecycle, Policy};
 pub use loader::EngineLoader;
 pub use memory::tune_allocator;
+pub use sleep::{SleepLevel, SleepReport, WakeReport};
 
 /// The registry room's errors.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -134,6 +136,7 @@ pub struct Registry {
     loader: Arc<EngineLoader>,
     lifecycle: Lifecycle<Arc<EngineLoader>>,
     metrics: Arc<Metrics>,
+    sleep: sleep::Sleep,
 }
 
 impl Registry {
@@ -182,6 +185,7 @@ impl Registry {
             loader,
             lifecycle,
             metrics,
+            sleep: sleep::Sleep::default(),
         }
     }
 

@@ -144,7 +144,13 @@ impl Server {
                     let addr = line
                         .split("listening on http://")
                         .nth(1)
-                        .map(|a| a.split_whitespace().next().unwrap_or("").to_string());
+                        // Text lines end the address at a space, JSON ones at a quote.
+                        .map(|a| {
+                            a.split(|c: char| c.is_whitespace() || c == '"')
+                                .next()
+                                .unwrap_or("")
+                                .to_string()
+                        });
                     // Store the line before announcing it, so logs() has it.
                     lines.lock().unwrap().push(line);
                     if let Some(addr) = addr {
