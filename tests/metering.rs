@@ -277,7 +277,14 @@ async fn usage_goes_to_postgresql_when_configured() {
         eprintln!("skipped: no KINDLING_TEST_PG_URL (scripts/test.sh starts a PostgreSQL server)");
         return;
     };
-    let config = tenancy_config("", &format!("database_url = {url:?}"), "");
+    // The URL comes from the environment (as from a Kubernetes Secret) and
+    // wins over the file's, which points at nothing.
+    let config = tenancy_config(
+        "",
+        "database_url = \"postgres://nobody@127.0.0.1:1/none\"",
+        "",
+    );
+    let env = [("KINDLING_USAGE_DATABASE_URL", url.as_str())];
     // The database outlives the test: a fresh key name keeps its rows apart.
     let name = format!(
         "pg-{}",
@@ -287,7 +294,7 @@ async fn usage_goes_to_postgresql_when_configured() {
             .as_nanos()
     );
     let admin = create(&config, &name, &["--scope", "admin"]);
-    let mut server = Server::spawn(&config, &[]);
+    let mut server = Server::spawn(&config, &env);
     let (s, _, r) = chat_as(&server, &admin, 5).await;
     assert_eq!(s, 200, "{r}");
     let body = json!({"model": EMBED, "input": "hello"});
@@ -296,7 +303,7 @@ async fn usage_goes_to_postgresql_when_configured() {
     server.sigterm();
     assert!(server.wait_exit(Duration::from_secs(30)).unwrap().success());
     // Read back through the CLI, which connects to the same database.
-    let out = kindling(
+    let out = kindling_with(
         "usage",
         &config,
         &[
@@ -307,6 +314,7 @@ async fn usage_goes_to_postgresql_when_configured() {
             "--format",
             "json",
         ],
+        &env,
     );
     let rows: Value = serde_json::from_str(&out).unwrap();
     let rows = rows.as_array().unwrap();

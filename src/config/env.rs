@@ -11,6 +11,10 @@ pub struct Environment {
     pub hf_token: Option<String>,
     /// `KINDLING_API_KEY`: full-access keys, comma-separated.
     pub api_keys: Vec<String>,
+    /// `KINDLING_USAGE_DATABASE_URL`: the usage store's PostgreSQL URL
+    /// (wins over `[usage] database_url`; a URL with a password belongs in
+    /// a secret, not in the config file).
+    pub usage_database_url: Option<String>,
     /// Where this replica runs, as constant labels for `/metrics`:
     /// Knative's `K_SERVICE` and `K_REVISION` (as `service_name` and
     /// `revision_name`, the names Knative's own metrics use) and the pod's
@@ -39,6 +43,7 @@ impl Environment {
                         .collect()
                 })
                 .unwrap_or_default(),
+            usage_database_url: var("KINDLING_USAGE_DATABASE_URL"),
             platform_labels: platform_labels(var),
         }
     }

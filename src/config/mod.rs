@@ -295,6 +295,9 @@ impl Config {
         auth.keys_file = auth.keys_file.map(|f| base.join(f));
         auth.api_keys = env.api_keys.clone();
         let mut usage = file.usage;
+        if let Some(url) = &env.usage_database_url {
+            usage.database_url = Some(url.clone());
+        }
         usage.resolve(path, base, &store)?;
         Ok(Self {
             path: path.to_path_buf(),

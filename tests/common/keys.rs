@@ -32,10 +32,16 @@ pub fn keys(config: &Path, args: &[&str]) -> String {
 /// Runs `kindling COMMAND --config CONFIG ARGS…`, which must succeed;
 /// returns its stdout.
 pub fn kindling(command: &str, config: &Path, args: &[&str]) -> String {
+    kindling_with(command, config, args, &[])
+}
+
+/// [`kindling`] with more environment variables.
+pub fn kindling_with(command: &str, config: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
     let out = Command::new(bin())
         .args([command, "--config"])
         .arg(config)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap();
     assert!(
