@@ -26,6 +26,16 @@ if [[ ! -x $venv/bin/python ]]; then
     python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
-cargo build --locked --bin kindling
+cargo build --locked --workspace --bins
 target=${CARGO_TARGET_DIR:-$root/target}
 KINDLING_BIN="$target/debug/kindling" "$venv/bin/python" -m pytest -q tests/python
+
+# The container image from the Dockerfile (its stage for binaries built
+# outside, here the ones above), run read-only with podman and driven by the
+# OpenAI client, then stopped with SIGTERM mid-stream. The whole multi-stage
+# build is `scripts/container-smoke.sh --full`. KINDLING_TEST_CONTAINER=0 skips.
+if [[ ${KINDLING_TEST_CONTAINER:-1} != 0 ]]; then
+    scripts/container-smoke.sh --prebuilt --no-build \
+        --bin "$target/debug/kindling" --random-pipeline "$target/debug/random-pipeline" \
+        --store "${KINDLING_STORE:-$root/store}"
+fi
