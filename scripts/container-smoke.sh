@@ -320,6 +320,9 @@ fi
 build_s=$(since "$t_build")
 size_mb=$(podman image inspect --format '{{.Size}}' "$image" | awk '{ printf "%.0f", $1 / 1e6 }')
 say "built $image in ${build_s}s: ${size_mb} MB"
+# The image this tag named before is now untagged: let it go, so repeated
+# runs do not fill the disk.
+timeout 120 podman image prune -f >/dev/null 2>&1 || true
 
 # --- Python with the OpenAI client ----------------------------------------------
 openai_pin=$(grep -E '^openai==' tests/python/requirements.txt)
