@@ -275,3 +275,30 @@ async fn the_daemon_is_ready_before_any_model_loads() {
     wait_state(&server, "m0", "warm", Duration::from_secs(60)).await;
     assert_eq!(model_state(&server, "m1").await["state"], "cold");
 }
+
+#[tokio::test]
+async fn a_stream_running_when_sleep_is_asked_finishes_first() {
+    let server = Server::with_config("");
+    let body = chat(
+        MODEL,
+        json!({"stream": true, "max_tokens": 200, "ignore_eos": true}),
+    );
+    let stream = {
+        let url = server.url("/v1/chat/completions");
+        tokio::spawn(async move {
+            let resp = client().post(url).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            sse_data(&resp.text().await.unwrap())
+        })
+    };
+    wait_state(&server, MODEL, "busy", Duration::from_secs(30)).await;
+    let (status, body) = call(&server, "POST", "/sleep?level=2").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["still_draining"], json!([]));
+    // The stream was not cut: it ran to its full length.
+    let events = stream.await.unwrap();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let last: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{last}");
+    assert_eq!(model_state(&server, MODEL).await["state"], "cold");
+}
