@@ -235,6 +235,7 @@ async fn kindling_pull_downloads_ahead_of_time() {
             .args(["pull", "--config"])
             .arg(&config)
             .arg("hubby")
+            .env_remove("KINDLING_STORE")
             .output()
             .unwrap()
     })

@@ -218,6 +218,7 @@ fn check_config(config: &std::path::Path) -> (bool, String) {
         .args(["serve", "--check-config", "--config"])
         .arg(config)
         .env_remove("PORT")
+        .env_remove("KINDLING_STORE")
         .output()
         .unwrap();
     let text =
@@ -244,6 +245,18 @@ fn check_config_validates_and_exits() {
         !ok && out.contains("weights missing for 1 model(s): ghost"),
         "{out}"
     );
+
+    // KINDLING_STORE moves the store (the container images set it).
+    let out = Command::new(env!("CARGO_BIN_EXE_kindling"))
+        .args(["serve", "--check-config", "--config"])
+        .arg(repo().join("configs/kindling.toml"))
+        .env_remove("PORT")
+        .env("KINDLING_STORE", "/nonexistent-store")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("/nonexistent-store/smollm2-135m"), "{text}");
 
     let bad = config_with_manifest(
         "id = \"x\"\nkind = \"chat\"\nformat = \"gguf\"\narchitecture = \"llama\"\nweigths = 1\n",

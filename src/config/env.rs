@@ -11,6 +11,9 @@ pub struct Environment {
     pub hf_token: Option<String>,
     /// `KINDLING_API_KEY`: full-access keys, comma-separated.
     pub api_keys: Vec<String>,
+    /// `KINDLING_STORE`: the model store (wins over `[models] store`; the
+    /// same variable tells `scripts/fetch-models.sh` where to put models).
+    pub store: Option<std::path::PathBuf>,
     /// `KINDLING_USAGE_DATABASE_URL`: the usage store's PostgreSQL URL
     /// (wins over `[usage] database_url`; a URL with a password belongs in
     /// a secret, not in the config file).
@@ -43,6 +46,7 @@ impl Environment {
                         .collect()
                 })
                 .unwrap_or_default(),
+            store: var("KINDLING_STORE").map(std::path::PathBuf::from),
             usage_database_url: var("KINDLING_USAGE_DATABASE_URL"),
             platform_labels: platform_labels(var),
         }

@@ -283,7 +283,10 @@ impl Config {
                 engine.max_sequences
             );
         }
-        let store = base.join(&file.models.store);
+        let store = env
+            .store
+            .clone()
+            .unwrap_or_else(|| base.join(&file.models.store));
         let manifests = base.join(&file.models.manifests);
         let models = manifest::load_manifests(&manifests, &store)
             .with_context(|| format!("{}: models.manifests", path.display()))?;

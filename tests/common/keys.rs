@@ -41,6 +41,7 @@ pub fn kindling_with(command: &str, config: &Path, args: &[&str], env: &[(&str, 
         .args([command, "--config"])
         .arg(config)
         .args(args)
+        .env_remove("KINDLING_STORE")
         .envs(env.iter().copied())
         .output()
         .unwrap();

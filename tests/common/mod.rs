@@ -122,7 +122,11 @@ impl Server {
         if !env.iter().any(|(k, _)| *k == "PORT") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
-        cmd.env("RUST_LOG", "info").env_remove("PORT");
+        // The config names the store; a KINDLING_STORE in the test's own
+        // environment (where its models are) must not override it.
+        cmd.env("RUST_LOG", "info")
+            .env_remove("PORT")
+            .env_remove("KINDLING_STORE");
         for (k, v) in env {
             cmd.env(k, v);
         }
