@@ -97,6 +97,14 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Route an id's traffic over its versions on a running daemon: show,
+    /// set weights, promote, roll back, history, canary comparison.
+    Route {
+        #[command(flatten)]
+        daemon: cli::route::Daemon,
+        #[command(subcommand)]
+        command: cli::route::RouteCommand,
+    },
     /// Download a model's weights into the store ahead of its first load
     /// (models whose manifest names a Hugging Face repo).
     Pull {
@@ -158,6 +166,10 @@ async fn serve(config: Config, env: Environment) -> Result<()> {
     let addr = listener.local_addr()?;
     let registry = Arc::new(Registry::new(&config, metrics));
     registry.start_background();
+    if let Some(every) = config.watch_interval {
+        registry.watch_manifests(every);
+    }
+    reload_on_hangup(&registry);
     tenancy.start_background();
     let state = AppState::new(
         registry.clone(),
@@ -187,6 +199,26 @@ async fn serve(config: Config, env: Environment) -> Result<()> {
     registry.unload_all();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP reads the model manifests again.
+fn reload_on_hangup(registry: &Arc<Registry>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP; reload with POST /admin/reload");
+            return;
+        };
+        let registry = Arc::downgrade(registry);
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let Some(r) = registry.upgrade() else { return };
+                tracing::info!("SIGHUP: reloading the model manifests");
+                r.reload().await;
+            }
+        });
+    }
 }
 
 async fn shutdown_signal() {
@@ -259,7 +291,7 @@ fn run(args: Args) -> Result<()> {
                     WeightSource::Local(p) => p.display().to_string(),
                     WeightSource::Hub { repo, revision, .. } => format!("hf:{repo}@{revision}"),
                 };
-                println!("{}\t{}\t{source}", m.id, m.kind.name());
+                println!("{}\t{}\t{source}", m.name(), m.kind.name());
             }
             Ok(())
         }
@@ -272,6 +304,7 @@ fn run(args: Args) -> Result<()> {
             cli::keys(&path, command)
         }
         Command::Usage { config, args } => cli::usage(&config.config, &env, args),
+        Command::Route { daemon, command } => cli::route::run(daemon, command),
         Command::Pull { config, model } => {
             init_logging(&env, LogFormat::Text);
             let config = load_config(&config.config, None, &env)?;

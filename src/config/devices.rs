@@ -119,28 +119,39 @@ pub(super) fn check(
         }
     }
     devices.entry("cpu".into()).or_default();
-    let auto = devices.contains_key("auto");
     for m in models.values() {
-        let f = m.source.display();
-        if let Some(d) = m.device.as_deref() {
-            let Some(name) = DeviceName::parse(d).filter(|n| *n != DeviceName::Auto) else {
-                bail!("{f}: device: expected `cpu` or `cuda:N`, got `{d}`");
-            };
-            let declared = devices.contains_key(d) || (auto && matches!(name, DeviceName::Cuda(_)));
-            if !declared {
-                bail!(
-                    "{f}: device: `{d}` is not declared in {} (known: {})",
-                    path.display(),
-                    devices.keys().cloned().collect::<Vec<_>>().join(", ")
-                );
-            }
-            if name != DeviceName::Cpu && m.kind == ModelKind::Embedding {
-                bail!("{f}: device: embedding models run on `cpu` only");
-            }
+        check_model_device(path, devices, m)?;
+    }
+    Ok(())
+}
+
+/// Checks that a manifest names a device the config declares, and one its
+/// kind of model can run on.
+pub fn check_model_device(
+    path: &Path,
+    devices: &BTreeMap<String, DeviceConfig>,
+    m: &ModelManifest,
+) -> Result<()> {
+    let f = m.source.display();
+    let auto = devices.contains_key("auto");
+    if let Some(d) = m.device.as_deref() {
+        let Some(name) = DeviceName::parse(d).filter(|n| *n != DeviceName::Auto) else {
+            bail!("{f}: device: expected `cpu` or `cuda:N`, got `{d}`");
+        };
+        let declared = devices.contains_key(d) || (auto && matches!(name, DeviceName::Cuda(_)));
+        if !declared {
+            bail!(
+                "{f}: device: `{d}` is not declared in {} (known: {})",
+                path.display(),
+                devices.keys().cloned().collect::<Vec<_>>().join(", ")
+            );
         }
-        if m.dtype.is_some() && m.kind == ModelKind::Embedding {
-            bail!("{f}: dtype: embedding models run in f32 on the CPU; only text and image models take a dtype");
+        if name != DeviceName::Cpu && m.kind == ModelKind::Embedding {
+            bail!("{f}: device: embedding models run on `cpu` only");
         }
+    }
+    if m.dtype.is_some() && m.kind == ModelKind::Embedding {
+        bail!("{f}: dtype: embedding models run in f32 on the CPU; only text and image models take a dtype");
     }
     Ok(())
 }

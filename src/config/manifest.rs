@@ -126,7 +126,7 @@ pub enum WeightSource {
 }
 
 /// `[defaults]` in a manifest: sampling defaults for requests that leave them out.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationDefaults {
     /// Tokens to generate when the request names no limit.
@@ -159,6 +159,7 @@ pub enum Precision {
 #[serde(deny_unknown_fields)]
 struct ManifestFile {
     id: String,
+    version: Option<String>,
     kind: ModelKind,
     format: WeightFormat,
     architecture: Architecture,
@@ -182,10 +183,13 @@ struct ManifestFile {
 }
 
 /// One model manifest, validated, with its weight source resolved.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelManifest {
     /// The id clients use in `model`.
     pub id: String,
+    /// The version, when several manifests share the id
+    /// (`<id>@<version>` addresses it exactly).
+    pub version: Option<String>,
     /// What it is served for.
     pub kind: ModelKind,
     /// The weights' format.
@@ -226,29 +230,110 @@ fn default_owner() -> String {
     "kindling".to_string()
 }
 
-pub(super) fn load_manifests(dir: &Path, store: &Path) -> Result<BTreeMap<String, ModelManifest>> {
+/// Every `*.toml` in `dir`, sorted by name, each read and validated on its
+/// own (hot reload keeps the good ones and refuses the rest).
+pub fn scan_manifests(dir: &Path, store: &Path) -> Result<Vec<(PathBuf, Result<ModelManifest>)>> {
     let entries = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read manifest directory {}", dir.display()))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
         .collect();
     files.sort();
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let m = load_manifest(&f, store);
+            (f, m)
+        })
+        .collect())
+}
+
+/// Why `manifest` cannot join `models` (keyed by instance name): the same
+/// id and version declared twice, or an id with versions and without.
+pub fn conflict(
+    models: &BTreeMap<String, ModelManifest>,
+    manifest: &ModelManifest,
+) -> Option<String> {
+    let f = manifest.source.display();
+    if let Some(other) = models.get(&manifest.name()) {
+        return Some(format!(
+            "{f}: id: `{}` is already declared by {}",
+            manifest.name(),
+            other.source.display()
+        ));
+    }
+    let other = models
+        .values()
+        .find(|m| m.id == manifest.id && m.version.is_some() != manifest.version.is_some())?;
+    Some(format!(
+        "{f}: version: `{}` is declared {} a version by {}; every manifest of one id names a version, or only one manifest declares it",
+        manifest.id,
+        if other.version.is_some() { "with" } else { "without" },
+        other.source.display()
+    ))
+}
+
+pub(super) fn load_manifests(dir: &Path, store: &Path) -> Result<BTreeMap<String, ModelManifest>> {
     let mut models = BTreeMap::new();
-    for file in files {
-        let manifest = load_manifest(&file, store)?;
-        if let Some(other) = models.get(&manifest.id) {
-            let other: &ModelManifest = other;
-            bail!(
-                "{}: id: `{}` is already declared by {}",
-                file.display(),
-                manifest.id,
-                other.source.display()
-            );
+    for (_, manifest) in scan_manifests(dir, store)? {
+        let manifest = manifest?;
+        if let Some(why) = conflict(&models, &manifest) {
+            bail!(why);
         }
-        models.insert(manifest.id.clone(), manifest);
+        models.insert(manifest.name(), manifest);
     }
     Ok(models)
+}
+
+impl ModelManifest {
+    /// The name of this one instance: `<id>@<version>`, or the id of an
+    /// unversioned model. Lifecycle, loads and memory are kept per name.
+    pub fn name(&self) -> String {
+        match &self.version {
+            Some(v) => format!("{}@{v}", self.id),
+            None => self.id.clone(),
+        }
+    }
+
+    /// Whether serving `other` instead needs a fresh load (weights, shapes,
+    /// device or engine settings differ); other fields apply at once.
+    pub fn needs_reload(&self, other: &Self) -> bool {
+        self.kind != other.kind
+            || self.format != other.format
+            || self.architecture != other.architecture
+            || self.weights != other.weights
+            || self.context_length != other.context_length
+            || self.kv_cache_tokens != other.kv_cache_tokens
+            || self.dimensions != other.dimensions
+            || self.image != other.image
+            || self.device != other.device
+            || self.dtype != other.dtype
+    }
+}
+
+/// Orders versions naturally: digit runs compare as numbers, so `v2` comes
+/// before `v10` and `1.9` before `1.10`.
+pub fn version_order(a: &str, b: &str) -> std::cmp::Ordering {
+    fn parts(s: &str) -> Vec<Result<u128, &str>> {
+        let mut out = Vec::new();
+        let mut rest = s;
+        while let Some(c) = rest.chars().next() {
+            let digit = c.is_ascii_digit();
+            let end = rest
+                .find(|ch: char| ch.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            let (head, tail) = rest.split_at(end);
+            out.push(if digit {
+                head.parse::<u128>().map_err(|_| head)
+            } else {
+                Err(head)
+            });
+            rest = tail;
+        }
+        out
+    }
+    parts(a).cmp(&parts(b)).then_with(|| a.cmp(b))
 }
 
 /// Reads and validates one manifest; a local weight path comes back
@@ -264,6 +349,9 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
             "{f}: id: expected 1-128 characters of letters, digits and - _ . : /, got `{}`",
             m.id
         );
+    }
+    if let Some(v) = m.version.as_deref().filter(|v| !valid_version(v)) {
+        bail!("{f}: version: expected 1-64 characters of letters, digits and - _ . + :, got `{v}`");
     }
     match (m.kind, m.architecture, m.format) {
         (ModelKind::Embedding, Architecture::Bert, WeightFormat::Safetensors) => {}
@@ -306,6 +394,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
     check_defaults(&m.defaults).map_err(|e| anyhow::anyhow!("{f}: defaults.{e}"))?;
     Ok(ModelManifest {
         id: m.id,
+        version: m.version,
         kind: m.kind,
         format: m.format,
         architecture: m.architecture,
@@ -323,6 +412,13 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         preload: m.preload,
         source: file.to_path_buf(),
     })
+}
+
+fn valid_version(v: &str) -> bool {
+    !v.is_empty()
+        && v.len() <= 64
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.+:".contains(c))
 }
 
 fn valid_id(id: &str) -> bool {

@@ -14,16 +14,20 @@ use serde::Deserialize;
 mod devices;
 mod env;
 mod manifest;
+mod routes;
 mod sleep;
 mod tenancy;
 mod units;
 
+pub use devices::check_model_device;
 pub use devices::{CpuFeature, DeviceConfig, DeviceName};
 pub use env::Environment;
 pub use manifest::{
-    load_manifest, parse_size, Architecture, GenerationDefaults, ImageDefaults, ModelKind,
-    ModelManifest, Precision, WeightFormat, WeightSource,
+    conflict, load_manifest, parse_size, scan_manifests, version_order, Architecture,
+    GenerationDefaults, ImageDefaults, ModelKind, ModelManifest, Precision, WeightFormat,
+    WeightSource,
 };
+pub use routes::{check_route, GuardSpec, RouteSpec, ShadowSpec};
 pub use sleep::SleepConfig;
 pub use tenancy::{AuthConfig, UsageConfig, UsageTarget};
 use units::{de_bytes, duration};
@@ -48,8 +52,17 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Where Hugging Face downloads come from.
     pub hub: HubConfig,
-    /// The model catalog, by id.
+    /// The model catalog, by instance name (`id`, or `id@version`).
     pub models: BTreeMap<String, ModelManifest>,
+    /// The folder of model manifests.
+    pub manifests: PathBuf,
+    /// How often the manifest folder is checked for changes (`None`: only
+    /// on SIGHUP and `POST /admin/reload`).
+    pub watch_interval: Option<Duration>,
+    /// Routes over versions, by id, as the config file declares them.
+    pub routes: BTreeMap<String, RouteSpec>,
+    /// Where routes changed at run time and their history are saved.
+    pub routes_state: PathBuf,
     /// API keys.
     pub auth: AuthConfig,
     /// Usage records.
@@ -200,6 +213,9 @@ pub struct HubConfig {
 struct ModelsSection {
     manifests: PathBuf,
     store: PathBuf,
+    #[serde(with = "duration::optional")]
+    watch_interval: Option<Duration>,
+    routes_state: Option<PathBuf>,
 }
 
 impl Default for ModelsSection {
@@ -207,6 +223,8 @@ impl Default for ModelsSection {
         Self {
             manifests: PathBuf::from("models"),
             store: PathBuf::from("../store"),
+            watch_interval: Some(Duration::from_secs(2)),
+            routes_state: None,
         }
     }
 }
@@ -234,6 +252,8 @@ struct DaemonFile {
     usage: UsageConfig,
     #[serde(default)]
     sleep: SleepConfig,
+    #[serde(default)]
+    routes: BTreeMap<String, RouteSpec>,
 }
 
 impl Config {
@@ -302,12 +322,24 @@ impl Config {
             usage.database_url = Some(url.clone());
         }
         usage.resolve(path, base, &store)?;
+        for (id, route) in &file.routes {
+            check_route(&models, id, route)
+                .map_err(|e| anyhow::anyhow!("{}: routes.\"{id}\".{e}", path.display()))?;
+        }
+        let routes_state = file
+            .models
+            .routes_state
+            .map_or_else(|| store.join("routes.json"), |p| base.join(p));
         Ok(Self {
             path: path.to_path_buf(),
             server,
             engine: file.engine,
             store,
             models,
+            manifests,
+            watch_interval: file.models.watch_interval,
+            routes_state,
+            routes: file.routes,
             lifecycle: file.lifecycle,
             devices,
             admin: file.admin,

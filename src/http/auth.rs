@@ -177,5 +177,7 @@ mod tests {
         assert_eq!(access("/v1/embeddings"), Access::Metered);
         assert_eq!(access("/v1/models"), Access::Keyed);
         assert_eq!(access("/wake_up"), Access::Admin);
+        assert_eq!(access("/admin/routes/chat/promote"), Access::Admin);
+        assert_eq!(access("/admin/reload"), Access::Admin);
     }
 }

@@ -163,11 +163,12 @@ pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
     Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
-    log.model(&req.model);
-    ApiError::check_model(&key, &req.model)?;
+    let user = req.sampling.user.as_deref();
+    let target = super::versions::resolve(&state, &log, &key, &req.model, user, &headers)?;
     unsupported(&req)?;
     log.user(req.sampling.user.as_deref());
     let messages = messages(&req.messages)?;
@@ -191,7 +192,7 @@ pub async fn handle(
         Some(m) => Some(m),
         None => token_limit("max_tokens", req.max_tokens)?,
     };
-    let defaults = state.registry.text_defaults(&req.model, Purpose::Chat)?;
+    let defaults = state.registry.text_defaults(&target.name, Purpose::Chat)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
     let request = GenerateSpec {
         prompts: vec![Prompt::Chat(messages)],
@@ -205,14 +206,15 @@ pub async fn handle(
     }
     .validate()?;
     let job = Job::new(
-        &req.model,
+        &target.name,
         request,
         &req.sampling,
         "messages",
         &log,
         state.request_timeout,
     )?;
-    let meta = Meta::new("chatcmpl", &log, &req.model, req.logprobs);
+    super::versions::shadow_generation(&state.registry, &target, &job.request, job.keep_alive);
+    let meta = Meta::new("chatcmpl", &log, &target.name, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         let render = move |gen| stream(gen, meta, include_usage);

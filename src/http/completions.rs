@@ -80,11 +80,12 @@ pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
     Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
-    log.model(&req.model);
-    ApiError::check_model(&key, &req.model)?;
+    let user = req.sampling.user.as_deref();
+    let target = super::versions::resolve(&state, &log, &key, &req.model, user, &headers)?;
     if req.stream_options.is_some() && !req.stream {
         return Err(ApiError::invalid(
             "stream_options",
@@ -116,7 +117,7 @@ pub async fn handle(
     let max_tokens = token_limit("max_tokens", req.max_tokens)?;
     let defaults = state
         .registry
-        .text_defaults(&req.model, Purpose::Completion)?;
+        .text_defaults(&target.name, Purpose::Completion)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
     if req.best_of.is_some_and(|b| b != sampling.n as i64) {
         return Err(ApiError::invalid(
@@ -139,14 +140,15 @@ pub async fn handle(
     }
     .validate()?;
     let job = Job::new(
-        &req.model,
+        &target.name,
         request,
         &req.sampling,
         "prompt",
         &log,
         state.request_timeout,
     )?;
-    let meta = Meta::new("cmpl", &log, &req.model, top_logprobs.is_some());
+    super::versions::shadow_generation(&state.registry, &target, &job.request, job.keep_alive);
+    let meta = Meta::new("cmpl", &log, &target.name, top_logprobs.is_some());
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);
         let render = move |gen| stream(gen, meta, include_usage);

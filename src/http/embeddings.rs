@@ -146,11 +146,12 @@ pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
     Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<EmbeddingRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
-    log.model(&req.model);
-    ApiError::check_model(&key, &req.model)?;
+    let user = req.user.as_deref();
+    let target = super::versions::resolve(&state, &log, &key, &req.model, user, &headers)?;
     log.user(req.user.as_deref());
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
@@ -175,8 +176,7 @@ pub async fn handle(
     let inputs = inputs(req.input)?;
     let timeout = req.lifetime.timeout()?.or(state.request_timeout);
     let keep_alive = req.lifetime.keep_alive()?;
-    state.registry.check_embedding(&req.model)?;
-    let lease = state.registry.acquire(&req.model, keep_alive).await?;
+    state.registry.check_embedding(&target.name)?;
     let request = EmbedRequest {
         inputs,
         truncate: req.truncate.unwrap_or(true),
@@ -184,12 +184,14 @@ pub async fn handle(
         deadline: timeout.map(|t| log.arrived() + t),
         tenant: log.key_name(),
     };
+    super::versions::shadow_embedding(&state.registry, &target, &request, keep_alive);
+    let lease = state.registry.acquire(&target.name, keep_alive).await?;
     let result = lease.embed(request).await?;
     state
         .registry
         .metrics()
         .prompt_tokens
-        .get_or_create(&crate::metrics::Metrics::model(&req.model))
+        .get_or_create(&crate::metrics::Metrics::model(&target.name))
         .inc_by(result.prompt_tokens as u64);
     log.embedding_tokens(result.prompt_tokens);
     log.compute_started(result.started);
@@ -210,7 +212,7 @@ pub async fn handle(
     let body = EmbeddingResponse {
         object: "list",
         data,
-        model: req.model,
+        model: target.name,
         usage: EmbeddingUsage {
             prompt_tokens: result.prompt_tokens,
             total_tokens: result.prompt_tokens,

@@ -281,6 +281,10 @@ impl From<RegistryError> for ApiError {
                 Self { retry_after, ..e }
             }
             RegistryError::Engine(e) => e.into(),
+            RegistryError::BadRoute(_) => Self::invalid("route", message).code("invalid_route"),
+            RegistryError::Conflict(_) => {
+                Self::new(StatusCode::CONFLICT, "invalid_request_error", message).code("conflict")
+            }
         }
     }
 }

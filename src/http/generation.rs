@@ -60,6 +60,7 @@ struct Timing {
     generation_tokens: Counter,
     first_seen: bool,
     last: Vec<Option<Instant>>,
+    log: RequestLog,
 }
 
 impl Timing {
@@ -73,6 +74,7 @@ impl Timing {
             generation_tokens: metrics.generation_tokens.get_or_create(&label).clone(),
             first_seen: false,
             last: vec![None; job.request.choices()],
+            log: job.log.clone(),
         }
     }
 
@@ -85,6 +87,7 @@ impl Timing {
                 let now = Instant::now();
                 if !self.first_seen {
                     self.first_seen = true;
+                    self.log.first_token(now);
                     self.time_to_first_token
                         .observe(now.duration_since(self.arrived).as_secs_f64());
                 }

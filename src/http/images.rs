@@ -265,22 +265,22 @@ pub async fn handle(
     State(state): State<AppState>,
     Extension(log): Extension<RequestLog>,
     Extension(key): Extension<std::sync::Arc<crate::tenancy::Principal>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ImagesRequest>,
 ) -> Result<Response, ApiError> {
     state.accepting()?;
     log.user(req.user.as_deref());
-    let model = match req.model.clone() {
-        Some(m) => {
-            state.registry.check_image(&m)?;
-            m
-        }
+    let requested = match req.model.clone() {
+        Some(m) => m,
         None => state
             .registry
             .default_image_model()
             .ok_or_else(|| ApiError::invalid("model", "no image model is configured"))?,
     };
-    log.model(&model);
-    ApiError::check_model(&key, &model)?;
+    let user = req.user.as_deref();
+    let target = super::versions::resolve(&state, &log, &key, &requested, user, &headers)?;
+    state.registry.check_image(&target.name)?;
+    let model = target.name;
     let (mut request, output, stream) = parse(&req)?;
     let timeout = req.lifetime.timeout()?.or(state.request_timeout);
     let keep_alive = req.lifetime.keep_alive()?;

@@ -76,6 +76,10 @@ fn endpoint(path: &str) -> &'static str {
     }
     if path.starts_with("/v1/models/") {
         "/v1/models/{id}"
+    } else if path.starts_with("/admin/routes") {
+        "/admin/routes"
+    } else if path == "/admin/reload" {
+        "/admin/reload"
     } else if path.starts_with("/admin/models/") && path.ends_with("/load") {
         "/admin/models/{id}/load"
     } else if path.starts_with("/admin/models/") && path.ends_with("/unload") {
@@ -92,6 +96,9 @@ pub struct Deferred;
 #[derive(Default)]
 struct Fields {
     model: Option<String>,
+    /// The id and version that served it, once resolved.
+    served: Option<(String, Option<String>)>,
+    first_token: Option<Instant>,
     user: Option<String>,
     key: Option<Arc<Principal>>,
     prompt_tokens: usize,
@@ -117,6 +124,7 @@ struct Inner {
     done: AtomicBool,
     metrics: Arc<Metrics>,
     tenancy: Arc<Tenancy>,
+    registry: Arc<crate::registry::Registry>,
 }
 
 /// A request's log record; handlers add the model and token counts.
@@ -141,6 +149,21 @@ impl RequestLog {
     /// Records the model the request is for.
     pub fn model(&self, model: &str) {
         self.fields().model = Some(clip(model));
+    }
+
+    /// Records the id and version that serve the request.
+    pub fn served(&self, target: &crate::registry::Resolved) {
+        self.fields().served = Some((target.id.clone(), target.version.clone()));
+    }
+
+    /// Records when the first token was sent (kept once).
+    pub fn first_token(&self, at: Instant) {
+        self.fields().first_token.get_or_insert(at);
+    }
+
+    /// The version that serves the request, once resolved.
+    fn version(&self) -> Option<String> {
+        self.fields().served.as_ref().and_then(|(_, v)| v.clone())
     }
 
     /// Records the end-user id the client sent.
@@ -204,7 +227,10 @@ impl RequestLog {
     fn usage(&self, f: &Fields, status: u16) -> Option<(Arc<Principal>, UsageRecord)> {
         // Requests turned away before naming a model used nothing.
         let key = f.key.clone()?;
-        let model = f.model.clone()?;
+        let (model, version) = match &f.served {
+            Some((id, version)) => (id.clone(), version.clone()),
+            None => (f.model.clone()?, None),
+        };
         let endpoint = super::auth::METERED.iter().find(|p| **p == self.0.path)?;
         let compute = f.compute_started.map_or(0.0, |t| t.elapsed().as_secs_f64());
         let record = UsageRecord {
@@ -212,7 +238,7 @@ impl RequestLog {
             request_id: self.0.id.clone(),
             key: key.name.to_string(),
             model,
-            version: None,
+            version,
             endpoint: endpoint.to_string(),
             status,
             prompt_tokens: f.prompt_tokens as u64,
@@ -247,6 +273,21 @@ impl RequestLog {
         };
         if let Some((key, record)) = self.usage(&f, status) {
             self.0.tenancy.record(&key, record);
+        }
+        if let Some((id, Some(version))) = &f.served {
+            let outcome = crate::registry::Outcome {
+                error: status >= 500,
+                client_error: (400..500).contains(&status),
+                ttft: f
+                    .first_token
+                    .map(|t| t.saturating_duration_since(self.0.started)),
+                latency: self.0.started.elapsed(),
+                prompt_tokens: f.prompt_tokens as u64,
+                completion_tokens: f.completion_tokens as u64,
+                embedding_tokens: f.embedding_tokens as u64,
+            };
+            let traffic = crate::metrics::Traffic::Primary;
+            self.0.registry.observe(id, version, traffic, &outcome);
         }
         let latency_ms = self.0.started.elapsed().as_secs_f64() * 1e3;
         self.0
@@ -327,6 +368,7 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
         done: AtomicBool::new(false),
         metrics: state.registry.metrics().clone(),
         tenancy: state.tenancy.clone(),
+        registry: state.registry.clone(),
     }));
     req.extensions_mut().insert(log.clone());
     // Written if the client disconnects before the handler answers.
@@ -350,6 +392,10 @@ pub async fn log_requests(State(state): State<AppState>, mut req: Request, next:
     *log.0.status.lock().unwrap_or_else(|e| e.into_inner()) = status.as_u16();
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert("x-request-id", v);
+    }
+    if let Some(v) = log.version().and_then(|v| HeaderValue::from_str(&v).ok()) {
+        resp.headers_mut()
+            .insert(super::versions::VERSION_HEADER, v);
     }
     if resp.extensions().get::<Deferred>().is_none() {
         log.finish("request");

@@ -14,8 +14,10 @@ mod health;
 mod images;
 mod log;
 mod models;
+mod rollouts;
 mod sleep;
 mod usage;
+mod versions;
 mod wire;
 
 use std::sync::Arc;
@@ -132,6 +134,15 @@ pub fn router(state: AppState) -> Router {
             .route("/admin/models/{*action}", post(admin::model_action))
             .route("/admin/status", get(admin::status))
             .route("/admin/usage", get(usage::report))
+            .route("/admin/routes", get(rollouts::list))
+            .route(
+                "/admin/routes/{*rest}",
+                get(rollouts::read)
+                    .delete(rollouts::read)
+                    .put(rollouts::put)
+                    .post(rollouts::post),
+            )
+            .route("/admin/reload", post(rollouts::reload))
             .route("/sleep", post(sleep::sleep))
             .route("/wake_up", post(sleep::wake_up))
             .route("/is_sleeping", get(sleep::is_sleeping));

@@ -29,6 +29,13 @@ pub struct DownloadObject {
 pub struct ModelObject {
     id: String,
     object: &'static str,
+    /// Extension: the version this is (`id@version` entries).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<String>,
+    /// Extension: an id with versions, listed as itself (requests to it go
+    /// through its route), names them, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    versions: Vec<String>,
     created: u64,
     owned_by: String,
     /// Extension: whether the weights are in memory now.
@@ -60,6 +67,8 @@ impl From<ModelSummary> for ModelObject {
         Self {
             id: m.id,
             object: "model",
+            version: m.version,
+            versions: m.versions,
             created: m.created,
             owned_by: m.owned_by,
             loaded: s.state.is_resident(),
@@ -96,7 +105,7 @@ pub async fn list(
 ) -> Json<ModelList> {
     let data = state
         .registry
-        .list()
+        .catalog()
         .into_iter()
         .filter(|m| key.may_use(&m.id))
         .map(ModelObject::from)

@@ -23,7 +23,8 @@ use kindling_models::{gpu, DType};
 
 /// Loads text models into engine workers.
 pub struct EngineLoader {
-    manifests: BTreeMap<String, ModelManifest>,
+    /// By instance name; replaced entry by entry when manifests reload.
+    manifests: std::sync::RwLock<BTreeMap<String, ModelManifest>>,
     store: PathBuf,
     hub: HubConfig,
     engine: EngineConfig,
@@ -58,18 +59,37 @@ impl EngineLoader {
     /// A loader for the models `config` declares.
     pub fn new(config: &Config) -> Self {
         Self {
-            manifests: config.models.clone(),
+            manifests: std::sync::RwLock::new(config.models.clone()),
             store: config.store.clone(),
             hub: config.hub.clone(),
             engine: config.engine.clone(),
         }
     }
 
+    /// The manifest a load of `name` uses now.
+    fn manifest(&self, name: &str) -> Option<ModelManifest> {
+        self.manifests
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Sets (or, with `None`, forgets) the manifest of `name`; loads
+    /// started after this use it.
+    pub fn set_manifest(&self, name: &str, manifest: Option<ModelManifest>) {
+        let mut all = self.manifests.write().unwrap_or_else(|e| e.into_inner());
+        match manifest {
+            Some(m) => all.insert(name.to_string(), m),
+            None => all.remove(name),
+        };
+    }
+
     fn spec(&self, manifest: &ModelManifest, path: PathBuf) -> LoadSpec {
         let embedding = manifest.kind == ModelKind::Embedding;
         let image = &manifest.image;
         LoadSpec {
-            model: manifest.id.clone(),
+            model: manifest.name(),
             task: match manifest.kind {
                 ModelKind::Embedding => Task::Embedding {
                     dimensions: manifest.dimensions.clone(),
@@ -105,7 +125,7 @@ impl EngineLoader {
 
     /// The weight file if it is already on this machine (no download).
     pub fn local_weights(&self, id: &str) -> Option<PathBuf> {
-        let m = self.manifests.get(id)?;
+        let m = &self.manifest(id)?;
         match &m.weights {
             WeightSource::Local(p) => Some(p.clone()),
             WeightSource::Hub {
@@ -136,8 +156,8 @@ impl EngineLoader {
     /// Estimates a model whose weights are already local (for display
     /// before its first load).
     pub async fn estimate_local(&self, id: &str) -> Option<u64> {
-        let manifest = self.manifests.get(id)?;
-        let spec = self.spec(manifest, self.local_weights(id)?);
+        let manifest = self.manifest(id)?;
+        let spec = self.spec(&manifest, self.local_weights(id)?);
         tokio::task::spawn_blocking(move || engine::estimate(&spec).ok())
             .await
             .ok()
@@ -154,8 +174,7 @@ impl EngineLoader {
         show_bar: bool,
     ) -> Result<PathBuf, RegistryError> {
         let manifest = self
-            .manifests
-            .get(id)
+            .manifest(id)
             .ok_or_else(|| failed(id, "no such model"))?;
         match &manifest.weights {
             WeightSource::Local(path) => {
@@ -225,13 +244,12 @@ impl Loader for Arc<EngineLoader> {
         async move {
             let path = this.fetch(&id, progress, false).await?;
             let manifest = this
-                .manifests
-                .get(&id)
+                .manifest(&id)
                 .ok_or_else(|| failed(&id, "no such model"))?;
-            let spec = this.spec(manifest, path);
+            let spec = this.spec(&manifest, path);
             // Text and image models run on GPUs; embeddings on the CPU.
             let gpu_capable = matches!(spec.task, Task::Text | Task::Image(_));
-            let dtype = gpu_dtype(manifest);
+            let dtype = gpu_dtype(&manifest);
             let for_estimate = spec.clone();
             let (footprint, gpu) = tokio::task::spawn_blocking(move || {
                 let cpu = engine::estimate(&for_estimate)?;

@@ -6,24 +6,32 @@
 mod devices;
 mod download;
 mod evict;
+mod export;
 pub mod lifecycle;
 mod loader;
 mod memory;
+mod reload;
+mod rollout;
+mod routes;
 mod sleep;
 #[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
-use crate::config::{Config, GenerationDefaults, KeepAlive, ModelKind, ModelManifest};
+use crate::config::{
+    version_order, Config, GenerationDefaults, KeepAlive, ModelKind, ModelManifest,
+};
 use crate::engine::EngineError;
-use crate::metrics::{gauge_value, Metrics};
+use crate::metrics::Metrics;
+use lifecycle::Lifecycle;
 pub use lifecycle::{DeviceSnapshot, ModelState, Snapshot};
-use lifecycle::{Lifecycle, Policy};
 pub use loader::EngineLoader;
 pub use memory::tune_allocator;
+pub use reload::{Refused, ReloadReport};
+pub use routes::{Change, Comparison, Outcome, RouteView};
 pub use sleep::{SleepLevel, SleepReport, WakeReport};
 
 /// The registry room's errors.
@@ -66,6 +74,12 @@ pub enum RegistryError {
     /// The engine refused or failed the request.
     #[error(transparent)]
     Engine(EngineError),
+    /// A route that cannot be set.
+    #[error("{0}")]
+    BadRoute(String),
+    /// The request conflicts with the current state.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl From<EngineError> for RegistryError {
@@ -99,8 +113,13 @@ pub enum Purpose {
 /// A model as `/v1/models` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSummary {
-    /// The model's id.
+    /// The name clients use: the id, or `id@version`.
     pub id: String,
+    /// The version this is, if the id has versions.
+    pub version: Option<String>,
+    /// For an id with versions, listed as itself: its versions, oldest
+    /// first (its state is that of the version with the largest share).
+    pub versions: Vec<String>,
     /// Unix time its manifest was written.
     pub created: u64,
     /// Owner shown to clients.
@@ -125,18 +144,48 @@ pub struct Status {
 /// A model in use by one request; see [`lifecycle::Lease`].
 pub type Lease = lifecycle::Lease<Arc<EngineLoader>>;
 
+#[derive(Clone)]
 struct Entry {
     manifest: ModelManifest,
     created: u64,
 }
 
+impl Entry {
+    fn new(manifest: ModelManifest) -> Self {
+        let created = std::fs::metadata(&manifest.source)
+            .and_then(|md| md.modified())
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        Self { manifest, created }
+    }
+}
+
+/// Where one request goes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    /// The model id.
+    pub id: String,
+    /// The version serving it, if the id has versions.
+    pub version: Option<String>,
+    /// The instance serving it: the id, or `id@version`.
+    pub name: String,
+    /// A version that gets a copy of the request (answer discarded), as
+    /// `(version, instance name)`.
+    pub shadow: Option<(String, String)>,
+}
+
 /// The catalog of declared models and their lifecycle.
 pub struct Registry {
-    entries: BTreeMap<String, Entry>,
+    /// By instance name (`id` or `id@version`).
+    entries: RwLock<BTreeMap<String, Entry>>,
     loader: Arc<EngineLoader>,
     lifecycle: Lifecycle<Arc<EngineLoader>>,
     metrics: Arc<Metrics>,
     sleep: sleep::Sleep,
+    routes: routes::Routes,
+    devices: devices::Devices,
+    source: reload::Source,
 }
 
 impl Registry {
@@ -145,79 +194,136 @@ impl Registry {
         let entries: BTreeMap<String, Entry> = config
             .models
             .iter()
-            .map(|(id, m)| {
-                let created = std::fs::metadata(&m.source)
-                    .and_then(|md| md.modified())
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                let entry = Entry {
-                    manifest: m.clone(),
-                    created,
-                };
-                (id.clone(), entry)
-            })
+            .map(|(name, m)| (name.clone(), Entry::new(m.clone())))
             .collect();
         let devices = devices::Devices::probe(config);
+        let source = reload::Source::new(config);
         let policies = config
             .models
             .iter()
-            .map(|(id, m)| {
-                let policy = Policy {
-                    device: devices.pin(m),
-                    pin: m.pin,
-                    keep_alive: m.keep_alive.unwrap_or(config.lifecycle.keep_alive),
-                };
-                (id.clone(), policy)
-            })
+            .map(|(name, m)| (name.clone(), source.policy(&devices, m)))
             .collect();
-        let devices = devices.budgets;
         let loader = Arc::new(EngineLoader::new(config));
         let lifecycle = Lifecycle::new(
             loader.clone(),
             config.lifecycle.clone(),
-            devices,
+            devices.budgets.clone(),
             policies,
             metrics.clone(),
         );
+        let routes = routes::Routes::new(
+            config.routes.clone(),
+            Some(config.routes_state.clone()),
+            metrics.clone(),
+        );
         Self {
-            entries,
+            entries: RwLock::new(entries),
             loader,
             lifecycle,
             metrics,
             sleep: sleep::Sleep::default(),
+            routes,
+            devices,
+            source,
         }
+    }
+
+    fn entries(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The versions of `id`, oldest first (natural order); empty for an
+    /// id without versions.
+    pub fn versions(&self, id: &str) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries()
+            .values()
+            .filter(|e| e.manifest.id == id)
+            .filter_map(|e| e.manifest.version.clone())
+            .collect();
+        v.sort_by(|a, b| version_order(a, b));
+        v
+    }
+
+    /// Where a request for `model` goes: `id@version` exactly; an id with
+    /// versions through its route (sticky for `identity`); an id without
+    /// versions to itself.
+    pub fn resolve(&self, model: &str, identity: Option<&str>) -> Result<Resolved, RegistryError> {
+        if let Some(entry) = self.entries().get(model) {
+            return Ok(Resolved {
+                id: entry.manifest.id.clone(),
+                version: entry.manifest.version.clone(),
+                name: model.to_string(),
+                shadow: None,
+            });
+        }
+        let versions = self.versions(model);
+        let choice = self
+            .routes
+            .choose(model, &versions, identity)
+            .ok_or_else(|| RegistryError::NotFound(model.to_string()))?;
+        Ok(Resolved {
+            id: model.to_string(),
+            name: format!("{model}@{}", choice.version),
+            shadow: choice.shadow.map(|v| (v.clone(), format!("{model}@{v}"))),
+            version: Some(choice.version),
+        })
+    }
+
+    /// The instance an operator means by `model`: itself, or for an id
+    /// with versions the version with the largest share.
+    fn instance(&self, model: &str) -> Result<String, RegistryError> {
+        if self.entries().contains_key(model) {
+            return Ok(model.to_string());
+        }
+        let versions = self.versions(model);
+        let view = self.routes.view(model, &versions);
+        view.weights
+            .iter()
+            .rev()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(v, _)| format!("{model}@{v}"))
+            .ok_or_else(|| RegistryError::NotFound(model.to_string()))
     }
 
     /// Background start-up work: estimates for models whose weights are
     /// already here, then the loads of models marked `preload`. The daemon
     /// serves meanwhile.
     pub fn start_background(self: &Arc<Self>) {
+        let names: Vec<String> = self.entries().keys().cloned().collect();
+        self.warm_up(names);
+    }
+
+    /// Estimates (and preloads, where asked) the models `names`.
+    fn warm_up(self: &Arc<Self>, names: Vec<String>) {
         let this = self.clone();
+        let estimate = names.clone();
         tokio::spawn(async move {
-            for id in this.entries.keys() {
-                if let Some(bytes) = this.loader.estimate_local(id).await {
-                    this.lifecycle.note_estimate(id, bytes);
+            for id in estimate {
+                if let Some(bytes) = this.loader.estimate_local(&id).await {
+                    this.lifecycle.note_estimate(&id, bytes);
                 }
             }
         });
-        for (id, entry) in &self.entries {
-            if entry.manifest.preload {
-                let this = self.clone();
-                let id = id.clone();
-                tokio::spawn(async move {
-                    tracing::info!(model = %id, "preloading");
-                    if let Err(e) = this.load(&id).await {
-                        tracing::warn!(model = %id, error = %e, "preload failed");
-                    }
-                });
+        for id in names {
+            if !self.entry(&id).is_ok_and(|e| e.manifest.preload) {
+                continue;
             }
+            let this = self.clone();
+            tokio::spawn(async move {
+                tracing::info!(model = %id, "preloading");
+                if let Err(e) = this.load(&id).await {
+                    tracing::warn!(model = %id, error = %e, "preload failed");
+                }
+            });
         }
     }
 
     fn summary(&self, id: &str, entry: &Entry, state: Snapshot) -> ModelSummary {
         ModelSummary {
             id: id.to_string(),
+            version: entry.manifest.version.clone(),
+            versions: Vec::new(),
             created: entry.created,
             owned_by: entry.manifest.owned_by.clone(),
             kind: entry.manifest.kind.name(),
@@ -225,19 +331,41 @@ impl Registry {
         }
     }
 
-    /// Every declared model, by id.
+    /// Every model instance, by name (`id` or `id@version`).
     pub fn list(&self) -> Vec<ModelSummary> {
         let mut states = self.lifecycle.snapshots();
-        self.entries
+        self.entries()
             .iter()
             .filter_map(|(id, e)| Some(self.summary(id, e, states.remove(id)?)))
             .collect()
     }
 
-    /// One model, if declared.
+    /// What `/v1/models` lists: every instance, and each id with versions
+    /// as itself (the name that goes through its route).
+    pub fn catalog(&self) -> Vec<ModelSummary> {
+        let mut all = self.list();
+        let ids: std::collections::BTreeSet<String> = all
+            .iter()
+            .filter(|m| m.version.is_some())
+            .filter_map(|m| m.id.split_once('@').map(|(id, _)| id.to_string()))
+            .collect();
+        all.extend(ids.iter().filter_map(|id| self.describe(id)));
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
+    }
+
+    /// One model, if declared: an instance, or an id with versions (shown
+    /// with the state of the version with the largest share).
     pub fn describe(&self, id: &str) -> Option<ModelSummary> {
-        let entry = self.entries.get(id)?;
-        Some(self.summary(id, entry, self.lifecycle.snapshot(id)?))
+        if let Some(entry) = self.entries().get(id) {
+            return Some(self.summary(id, entry, self.lifecycle.snapshot(id)?));
+        }
+        let name = self.instance(id).ok()?;
+        let entry = self.entry(&name).ok()?;
+        let mut summary = self.summary(id, &entry, self.lifecycle.snapshot(&name)?);
+        summary.version = None;
+        summary.versions = self.versions(id);
+        Some(summary)
     }
 
     /// Whether the model is loaded and serving (a request would not wait
@@ -271,47 +399,49 @@ impl Registry {
                 wanted,
             });
         }
-        Ok(entry.manifest.defaults.clone())
+        Ok(entry.manifest.defaults)
+    }
+
+    fn check_kind(
+        &self,
+        id: &str,
+        want: ModelKind,
+        wanted: &'static str,
+    ) -> Result<(), RegistryError> {
+        let kind = self.entry(id)?.manifest.kind;
+        if kind != want {
+            return Err(RegistryError::WrongKind {
+                model: id.to_string(),
+                kind: kind.name(),
+                wanted,
+            });
+        }
+        Ok(())
     }
 
     /// Checks that `id` is an embedding model.
     pub fn check_embedding(&self, id: &str) -> Result<(), RegistryError> {
-        let kind = self.entry(id)?.manifest.kind;
-        if kind != ModelKind::Embedding {
-            return Err(RegistryError::WrongKind {
-                model: id.to_string(),
-                kind: kind.name(),
-                wanted: "embeddings",
-            });
-        }
-        Ok(())
+        self.check_kind(id, ModelKind::Embedding, "embeddings")
     }
 
     /// Checks that `id` is an image model.
     pub fn check_image(&self, id: &str) -> Result<(), RegistryError> {
-        let kind = self.entry(id)?.manifest.kind;
-        if kind != ModelKind::Image {
-            return Err(RegistryError::WrongKind {
-                model: id.to_string(),
-                kind: kind.name(),
-                wanted: "image generation",
-            });
-        }
-        Ok(())
+        self.check_kind(id, ModelKind::Image, "image generation")
     }
 
     /// The image model a request without `model` goes to: the first one
     /// declared, by id.
     pub fn default_image_model(&self) -> Option<String> {
-        self.entries
-            .iter()
-            .find(|(_, e)| e.manifest.kind == ModelKind::Image)
-            .map(|(id, _)| id.clone())
+        self.entries()
+            .values()
+            .find(|e| e.manifest.kind == ModelKind::Image)
+            .map(|e| e.manifest.id.clone())
     }
 
-    fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
-        self.entries
+    fn entry(&self, id: &str) -> Result<Entry, RegistryError> {
+        self.entries()
             .get(id)
+            .cloned()
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))
     }
 
@@ -322,25 +452,41 @@ impl Registry {
         id: &str,
         keep_alive: Option<KeepAlive>,
     ) -> Result<Lease, RegistryError> {
-        self.entry(id)?;
+        if !self.entries().contains_key(id) {
+            return Err(RegistryError::NotFound(id.to_string()));
+        }
         self.lifecycle.acquire(id, keep_alive).await
     }
 
-    /// Loads the model (if cold) and starts its keep-alive timer.
-    pub async fn load(&self, id: &str) -> Result<ModelSummary, RegistryError> {
-        drop(self.acquire(id, None).await?);
-        self.describe(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
+    /// Loads the model (if cold) and starts its keep-alive timer; an id
+    /// with versions loads the version with the largest share.
+    pub async fn load(&self, model: &str) -> Result<ModelSummary, RegistryError> {
+        let id = self.instance(model)?;
+        drop(self.acquire(&id, None).await?);
+        self.describe(model)
+            .ok_or_else(|| RegistryError::NotFound(model.to_string()))
     }
 
     /// Unloads the model, waiting up to `wait` for its memory to be freed
-    /// (a busy model drains its in-flight requests first).
-    pub async fn unload(&self, id: &str, wait: Duration) -> Result<ModelSummary, RegistryError> {
-        self.entry(id)?;
-        let stopped = self.lifecycle.unload(id)?;
-        let _ = tokio::time::timeout(wait, stopped).await;
-        self.describe(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
+    /// (a busy model drains its in-flight requests first); an id with
+    /// versions unloads them all.
+    pub async fn unload(&self, model: &str, wait: Duration) -> Result<ModelSummary, RegistryError> {
+        let names = if self.entries().contains_key(model) {
+            vec![model.to_string()]
+        } else {
+            let versions = self.versions(model);
+            if versions.is_empty() {
+                return Err(RegistryError::NotFound(model.to_string()));
+            }
+            versions.iter().map(|v| format!("{model}@{v}")).collect()
+        };
+        let mut stops = Vec::new();
+        for id in &names {
+            stops.push(self.lifecycle.unload(id)?);
+        }
+        let _ = tokio::time::timeout(wait, futures::future::join_all(stops)).await;
+        self.describe(model)
+            .ok_or_else(|| RegistryError::NotFound(model.to_string()))
     }
 
     /// Devices, models and memory, for `/admin/status`.
@@ -362,8 +508,8 @@ impl Registry {
 
     /// Downloads a model's weights ahead of time, with a progress bar on
     /// the terminal (`kindling pull`); returns the weight file.
-    pub async fn pull(&self, id: &str) -> Result<std::path::PathBuf, RegistryError> {
-        self.entry(id)?;
+    pub async fn pull(&self, model: &str) -> Result<std::path::PathBuf, RegistryError> {
+        let id = &self.instance(model)?;
         self.loader.fetch(id, Arc::default(), true).await
     }
 
@@ -371,73 +517,6 @@ impl Registry {
     /// requests end.
     pub fn unload_all(&self) {
         self.lifecycle.unload_all();
-    }
-
-    /// The metrics, with the registry's gauges brought up to date.
-    pub fn render_metrics(&self) -> String {
-        let m = &self.metrics;
-        let status = self.status();
-        for d in &status.devices {
-            let label = crate::metrics::DeviceLabel {
-                device: d.name.clone(),
-            };
-            m.device_budget
-                .get_or_create(&label)
-                .set(gauge_value(d.budget));
-            m.device_used.get_or_create(&label).set(gauge_value(d.used));
-        }
-        let mut resident = 0;
-        for s in &status.models {
-            let label = Metrics::model(&s.id);
-            let st = &s.state;
-            resident += i64::from(st.state.is_resident());
-            for state in ModelState::ALL {
-                let label = crate::metrics::ModelStateLabels {
-                    model: s.id.clone(),
-                    state: state.as_str().to_string(),
-                };
-                m.model_state
-                    .get_or_create(&label)
-                    .set(i64::from(state == st.state));
-            }
-            m.model_estimated
-                .get_or_create(&label)
-                .set(gauge_value(st.estimated_bytes.unwrap_or(0)));
-            m.model_measured
-                .get_or_create(&label)
-                .set(gauge_value(st.measured_bytes.unwrap_or(0)));
-            m.queue_depth
-                .get_or_create(&label)
-                .set(st.queue_depth as i64);
-            m.in_flight.get_or_create(&label).set(st.in_flight as i64);
-            let b = &st.batch;
-            m.batch_running.get_or_create(&label).set(b.running as i64);
-            m.batch_steps
-                .get_or_create(&label)
-                .set(gauge_value(b.steps));
-            m.kv_blocks_used
-                .get_or_create(&label)
-                .set(b.kv_blocks_used as i64);
-            m.kv_blocks_total
-                .get_or_create(&label)
-                .set(b.kv_blocks_total as i64);
-            m.tokens_per_second
-                .get_or_create(&label)
-                .set(b.tokens_per_second);
-            let name = Metrics::model_name(&s.id);
-            m.vllm_waiting.get_or_create(&name).set(b.waiting as i64);
-            m.vllm_running.get_or_create(&name).set(b.running as i64);
-            let usage = if b.kv_blocks_total == 0 {
-                0.0
-            } else {
-                b.kv_blocks_used as f64 / b.kv_blocks_total as f64
-            };
-            m.vllm_kv_usage.get_or_create(&name).set(usage);
-        }
-        m.resident_models.set(resident);
-        m.process_resident
-            .set(gauge_value(status.process_resident_bytes.unwrap_or(0)));
-        m.render()
     }
 
     /// The shared metrics.

@@ -21,6 +21,8 @@ use crate::registry::RegistryError;
 mod state;
 pub use state::ModelState;
 
+mod changes;
+pub use changes::Refresh;
 mod transitions;
 
 /// Fetches, sizes and loads models for the lifecycle.
@@ -125,6 +127,10 @@ pub enum Reason {
     MemoryPressure,
     /// An operator asked.
     Admin,
+    /// Its manifest changed what a load makes.
+    Reload,
+    /// Its manifest was removed.
+    Removed,
 }
 
 impl Reason {
@@ -133,6 +139,8 @@ impl Reason {
             Self::IdleExpired => "idle_expired",
             Self::MemoryPressure => "memory_pressure",
             Self::Admin => "admin",
+            Self::Reload => "reload",
+            Self::Removed => "removed",
         }
     }
 }
@@ -167,9 +175,37 @@ struct Slot<M> {
     measured_on: Option<String>,
     failures: u32,
     progress: Arc<Progress>,
+    /// Its manifest is gone: it takes no new requests and leaves the
+    /// catalog once unloaded.
+    retired: bool,
+    /// Its manifest changed while it loaded: unload once loaded, so the
+    /// next request loads the new one.
+    stale: bool,
 }
 
 impl<M> Slot<M> {
+    fn new(policy: Policy) -> Self {
+        Self {
+            keep_alive: policy.keep_alive,
+            policy,
+            phase: Phase::Cold,
+            in_flight: 0,
+            pending: 0,
+            last_used: None,
+            expires: None,
+            timer: 0,
+            device: None,
+            charged: 0,
+            estimate: None,
+            measured: None,
+            measured_on: None,
+            failures: 0,
+            progress: Arc::default(),
+            retired: false,
+            stale: false,
+        }
+    }
+
     fn idle(&self) -> bool {
         matches!(self.phase, Phase::Resident { .. }) && self.in_flight == 0 && self.pending == 0
     }
@@ -302,26 +338,7 @@ impl<L: Loader> Lifecycle<L> {
     ) -> Self {
         let models = models
             .into_iter()
-            .map(|(id, policy)| {
-                let slot = Slot {
-                    keep_alive: policy.keep_alive,
-                    policy,
-                    phase: Phase::Cold,
-                    in_flight: 0,
-                    pending: 0,
-                    last_used: None,
-                    expires: None,
-                    timer: 0,
-                    device: None,
-                    charged: 0,
-                    estimate: None,
-                    measured: None,
-                    measured_on: None,
-                    failures: 0,
-                    progress: Arc::default(),
-                };
-                (id, slot)
-            })
+            .map(|(id, policy)| (id, Slot::new(policy)))
             .collect();
         let load_locks = devices
             .keys()
@@ -354,6 +371,9 @@ impl<L: Loader> Lifecycle<L> {
             let wait = {
                 let mut st = lock(&core.state);
                 let slot = st.models.get_mut(id).ok_or_else(|| unknown(id))?;
+                if slot.retired {
+                    return Err(RegistryError::NotFound(id.to_string()));
+                }
                 match &slot.phase {
                     Phase::Resident { model, .. } => {
                         let model = model.clone();

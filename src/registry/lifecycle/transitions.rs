@@ -131,6 +131,9 @@ impl<L: Loader> Core<L> {
                 slot.phase = Phase::Cold;
                 slot.charged = 0;
                 slot.device = None;
+                if slot.retired {
+                    st.models.remove(id);
+                }
             }
         }
         drop(st);
@@ -205,8 +208,19 @@ impl<L: Loader> Core<L> {
                     measured_bytes = slot.measured,
                     "model ready"
                 );
-                // Nobody may be waiting (every client left): start the timer.
-                self.arm_keep_alive(id, slot);
+                if slot.stale || slot.retired {
+                    // Its manifest changed or went while it loaded.
+                    slot.stale = false;
+                    let reason = if slot.retired {
+                        Reason::Removed
+                    } else {
+                        Reason::Reload
+                    };
+                    self.begin_unload(id, slot, reason);
+                } else {
+                    // Nobody may be waiting (every client left): start the timer.
+                    self.arm_keep_alive(id, slot);
+                }
                 Ok(took)
             }
             Err(e) => {
@@ -228,6 +242,9 @@ impl<L: Loader> Core<L> {
                         };
                         tracing::warn!(model = id, error = %e, retry_in_s = backoff.as_secs_f64(), "model load failed");
                     }
+                }
+                if slot.retired {
+                    st.models.remove(id);
                 }
                 drop(st);
                 self.room.notify_waiters();

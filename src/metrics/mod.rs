@@ -11,6 +11,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+mod versions;
+pub use versions::{
+    OutcomeLabel, RollbackLabels, RouteLabels, Traffic, VersionLabels, VersionMetrics,
+    VersionOutcomeLabels, VersionTokenLabels,
+};
+
 /// `model` label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ModelLabel {
@@ -89,9 +95,9 @@ pub struct DeviceLabel {
     pub device: String,
 }
 
-type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
+pub(crate) type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
-fn latency_histogram() -> Histogram {
+pub(crate) fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.005, 2.0, 16))
 }
 
@@ -99,12 +105,14 @@ fn token_latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
-type FloatGauge = Gauge<f64, AtomicU64>;
+pub(crate) type FloatGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric Kindling exports.
 pub struct Metrics {
     registry: Registry,
     render_lock: Mutex<()>,
+    /// Per-version request signals, routes and reloads.
+    pub versions: VersionMetrics,
     /// Model loads by outcome.
     pub loads: Family<LoadLabels, Counter>,
     /// Seconds each successful load took.
@@ -224,6 +232,7 @@ impl Metrics {
             key_images: Family::default(),
             rate_limited: Family::default(),
             sleep_level: Gauge::default(),
+            versions: VersionMetrics::default(),
             registry: Registry::default(),
             render_lock: Mutex::new(()),
         };
@@ -382,6 +391,7 @@ impl Metrics {
             "The level this replica sleeps at after POST /sleep (0: awake)",
             m.sleep_level.clone(),
         );
+        m.versions.register(&mut r);
         Self { registry: r, ..m }
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod route;
+
 use anyhow::{bail, Context, Result};
 use clap::{Subcommand, ValueEnum};
 use kindling::config::{Config, Environment, UsageTarget, WeightSource};
