@@ -15,22 +15,11 @@ use common::*;
 use serde_json::{json, Value};
 
 fn setup(watch: &str, manifests: &[(&str, String)]) -> (PathBuf, PathBuf) {
-    let dir = temp_dir();
-    let models = dir.join("models");
-    std::fs::create_dir_all(&models).unwrap();
-    for (name, text) in manifests {
-        std::fs::write(models.join(name), text).unwrap();
-    }
-    let config = dir.join("kindling.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[models]\nmanifests = \"models\"\nstore = {:?}\nroutes_state = \"routes.json\"\nwatch_interval = \"{watch}\"\n",
-            store()
-        ),
-    )
-    .unwrap();
-    (config, models)
+    let files: Vec<(&str, &str)> = manifests.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let models = format!("routes_state = \"routes.json\"\nwatch_interval = \"{watch}\"");
+    let config = config_with_models("", &files, &models);
+    let dir = config.parent().unwrap().join("models");
+    (config, dir)
 }
 
 fn manifest(id: &str, max_tokens: u32, extra: &str) -> String {

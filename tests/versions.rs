@@ -30,21 +30,9 @@ fn version(v: &str, max_tokens: u32) -> String {
 /// A config serving `manifests`, with `daemon` settings; routes are saved
 /// next to it.
 fn versioned(daemon: &str, manifests: &[(&str, String)], watch: &str) -> PathBuf {
-    let dir = temp_dir();
-    std::fs::create_dir_all(dir.join("models")).unwrap();
-    for (name, text) in manifests {
-        std::fs::write(dir.join("models").join(name), text).unwrap();
-    }
-    let path = dir.join("kindling.toml");
-    std::fs::write(
-        &path,
-        format!(
-            "{daemon}\n[models]\nmanifests = \"models\"\nstore = {:?}\nroutes_state = \"routes.json\"\nwatch_interval = \"{watch}\"\n",
-            store()
-        ),
-    )
-    .unwrap();
-    path
+    let files: Vec<(&str, &str)> = manifests.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let models = format!("routes_state = \"routes.json\"\nwatch_interval = \"{watch}\"");
+    config_with_models(daemon, &files, &models)
 }
 
 fn two_versions(daemon: &str) -> PathBuf {

@@ -56,56 +56,67 @@ fn failed(e: impl Into<ApiError>) -> Outcome {
     }
 }
 
+/// Runs `copy` for the route's shadow version in the background, if the
+/// route picked one, and records how it went (latency from its start).
+fn mirror<F, Fut>(registry: &Arc<Registry>, target: &Resolved, copy: F)
+where
+    F: FnOnce(Arc<Registry>, String, Instant) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let Some((version, name)) = target.shadow.clone() else {
+        return;
+    };
+    let registry = registry.clone();
+    let id = target.id.clone();
+    tokio::spawn(async move {
+        let started = Instant::now();
+        let mut outcome = copy(registry.clone(), name, started).await;
+        outcome.latency = started.elapsed();
+        registry.observe(&id, &version, Traffic::Shadow, &outcome);
+    });
+}
+
 /// Mirrors a generation to the shadow version, if the route picked one:
-/// it runs in the background like any request (same prompt, sampling,
-/// tenant and deadline), its events are counted and dropped.
+/// it runs like any request (same prompt, sampling, tenant and deadline);
+/// its events are counted and dropped.
 pub fn shadow_generation(
     registry: &Arc<Registry>,
     target: &Resolved,
     request: &ValidGenerate,
     keep_alive: Option<KeepAlive>,
 ) {
-    let Some((version, name)) = target.shadow.clone() else {
-        return;
-    };
-    let registry = registry.clone();
-    let id = target.id.clone();
     let request = request.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut outcome = match registry.acquire(&name, keep_alive).await {
-            Err(e) => failed(e),
-            Ok(lease) => match lease.submit(request) {
-                Err(e) => failed(e),
-                Ok(mut events) => {
-                    let mut o = Outcome::default();
-                    while let Some(event) = events.recv().await {
-                        match event {
-                            GenerateEvent::Started { prompt_tokens } => {
-                                o.prompt_tokens += prompt_tokens as u64;
-                            }
-                            GenerateEvent::Delta { .. } if o.ttft.is_none() => {
-                                o.ttft = Some(started.elapsed());
-                            }
-                            GenerateEvent::Finished {
-                                completion_tokens, ..
-                            } => o.completion_tokens += completion_tokens as u64,
-                            GenerateEvent::Failed(e) => {
-                                let f = failed(e);
-                                o.error = f.error;
-                                o.client_error = f.client_error;
-                                break;
-                            }
-                            GenerateEvent::Delta { .. } => {}
-                        }
+    mirror(
+        registry,
+        target,
+        move |registry, name, started| async move {
+            let lease = match registry.acquire(&name, keep_alive).await {
+                Ok(l) => l,
+                Err(e) => return failed(e),
+            };
+            let mut events = match lease.submit(request) {
+                Ok(events) => events,
+                Err(e) => return failed(e),
+            };
+            let mut o = Outcome::default();
+            while let Some(event) = events.recv().await {
+                match event {
+                    GenerateEvent::Started { prompt_tokens } => {
+                        o.prompt_tokens += prompt_tokens as u64;
                     }
-                    o
+                    GenerateEvent::Delta { .. } if o.ttft.is_none() => {
+                        o.ttft = Some(started.elapsed());
+                    }
+                    GenerateEvent::Finished {
+                        completion_tokens, ..
+                    } => o.completion_tokens += completion_tokens as u64,
+                    GenerateEvent::Failed(e) => return failed(e),
+                    GenerateEvent::Delta { .. } => {}
                 }
-            },
-        };
-        outcome.latency = started.elapsed();
-        registry.observe(&id, &version, Traffic::Shadow, &outcome);
-    });
+            }
+            o
+        },
+    );
 }
 
 /// Mirrors an embeddings request to the shadow version, if any.
@@ -115,15 +126,9 @@ pub fn shadow_embedding(
     request: &EmbedRequest,
     keep_alive: Option<KeepAlive>,
 ) {
-    let Some((version, name)) = target.shadow.clone() else {
-        return;
-    };
-    let registry = registry.clone();
-    let id = target.id.clone();
     let request = request.clone();
-    tokio::spawn(async move {
-        let started = Instant::now();
-        let mut outcome = match registry.acquire(&name, keep_alive).await {
+    mirror(registry, target, move |registry, name, _| async move {
+        match registry.acquire(&name, keep_alive).await {
             Err(e) => failed(e),
             Ok(lease) => match lease.embed(request).await {
                 Err(e) => failed(e),
@@ -132,8 +137,6 @@ pub fn shadow_embedding(
                     ..Outcome::default()
                 },
             },
-        };
-        outcome.latency = started.elapsed();
-        registry.observe(&id, &version, Traffic::Shadow, &outcome);
+        }
     });
 }

@@ -71,6 +71,12 @@ pub fn config_with_manifest(manifest: &str) -> PathBuf {
 /// A `kindling.toml` with `daemon` settings serving `manifests` (file
 /// name, text); the store is the repo's.
 pub fn config_with_manifests(daemon: &str, manifests: &[(&str, &str)]) -> PathBuf {
+    config_with_models(daemon, manifests, "")
+}
+
+/// Like [`config_with_manifests`], with `models` settings added to the
+/// `[models]` table; the manifests are in `models/` next to the config.
+pub fn config_with_models(daemon: &str, manifests: &[(&str, &str)], models: &str) -> PathBuf {
     let dir = temp_dir();
     std::fs::create_dir_all(dir.join("models")).unwrap();
     for (name, text) in manifests {
@@ -80,7 +86,7 @@ pub fn config_with_manifests(daemon: &str, manifests: &[(&str, &str)]) -> PathBu
     std::fs::write(
         &path,
         format!(
-            "{daemon}\n[models]\nmanifests = \"models\"\nstore = {:?}\n",
+            "{daemon}\n[models]\nmanifests = \"models\"\nstore = {:?}\n{models}\n",
             store()
         ),
     )

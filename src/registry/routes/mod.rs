@@ -24,8 +24,8 @@ use crate::metrics::{
 pub use compare::Comparison;
 pub use history::{Change, Origin};
 use history::{RouteState, Saved, SavedFile};
-use stats::Windows;
 pub use stats::Outcome;
+use stats::Windows;
 
 use super::RegistryError;
 
