@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::keys::{call, create};
 use common::*;
 use serde_json::{json, Value};
 
@@ -464,4 +465,91 @@ async fn the_guard_rolls_a_failing_canary_back_by_itself() {
         1.0
     );
     assert!(server.wait_for_log("guard tripped", Duration::from_secs(5)));
+}
+
+#[tokio::test]
+async fn routes_need_the_admin_scope_and_usage_records_name_the_version() {
+    let config = versioned(
+        "[auth]\nkeys_file = \"keys.toml\"\n[usage]\npath = \"usage.sqlite\"\n[routes.demo]\nweights = { v1 = 50, v2 = 50 }\n",
+        &[("v1.toml", version("v1", 3)), ("v2.toml", version("v2", 6))],
+        "2s",
+    );
+    let app = create(&config, "app", &["--models", "demo"]);
+    let ops = create(&config, "ops", &["--scope", "admin"]);
+    let server = Server::spawn(&config, &[]);
+    for path in [
+        "/admin/routes",
+        "/admin/routes/demo",
+        "/admin/routes/demo/history",
+    ] {
+        let (status, _, body) = call(&server, "GET", path, Some(&app), None).await;
+        assert_eq!(status, 403, "{path}: {body}");
+    }
+    let (status, _, _) = call(
+        &server,
+        "POST",
+        "/admin/routes/demo/promote",
+        Some(&app),
+        None,
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _, _) = call(&server, "POST", "/admin/reload", Some(&app), None).await;
+    assert_eq!(status, 403);
+    // A key scoped to the id may use every version of it.
+    let mut by_version = std::collections::BTreeMap::new();
+    for i in 0..12 {
+        let body = json!({"model": "demo", "user": format!("u{i}"), "max_tokens": 1,
+            "messages": [{"role": "user", "content": PROMPT}]});
+        let (status, headers, body) = call(
+            &server,
+            "POST",
+            "/v1/chat/completions",
+            Some(&app),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let v = headers["x-kindling-model-version"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        *by_version.entry(v).or_insert(0u64) += 1;
+    }
+    let body = json!({"model": "demo@v2", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]});
+    let (status, _, _) = call(
+        &server,
+        "POST",
+        "/v1/chat/completions",
+        Some(&app),
+        Some(body),
+    )
+    .await;
+    assert_eq!(status, 200);
+    *by_version.entry("v2".to_string()).or_insert(0) += 1;
+    // The admin key sees the records grouped by version.
+    let (status, _, usage) = call(
+        &server,
+        "GET",
+        "/admin/usage?group_by=model,version",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{usage}");
+    let rows: std::collections::BTreeMap<String, u64> = usage["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            assert_eq!(r["model"], "demo");
+            (
+                r["version"].as_str().unwrap().to_string(),
+                r["requests"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(rows, by_version);
+    let (status, _, route) = call(&server, "GET", "/admin/routes/demo", Some(&ops), None).await;
+    assert_eq!((status, route["origin"].as_str()), (200, Some("config")));
 }

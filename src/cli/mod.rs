@@ -69,7 +69,7 @@ pub struct UsageArgs {
     /// Only this model.
     #[arg(long)]
     model: Option<String>,
-    /// Group by: key, model, endpoint, day, status (comma-separated).
+    /// Group by: key, model, version, endpoint, day, status (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "key,model")]
     group_by: Vec<String>,
     /// Output format.
@@ -259,7 +259,7 @@ pub fn check_config(config: &Config) -> Result<()> {
             WeightSource::Hub { repo, revision, .. } => (format!("hf:{repo}@{revision}"), true),
         };
         let note = if present { "" } else { " (missing)" };
-        println!("model: {}\t{}\t{source}{note}", m.id, m.kind.name());
+        println!("model: {}\t{}\t{source}{note}", m.name(), m.kind.name());
         if !present {
             missing.push(format!("{}: {source}", m.id));
         }

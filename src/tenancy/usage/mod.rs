@@ -65,7 +65,7 @@ impl UsageRecord {
 }
 
 /// Columns a usage query may group by.
-pub const GROUPS: [&str; 5] = ["key", "model", "endpoint", "day", "status"];
+pub const GROUPS: [&str; 6] = ["key", "model", "version", "endpoint", "day", "status"];
 
 /// A question for the store: totals over `[since, until)`, optionally
 /// for one key or model, grouped.

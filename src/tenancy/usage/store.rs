@@ -97,6 +97,7 @@ impl Dialect {
             "key" => "key_name".into(),
             "day" => self.day.into(),
             "status" => "CAST(status AS TEXT)".into(),
+            "version" => "COALESCE(version, '')".into(),
             // Checked against the allowed names before it gets here.
             other => other.into(),
         }
