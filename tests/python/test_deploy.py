@@ -43,6 +43,8 @@ DEPLOYMENT_KINDS = {(APPS, "Deployment"): 1, (V1, "Service"): 1, ("policy/v1", "
 EXPECTED_KINDS = {
     "plain-cpu-values": {(V1, "ConfigMap"): 2, (V1, "Secret"): 1, (V1, "PersistentVolumeClaim"): 1,
                          **DEPLOYMENT_KINDS},
+    "plain-versions-values": {(V1, "ConfigMap"): 2, (V1, "Secret"): 1, (V1, "PersistentVolumeClaim"): 1,
+                              **DEPLOYMENT_KINDS},
     "plain-gpu-hpa-values": {(V1, "ConfigMap"): 2, (V1, "Secret"): 2, (V1, "PersistentVolumeClaim"): 1,
                              **DEPLOYMENT_KINDS, ("autoscaling/v2", "HorizontalPodAutoscaler"): 1},
     "knative-values": {(V1, "ConfigMap"): 2, (V1, "Secret"): 1, (KN, "Service"): 1},
@@ -271,7 +273,8 @@ def test_configs_are_accepted_by_the_daemon(rendered, tmp_path):
             (base / "models" / name).write_text(text)
         proc = run([binary, "models", "--config", base / "kindling.toml"])
         assert proc.returncode == 0, (origin, proc.stderr)
-        ids = {tomllib.loads(t)["id"] for t in models.values()}
+        manifests = [tomllib.loads(t) for t in models.values()]
+        ids = {m["id"] + (f"@{m['version']}" if "version" in m else "") for m in manifests}
         assert {line.split("\t")[0] for line in proc.stdout.splitlines()} == ids, (origin, proc.stdout)
         checked += 1
     assert checked == 1 + len(rendered)
