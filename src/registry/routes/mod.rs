@@ -85,6 +85,9 @@ impl Routes {
     ) -> Self {
         let file = SavedFile::new(file);
         let mut saved = file.load();
+        // Routes saved as the config had them give way to the config's
+        // routes now; those changed at run time stay until reset.
+        saved.routes.retain(|_, s| s.origin == Origin::Admin);
         for (id, spec) in &config {
             saved
                 .routes
@@ -340,8 +343,8 @@ impl Routes {
         Ok(self.view(id, versions))
     }
 
-    /// `DELETE /admin/routes/{id}`: back to the config's route (or the
-    /// default); the run-time route can be rolled back to.
+    /// `DELETE /admin/routes/{id}`: back to the config's route (the run-time
+    /// route can be rolled back to), or to the default route.
     pub fn reset(&self, id: &str, versions: &[String], actor: &str) -> RouteView {
         let saved = lock(&self.saved);
         let before = saved.routes.get(id).cloned();
@@ -350,24 +353,14 @@ impl Routes {
         previous.push(from.clone());
         let to = self.config.get(id).cloned();
         let change = Change::now(id, actor, "reset", from, to.clone());
-        let state = match to {
-            Some(spec) => RouteState {
-                spec,
-                origin: Origin::Config,
-                previous,
-            },
-            None => RouteState {
-                // The default route, spelled out so it can be rolled back.
-                spec: RouteSpec {
-                    weights: Self::weights(None, versions).into_iter().collect(),
-                    shadow: None,
-                    guard: None,
-                },
-                origin: Origin::Admin,
-                previous,
-            },
-        };
-        self.apply(saved, id, Some(state), change);
+        // The default route follows the newest version; it keeps nothing
+        // to roll back to (the history still shows what it replaced).
+        let state = to.map(|spec| RouteState {
+            spec,
+            origin: Origin::Config,
+            previous,
+        });
+        self.apply(saved, id, state, change);
         self.view(id, versions)
     }
 

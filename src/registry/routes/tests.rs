@@ -43,7 +43,10 @@ fn default_route_set_promote_rollback_reset_and_saved_history() {
     r.set("m", &vs, spec(r#"{"weights":{"v1":100}}"#), "ops")
         .unwrap();
     let v = r.reset("m", &vs, "ops");
-    assert_eq!(v.weights.get("v2"), Some(&100.0));
+    assert_eq!((v.origin, v.weights.get("v2")), ("default", Some(&100.0)));
+    // The default follows the newest version as versions come.
+    let more = ["v1".to_string(), "v2".to_string(), "v3".to_string()];
+    assert_eq!(r.choose("m", &more, Some("u")).unwrap().version, "v3");
     let actions: Vec<String> = r.history(Some("m")).into_iter().map(|c| c.action).collect();
     assert_eq!(
         actions,
@@ -145,4 +148,35 @@ fn shadow_copies_go_to_a_different_version_only() {
     )
     .unwrap();
     assert_eq!(r.choose("m", &vs, None).unwrap().shadow, None);
+}
+
+#[test]
+fn config_routes_follow_the_config_file_and_run_time_changes_win_until_reset() {
+    let dir = std::env::temp_dir().join(format!("kindling-routes-cfg-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let file = dir.join("routes.json");
+    let vs = versions();
+    let with = |json: &str| {
+        let config = BTreeMap::from([("m".to_string(), spec(json))]);
+        Routes::new(config, Some(file.clone()), Arc::new(Metrics::new()))
+    };
+    let r = with(r#"{"weights":{"v1":100}}"#);
+    assert_eq!(r.view("m", &vs).origin, "config");
+    // A change to another id saves the file; m's config route is not frozen in it.
+    r.set("n", &vs, spec(r#"{"weights":{"v2":100}}"#), "ops")
+        .unwrap();
+    let r = with(r#"{"weights":{"v1":50,"v2":50}}"#);
+    assert_eq!(r.view("m", &vs).weights["v2"], 50.0);
+    assert_eq!(r.view("n", &vs).weights["v2"], 100.0);
+    // Set at run time, m keeps its route over the config's across restarts.
+    r.set("m", &vs, spec(r#"{"weights":{"v1":10,"v2":90}}"#), "ops")
+        .unwrap();
+    let r = with(r#"{"weights":{"v1":50,"v2":50}}"#);
+    assert_eq!(
+        (r.view("m", &vs).origin, r.view("m", &vs).weights["v2"]),
+        ("admin", 90.0)
+    );
+    // Reset puts the config's back, and can be rolled back.
+    assert_eq!(r.reset("m", &vs, "ops").weights["v2"], 50.0);
+    assert_eq!(r.rollback("m", &vs, "ops").unwrap().weights["v2"], 90.0);
 }
