@@ -553,3 +553,32 @@ async fn routes_need_the_admin_scope_and_usage_records_name_the_version() {
     let (status, _, route) = call(&server, "GET", "/admin/routes/demo", Some(&ops), None).await;
     assert_eq!((status, route["origin"].as_str()), (200, Some("config")));
 }
+
+#[tokio::test]
+async fn a_version_without_traffic_is_evicted_like_any_idle_model() {
+    // Room for one instance of the demo model, not two.
+    let small = |v: &str| {
+        demo_manifest(
+            "demo",
+            None,
+            &format!("version = \"{v}\"\ncontext_length = 1024\nkv_cache_tokens = 2048\n"),
+        )
+    };
+    let config = versioned(
+        "[devices.cpu]\nbudget = \"550MiB\"\n[routes.demo]\nweights = { v1 = 100 }\n",
+        &[("v1.toml", small("v1")), ("v2.toml", small("v2"))],
+        "2s",
+    );
+    let server = Server::spawn(&config, &[]);
+    assert_eq!(ask(&server, "demo", json!({"max_tokens": 1}), &[]).await.1, "v1");
+    assert_eq!(model_state(&server, "demo@v1").await["state"], "warm");
+    let (status, _) = send(&server, "PUT", "/admin/routes/demo", Some(json!({"weights": {"v1": 0, "v2": 100}}))).await;
+    assert_eq!(status, 200);
+    let (status, v, _, body) = ask(&server, "demo", json!({"max_tokens": 1}), &[]).await;
+    assert_eq!((status, v.as_str()), (200, "v2"), "{body}");
+    assert_eq!(model_state(&server, "demo@v1").await["state"], "cold");
+    let series = "kindling_model_evictions_total{model=\"demo@v1\",reason=\"memory_pressure\"}";
+    assert_eq!(metric(&server, series).await, 1.0);
+    // The id shows the state of the version with the largest share.
+    assert_eq!(model_state(&server, "demo").await["state"], "warm");
+}
