@@ -230,3 +230,79 @@ async fn n_choices_and_logprobs() {
     }
     assert_eq!(b["usage"]["completion_tokens"], 18);
 }
+
+fn tokens_of(choice: &Value) -> Vec<String> {
+    choice["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["token"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn logit_bias_steers_greedy_decoding_and_min_tokens_holds_off_the_end() {
+    let server = Server::start();
+    let ask = |extra: Value| {
+        let mut base = json!({"temperature": 0, "max_tokens": 4, "ignore_eos": true, "logprobs": true, "top_logprobs": 3});
+        base.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        chat("Name a colour.", base)
+    };
+    let (_, _, plain) = post(&server, "/v1/chat/completions", &ask(json!({}))).await;
+    let plain = tokens_of(&plain["choices"][0]);
+    // +100 on one token: greedy decoding picks it at every step.
+    let (status, _, forced) = post(
+        &server,
+        "/v1/chat/completions",
+        &ask(json!({"logit_bias": {"1000": 100}})),
+    )
+    .await;
+    assert_eq!(status, 200, "{forced}");
+    let forced = tokens_of(&forced["choices"][0]);
+    assert_eq!(forced.len(), 4);
+    assert!(forced.iter().all(|t| *t == forced[0]), "{forced:?}");
+    assert_ne!(forced, plain);
+    // -100 on that token leaves the greedy path alone, and the banned token
+    // is nowhere near the top alternatives.
+    let (_, _, banned) = post(
+        &server,
+        "/v1/chat/completions",
+        &ask(json!({"logit_bias": {"1000": -100}})),
+    )
+    .await;
+    assert_eq!(tokens_of(&banned["choices"][0]), plain);
+    for step in banned["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap()
+    {
+        for alt in step["top_logprobs"].as_array().unwrap() {
+            assert_ne!(alt["token"], forced[0].as_str());
+        }
+    }
+
+    // min_tokens: the end-of-turn token waits until the minimum.
+    let short = chat("Say hi.", json!({"temperature": 0, "max_tokens": 64}));
+    let (_, _, natural) = post(&server, "/v1/chat/completions", &short).await;
+    assert_eq!(natural["choices"][0]["finish_reason"], "stop", "{natural}");
+    let n = natural["usage"]["completion_tokens"].as_u64().unwrap();
+    let longer = chat(
+        "Say hi.",
+        json!({"temperature": 0, "max_tokens": 64, "min_tokens": n + 5}),
+    );
+    let (status, _, held) = post(&server, "/v1/chat/completions", &longer).await;
+    assert_eq!(status, 200, "{held}");
+    assert!(
+        held["usage"]["completion_tokens"].as_u64().unwrap() >= n + 5,
+        "{held}"
+    );
+    // Same text up to where the plain answer ended.
+    let plain_text = natural["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap();
+    assert!(held["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with(plain_text));
+}

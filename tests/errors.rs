@@ -105,7 +105,12 @@ async fn invalid_values_are_400_naming_the_parameter() {
             json!({"response_format": {"type": "json_object"}}),
             "response_format",
         ),
-        (json!({"logit_bias": {"42": 5}}), "logit_bias"),
+        (json!({"logit_bias": {"forty-two": 5}}), "logit_bias"),
+        (json!({"logit_bias": {"42": 500}}), "logit_bias"),
+        (json!({"logit_bias": [42]}), "logit_bias"),
+        (json!({"logit_bias": {"99999999": 1}}), "logit_bias"),
+        (json!({"min_tokens": -1}), "min_tokens"),
+        (json!({"min_tokens": 9, "max_tokens": 2}), "min_tokens"),
         (
             json!({"stream_options": {"include_usage": true}}),
             "stream_options",
@@ -126,6 +131,10 @@ async fn invalid_values_are_400_naming_the_parameter() {
             "suffix",
         ),
         (json!({"model": MODEL, "prompt": [999999]}), "prompt"),
+        (
+            json!({"model": MODEL, "prompt": "x", "logit_bias": {"x": 1}}),
+            "logit_bias",
+        ),
         (json!({"model": MODEL, "prompt": ""}), "prompt"),
         (
             json!({"model": MODEL, "prompt": ["a", "b", "c"], "n": 50}),

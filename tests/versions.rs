@@ -570,9 +570,18 @@ async fn a_version_without_traffic_is_evicted_like_any_idle_model() {
         "2s",
     );
     let server = Server::spawn(&config, &[]);
-    assert_eq!(ask(&server, "demo", json!({"max_tokens": 1}), &[]).await.1, "v1");
+    assert_eq!(
+        ask(&server, "demo", json!({"max_tokens": 1}), &[]).await.1,
+        "v1"
+    );
     assert_eq!(model_state(&server, "demo@v1").await["state"], "warm");
-    let (status, _) = send(&server, "PUT", "/admin/routes/demo", Some(json!({"weights": {"v1": 0, "v2": 100}}))).await;
+    let (status, _) = send(
+        &server,
+        "PUT",
+        "/admin/routes/demo",
+        Some(json!({"weights": {"v1": 0, "v2": 100}})),
+    )
+    .await;
     assert_eq!(status, 200);
     let (status, v, _, body) = ask(&server, "demo", json!({"max_tokens": 1}), &[]).await;
     assert_eq!((status, v.as_str()), (200, "v2"), "{body}");

@@ -28,6 +28,9 @@ pub struct SamplingParams {
     /// How many alternatives to report with each token's log-probability
     /// (`None` = no log-probabilities).
     pub top_logprobs: Option<usize>,
+    /// Added to these tokens' logits before sampling (OpenAI's
+    /// `logit_bias`: -100 all but bans a token, 100 all but forces it).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -42,6 +45,7 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: 0,
             top_logprobs: None,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -92,8 +96,24 @@ impl Sampler {
 
     /// Picks the next token from `logits` and records it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> Sampled {
+        self.sample_excluding(logits, &[])
+    }
+
+    /// Like [`Sampler::sample`], never picking a token of `banned` (while a
+    /// sequence is shorter than its `min_tokens`, its end-of-turn tokens).
+    pub fn sample_excluding(&mut self, logits: &[f32], banned: &[u32]) -> Sampled {
         let mut logits = logits.to_vec();
         self.apply_penalties(&mut logits);
+        for &(t, bias) in &self.params.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += bias;
+            }
+        }
+        for &t in banned {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
         let logprobs = self
             .params
             .top_logprobs
@@ -245,6 +265,33 @@ mod tests {
             temperature,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn logit_bias_and_banned_tokens_steer_the_choice() {
+        let logits = [0.1, 3.0, 2.0, 1.0];
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(3, 100.0), (1, -100.0)],
+                ..params(0.0)
+            },
+            &[],
+            4,
+        );
+        assert_eq!(s.sample(&logits).token, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                logit_bias: vec![(3, 100.0)],
+                ..params(0.8)
+            },
+            &[],
+            4,
+        );
+        for _ in 0..50 {
+            assert_ne!(s.sample_excluding(&logits, &[3]).token, 3);
+        }
+        let mut s = Sampler::new(params(0.0), &[], 4);
+        assert_eq!(s.sample_excluding(&logits, &[1]).token, 2);
     }
 
     #[test]

@@ -262,6 +262,11 @@ impl Tokenizer {
         self.token_bytes.get(id as usize).map_or(&[], Vec::as_slice)
     }
 
+    /// The tokens that end a sequence (sorted).
+    pub fn end_of_generation(&self) -> &[u32] {
+        &self.end_of_generation
+    }
+
     /// Whether generating `id` ends the sequence.
     pub fn is_end_of_generation(&self, id: u32) -> bool {
         self.end_of_generation.binary_search(&id).is_ok()

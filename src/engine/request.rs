@@ -52,6 +52,8 @@ pub struct GenerateSpec {
     pub echo: bool,
     /// Keep generating past end-of-turn tokens (benchmarks, fixed-length tests).
     pub ignore_eos: bool,
+    /// Tokens each choice generates before an end-of-turn token may end it.
+    pub min_tokens: usize,
 }
 
 /// A generation request the engine trusts: made only by
@@ -93,6 +95,15 @@ impl GenerateSpec {
             return Err(invalid(
                 "max_tokens",
                 "`max_tokens` must be at least 1, got 0".into(),
+            ));
+        }
+        if let Some(max) = self.max_tokens.filter(|m| self.min_tokens > *m) {
+            return Err(invalid(
+                "min_tokens",
+                format!(
+                    "`min_tokens` ({}) must not exceed `max_tokens` ({max})",
+                    self.min_tokens
+                ),
             ));
         }
         if self.stop.len() > MAX_STOP {
@@ -265,6 +276,7 @@ mod tests {
             sampling: SamplingParams::default(),
             echo: false,
             ignore_eos: false,
+            min_tokens: 0,
         }
     }
 
@@ -296,5 +308,11 @@ mod tests {
             ..spec(1, 1)
         };
         assert_eq!(param(empty.validate()), "prompt");
+        let short = GenerateSpec {
+            max_tokens: Some(4),
+            min_tokens: 5,
+            ..spec(1, 1)
+        };
+        assert_eq!(param(short.validate()), "min_tokens");
     }
 }

@@ -121,6 +121,7 @@ pub(super) struct Choice {
     stops: StopMatcher,
     produced: usize,
     max_tokens: usize,
+    min_tokens: usize,
     ignore_eos: bool,
     echo: Option<String>,
 }
@@ -133,6 +134,7 @@ pub(super) struct ChoiceSpec<'a> {
     pub(super) params: SamplingParams,
     pub(super) stop: &'a [String],
     pub(super) ignore_eos: bool,
+    pub(super) min_tokens: usize,
     pub(super) echo: Option<String>,
 }
 
@@ -145,6 +147,7 @@ impl Choice {
             stops: StopMatcher::new(spec.stop),
             produced: 0,
             max_tokens: spec.max_tokens,
+            min_tokens: spec.min_tokens,
             ignore_eos: spec.ignore_eos,
             echo: spec.echo,
         }
@@ -161,7 +164,12 @@ impl Choice {
         if let Some(echo) = self.echo.take() {
             self.delta(events, echo, Vec::new())?;
         }
-        let sampled = self.sampler.sample(logits);
+        let sampled = if self.produced < self.min_tokens && !self.ignore_eos {
+            self.sampler
+                .sample_excluding(logits, tok.end_of_generation())
+        } else {
+            self.sampler.sample(logits)
+        };
         self.produced += 1;
         if !self.ignore_eos && tok.is_end_of_generation(sampled.token) {
             // The end-of-turn token is not part of the text, nor of its log-probabilities.

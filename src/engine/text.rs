@@ -213,6 +213,17 @@ fn sequences(
     let vocab = model.tokenizer.vocab_size();
     let mut out = Vec::with_capacity(req.prompts.len());
     let mut prompt_tokens = 0;
+    if let Some((bad, _)) = req
+        .sampling
+        .logit_bias
+        .iter()
+        .find(|(id, _)| *id as usize >= vocab)
+    {
+        return Err(invalid(
+            "logit_bias",
+            format!("token id {bad} is outside the vocabulary of {vocab} tokens"),
+        ));
+    }
     for (p, prompt) in req.prompts.iter().enumerate() {
         let ids = prompt_ids(model, prompt)?;
         let room = context.saturating_sub(ids.len());
@@ -244,6 +255,7 @@ fn sequences(
                 },
                 stop: &req.stop,
                 ignore_eos: req.ignore_eos,
+                min_tokens: req.min_tokens,
                 echo: echo.clone(),
             };
             Choice::new(spec, vocab)

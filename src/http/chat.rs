@@ -32,7 +32,6 @@ pub struct ChatCompletionRequest {
     pub tools: Option<serde_json::Value>,
     pub tool_choice: Option<serde_json::Value>,
     pub response_format: Option<serde_json::Value>,
-    pub logit_bias: Option<serde_json::Value>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -91,16 +90,6 @@ fn unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
         return Err(ApiError::invalid(
             "response_format",
             "only `{\"type\": \"text\"}` is supported",
-        ));
-    }
-    if req
-        .logit_bias
-        .as_ref()
-        .is_some_and(|b| b.as_object().is_none_or(|o| !o.is_empty()))
-    {
-        return Err(ApiError::invalid(
-            "logit_bias",
-            "`logit_bias` is not supported",
         ));
     }
     if req.stream_options.is_some() && !req.stream {
@@ -203,6 +192,7 @@ pub async fn handle(
         sampling: sampling.params,
         echo: false,
         ignore_eos: req.sampling.ignore_eos,
+        min_tokens: sampling.min_tokens,
     }
     .validate()?;
     let job = Job::new(

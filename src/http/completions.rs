@@ -137,6 +137,7 @@ pub async fn handle(
         sampling: sampling.params,
         echo: req.echo,
         ignore_eos: req.sampling.ignore_eos,
+        min_tokens: sampling.min_tokens,
     }
     .validate()?;
     let job = Job::new(

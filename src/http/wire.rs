@@ -44,8 +44,53 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f32>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Token id (as a string) → bias added to its logit, -100 to 100.
+    pub logit_bias: Option<serde_json::Value>,
+    /// Tokens to generate before an end-of-turn token may end a choice.
+    pub min_tokens: Option<i64>,
     #[serde(flatten)]
     pub lifetime: LifetimeFields,
+}
+
+/// Most entries of `logit_bias`.
+pub const MAX_LOGIT_BIAS: usize = 1024;
+
+/// Parses OpenAI's `logit_bias`: `{"<token id>": bias}`, bias in [-100, 100].
+fn logit_bias(v: Option<&serde_json::Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let bad = |why: String| ApiError::invalid("logit_bias", format!("`logit_bias`: {why}"));
+    let map = match v {
+        None | Some(serde_json::Value::Null) => return Ok(Vec::new()),
+        Some(serde_json::Value::Object(map)) => map,
+        Some(other) => {
+            return Err(bad(format!(
+                "expected an object of token ids to biases, got {other}"
+            )))
+        }
+    };
+    if map.len() > MAX_LOGIT_BIAS {
+        return Err(bad(format!(
+            "at most {MAX_LOGIT_BIAS} entries, got {}",
+            map.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(map.len());
+    for (id, bias) in map {
+        let id: u32 = id
+            .trim()
+            .parse()
+            .map_err(|_| bad(format!("keys are token ids, got `{id}`")))?;
+        let bias = bias
+            .as_f64()
+            .filter(|b| (-100.0..=100.0).contains(b))
+            .ok_or_else(|| {
+                bad(format!(
+                    "the bias of token {id} must be a number from -100 to 100, got {bias}"
+                ))
+            })?;
+        out.push((id, bias as f32));
+    }
+    out.sort_by_key(|(id, _)| *id);
+    Ok(out)
 }
 
 impl SamplingFields {
@@ -138,6 +183,8 @@ pub struct ValidSampling {
     pub params: SamplingParams,
     pub stop: Vec<String>,
     pub n: usize,
+    /// Tokens before an end-of-turn token may end a choice.
+    pub min_tokens: usize,
 }
 
 /// Most choices one request may ask for.
@@ -219,11 +266,23 @@ impl SamplingFields {
             // Same seed + same request = same output; no seed = a fresh one.
             seed: self.seed.map_or_else(rand::random, |s| s as u64),
             top_logprobs,
+            logit_bias: logit_bias(self.logit_bias.as_ref())?,
+        };
+        let min_tokens = match self.min_tokens {
+            None => 0,
+            Some(m) if m >= 0 => usize::try_from(m).unwrap_or(usize::MAX),
+            Some(m) => {
+                return Err(ApiError::invalid(
+                    "min_tokens",
+                    format!("`min_tokens` must be 0 or more, got {m}"),
+                ))
+            }
         };
         Ok(ValidSampling {
             params,
             stop,
             n: n as usize,
+            min_tokens,
         })
     }
 }

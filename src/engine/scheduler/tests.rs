@@ -165,6 +165,7 @@ fn submit_as(
         params,
         stop: &[],
         ignore_eos: false,
+        min_tokens: 0,
         echo: None,
     };
     let sequence = Sequence {
