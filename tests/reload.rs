@@ -144,6 +144,20 @@ async fn manifests_added_edited_broken_and_removed_while_requests_run() {
     );
     std::fs::remove_file(models.join("beta-copy.toml")).unwrap();
     assert_eq!(tokens(&server, "beta").await, (200, 4));
+    // An edit that takes a name another file serves is refused too, whatever
+    // the files' order; both keep serving what they did.
+    std::fs::write(models.join("alpha.toml"), manifest("beta", 9, "")).unwrap();
+    let report = reload(&server).await;
+    let refused = report["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{report}");
+    assert!(
+        refused[0]["file"].as_str().unwrap().ends_with("alpha.toml"),
+        "{report}"
+    );
+    assert_eq!(refused[0]["kept"], "alpha");
+    assert_eq!(tokens(&server, "beta").await, (200, 4));
+    assert_eq!(tokens(&server, "alpha").await, (200, 5));
+    std::fs::write(models.join("alpha.toml"), manifest("alpha", 5, "")).unwrap();
 
     // Removed while a stream on it runs: the stream ends whole, then beta
     // is gone and unloaded.

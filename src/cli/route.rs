@@ -105,14 +105,12 @@ pub fn run(daemon: Daemon, command: RouteCommand) -> Result<()> {
         } => {
             let mut body = json!({ "weights": weights(w)? });
             if let Some(s) = shadow {
-                let (version, percent) = match s.split_once(':') {
-                    Some((v, p)) => (
-                        v,
-                        p.trim_end_matches('%')
-                            .parse::<f64>()
-                            .context("--shadow: expected VERSION:PERCENT")?,
-                    ),
-                    None => (s.as_str(), 100.0),
+                // `VERSION:PERCENT`; versions may hold `:` themselves.
+                let (version, percent) = match s.rsplit_once(':') {
+                    Some((v, p)) if p.trim_end_matches('%').parse::<f64>().is_ok() => {
+                        (v, p.trim_end_matches('%').parse::<f64>().unwrap_or(100.0))
+                    }
+                    _ => (s.as_str(), 100.0),
                 };
                 body["shadow"] = json!({ "version": version, "percent": percent });
             }

@@ -263,6 +263,17 @@ pub fn conflict(
             other.source.display()
         ));
     }
+    if let Some(other) = models
+        .values()
+        .find(|m| m.id == manifest.id && m.version.is_some() && m.kind != manifest.kind)
+    {
+        return Some(format!(
+            "{f}: kind: versions of `{}` must be of one kind; {} declares `{}`",
+            manifest.id,
+            other.source.display(),
+            other.kind.name()
+        ));
+    }
     let other = models
         .values()
         .find(|m| m.id == manifest.id && m.version.is_some() != manifest.version.is_some())?;

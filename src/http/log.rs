@@ -275,9 +275,11 @@ impl RequestLog {
             self.0.tenancy.record(&key, record);
         }
         if let Some((id, Some(version))) = &f.served {
+            // A full queue is the version's capacity, not the client's fault.
             let outcome = crate::registry::Outcome {
-                error: status >= 500,
-                client_error: (400..500).contains(&status),
+                error: status >= 500 || status == 429,
+                client_error: (400..500).contains(&status) && status != 429 && status != 499,
+                cancelled: status == 499,
                 ttft: f
                     .first_token
                     .map(|t| t.saturating_duration_since(self.0.started)),

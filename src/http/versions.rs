@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 
 use super::error::ApiError;
 use super::log::RequestLog;
@@ -49,9 +49,10 @@ pub fn resolve(
 
 fn failed(e: impl Into<ApiError>) -> Outcome {
     let status = e.into().status;
+    let error = status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS;
     Outcome {
-        error: status.is_server_error(),
-        client_error: !status.is_server_error(),
+        error,
+        client_error: !error,
         ..Outcome::default()
     }
 }

@@ -409,6 +409,36 @@ impl Metrics {
         }
     }
 
+    /// Drops the gauges of a model that left the catalog, `states` being
+    /// its lifecycle states' names (its counters and histograms stay: they
+    /// are history).
+    pub fn forget_model(&self, model: &str, states: &[&str]) {
+        let label = Self::model(model);
+        for family in [
+            &self.model_estimated,
+            &self.model_measured,
+            &self.queue_depth,
+            &self.in_flight,
+            &self.batch_running,
+            &self.batch_steps,
+            &self.kv_blocks_used,
+            &self.kv_blocks_total,
+        ] {
+            family.remove(&label);
+        }
+        self.tokens_per_second.remove(&label);
+        for state in states {
+            self.model_state.remove(&ModelStateLabels {
+                model: model.to_string(),
+                state: state.to_string(),
+            });
+        }
+        let name = Self::model_name(model);
+        self.vllm_waiting.remove(&name);
+        self.vllm_running.remove(&name);
+        self.vllm_kv_usage.remove(&name);
+    }
+
     /// All metrics in the OpenMetrics text format.
     pub fn render(&self) -> String {
         let _one_at_a_time = self.render_lock.lock().unwrap_or_else(|e| e.into_inner());

@@ -175,7 +175,7 @@ impl EngineLoader {
     ) -> Result<PathBuf, RegistryError> {
         let manifest = self
             .manifest(id)
-            .ok_or_else(|| failed(id, "no such model"))?;
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
         match &manifest.weights {
             WeightSource::Local(path) => {
                 let marker = manifest.format.folder_marker(manifest.kind);
@@ -245,7 +245,7 @@ impl Loader for Arc<EngineLoader> {
             let path = this.fetch(&id, progress, false).await?;
             let manifest = this
                 .manifest(&id)
-                .ok_or_else(|| failed(&id, "no such model"))?;
+                .ok_or_else(|| RegistryError::NotFound(id.clone()))?;
             let spec = this.spec(&manifest, path);
             // Text and image models run on GPUs; embeddings on the CPU.
             let gpu_capable = matches!(spec.task, Task::Text | Task::Image(_));

@@ -153,11 +153,14 @@ impl Registry {
             .collect();
         let mut report = ReloadReport::default();
         let mut next: BTreeMap<String, ModelManifest> = BTreeMap::new();
-        // Files already serving claim their names first, so a newcomer
-        // that clashes with one is the one refused.
-        let (known, new): (Vec<_>, Vec<_>) = scanned
-            .into_iter()
-            .partition(|(f, _)| by_file.contains_key(f));
+        // Files that keep serving the name they serve claim it first (a
+        // broken one keeps its old manifest), so a newcomer, or an edit
+        // that takes another file's name, is the one refused.
+        let (known, new): (Vec<_>, Vec<_>) = scanned.into_iter().partition(|(f, m)| {
+            by_file
+                .get(f)
+                .is_some_and(|served| m.as_ref().map_or(true, |m| m.name() == *served))
+        });
         for (file, parsed) in known.into_iter().chain(new) {
             let kept = by_file.get(&file).and_then(|n| current.get(n));
             let checked = parsed.map_err(|e| format!("{e:#}")).and_then(|m| {
@@ -229,9 +232,10 @@ impl Registry {
             let policy = self.source.policy(&self.devices, m);
             match current.get(name) {
                 None => {
+                    // The slot first, so a request that finds the entry finds it.
                     self.loader.set_manifest(name, Some(m.clone()));
-                    self.write_entry(name, Some(m.clone()));
                     self.lifecycle.add(name, policy);
+                    self.write_entry(name, Some(m.clone()));
                     report.added.push(name.clone());
                     ok.inc();
                 }
@@ -256,6 +260,8 @@ impl Registry {
             self.write_entry(name, None);
             self.lifecycle.remove(name);
             self.loader.set_manifest(name, None);
+            let states = super::ModelState::ALL.map(|s| s.as_str());
+            self.metrics.forget_model(name, &states);
             report.removed.push(name.clone());
         }
         if !report.added.is_empty() {

@@ -88,7 +88,8 @@ impl Registry {
     /// Records how a request to a version went (and lets its route's guard
     /// judge it).
     pub fn observe(&self, id: &str, version: &str, traffic: Traffic, outcome: &Outcome) {
-        self.routes.observe(id, version, traffic, outcome);
+        self.routes
+            .observe(id, version, &self.versions(id), traffic, outcome);
     }
 
     /// Brings the route weight gauges up to date.

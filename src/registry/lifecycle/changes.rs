@@ -21,6 +21,9 @@ impl<L: Loader> Lifecycle<L> {
         let mut st = lock(&self.core.state);
         match st.models.get_mut(id) {
             Some(slot) => {
+                // Back before it was gone: a load under way was for the old
+                // manifest.
+                slot.stale |= slot.retired && matches!(slot.phase, Phase::Loading(_));
                 slot.retired = false;
                 slot.policy = policy;
             }

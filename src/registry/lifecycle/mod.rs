@@ -489,12 +489,10 @@ impl<L: Loader> Lifecycle<L> {
     }
 }
 
+/// The model is not (or no longer) in the catalog: its manifest was
+/// removed while the request was on its way.
 fn unknown(id: &str) -> RegistryError {
-    RegistryError::LoadFailed {
-        model: id.to_string(),
-        reason: "no such model".into(),
-        retry_after: None,
-    }
+    RegistryError::NotFound(id.to_string())
 }
 
 fn snapshot<L: Loader>(s: &Slot<L::Model>) -> Snapshot {

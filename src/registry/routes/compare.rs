@@ -92,7 +92,7 @@ impl Routes {
                 .iter()
                 .filter(|(v, wt)| *v != base.0 && *wt > 0.0)
                 .find_map(|(v, _)| {
-                    judge_version(&w, id, s, v).map(|r| format!("version `{v}`: {r}"))
+                    judge_version(&w, id, s, &weights, v).map(|r| format!("version `{v}`: {r}"))
                 })
         });
         let baseline = against(&base.0, base.1, base_figures.clone());

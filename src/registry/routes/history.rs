@@ -4,6 +4,8 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -84,7 +86,7 @@ impl Change {
 }
 
 /// The file's contents.
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Saved {
     /// Routes set at run time, by id.
     #[serde(default)]
@@ -97,12 +99,20 @@ pub struct Saved {
 /// The file in the store.
 pub struct SavedFile {
     path: Option<PathBuf>,
+    /// Numbers the states handed to `save`.
+    generation: AtomicU64,
+    /// The newest state written, so a slow write never overwrites a newer.
+    written: Arc<Mutex<u64>>,
 }
 
 impl SavedFile {
     /// `routes.json` in `store`; `None` keeps nothing on disk.
     pub fn new(path: Option<PathBuf>) -> Self {
-        Self { path }
+        Self {
+            path,
+            generation: AtomicU64::new(0),
+            written: Arc::default(),
+        }
     }
 
     /// What the file holds; a missing file is an empty state, an unreadable
@@ -130,17 +140,33 @@ impl SavedFile {
         }
     }
 
-    /// Replaces the file with `saved` (write, sync, rename).
+    /// Replaces the file with `saved` (write, sync, rename), off the
+    /// caller's thread when a runtime is there: changes are made on the
+    /// request path (the guard), and a disk's sync must not hold it up.
     pub fn save(&self, saved: &mut Saved) {
-        let Some(path) = &self.path else {
+        let Some(path) = self.path.clone() else {
             return;
         };
         if saved.history.len() > MAX_HISTORY {
             let cut = saved.history.len() - MAX_HISTORY;
             saved.history.drain(..cut);
         }
-        if let Err(e) = write_atomic(path, saved) {
-            tracing::error!(file = %path.display(), error = %e, "cannot save routes; the change holds until restart");
+        let snapshot = saved.clone();
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let written = self.written.clone();
+        let write = move || {
+            let mut last = written.lock().unwrap_or_else(|e| e.into_inner());
+            if generation <= *last {
+                return;
+            }
+            if let Err(e) = write_atomic(&path, &snapshot) {
+                tracing::error!(file = %path.display(), error = %e, "cannot save routes; the change holds until restart");
+            }
+            *last = generation;
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => drop(rt.spawn_blocking(write)),
+            Err(_) => write(),
         }
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::config::{GuardSpec, RouteSpec, ShadowSpec};
+use crate::config::{version_order, GuardSpec, RouteSpec, ShadowSpec};
 use crate::metrics::{Metrics, Traffic};
 use crate::metrics::{
     RollbackLabels, RouteLabels, VersionLabels, VersionOutcomeLabels, VersionTokenLabels,
@@ -113,8 +113,10 @@ impl Routes {
 
     /// The weights in effect: the route's, over versions that exist, or all
     /// to the newest when it names none of them (or there is no route).
+    /// In version order, oldest first, so the older of two equal shares is
+    /// the baseline.
     fn weights(spec: Option<&RouteSpec>, versions: &[String]) -> Vec<(String, f64)> {
-        let live: Vec<(String, f64)> = spec
+        let mut live: Vec<(String, f64)> = spec
             .map(|s| {
                 s.weights
                     .iter()
@@ -123,6 +125,7 @@ impl Routes {
                     .collect()
             })
             .unwrap_or_default();
+        live.sort_by(|a, b| version_order(&a.0, &b.0));
         if live.iter().any(|(_, w)| *w > 0.0) {
             return live;
         }
@@ -251,7 +254,7 @@ impl Routes {
         let before = saved.routes.get(id).cloned();
         let from = before.as_ref().map(|s| s.spec.clone());
         let mut previous = before.map(|s| s.previous).unwrap_or_default();
-        previous.push(from.clone());
+        push_previous(&mut previous, from.clone());
         let change = Change::now(id, actor, action, from, Some(spec.clone()));
         let state = RouteState {
             spec,
@@ -290,11 +293,17 @@ impl Routes {
             shadow: None,
             guard: None,
         });
+        // Versions gone since the route was set leave it.
+        next.weights.retain(|v, _| versions.contains(v));
         for w in next.weights.values_mut() {
             *w = 0.0;
         }
         next.weights.insert(candidate.clone(), 100.0);
-        if next.shadow.as_ref().is_some_and(|s| s.version == candidate) {
+        if next
+            .shadow
+            .as_ref()
+            .is_some_and(|s| s.version == candidate || !versions.contains(&s.version))
+        {
             next.shadow = None;
         }
         self.replace(id, versions, next, actor, "promote")
@@ -350,7 +359,7 @@ impl Routes {
         let before = saved.routes.get(id).cloned();
         let from = before.as_ref().map(|s| s.spec.clone());
         let mut previous = before.map(|s| s.previous).unwrap_or_default();
-        previous.push(from.clone());
+        push_previous(&mut previous, from.clone());
         let to = self.config.get(id).cloned();
         let change = Change::now(id, actor, "reset", from, to.clone());
         // The default route follows the newest version; it keeps nothing
@@ -376,7 +385,14 @@ impl Routes {
 
     /// Records how a request to `id@version` went, and lets the route's
     /// guard judge a canary.
-    pub fn observe(&self, id: &str, version: &str, traffic: Traffic, o: &Outcome) {
+    pub fn observe(
+        &self,
+        id: &str,
+        version: &str,
+        versions: &[String],
+        traffic: Traffic,
+        o: &Outcome,
+    ) {
         let m = &self.metrics.versions;
         let labels = VersionLabels {
             model: id.to_string(),
@@ -387,6 +403,8 @@ impl Routes {
             "client_error"
         } else if o.error {
             "error"
+        } else if o.cancelled {
+            "cancelled"
         } else {
             "ok"
         };
@@ -432,26 +450,32 @@ impl Routes {
             let mut w = lock(&self.windows);
             w.record(id, version, traffic, o, keep);
             match (&spec, traffic) {
-                (Some(spec), Traffic::Primary) => judge_version(&w, id, spec, version),
+                (Some(spec), Traffic::Primary) => {
+                    judge_version(&w, id, spec, &Self::weights(Some(spec), versions), version)
+                }
                 _ => None,
             }
         };
         if let Some(reason) = verdict {
-            self.trip(id, version, reason);
+            self.trip(id, version, versions, reason);
         }
     }
 
     /// The guard tripped on `version`: its share goes to the baseline.
-    fn trip(&self, id: &str, version: &str, reason: String) {
+    fn trip(&self, id: &str, version: &str, versions: &[String], reason: String) {
         let saved = lock(&self.saved);
         let Some(mut state) = saved.routes.get(id).cloned() else {
             return;
         };
-        let weights: Vec<(String, f64)> = state.spec.weights.clone().into_iter().collect();
-        let Some((base, _)) = baseline(&weights) else {
+        // Over the versions that exist: the baseline is one that serves.
+        let weights = Self::weights(Some(&state.spec), versions);
+        let Some((base, _)) = baseline(&weights).cloned() else {
             return;
         };
-        let share = state.spec.weights.get(version).copied().unwrap_or(0.0);
+        let share = weights
+            .iter()
+            .find(|(v, _)| v == version)
+            .map_or(0.0, |(_, w)| *w);
         if share <= 0.0 || base == version {
             return; // Already rolled back by a concurrent request.
         }
@@ -459,7 +483,7 @@ impl Routes {
         let mut to = from.clone();
         to.weights.insert(version.to_string(), 0.0);
         *to.weights.entry(base.clone()).or_insert(0.0) += share;
-        state.previous.push(Some(from.clone()));
+        push_previous(&mut state.previous, Some(from.clone()));
         state.spec = to.clone();
         state.origin = Origin::Admin;
         let mut change = Change::now(id, "guard", "guard_rollback", Some(from), Some(to));
@@ -502,17 +526,37 @@ fn baseline(weights: &[(String, f64)]) -> Option<&(String, f64)> {
     weights.iter().rev().max_by(|a, b| a.1.total_cmp(&b.1))
 }
 
-/// What the guard of `spec` says of `version`, if it is a canary there.
-fn judge_version(w: &Windows, id: &str, spec: &RouteSpec, version: &str) -> Option<String> {
+/// What the guard of `spec` says of `version`, if it is a canary among
+/// `weights` (the live ones: versions that exist).
+fn judge_version(
+    w: &Windows,
+    id: &str,
+    spec: &RouteSpec,
+    weights: &[(String, f64)],
+    version: &str,
+) -> Option<String> {
     let guard = spec.guard.as_ref()?;
-    let weights: Vec<(String, f64)> = spec.weights.clone().into_iter().collect();
-    let (base, _) = baseline(&weights)?;
-    if base == version || spec.weights.get(version).is_none_or(|w| *w <= 0.0) {
+    let (base, _) = baseline(weights)?;
+    let share = weights
+        .iter()
+        .find(|(v, _)| v == version)
+        .map_or(0.0, |(_, w)| *w);
+    if base == version || share <= 0.0 {
         return None;
     }
     let canary = w.figures(id, version, Traffic::Primary, guard.window);
     let baseline = w.figures(id, base, Traffic::Primary, guard.window);
     stats::judge(guard, &canary, &baseline)
+}
+
+/// Routes kept to roll back to, at most.
+const MAX_PREVIOUS: usize = 100;
+
+fn push_previous(previous: &mut Vec<Option<RouteSpec>>, route: Option<RouteSpec>) {
+    previous.push(route);
+    if previous.len() > MAX_PREVIOUS {
+        previous.remove(0);
+    }
 }
 
 #[cfg(test)]

@@ -18,9 +18,11 @@ const MAX_SAMPLES: usize = 20_000;
 pub struct Outcome {
     /// The server's fault (5xx, or a stream that ended in an error).
     pub error: bool,
-    /// The client's mistake (4xx): counted, but never held against the
-    /// version.
+    /// The client's mistake (4xx but 429): counted, but never held against
+    /// the version.
     pub client_error: bool,
+    /// The client left before the end: its latency counts, as no error.
+    pub cancelled: bool,
     /// Arrival to first token (text generation).
     pub ttft: Option<Duration>,
     /// Arrival to the end of the response.

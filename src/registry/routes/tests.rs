@@ -83,10 +83,10 @@ fn the_guard_rolls_a_failing_canary_back_to_the_baseline() {
         ..ok.clone()
     };
     for _ in 0..10 {
-        r.observe("m", "v1", Traffic::Primary, &ok);
+        r.observe("m", "v1", &vs, Traffic::Primary, &ok);
     }
     for _ in 0..4 {
-        r.observe("m", "v2", Traffic::Primary, &bad);
+        r.observe("m", "v2", &vs, Traffic::Primary, &bad);
     }
     assert_eq!(
         r.view("m", &vs).weights["v2"],
@@ -101,10 +101,10 @@ fn the_guard_rolls_a_failing_canary_back_to_the_baseline() {
         client_error: true,
         ..ok.clone()
     };
-    r.observe("m", "v2", Traffic::Primary, &client);
-    r.observe("m", "v2", Traffic::Shadow, &bad);
+    r.observe("m", "v2", &vs, Traffic::Primary, &client);
+    r.observe("m", "v2", &vs, Traffic::Shadow, &bad);
     assert_eq!(r.view("m", &vs).weights["v2"], 20.0);
-    r.observe("m", "v2", Traffic::Primary, &bad);
+    r.observe("m", "v2", &vs, Traffic::Primary, &bad);
     let v = r.view("m", &vs);
     assert_eq!((v.weights["v1"], v.weights["v2"]), (100.0, 0.0));
     let last = r.history(Some("m")).pop().unwrap();
@@ -179,4 +179,51 @@ fn config_routes_follow_the_config_file_and_run_time_changes_win_until_reset() {
     // Reset puts the config's back, and can be rolled back.
     assert_eq!(r.reset("m", &vs, "ops").weights["v2"], 50.0);
     assert_eq!(r.rollback("m", &vs, "ops").unwrap().weights["v2"], 90.0);
+}
+
+#[test]
+fn the_guard_judges_live_versions_and_promote_drops_missing_ones() {
+    let r = routes(None);
+    let three = vec!["v1".to_string(), "v2".to_string(), "v3".to_string()];
+    r.set(
+        "m",
+        &three,
+        spec(r#"{"weights":{"v1":80,"v2":10,"v3":10},"shadow":{"version":"v1"},"guard":{"max_error_rate_increase":0.2,"min_requests":3}}"#),
+        "ops",
+    )
+    .unwrap();
+    // v1's manifest is gone: v2 and v3 share its traffic, v2 (the older of
+    // the two equal shares) is the baseline, and v3 the canary judged.
+    let live = vec!["v2".to_string(), "v3".to_string()];
+    let ok = Outcome {
+        latency: Duration::from_millis(5),
+        ..Outcome::default()
+    };
+    let bad = Outcome {
+        error: true,
+        ..ok.clone()
+    };
+    for _ in 0..5 {
+        r.observe("m", "v2", &live, Traffic::Primary, &bad);
+    }
+    assert_eq!(
+        r.view("m", &live).weights["v2"],
+        10.0,
+        "the baseline is never rolled back"
+    );
+    for _ in 0..3 {
+        r.observe("m", "v3", &live, Traffic::Primary, &ok);
+    }
+    assert_eq!(
+        r.view("m", &live).weights["v3"],
+        10.0,
+        "v3 does better than the baseline"
+    );
+    // Promoting v3 leaves the missing v1 (and the shadow on it) out.
+    let v = r.promote("m", &live, Some("v3".into()), "ops").unwrap();
+    assert_eq!(
+        v.weights,
+        BTreeMap::from([("v2".to_string(), 0.0), ("v3".to_string(), 100.0)])
+    );
+    assert_eq!(v.shadow, None);
 }
