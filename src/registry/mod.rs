@@ -278,10 +278,12 @@ impl Registry {
         }
         let versions = self.versions(model);
         let view = self.routes.view(model, &versions);
-        view.weights
+        // Oldest first, so the older of equal shares wins, as for the guard.
+        versions
             .iter()
+            .filter_map(|v| Some((v, *view.weights.get(v)?)))
             .rev()
-            .max_by(|a, b| a.1.total_cmp(b.1))
+            .max_by(|a, b| a.1.total_cmp(&b.1))
             .map(|(v, _)| format!("{model}@{v}"))
             .ok_or_else(|| RegistryError::NotFound(model.to_string()))
     }
