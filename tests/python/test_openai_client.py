@@ -91,6 +91,26 @@ def test_errors_surface_as_openai_exceptions(client):
     assert e.value.body["code"] == "context_length_exceeded"
 
 
+def test_logit_bias_and_min_tokens(client):
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Name a colour."}],
+               temperature=0, max_tokens=3, logprobs=True)
+    forced = client.chat.completions.create(logit_bias={"1000": 100}, **ask)
+    tokens = [t.token for t in forced.choices[0].logprobs.content]
+    assert len(tokens) == 3 and len(set(tokens)) == 1, tokens
+    plain = client.completions.create(model=MODEL, prompt="Hello", temperature=0, max_tokens=3)
+    biased = client.completions.create(model=MODEL, prompt="Hello", temperature=0, max_tokens=3,
+                                       logit_bias={"1000": 100})
+    assert biased.choices[0].text != plain.choices[0].text
+    held = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Say hi."}], temperature=0,
+        max_tokens=64, extra_body={"min_tokens": 30},
+    )
+    assert held.usage.completion_tokens >= 30
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(logit_bias={"1000": 101}, **ask)
+    assert e.value.body["param"] == "logit_bias"
+
+
 EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 
