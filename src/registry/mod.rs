@@ -277,14 +277,9 @@ impl Registry {
             return Ok(model.to_string());
         }
         let versions = self.versions(model);
-        let view = self.routes.view(model, &versions);
-        // Oldest first, so the older of equal shares wins, as for the guard.
-        versions
-            .iter()
-            .filter_map(|v| Some((v, *view.weights.get(v)?)))
-            .rev()
-            .max_by(|a, b| a.1.total_cmp(&b.1))
-            .map(|(v, _)| format!("{model}@{v}"))
+        self.routes
+            .baseline(model, &versions)
+            .map(|v| format!("{model}@{v}"))
             .ok_or_else(|| RegistryError::NotFound(model.to_string()))
     }
 

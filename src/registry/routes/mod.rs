@@ -149,6 +149,12 @@ impl Routes {
         Some(Choice { version, shadow })
     }
 
+    /// The version with the largest share now (the older on a tie).
+    pub fn baseline(&self, id: &str, versions: &[String]) -> Option<String> {
+        let weights = Self::weights(self.spec(id).as_ref(), versions);
+        baseline(&weights).map(|(v, _)| v.clone())
+    }
+
     /// The route of `id` as shown to operators.
     pub fn view(&self, id: &str, versions: &[String]) -> RouteView {
         let saved = lock(&self.saved);
