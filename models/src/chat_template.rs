@@ -5,14 +5,60 @@ use minijinja::{context, Environment, ErrorKind};
 use serde::Serialize;
 
 use crate::error::{ModelError, Result};
+use crate::tools::ToolFormat;
 
 /// One chat message as the template sees it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct ChatMessage {
-    /// `system`, `user`, `assistant`, …
+    /// `system`, `user`, `assistant`, `tool`.
     pub role: String,
     /// The message text.
     pub content: String,
+    /// The calls an assistant message made.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<MessageToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// The function a `tool` message answers for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            role: role.into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            name: None,
+        }
+    }
+}
+
+/// A call in an assistant message, in the OpenAI shape templates read
+/// (`tool_call.function.name`, `tool_call.function.arguments`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MessageToolCall {
+    /// The call's id.
+    pub id: String,
+    /// Always `function`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    /// What was called.
+    pub function: FunctionCall,
+}
+
+/// The function a call names and its arguments (an object: templates
+/// write it out with `tojson`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct FunctionCall {
+    /// The function's name.
+    pub name: String,
+    /// Its arguments.
+    pub arguments: serde_json::Value,
 }
 
 /// A compiled chat template with the special-token texts it may refer to.
@@ -20,6 +66,7 @@ pub struct ChatTemplate {
     env: Environment<'static>,
     bos_token: String,
     eos_token: String,
+    tool_format: ToolFormat,
 }
 
 const NAME: &str = "chat";
@@ -44,18 +91,37 @@ impl ChatTemplate {
             env,
             bos_token: bos_token.to_string(),
             eos_token: eos_token.to_string(),
+            tool_format: ToolFormat::detect(source),
         })
+    }
+
+    /// How the template's model family writes tool calls, read from the
+    /// template ([`ToolFormat::Generic`] when it renders no tools).
+    pub fn tool_format(&self) -> ToolFormat {
+        self.tool_format
     }
 
     /// Renders `messages`, ending with the assistant's turn opened when
     /// `add_generation_prompt` is set.
     pub fn render(&self, messages: &[ChatMessage], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Like [`ChatTemplate::render`], passing `tools` (OpenAI-shaped
+    /// function definitions) to the template as transformers does.
+    pub fn render_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let tmpl = self
             .env
             .get_template(NAME)
             .map_err(|e| ModelError::Template(e.to_string()))?;
         tmpl.render(context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,
@@ -69,10 +135,7 @@ mod tests {
     use super::*;
 
     fn msg(role: &str, content: &str) -> ChatMessage {
-        ChatMessage {
-            role: role.into(),
-            content: content.into(),
-        }
+        ChatMessage::new(role, content)
     }
 
     const CHATML: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nDefault<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -51,6 +51,10 @@ pub enum ModelError {
     /// The chat template could not be compiled or rendered.
     #[error("chat template: {0}")]
     Template(String),
+    /// A grammar (JSON Schema, regex, Lark, tool call) could not be compiled
+    /// or followed.
+    #[error("grammar: {0}")]
+    Grammar(String),
     /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

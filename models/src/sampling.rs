@@ -102,7 +102,22 @@ impl Sampler {
     /// Like [`Sampler::sample`], never picking a token of `banned` (while a
     /// sequence is shorter than its `min_tokens`, its end-of-turn tokens).
     pub fn sample_excluding(&mut self, logits: &[f32], banned: &[u32]) -> Sampled {
+        self.sample_constrained(logits, banned, None)
+    }
+
+    /// Like [`Sampler::sample_excluding`], picking only tokens `mask`
+    /// allows (constrained decoding). Log-probabilities are those of the
+    /// constrained distribution.
+    pub fn sample_constrained(
+        &mut self,
+        logits: &[f32],
+        banned: &[u32],
+        mask: Option<&crate::grammar::TokenMask>,
+    ) -> Sampled {
         let mut logits = logits.to_vec();
+        if let Some(mask) = mask {
+            mask.apply(&mut logits);
+        }
         self.apply_penalties(&mut logits);
         for &(t, bias) in &self.params.logit_bias {
             if let Some(l) = logits.get_mut(t as usize) {

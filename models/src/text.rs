@@ -125,12 +125,31 @@ impl TextModel {
     /// Renders a conversation with the model's chat template, opening the
     /// assistant's turn.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_chat_with_tools(messages, &[], self.tool_format())
+    }
+
+    /// Renders a conversation that may offer `tools` and carry tool calls
+    /// and results, for a model that writes calls in `format`.
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[crate::tools::Tool],
+        format: crate::tools::ToolFormat,
+    ) -> Result<String> {
+        let (messages, tools) = crate::tools::prepare_messages(messages, tools, format);
         match &self.template {
-            Some(t) => t.render(messages, true),
+            Some(t) => t.render_with_tools(&messages, tools.as_deref(), true),
             None => Err(ModelError::Template(
                 "the model has no chat template; use /v1/completions".into(),
             )),
         }
+    }
+
+    /// How the model writes tool calls, as its chat template shows.
+    pub fn tool_format(&self) -> crate::tools::ToolFormat {
+        self.template
+            .as_ref()
+            .map_or(crate::tools::ToolFormat::Generic, |t| t.tool_format())
     }
 
     /// Runs one batched forward pass (see [`Llama::forward`]). On the CPU

@@ -41,6 +41,8 @@ pub struct Tokenizer {
     eos: Option<(u32, String)>,
     add_bos: bool,
     end_of_generation: Vec<u32>,
+    /// Control tokens (sorted): never produced by text, only by id.
+    control: Vec<u32>,
 }
 
 impl Tokenizer {
@@ -116,6 +118,12 @@ impl Tokenizer {
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
 
+        let control = types
+            .iter()
+            .enumerate()
+            .filter(|(_, ty)| **ty == TOKEN_CONTROL)
+            .map(|(i, _)| i as u32)
+            .collect();
         let token_bytes = tokens
             .iter()
             .zip(&types)
@@ -136,6 +144,7 @@ impl Tokenizer {
                 .opt_bool("tokenizer.ggml.add_bos_token")?
                 .unwrap_or(false),
             end_of_generation,
+            control,
         })
     }
 
@@ -215,6 +224,8 @@ impl Tokenizer {
                 .and_then(|t| t.get("template")?.as_str().map(str::to_string)),
             _ => None,
         };
+        let mut control: Vec<u32> = specials.into_iter().collect();
+        control.sort_unstable();
         let tokenizer = Self {
             inner,
             token_bytes,
@@ -222,6 +233,7 @@ impl Tokenizer {
             eos,
             add_bos,
             end_of_generation,
+            control,
         };
         Ok((tokenizer, template))
     }
@@ -265,6 +277,34 @@ impl Tokenizer {
     /// The tokens that end a sequence (sorted).
     pub fn end_of_generation(&self) -> &[u32] {
         &self.end_of_generation
+    }
+
+    /// The Hugging Face tokenizer inside.
+    pub(crate) fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
+    /// Whether `id` is a control token (`<|im_end|>`, `[TOOL_CALLS]`, …):
+    /// text never encodes to it, and decoding leaves it out.
+    pub fn is_control(&self, id: u32) -> bool {
+        self.control.binary_search(&id).is_ok()
+    }
+
+    /// The id of the control token written `text`, if there is one.
+    pub fn control_id(&self, text: &str) -> Option<u32> {
+        self.inner
+            .token_to_id(text)
+            .filter(|id| self.is_control(*id))
+    }
+
+    /// Splits `text` into tokens without adding BOS (for constrained
+    /// decoding, which tokenizes the text a grammar forces).
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
     }
 
     /// Whether generating `id` ends the sequence.

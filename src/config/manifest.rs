@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use kindling_models::tools::ToolFormat;
+
 use super::units::KeepAlive;
 
 /// What a model is served for.
@@ -168,6 +170,7 @@ struct ManifestFile {
     kv_cache_tokens: Option<usize>,
     #[serde(default)]
     dimensions: Vec<usize>,
+    tool_format: Option<String>,
     #[serde(default)]
     defaults: GenerationDefaults,
     image: Option<ImageDefaults>,
@@ -205,6 +208,9 @@ pub struct ModelManifest {
     /// Embedding models: shorter widths clients may ask for with
     /// `dimensions` (Matryoshka-trained models); empty = only the full one.
     pub dimensions: Vec<usize>,
+    /// Chat models: how the model writes tool calls (default: read from
+    /// its chat template).
+    pub tool_format: Option<ToolFormat>,
     /// Sampling defaults.
     pub defaults: GenerationDefaults,
     /// Image models' defaults and limits.
@@ -317,6 +323,7 @@ impl ModelManifest {
             || self.context_length != other.context_length
             || self.kv_cache_tokens != other.kv_cache_tokens
             || self.dimensions != other.dimensions
+            || self.tool_format != other.tool_format
             || self.image != other.image
             || self.device != other.device
             || self.dtype != other.dtype
@@ -392,6 +399,18 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
     if m.dimensions.contains(&0) {
         bail!("{f}: dimensions: expected positive widths");
     }
+    let tool_format = match m.tool_format.as_deref() {
+        None => None,
+        Some(_) if m.kind != ModelKind::Chat => {
+            bail!("{f}: tool_format: only chat models call tools")
+        }
+        Some(name) => Some(ToolFormat::parse(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "{f}: tool_format: `{name}` is not one of {}",
+                ToolFormat::NAMES
+            )
+        })?),
+    };
     let weights = weight_source(m.weights, m.format.folder_marker(m.kind), store)
         .map_err(|e| anyhow::anyhow!("{f}: weights.{e}"))?;
     if let Some(ctx) = m.context_length {
@@ -413,6 +432,7 @@ pub fn load_manifest(file: &Path, store: &Path) -> Result<ModelManifest> {
         context_length: m.context_length,
         kv_cache_tokens: m.kv_cache_tokens,
         dimensions: m.dimensions,
+        tool_format,
         defaults: m.defaults,
         image,
         owned_by: m.owned_by,

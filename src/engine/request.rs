@@ -6,7 +6,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use kindling_models::{ChatMessage, SamplingParams};
+use kindling_models::tools::Tool;
+use kindling_models::{ChatMessage, Grammar, SamplingParams};
 use tokio::sync::mpsc;
 
 use super::shell::Wake;
@@ -54,6 +55,42 @@ pub struct GenerateSpec {
     pub ignore_eos: bool,
     /// Tokens each choice generates before an end-of-turn token may end it.
     pub min_tokens: usize,
+    /// Functions the model may call (chat only).
+    pub tools: Option<ToolUse>,
+    /// What every choice's output must match (structured outputs).
+    pub constraint: Option<OutputConstraint>,
+}
+
+/// The tools offered to a chat request and how the model may use them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolUse {
+    /// The functions.
+    pub tools: Vec<Tool>,
+    /// Whether and which to call.
+    pub choice: ToolChoice,
+    /// Whether one turn may make several calls.
+    pub parallel: bool,
+}
+
+/// OpenAI's `tool_choice` (`none` is no [`ToolUse`] at all).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model decides; its calls are read from its text.
+    Auto,
+    /// At least one call, decoded under a grammar so it is valid.
+    Required,
+    /// A call of this function, decoded under a grammar.
+    Named(String),
+}
+
+/// A grammar the output must match and the request field it came from
+/// (named in the error if the grammar does not compile).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputConstraint {
+    /// The grammar.
+    pub grammar: Grammar,
+    /// The field, e.g. `response_format`.
+    pub param: &'static str,
 }
 
 /// A generation request the engine trusts: made only by
@@ -106,6 +143,9 @@ impl GenerateSpec {
                 ),
             ));
         }
+        if let Some(tools) = &self.tools {
+            check_tools(tools, self.constraint.as_ref())?;
+        }
         if self.stop.len() > MAX_STOP {
             let message = format!(
                 "at most {MAX_STOP} stop sequences are allowed, got {}",
@@ -138,6 +178,33 @@ impl GenerateSpec {
     }
 }
 
+fn check_tools(tools: &ToolUse, constraint: Option<&OutputConstraint>) -> Result<(), EngineError> {
+    if tools.tools.is_empty() && tools.choice != ToolChoice::Auto {
+        return Err(invalid(
+            "tool_choice",
+            "`tool_choice` asks for a call but `tools` is empty".into(),
+        ));
+    }
+    if let ToolChoice::Named(name) = &tools.choice {
+        if !tools.tools.iter().any(|t| &t.name == name) {
+            return Err(invalid(
+                "tool_choice",
+                format!("`tool_choice` names `{name}`, which is not in `tools`"),
+            ));
+        }
+    }
+    if let Some(c) = constraint.filter(|_| tools.choice != ToolChoice::Auto) {
+        return Err(invalid(
+            c.param,
+            format!(
+                "`{}` cannot be combined with a `tool_choice` that forces a call",
+                c.param
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl ValidGenerate {
     /// Sets when the request must be done by.
     pub fn with_deadline(mut self, deadline: Option<Instant>) -> Self {
@@ -164,6 +231,21 @@ pub enum FinishReason {
     Stop,
     /// `max_tokens` or the context length reached.
     Length,
+    /// The model called tools.
+    ToolCalls,
+}
+
+/// A tool call a choice made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolCallEvent {
+    /// Its place among the choice's calls (0, 1, …).
+    pub position: usize,
+    /// Its id (`call_…`).
+    pub id: String,
+    /// The function.
+    pub name: String,
+    /// The arguments: a JSON object, as text.
+    pub arguments: String,
 }
 
 /// One alternative in a log-probability report.
@@ -204,6 +286,13 @@ pub enum GenerateEvent {
         logprobs: Vec<TokenLogprob>,
         /// Tokens generated for this choice so far (this delta's included).
         produced: usize,
+    },
+    /// A choice made a tool call.
+    ToolCall {
+        /// The choice.
+        index: usize,
+        /// The call.
+        call: ToolCallEvent,
     },
     /// A choice ended.
     Finished {
@@ -277,6 +366,8 @@ mod tests {
             echo: false,
             ignore_eos: false,
             min_tokens: 0,
+            tools: None,
+            constraint: None,
         }
     }
 

@@ -5,12 +5,15 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use kindling_models::tokenizer::Tokenizer;
+use kindling_models::tools::{Piece, ToolFormat, ToolParser};
 use kindling_models::{
-    Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TokenLogprobs,
+    Constraint, Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TokenLogprobs,
 };
 use tokio::sync::mpsc;
 
-use super::{EngineError, FinishReason, GenerateEvent, TokenAlternative, TokenLogprob};
+use super::{
+    EngineError, FinishReason, GenerateEvent, TokenAlternative, TokenLogprob, ToolCallEvent,
+};
 
 /// The client went away.
 #[derive(Debug)]
@@ -101,8 +104,10 @@ impl Events {
     }
 }
 
-/// Events one sequence may send in one step: echo, text, finish.
-pub(super) const EVENTS_PER_STEP: usize = 3;
+/// Events one sequence may send in one step: echo, text, a tool call and
+/// the text around it, finish (a step that ends a choice may flush several
+/// calls; events the client has no room for are held, never lost).
+pub(super) const EVENTS_PER_STEP: usize = 5;
 
 /// What a choice did with one token.
 #[derive(Debug, PartialEq, Eq)]
@@ -124,6 +129,9 @@ pub(super) struct Choice {
     min_tokens: usize,
     ignore_eos: bool,
     echo: Option<String>,
+    constraint: Option<Constraint>,
+    tools: Option<(ToolParser, ToolFormat)>,
+    calls: usize,
 }
 
 /// What a choice is made from.
@@ -136,6 +144,10 @@ pub(super) struct ChoiceSpec<'a> {
     pub(super) ignore_eos: bool,
     pub(super) min_tokens: usize,
     pub(super) echo: Option<String>,
+    /// The grammar its output must match, in its start state.
+    pub(super) constraint: Option<Constraint>,
+    /// The tool-call syntax to read calls in, when tools were offered.
+    pub(super) tools: Option<ToolFormat>,
 }
 
 impl Choice {
@@ -150,6 +162,9 @@ impl Choice {
             min_tokens: spec.min_tokens,
             ignore_eos: spec.ignore_eos,
             echo: spec.echo,
+            constraint: spec.constraint,
+            tools: spec.tools.map(|f| (ToolParser::new(f), f)),
+            calls: 0,
         }
     }
 
@@ -164,18 +179,41 @@ impl Choice {
         if let Some(echo) = self.echo.take() {
             self.delta(events, echo, Vec::new())?;
         }
-        let sampled = if self.produced < self.min_tokens && !self.ignore_eos {
-            self.sampler
-                .sample_excluding(logits, tok.end_of_generation())
+        let eog = tok.end_of_generation();
+        let mut banned = if self.produced < self.min_tokens && !self.ignore_eos {
+            eog
         } else {
-            self.sampler.sample(logits)
+            &[]
         };
+        let mask = match self.constraint.as_mut().map(Constraint::mask) {
+            None => None,
+            Some(Ok(mask)) => Some(mask),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "the output grammar failed; the choice ends");
+                return self.end(events, FinishReason::Stop);
+            }
+        };
+        if let Some(mask) = &mask {
+            if !banned.is_empty() && !mask.allows_any_but(banned) {
+                // The grammar allows nothing but the end: it wins over min_tokens.
+                banned = &[];
+            }
+        }
+        let sampled = self
+            .sampler
+            .sample_constrained(logits, banned, mask.as_ref());
         self.produced += 1;
-        if !self.ignore_eos && tok.is_end_of_generation(sampled.token) {
+        let constrained = self.constraint.is_some();
+        if (constrained || !self.ignore_eos) && tok.is_end_of_generation(sampled.token) {
             // The end-of-turn token is not part of the text, nor of its log-probabilities.
-            let rest = self.stops.flush();
-            self.delta(events, rest, Vec::new())?;
-            return self.finish(events, FinishReason::Stop);
+            return self.end(events, FinishReason::Stop);
+        }
+        let mut grammar_done = false;
+        if let Some(c) = &mut self.constraint {
+            if let Err(e) = c.commit(sampled.token) {
+                tracing::warn!(error = %e, "the output grammar refused a sampled token");
+            }
+            grammar_done = c.is_finished();
         }
         let logprobs: Vec<TokenLogprob> = sampled
             .logprobs
@@ -186,16 +224,35 @@ impl Choice {
         match self.stops.push(&piece) {
             StopOutcome::Stopped(text) => {
                 self.delta(events, text, logprobs)?;
-                return self.finish(events, FinishReason::Stop);
+                return self.end(events, FinishReason::Stop);
             }
             StopOutcome::Continue(text) => self.delta(events, text, logprobs)?,
         }
+        if grammar_done {
+            return self.end(events, FinishReason::Stop);
+        }
         if self.produced >= self.max_tokens {
-            let rest = self.stops.flush();
-            self.delta(events, rest, Vec::new())?;
-            return self.finish(events, FinishReason::Length);
+            return self.end(events, FinishReason::Length);
         }
         Ok(Next::Continue(sampled.token))
+    }
+
+    /// Flushes held text and tool calls, then finishes with `reason`
+    /// (`tool_calls` instead of `stop` when the choice called tools).
+    fn end(&mut self, events: &mut Events, reason: FinishReason) -> Result<Next, Gone> {
+        let rest = self.stops.flush();
+        self.delta(events, rest, Vec::new())?;
+        let mut reason = reason;
+        if let Some((parser, format)) = &mut self.tools {
+            let pieces = parser.finish();
+            let called = parser.calls() > 0;
+            let format = *format;
+            self.send_pieces(events, pieces, format, Vec::new())?;
+            if called && reason == FinishReason::Stop {
+                reason = FinishReason::ToolCalls;
+            }
+        }
+        self.finish(events, reason)
     }
 
     /// Tokens generated so far.
@@ -203,7 +260,56 @@ impl Choice {
         self.produced
     }
 
+    /// Sends new text, through the tool-call parser when tools were offered.
     fn delta(
+        &mut self,
+        events: &mut Events,
+        text: String,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<(), Gone> {
+        if let Some((parser, format)) = &mut self.tools {
+            let pieces = if text.is_empty() {
+                Vec::new()
+            } else {
+                parser.push(&text)
+            };
+            let format = *format;
+            return self.send_pieces(events, pieces, format, logprobs);
+        }
+        self.send_text(events, text, logprobs)
+    }
+
+    fn send_pieces(
+        &mut self,
+        events: &mut Events,
+        pieces: Vec<Piece>,
+        format: ToolFormat,
+        logprobs: Vec<TokenLogprob>,
+    ) -> Result<(), Gone> {
+        let mut text = String::new();
+        for piece in pieces {
+            match piece {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Call(call) => {
+                    self.send_text(events, std::mem::take(&mut text), Vec::new())?;
+                    let position = self.calls;
+                    self.calls += 1;
+                    events.send(GenerateEvent::ToolCall {
+                        index: self.index,
+                        call: ToolCallEvent {
+                            position,
+                            id: format.call_id(&mut rand::rng()),
+                            name: call.name,
+                            arguments: call.arguments,
+                        },
+                    })?;
+                }
+            }
+        }
+        self.send_text(events, text, logprobs)
+    }
+
+    fn send_text(
         &self,
         events: &mut Events,
         text: String,

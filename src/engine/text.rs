@@ -5,14 +5,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kindling_models::tokenizer::Tokenizer;
-use kindling_models::{BatchItem, KvCache, SamplingParams, TextModel};
+use kindling_models::tools::{Tool, ToolFormat};
+use kindling_models::{
+    BatchItem, Constraint, GrammarCompiler, KvCache, SamplingParams, TextModel,
+};
 use tokio::sync::mpsc;
 
 use super::request::GenerateEvents;
 use super::scheduler::{Limits, Request, Scheduler, Sequence, StepModel};
 use super::sequence::{Choice, ChoiceSpec, Events};
 use super::shell::{Backend, Jobs, Step, Ticket};
-use super::{EngineError, EngineStats, LoadSpec, Prompt, ValidGenerate};
+use super::{EngineError, EngineStats, LoadSpec, Prompt, ToolChoice, ValidGenerate};
 
 /// A queued text request.
 pub(crate) struct TextJob {
@@ -63,6 +66,10 @@ impl StepModel for TextModel {
 pub(super) struct TextBackend {
     model: TextModel,
     scheduler: Scheduler,
+    /// How the model writes tool calls.
+    tool_format: ToolFormat,
+    /// Compiles output grammars; built on the first request that needs one.
+    grammar: Option<GrammarCompiler>,
 }
 
 /// Loads the model where `spec.target` says, with a KV cache that holds at
@@ -100,14 +107,21 @@ pub(super) fn load(
         "model loaded"
     );
     let scheduler = Scheduler::new(limits, kv, stats.clone());
-    Ok((TextBackend { model, scheduler }, ()))
+    let tool_format = spec.tool_format.unwrap_or_else(|| model.tool_format());
+    let backend = TextBackend {
+        model,
+        scheduler,
+        tool_format,
+        grammar: None,
+    };
+    Ok((backend, ()))
 }
 
 impl Backend for TextBackend {
     type Job = TextJob;
 
     fn admit(&mut self, job: TextJob) {
-        intake(&self.model, &mut self.scheduler, job);
+        intake(self, job);
     }
 
     fn step(&mut self) -> Step {
@@ -129,7 +143,7 @@ impl Backend for TextBackend {
 
 /// Validates a new request against the loaded model and queues its
 /// sequences, or fails it at once.
-fn intake(model: &TextModel, scheduler: &mut Scheduler, job: TextJob) {
+fn intake(backend: &mut TextBackend, job: TextJob) {
     let TextJob {
         request,
         mut events,
@@ -138,7 +152,10 @@ fn intake(model: &TextModel, scheduler: &mut Scheduler, job: TextJob) {
     if events.is_closed() {
         return;
     }
-    match sequences(model, &request, scheduler.kv_capacity()) {
+    let scheduler = &mut backend.scheduler;
+    let outcome = constraint(&backend.model, &mut backend.grammar, backend.tool_format, &request)
+        .and_then(|c| sequences(&backend.model, backend.tool_format, &request, c, scheduler.kv_capacity()));
+    match outcome {
         Ok((sequences, prompt_tokens)) => {
             let now = Instant::now();
             let req = Request {
@@ -164,12 +181,62 @@ fn invalid(param: &'static str, message: impl Into<String>) -> EngineError {
     }
 }
 
-fn prompt_ids(model: &TextModel, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+/// The grammar every choice's output must match, compiled: the request's
+/// own (`response_format` and the like), or one that forces a valid tool
+/// call when `tool_choice` asks for one.
+fn constraint(
+    model: &TextModel,
+    compiler: &mut Option<GrammarCompiler>,
+    format: ToolFormat,
+    request: &ValidGenerate,
+) -> Result<Option<Constraint>, EngineError> {
+    let req = &request.spec;
+    let (grammar, param) = match (&req.constraint, &req.tools) {
+        (Some(c), _) => (c.grammar.clone(), c.param),
+        (None, Some(t)) if t.choice != ToolChoice::Auto => {
+            let (tools, parallel): (Vec<Tool>, bool) = match &t.choice {
+                ToolChoice::Named(name) => (
+                    t.tools.iter().filter(|f| &f.name == name).cloned().collect(),
+                    false,
+                ),
+                _ => (t.tools.clone(), t.parallel),
+            };
+            let tok = &model.tokenizer;
+            let grammar = format.forced_grammar(&tools, parallel, |s| tok.control_id(s));
+            (grammar, "tools")
+        }
+        _ => return Ok(None),
+    };
+    if compiler.is_none() {
+        let started = Instant::now();
+        let built = GrammarCompiler::new(&model.tokenizer)
+            .map_err(|e| EngineError::Compute(format!("building the grammar tables: {e}")))?;
+        tracing::info!(
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "grammar tables built"
+        );
+        *compiler = Some(built);
+    }
+    let Some(compiler) = compiler.as_ref() else {
+        return Ok(None);
+    };
+    compiler
+        .compile(&grammar)
+        .map(Some)
+        .map_err(|e| invalid(param, e.to_string()))
+}
+
+fn prompt_ids(
+    model: &TextModel,
+    format: ToolFormat,
+    prompt: &Prompt,
+    tools: &[Tool],
+) -> Result<Vec<u32>, EngineError> {
     let tok = &model.tokenizer;
     let ids = match prompt {
         Prompt::Chat(messages) => {
             let text = model
-                .render_chat(messages)
+                .render_chat_with_tools(messages, tools, format)
                 .map_err(|e| invalid("messages", e.to_string()))?;
             tok.encode(&text)
                 .map_err(|e| invalid("messages", e.to_string()))?
@@ -205,10 +272,13 @@ fn prompt_ids(model: &TextModel, prompt: &Prompt) -> Result<Vec<u32>, EngineErro
 /// checked before any is queued, so a bad one fails the whole request.
 fn sequences(
     model: &TextModel,
+    format: ToolFormat,
     request: &ValidGenerate,
+    constraint: Option<Constraint>,
     kv_capacity: usize,
 ) -> Result<(Vec<Sequence>, usize), EngineError> {
     let req = &request.spec;
+    let tools = req.tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
     let context = model.max_positions().min(kv_capacity);
     let vocab = model.tokenizer.vocab_size();
     let mut out = Vec::with_capacity(req.prompts.len());
@@ -225,7 +295,7 @@ fn sequences(
         ));
     }
     for (p, prompt) in req.prompts.iter().enumerate() {
-        let ids = prompt_ids(model, prompt)?;
+        let ids = prompt_ids(model, format, prompt, tools)?;
         let room = context.saturating_sub(ids.len());
         let max_tokens = match req.max_tokens {
             Some(m) => m,
@@ -257,6 +327,8 @@ fn sequences(
                 ignore_eos: req.ignore_eos,
                 min_tokens: req.min_tokens,
                 echo: echo.clone(),
+                constraint: constraint.as_ref().map(Constraint::fork),
+                tools: req.tools.as_ref().map(|_| format),
             };
             Choice::new(spec, vocab)
         });

@@ -4,147 +4,41 @@ use axum::extract::{Extension, State};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
-use kindling_models::ChatMessage;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::chat_input::{self, ChatCompletionRequest};
 use super::error::ApiError;
 use super::extract::ApiJson;
 use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step};
 use super::log::RequestLog;
-use super::wire::{token_limit, SamplingFields, StreamOptions, Usage};
+use super::wire::{token_limit, Usage};
 use super::AppState;
-use crate::engine::{GenerateSpec, Prompt, TokenAlternative, TokenLogprob};
+use crate::engine::{
+    GenerateSpec, OutputConstraint, Prompt, TokenAlternative, TokenLogprob, ToolCallEvent,
+};
 use crate::registry::Purpose;
-
-/// The request body.
-#[derive(Debug, Deserialize)]
-pub struct ChatCompletionRequest {
-    pub model: String,
-    pub messages: Vec<MessageIn>,
-    pub max_tokens: Option<i64>,
-    pub max_completion_tokens: Option<i64>,
-    #[serde(default)]
-    pub stream: bool,
-    pub stream_options: Option<StreamOptions>,
-    #[serde(default)]
-    pub logprobs: bool,
-    pub top_logprobs: Option<i64>,
-    pub tools: Option<serde_json::Value>,
-    pub tool_choice: Option<serde_json::Value>,
-    pub response_format: Option<serde_json::Value>,
-    #[serde(flatten)]
-    pub sampling: SamplingFields,
-}
-
-/// One input message.
-#[derive(Debug, Deserialize)]
-pub struct MessageIn {
-    pub role: String,
-    #[serde(default)]
-    pub content: Option<Content>,
-}
-
-/// Message content: a string, or a list of parts of which we read the text ones.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum Content {
-    Text(String),
-    Parts(Vec<Part>),
-}
-
-/// One content part.
-#[derive(Debug, Deserialize)]
-pub struct Part {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub text: Option<String>,
-}
 
 const MAX_TOP_LOGPROBS: i64 = 20;
 
-/// Features clients may send that this server does not implement: refuse
-/// them rather than answer as if they were honoured.
-fn unsupported(req: &ChatCompletionRequest) -> Result<(), ApiError> {
-    let present = |v: &Option<serde_json::Value>| v.as_ref().is_some_and(|v| !v.is_null());
-    if req
-        .tools
-        .as_ref()
-        .is_some_and(|t| t.as_array().is_none_or(|a| !a.is_empty()))
-    {
-        return Err(ApiError::invalid("tools", "tool calling is not supported"));
-    }
-    if present(&req.tool_choice)
-        && req.tool_choice.as_ref().and_then(|v| v.as_str()) != Some("none")
-    {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "tool calling is not supported",
-        ));
-    }
-    let format = req
-        .response_format
-        .as_ref()
-        .and_then(|f| f.get("type"))
-        .and_then(|t| t.as_str());
-    if present(&req.response_format) && format != Some("text") {
-        return Err(ApiError::invalid(
-            "response_format",
-            "only `{\"type\": \"text\"}` is supported",
-        ));
-    }
+/// The grammar the output must follow: `response_format` or a `guided_*`
+/// extension, not both.
+fn output_constraint(req: &ChatCompletionRequest) -> Result<Option<OutputConstraint>, ApiError> {
     if req.stream_options.is_some() && !req.stream {
         return Err(ApiError::invalid(
             "stream_options",
             "`stream_options` is only allowed with `stream: true`",
         ));
     }
-    Ok(())
-}
-
-fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
-    if input.is_empty() {
-        return Err(ApiError::invalid(
-            "messages",
-            "`messages` must contain at least one message",
-        ));
+    match (
+        chat_input::response_format(req.response_format.as_ref())?,
+        req.guided.constraint()?,
+    ) {
+        (Some(_), Some(g)) => Err(ApiError::invalid(
+            g.param,
+            format!("`{}` cannot be combined with `response_format`", g.param),
+        )),
+        (a, b) => Ok(a.or(b)),
     }
-    input
-        .iter()
-        .enumerate()
-        .map(|(i, m)| {
-            let role = match m.role.as_str() {
-                "system" | "developer" => "system",
-                "user" => "user",
-                "assistant" => "assistant",
-                other => {
-                    return Err(ApiError::invalid(
-                        &format!("messages[{i}].role"),
-                        format!("role `{other}` is not supported (system, developer, user, assistant are)"),
-                    ))
-                }
-            };
-            let content = match &m.content {
-                None => String::new(),
-                Some(Content::Text(t)) => t.clone(),
-                Some(Content::Parts(parts)) => {
-                    let mut text = String::new();
-                    for (j, p) in parts.iter().enumerate() {
-                        match (p.kind.as_str(), &p.text) {
-                            ("text", Some(t)) => text.push_str(t),
-                            (kind, _) => {
-                                return Err(ApiError::invalid(
-                                    &format!("messages[{i}].content[{j}]"),
-                                    format!("content part of type `{kind}` is not supported by this model (text is)"),
-                                ))
-                            }
-                        }
-                    }
-                    text
-                }
-            };
-            Ok(ChatMessage { role: role.to_string(), content })
-        })
-        .collect()
 }
 
 /// The handler.
@@ -158,9 +52,10 @@ pub async fn handle(
     state.accepting()?;
     let user = req.sampling.user.as_deref();
     let target = super::versions::resolve(&state, &log, &key, &req.model, user, &headers)?;
-    unsupported(&req)?;
+    let constraint = output_constraint(&req)?;
+    let tools = chat_input::tool_use(&req)?;
     log.user(req.sampling.user.as_deref());
-    let messages = messages(&req.messages)?;
+    let messages = chat_input::messages(&req.messages)?;
     let top_logprobs = match (req.logprobs, req.top_logprobs) {
         (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
             return Err(ApiError::invalid(
@@ -193,6 +88,8 @@ pub async fn handle(
         echo: false,
         ignore_eos: req.sampling.ignore_eos,
         min_tokens: sampling.min_tokens,
+        tools,
+        constraint,
     }
     .validate()?;
     let job = Job::new(
@@ -220,8 +117,11 @@ pub async fn handle(
             index,
             message: MessageOut {
                 role: "assistant",
-                content: c.text,
+                // OpenAI sends null content beside tool calls when there is no text.
+                content: (!c.text.is_empty() || c.tool_calls.is_empty()).then_some(c.text),
                 refusal: None,
+                tool_calls: (!c.tool_calls.is_empty())
+                    .then(|| c.tool_calls.iter().map(ToolCallOut::new).collect()),
             },
             logprobs: meta.logprobs.then(|| Logprobs::new(&c.logprobs)),
             finish_reason: c.finish_reason.map(finish_name),
@@ -258,6 +158,7 @@ fn stream(gen: Generation, meta: Meta, include_usage: bool) -> impl Stream<Item 
             let delta = Delta {
                 role: Some("assistant"),
                 content: Some(String::new()),
+                tool_calls: None,
             };
             chunk(
                 &meta,
@@ -283,15 +184,18 @@ fn stream(gen: Generation, meta: Meta, include_usage: bool) -> impl Stream<Item 
                 delta: Delta {
                     role: None,
                     content: Some(text),
+                    tool_calls: None,
                 },
                 logprobs: step_meta.logprobs.then(|| Logprobs::new(&logprobs)),
                 finish_reason: None,
             },
+            Step::ToolCall { index, call } => return tool_call_chunks(&step_meta, index, &call),
             Step::Finished { index, reason } => ChunkChoice {
                 index,
                 delta: Delta {
                     role: None,
                     content: None,
+                    tool_calls: None,
                 },
                 logprobs: None,
                 finish_reason: Some(finish_name(reason)),
@@ -324,8 +228,81 @@ struct Choice {
 #[derive(Serialize)]
 struct MessageOut {
     role: &'static str,
-    content: String,
+    content: Option<String>,
     refusal: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
+}
+
+/// A tool call in a response, or a piece of one in a stream: the first
+/// chunk of a call carries its id, type and name, later ones add to its
+/// arguments, as OpenAI streams them.
+#[derive(Serialize)]
+struct ToolCallOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<String>,
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    function: FunctionOut,
+}
+
+#[derive(Serialize)]
+struct FunctionOut {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<String>,
+    arguments: String,
+}
+
+impl ToolCallOut {
+    fn new(call: &ToolCallEvent) -> Self {
+        Self {
+            index: None,
+            id: Some(call.id.clone()),
+            kind: Some("function"),
+            function: FunctionOut {
+                name: Some(call.name.clone()),
+                arguments: call.arguments.clone(),
+            },
+        }
+    }
+}
+
+/// A call as two chunks: its head (id, type, name, empty arguments), then
+/// its arguments.
+fn tool_call_chunks(meta: &Meta, index: usize, call: &ToolCallEvent) -> SseItem {
+    let head = ToolCallOut {
+        index: Some(call.position),
+        function: FunctionOut {
+            name: Some(call.name.clone()),
+            arguments: String::new(),
+        },
+        ..ToolCallOut::new(call)
+    };
+    let args = ToolCallOut {
+        index: Some(call.position),
+        id: None,
+        kind: None,
+        function: FunctionOut {
+            name: None,
+            arguments: call.arguments.clone(),
+        },
+    };
+    let items = [head, args].map(|c| {
+        let choice = ChunkChoice {
+            index,
+            delta: Delta {
+                role: None,
+                content: None,
+                tool_calls: Some(vec![c]),
+            },
+            logprobs: None,
+            finish_reason: None,
+        };
+        chunk(meta, vec![choice], None)
+    });
+    SseItem::concat(items)
 }
 
 #[derive(Serialize)]
@@ -353,6 +330,8 @@ struct Delta {
     role: Option<&'static str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     content: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tool_calls: Option<Vec<ToolCallOut>>,
 }
 
 #[derive(Serialize)]

@@ -32,6 +32,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     pub best_of: Option<i64>,
     #[serde(flatten)]
+    pub guided: super::chat_input::GuidedFields,
+    #[serde(flatten)]
     pub sampling: SamplingFields,
 }
 
@@ -125,6 +127,7 @@ pub async fn handle(
             "`best_of` is not supported unless equal to `n`",
         ));
     }
+    let constraint = req.guided.constraint()?;
     let prompts = prompts(req.prompt)?;
     let request = GenerateSpec {
         prompts,
@@ -138,6 +141,8 @@ pub async fn handle(
         echo: req.echo,
         ignore_eos: req.sampling.ignore_eos,
         min_tokens: sampling.min_tokens,
+        tools: None,
+        constraint,
     }
     .validate()?;
     let job = Job::new(
@@ -219,6 +224,13 @@ fn stream(gen: Generation, meta: Meta, include_usage: bool) -> impl Stream<Item 
                 text: String::new(),
                 logprobs: None,
                 finish_reason: Some(finish_name(reason)),
+            },
+            // Text completions offer no tools, so no calls come back.
+            Step::ToolCall { index, .. } => Choice {
+                index,
+                text: String::new(),
+                logprobs: None,
+                finish_reason: None,
             },
         };
         chunk(&step_meta, vec![choice], None)

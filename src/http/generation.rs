@@ -18,7 +18,7 @@ use super::error::ApiError;
 use super::log::RequestLog;
 use super::wire::{SamplingFields, Usage};
 use crate::config::KeepAlive;
-use crate::engine::{FinishReason, GenerateEvent, TokenLogprob, ValidGenerate};
+use crate::engine::{FinishReason, GenerateEvent, TokenLogprob, ToolCallEvent, ValidGenerate};
 use crate::metrics::Metrics;
 use crate::registry::{Lease, Registry};
 
@@ -83,7 +83,7 @@ impl Timing {
             GenerateEvent::Started { prompt_tokens } => {
                 self.prompt_tokens.inc_by(*prompt_tokens as u64);
             }
-            GenerateEvent::Delta { index, .. } => {
+            GenerateEvent::Delta { index, .. } | GenerateEvent::ToolCall { index, .. } => {
                 let now = Instant::now();
                 if !self.first_seen {
                     self.first_seen = true;
@@ -158,7 +158,7 @@ impl UsageCounter {
                 completion_tokens,
                 ..
             } => *self.choice(*index) = (*completion_tokens, true),
-            GenerateEvent::Failed(_) => {}
+            GenerateEvent::Failed(_) | GenerateEvent::ToolCall { .. } => {}
         }
     }
 
@@ -243,6 +243,7 @@ async fn submit(
 pub struct ChoiceOutput {
     pub text: String,
     pub logprobs: Vec<TokenLogprob>,
+    pub tool_calls: Vec<ToolCallEvent>,
     pub finish_reason: Option<FinishReason>,
 }
 
@@ -271,6 +272,11 @@ impl Generation {
                     if let Some(c) = out.get_mut(index) {
                         c.text.push_str(&text);
                         c.logprobs.extend(logprobs);
+                    }
+                }
+                GenerateEvent::ToolCall { index, call } => {
+                    if let Some(c) = out.get_mut(index) {
+                        c.tool_calls.push(call);
                     }
                 }
                 GenerateEvent::Finished { index, reason, .. } => {
@@ -319,6 +325,8 @@ pub enum Step {
         text: String,
         logprobs: Vec<TokenLogprob>,
     },
+    /// A choice made a tool call.
+    ToolCall { index: usize, call: ToolCallEvent },
     /// A choice ended.
     Finished { index: usize, reason: FinishReason },
 }
@@ -340,6 +348,7 @@ where
         while let Some(event) = gen.next().await {
             match event {
                 GenerateEvent::Delta { index, text, logprobs, .. } => yield chunk(Step::Delta { index, text, logprobs }),
+                GenerateEvent::ToolCall { index, call } => yield chunk(Step::ToolCall { index, call }),
                 GenerateEvent::Finished { index, reason, .. } => {
                     unfinished = unfinished.saturating_sub(1);
                     yield chunk(Step::Finished { index, reason });
@@ -367,6 +376,7 @@ pub fn finish_name(reason: FinishReason) -> &'static str {
     match reason {
         FinishReason::Stop => "stop",
         FinishReason::Length => "length",
+        FinishReason::ToolCalls => "tool_calls",
     }
 }
 
@@ -374,6 +384,8 @@ pub fn finish_name(reason: FinishReason) -> &'static str {
 pub enum SseItem {
     /// A chunk, serialized as JSON.
     Chunk(String),
+    /// Several chunks in a row (a tool call's head and arguments).
+    Chunks(Vec<String>),
     /// A comment line (`: …`), which clients ignore; keeps the connection
     /// alive while a cold model loads.
     Comment(String),
@@ -388,6 +400,20 @@ impl SseItem {
             Ok(v) => SseItem::Chunk(v),
             Err(e) => SseItem::Error(ApiError::internal_because(e)),
         }
+    }
+
+    /// Chunks sent one after the other; the first failure instead, if any.
+    pub fn concat(items: impl IntoIterator<Item = SseItem>) -> Self {
+        let mut out = Vec::new();
+        for item in items {
+            match item {
+                SseItem::Chunk(c) => out.push(c),
+                SseItem::Chunks(cs) => out.extend(cs),
+                SseItem::Comment(_) => {}
+                SseItem::Error(e) => return SseItem::Error(e),
+            }
+        }
+        SseItem::Chunks(out)
     }
 }
 
@@ -411,6 +437,11 @@ where
         while let Some(item) = items.next().await {
             match item {
                 SseItem::Chunk(v) => yield Ok::<_, Infallible>(Event::default().data(v)),
+                SseItem::Chunks(vs) => {
+                    for v in vs {
+                        yield Ok(Event::default().data(v));
+                    }
+                }
                 SseItem::Comment(c) => yield Ok(Event::default().comment(c)),
                 SseItem::Error(e) => {
                     log.stream_ended(Some(e.status.as_u16()));

@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod chat;
+mod chat_input;
 mod completions;
 mod edge;
 mod embeddings;

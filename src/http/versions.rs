@@ -105,14 +105,16 @@ pub fn shadow_generation(
                     GenerateEvent::Started { prompt_tokens } => {
                         o.prompt_tokens += prompt_tokens as u64;
                     }
-                    GenerateEvent::Delta { .. } if o.ttft.is_none() => {
+                    GenerateEvent::Delta { .. } | GenerateEvent::ToolCall { .. }
+                        if o.ttft.is_none() =>
+                    {
                         o.ttft = Some(started.elapsed());
                     }
                     GenerateEvent::Finished {
                         completion_tokens, ..
                     } => o.completion_tokens += completion_tokens as u64,
                     GenerateEvent::Failed(e) => return failed(e),
-                    GenerateEvent::Delta { .. } => {}
+                    GenerateEvent::Delta { .. } | GenerateEvent::ToolCall { .. } => {}
                 }
             }
             o

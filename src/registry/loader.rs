@@ -120,6 +120,7 @@ impl EngineLoader {
                 .kv_cache_tokens
                 .unwrap_or(self.engine.kv_cache_tokens),
             target: Target::Cpu,
+            tool_format: manifest.tool_format,
         }
     }
 

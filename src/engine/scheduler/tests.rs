@@ -167,6 +167,8 @@ fn submit_as(
         ignore_eos: false,
         min_tokens: 0,
         echo: None,
+        constraint: None,
+        tools: None,
     };
     let sequence = Sequence {
         request: 0,
@@ -202,6 +204,7 @@ fn read(rx: &mut mpsc::Receiver<GenerateEvent>) -> (String, Option<FinishReason>
             GenerateEvent::Delta { text: t, .. } => text.push_str(&t.replace(' ', "")),
             GenerateEvent::Finished { reason, .. } => finish = Some(reason),
             GenerateEvent::Failed(e) => panic!("request failed: {e}"),
+            GenerateEvent::ToolCall { .. } => panic!("no tools were offered"),
         }
     }
     (text, finish, started)
