@@ -97,13 +97,57 @@ async fn invalid_values_are_400_naming_the_parameter() {
             "messages[0].content[0]",
         ),
         (
-            json!({"tools": [{"type": "function", "function": {"name": "f"}}]}),
-            "tools",
+            json!({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}),
+            "tools[0].type",
         ),
-        (json!({"tool_choice": "required"}), "tool_choice"),
         (
-            json!({"response_format": {"type": "json_object"}}),
+            json!({"tools": [{"type": "function", "function": {"name": "a b"}}]}),
+            "tools[0].function.name",
+        ),
+        (json!({"tools": {"a": 1}}), "tools"),
+        (json!({"tool_choice": "required"}), "tool_choice"),
+        (json!({"tool_choice": "sometimes"}), "tool_choice"),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": {"type": "function", "function": {"name": "g"}}}),
+            "tool_choice",
+        ),
+        (
+            json!({"tools": [{"type": "function", "function": {"name": "f"}}],
+                   "tool_choice": "required", "response_format": {"type": "json_object"}}),
             "response_format",
+        ),
+        (
+            json!({"messages": [{"role": "tool", "content": "42"}]}),
+            "messages[0].tool_call_id",
+        ),
+        (
+            json!({"messages": [{"role": "assistant", "tool_calls": [
+                {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}),
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            json!({"response_format": {"type": "xml"}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+            "response_format",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                   "schema": {"type": "object", "properties": {"a": {"type": "nope"}}}}}}),
+            "response_format",
+        ),
+        (json!({"guided_regex": "(["}), "guided_regex"),
+        (json!({"guided_choice": []}), "guided_choice"),
+        (
+            json!({"guided_regex": "a", "guided_choice": ["a"]}),
+            "guided_choice",
+        ),
+        (
+            json!({"guided_regex": "a", "response_format": {"type": "json_object"}}),
+            "guided_regex",
         ),
         (json!({"logit_bias": {"forty-two": 5}}), "logit_bias"),
         (json!({"logit_bias": {"42": 500}}), "logit_bias"),

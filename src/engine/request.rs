@@ -72,9 +72,11 @@ pub struct ToolUse {
     pub parallel: bool,
 }
 
-/// OpenAI's `tool_choice` (`none` is no [`ToolUse`] at all).
+/// OpenAI's `tool_choice`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ToolChoice {
+    /// The tools are shown to the model, but its text is not read for calls.
+    None,
     /// The model decides; its calls are read from its text.
     Auto,
     /// At least one call, decoded under a grammar so it is valid.
@@ -179,7 +181,8 @@ impl GenerateSpec {
 }
 
 fn check_tools(tools: &ToolUse, constraint: Option<&OutputConstraint>) -> Result<(), EngineError> {
-    if tools.tools.is_empty() && tools.choice != ToolChoice::Auto {
+    let forced = matches!(tools.choice, ToolChoice::Required | ToolChoice::Named(_));
+    if tools.tools.is_empty() && forced {
         return Err(invalid(
             "tool_choice",
             "`tool_choice` asks for a call but `tools` is empty".into(),
@@ -193,7 +196,7 @@ fn check_tools(tools: &ToolUse, constraint: Option<&OutputConstraint>) -> Result
             ));
         }
     }
-    if let Some(c) = constraint.filter(|_| tools.choice != ToolChoice::Auto) {
+    if let Some(c) = constraint.filter(|_| forced) {
         return Err(invalid(
             c.param,
             format!(

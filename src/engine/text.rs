@@ -193,7 +193,7 @@ fn constraint(
     let req = &request.spec;
     let (grammar, param) = match (&req.constraint, &req.tools) {
         (Some(c), _) => (c.grammar.clone(), c.param),
-        (None, Some(t)) if t.choice != ToolChoice::Auto => {
+        (None, Some(t)) if matches!(t.choice, ToolChoice::Required | ToolChoice::Named(_)) => {
             let (tools, parallel): (Vec<Tool>, bool) = match &t.choice {
                 ToolChoice::Named(name) => (
                     t.tools.iter().filter(|f| &f.name == name).cloned().collect(),
@@ -328,7 +328,11 @@ fn sequences(
                 min_tokens: req.min_tokens,
                 echo: echo.clone(),
                 constraint: constraint.as_ref().map(Constraint::fork),
-                tools: req.tools.as_ref().map(|_| format),
+                tools: req
+                    .tools
+                    .as_ref()
+                    .filter(|t| t.choice != ToolChoice::None)
+                    .map(|_| format),
             };
             Choice::new(spec, vocab)
         });

@@ -213,7 +213,8 @@ pub fn messages(input: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
 pub const MAX_TOOLS: usize = 128;
 
 /// Reads `tools`, `tool_choice` and `parallel_tool_calls`; `None` when
-/// no tools are offered or `tool_choice` is `none`.
+/// no tools are offered. With `tool_choice: none` the tools are still shown
+/// to the model (as vLLM does), but no calls are read from its text.
 pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError> {
     let tools = match &req.tools {
         None | Some(Value::Null) => Vec::new(),
@@ -232,14 +233,9 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
     };
     let choice = match &req.tool_choice {
-        None | Some(Value::Null) => {
-            if tools.is_empty() {
-                return Ok(None);
-            }
-            ToolChoice::Auto
-        }
+        None | Some(Value::Null) => ToolChoice::Auto,
         Some(Value::String(s)) => match s.as_str() {
-            "none" => return Ok(None),
+            "none" => ToolChoice::None,
             "auto" => ToolChoice::Auto,
             "required" => ToolChoice::Required,
             other => {
@@ -261,6 +257,9 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
             }
         },
     };
+    if tools.is_empty() && matches!(choice, ToolChoice::Auto | ToolChoice::None) {
+        return Ok(None);
+    }
     Ok(Some(ToolUse {
         tools,
         choice,
@@ -311,7 +310,8 @@ fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
 
 /// Reads `response_format`: `text` (no constraint), `json_object` (any
 /// JSON object) or `json_schema` (valid against the schema; constrained
-/// whether or not `strict` is set).
+/// whether or not `strict` is set; strict also closes every declared
+/// object to undeclared properties, as OpenAI's strict mode does).
 pub fn response_format(v: Option<&Value>) -> Result<Option<OutputConstraint>, ApiError> {
     let Some(v) = v.filter(|v| !v.is_null()) else {
         return Ok(None);
@@ -327,7 +327,12 @@ pub fn response_format(v: Option<&Value>) -> Result<Option<OutputConstraint>, Ap
             if !schema.is_object() {
                 return Err(bad("`json_schema.schema` must be a JSON Schema object"));
             }
-            Grammar::JsonSchema(schema.clone())
+            let mut schema = schema.clone();
+            if v.pointer("/json_schema/strict").and_then(Value::as_bool) == Some(true) {
+                // Strict mode: no properties beyond those declared.
+                kindling_models::tools::close_objects(&mut schema);
+            }
+            Grammar::JsonSchema(schema)
         }
         _ => return Err(bad("`type` must be text, json_object or json_schema")),
     };

@@ -15,6 +15,11 @@ def binary():
     return os.environ.get("KINDLING_BIN", str(ROOT / "target" / "debug" / "kindling"))
 
 
+def store():
+    """The model store (KINDLING_STORE, else store/)."""
+    return Path(os.environ.get("KINDLING_STORE", str(ROOT / "store")))
+
+
 def start(config, *args):
     """`kindling serve --config CONFIG --listen 127.0.0.1:0 ARGS…`: returns
     the process, its address and its log lines so far (still filling)."""

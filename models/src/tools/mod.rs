@@ -142,10 +142,11 @@ impl ToolFormat {
 
     /// The JSON Schema of one call of `tool` in this format.
     fn call_schema(self, tool: &Tool) -> Value {
-        let params = tool
+        let mut params = tool
             .parameters
             .clone()
             .unwrap_or_else(|| json!({"type": "object", "properties": {}}));
+        close_objects(&mut params);
         let key = self.arguments_key();
         json!({
             "type": "object",
@@ -153,6 +154,28 @@ impl ToolFormat {
             "required": ["name", key],
             "additionalProperties": false,
         })
+    }
+}
+
+/// Makes every object in `schema` that lists its `properties` and says
+/// nothing of others closed to others (`additionalProperties: false`), as
+/// OpenAI's strict mode does: a call carries the arguments its function
+/// declares and no invented ones.
+pub fn close_objects(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            if map.contains_key("properties") && !map.contains_key("additionalProperties") {
+                map.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            for (key, v) in map.iter_mut() {
+                // Constants and examples are values, not schemas.
+                if !matches!(key.as_str(), "const" | "enum" | "default" | "examples") {
+                    close_objects(v);
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(close_objects),
+        _ => {}
     }
 }
 

@@ -91,10 +91,7 @@ impl ToolParser {
                 // template that ends calls with end-of-turn) still counts
                 // when what follows the marker is a whole call.
                 let body = rest.strip_prefix(OPEN).unwrap_or(&rest);
-                match serde_json::from_str::<Value>(body.trim())
-                    .ok()
-                    .and_then(|v| call_from_value(&v, self.format))
-                {
+                match self.read_call(body) {
                     Some(call) => {
                         self.calls += 1;
                         out.push(Piece::Call(call));
@@ -167,15 +164,17 @@ impl ToolParser {
     }
 
     fn in_call(&mut self, out: &mut Vec<Piece>) {
-        let Some(end) = self.buf.find(CLOSE) else {
+        // A call ends at its closing tag, or where the next one opens
+        // (small models often leave the closing tag out).
+        let close = self.buf.find(CLOSE).map(|at| (at, at + CLOSE.len()));
+        let reopen = self.buf[OPEN.len()..]
+            .find(OPEN)
+            .map(|at| (OPEN.len() + at, OPEN.len() + at));
+        let Some((end, next)) = [close, reopen].into_iter().flatten().min() else {
             return;
         };
-        let whole = self.buf[..end + CLOSE.len()].to_string();
-        let body = &self.buf[OPEN.len()..end];
-        match serde_json::from_str::<Value>(body.trim())
-            .ok()
-            .and_then(|v| call_from_value(&v, self.format))
-        {
+        let whole = self.buf[..next].to_string();
+        match self.read_call(&self.buf[OPEN.len()..end]) {
             Some(call) => {
                 self.calls += 1;
                 out.push(Piece::Call(call));
@@ -184,6 +183,20 @@ impl ToolParser {
         }
         self.buf.drain(..whole.len());
         self.state = State::Text;
+    }
+
+    /// Reads the call in `body`: one JSON object, then nothing but
+    /// whitespace or the beginning of a marker.
+    fn read_call(&self, body: &str) -> Option<ToolCall> {
+        let body = body.trim();
+        let mut values = serde_json::Deserializer::from_str(body).into_iter::<Value>();
+        let value = values.next()?.ok()?;
+        let rest = body[values.byte_offset()..].trim();
+        let marker_start = |m: &str| m.starts_with(rest);
+        if !rest.is_empty() && !marker_start(OPEN) && !marker_start(CLOSE) {
+            return None;
+        }
+        call_from_value(&value, self.format)
     }
 
     /// Reads the whole output as calls: `[{…}, …]` (Mistral) or objects

@@ -52,7 +52,11 @@ fn text_that_only_looks_like_a_marker_is_content() {
     // A malformed call is shown as the text it is, not dropped.
     let bad = "<tool_call>\n{not json}\n</tool_call>";
     assert_eq!(feed(ToolFormat::Hermes, &[bad]), vec![Piece::Text(bad.into())]);
-    // An unclosed but whole call at the end still counts.
+    // A call left open by the next one, or by the end, still counts.
+    assert_eq!(
+        feed(ToolFormat::Hermes, &["<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n<tool_"]),
+        vec![call("f", "{}"), call("g", "{}")]
+    );
     assert_eq!(
         feed(ToolFormat::Hermes, &["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}"]),
         vec![call("f", r#"{"x":1}"#)]
@@ -155,4 +159,19 @@ fn forced_grammars_name_the_functions() {
         panic!("lark expected");
     };
     assert!(g.starts_with("start: <[5]> %json") && g.contains("\"maxItems\":1"), "{g}");
+}
+
+#[test]
+fn declared_objects_are_closed_to_invented_keys() {
+    let mut schema = serde_json::json!({
+        "type": "object",
+        "properties": {"a": {"type": "object", "properties": {"b": {"type": "string"}}},
+                       "c": {"type": "object", "properties": {}, "additionalProperties": true}},
+        "default": {"properties": {}},
+    });
+    close_objects(&mut schema);
+    assert_eq!(schema["additionalProperties"], false);
+    assert_eq!(schema["properties"]["a"]["additionalProperties"], false);
+    assert_eq!(schema["properties"]["c"]["additionalProperties"], true);
+    assert!(schema["default"].get("additionalProperties").is_none());
 }
