@@ -11,6 +11,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use kindling_kernels::PagedLayout;
 
 use crate::error::{ModelError, Result};
+use crate::prefix_cache::{BlockHash, PrefixIndex};
 
 /// The shape of the cache a model needs per layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +43,8 @@ pub const BLOCK_SIZE: usize = 16;
 #[derive(Debug, Default)]
 pub struct BlockTable {
     blocks: Vec<u32>,
+    /// The prefix names of the leading full blocks, once computed.
+    hashes: Vec<BlockHash>,
 }
 
 impl BlockTable {
@@ -75,6 +78,8 @@ pub struct KvCache {
     store: Store,
     refs: Vec<u32>,
     free: Vec<u32>,
+    /// The prefix cache, when on.
+    prefix: Option<PrefixIndex>,
 }
 
 impl KvCache {
@@ -132,6 +137,87 @@ impl KvCache {
             refs: vec![0; blocks],
             // Popped from the end: hand out low ids first.
             free: (0..blocks as u32).rev().collect(),
+            prefix: None,
+        }
+    }
+
+    /// Turns prefix caching on or off. Off, cached blocks go back to the
+    /// free list at once.
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        match (on, &mut self.prefix) {
+            (true, None) => self.prefix = Some(PrefixIndex::new()),
+            (false, Some(index)) => {
+                let idle = index.clear();
+                self.free.extend(idle);
+                self.prefix = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether prefix caching is on.
+    pub fn prefix_caching(&self) -> bool {
+        self.prefix.is_some()
+    }
+
+    /// Blocks that hold a named prefix (held by a sequence or waiting for reuse).
+    pub fn cached_blocks(&self) -> usize {
+        self.prefix.as_ref().map_or(0, PrefixIndex::named)
+    }
+
+    /// A block for new work: a free one, else the least recently used
+    /// cached one.
+    fn take_block(&mut self) -> Option<u32> {
+        let b = match self.free.pop() {
+            Some(b) => b,
+            None => self.prefix.as_mut()?.evict()?,
+        };
+        self.refs[b as usize] = 1;
+        Some(b)
+    }
+
+    /// Starts a sequence of `tokens` on the cached blocks that already hold
+    /// its longest cached prefix of whole blocks (leaving at least one token
+    /// to compute, whose logits the sequence needs). Returns the table and
+    /// the positions it holds.
+    pub fn lookup(&mut self, tokens: &[u32]) -> (BlockTable, usize) {
+        let mut table = BlockTable::default();
+        let Some(index) = self.prefix.as_mut() else {
+            return (table, 0);
+        };
+        let full = tokens.len().saturating_sub(1) / BLOCK_SIZE;
+        for chunk in tokens.chunks_exact(BLOCK_SIZE).take(full) {
+            let hash = index.chain(table.hashes.last().copied(), chunk);
+            let Some(block) = index.find(hash) else {
+                break;
+            };
+            let r = &mut self.refs[block as usize];
+            if *r == 0 {
+                index.unpark(block);
+            }
+            *r += 1;
+            table.blocks.push(block);
+            table.hashes.push(hash);
+        }
+        let held = table.blocks.len() * BLOCK_SIZE;
+        (table, held)
+    }
+
+    /// Names the full blocks of `table` among its first `computed`
+    /// positions of `tokens`, so later sequences can reuse them.
+    pub fn register(&mut self, table: &mut BlockTable, tokens: &[u32], computed: usize) {
+        let Some(index) = self.prefix.as_mut() else {
+            return;
+        };
+        let full = (computed.min(tokens.len()) / BLOCK_SIZE).min(table.blocks.len());
+        while table.hashes.len() < full {
+            let i = table.hashes.len();
+            let hash = index.chain(
+                table.hashes.last().copied(),
+                &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
+            );
+            index.name(table.blocks[i], hash);
+            table.hashes.push(hash);
         }
     }
 
@@ -168,21 +254,21 @@ impl KvCache {
         self.refs.len()
     }
 
-    /// Blocks no sequence holds.
+    /// Blocks no sequence holds (cached ones included: they are given up
+    /// when needed).
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.free.len() + self.prefix.as_ref().map_or(0, PrefixIndex::idle)
     }
 
     /// Grows `table` to hold `positions` positions. Returns `false`, and
     /// changes nothing, if the pool lacks the blocks.
     pub fn grow(&mut self, table: &mut BlockTable, positions: usize) -> bool {
         let need = Self::blocks_for(positions).saturating_sub(table.blocks.len());
-        if need > self.free.len() {
+        if need > self.free_blocks() {
             return false;
         }
         for _ in 0..need {
-            if let Some(b) = self.free.pop() {
-                self.refs[b as usize] = 1;
+            if let Some(b) = self.take_block() {
                 table.blocks.push(b);
             }
         }
@@ -192,11 +278,15 @@ impl KvCache {
     /// Returns `table`'s blocks to the pool (shared blocks once their last
     /// holder lets go) and empties it.
     pub fn release(&mut self, table: &mut BlockTable) {
+        table.hashes.clear();
         for b in table.blocks.drain(..) {
             let r = &mut self.refs[b as usize];
             *r = r.saturating_sub(1);
             if *r == 0 {
-                self.free.push(b);
+                match self.prefix.as_mut().filter(|p| p.is_named(b)) {
+                    Some(index) => index.park(b),
+                    None => self.free.push(b),
+                }
             }
         }
     }
@@ -207,28 +297,25 @@ impl KvCache {
     pub fn fork(&mut self, table: &BlockTable, len: usize) -> Option<BlockTable> {
         let full = len / BLOCK_SIZE;
         let partial = !len.is_multiple_of(BLOCK_SIZE);
-        if partial && self.free.is_empty() {
+        if partial && self.free_blocks() == 0 {
             return None;
         }
         let mut blocks = table.blocks[..full.min(table.blocks.len())].to_vec();
-        for &b in &blocks {
-            self.refs[b as usize] += 1;
-        }
+        let hashes = table.hashes[..full.min(table.hashes.len())].to_vec();
         if partial {
             let src = table.blocks[full];
-            let dst = self.free.pop()?;
-            self.refs[dst as usize] = 1;
+            let dst = self.take_block()?;
             if self.copy_block(src, dst).is_err() {
                 self.refs[dst as usize] = 0;
                 self.free.push(dst);
-                for &b in &blocks {
-                    self.refs[b as usize] -= 1;
-                }
                 return None;
             }
             blocks.push(dst);
         }
-        Some(BlockTable { blocks })
+        for &b in &blocks[..full.min(table.blocks.len())] {
+            self.refs[b as usize] += 1;
+        }
+        Some(BlockTable { blocks, hashes })
     }
 
     /// Copies block `src` to block `dst` in every layer.
@@ -371,6 +458,40 @@ mod tests {
         kv.release(&mut a);
         assert_eq!(kv.free_blocks(), 4 - 2);
         kv.release(&mut b);
+        assert_eq!(kv.free_blocks(), 4);
+    }
+
+    #[test]
+    fn released_prefixes_are_found_again_until_their_blocks_are_needed() {
+        let mut kv = pool(4);
+        kv.set_prefix_caching(true);
+        let tokens: Vec<u32> = (0..2 * BLOCK_SIZE as u32 + 5).collect();
+        let (mut a, held) = kv.lookup(&tokens);
+        assert_eq!(held, 0);
+        assert!(kv.grow(&mut a, tokens.len()));
+        kv.register(&mut a, &tokens, tokens.len());
+        assert_eq!(kv.cached_blocks(), 2, "only full blocks are named");
+        let first = a.blocks()[..2].to_vec();
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 4, "cached blocks still count as free");
+        // The same prefix finds both blocks; a different first block finds none.
+        let (mut b, held) = kv.lookup(&tokens);
+        assert_eq!((held, b.blocks()), (2 * BLOCK_SIZE, &first[..]));
+        let mut other = tokens.clone();
+        other[0] = 99;
+        assert_eq!(kv.lookup(&other).1, 0);
+        // A prompt of exactly two blocks reuses one: its last token must be computed.
+        let (mut c, held) = kv.lookup(&tokens[..2 * BLOCK_SIZE]);
+        assert_eq!(held, BLOCK_SIZE);
+        kv.release(&mut b);
+        kv.release(&mut c);
+        // New work takes the free block first, then the least recently used cached one.
+        let mut d = BlockTable::default();
+        assert!(kv.grow(&mut d, 4 * BLOCK_SIZE));
+        assert_eq!(kv.cached_blocks(), 0);
+        assert_eq!(kv.lookup(&tokens).1, 0);
+        kv.release(&mut d);
+        kv.set_prefix_caching(false);
         assert_eq!(kv.free_blocks(), 4);
     }
 }

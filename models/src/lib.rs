@@ -12,6 +12,7 @@ pub mod gguf;
 pub mod grammar;
 pub mod kv_cache;
 pub mod llama;
+mod prefix_cache;
 pub mod sampling;
 pub mod synthetic;
 pub mod text;

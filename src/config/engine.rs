@@ -37,6 +37,12 @@ pub struct EngineConfig {
     /// Share each model's batch and queue fairly between API keys: while
     /// others wait, no key holds more than its share of sequences.
     pub fair_share: bool,
+    /// Keep the KV blocks of whole prompt prefixes after a request ends and
+    /// reuse them for later requests that start the same way (same model
+    /// instance only). They live in the KV cache's own blocks, so they take
+    /// no memory beyond `kv_cache_tokens`, and are given up, least recently
+    /// used first, when new work needs the room.
+    pub prefix_caching: bool,
 }
 
 impl Default for EngineConfig {
@@ -51,6 +57,7 @@ impl Default for EngineConfig {
             embedding_batch_tokens: 2048,
             image_batch: 4,
             fair_share: true,
+            prefix_caching: true,
         }
     }
 }

@@ -279,6 +279,12 @@ pub enum GenerateEvent {
         /// Tokens in all prompts together.
         prompt_tokens: usize,
     },
+    /// This many of a prompt's tokens were found in the prefix cache and
+    /// not computed again (sent once per prompt, after `Started`).
+    PrefixCached {
+        /// Cached tokens.
+        tokens: usize,
+    },
     /// New text for one choice (may be empty when only log-probabilities are new).
     Delta {
         /// The choice.

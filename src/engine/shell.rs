@@ -304,6 +304,7 @@ mod tests {
             kv_cache_tokens: 1,
             target: Default::default(),
             fair_share: true,
+            prefix_caching: true,
             tool_format: None,
         }
     }

@@ -66,6 +66,8 @@ pub struct LoadSpec {
     pub target: Target,
     /// Share the batch and the queue fairly between API keys.
     pub fair_share: bool,
+    /// Keep and reuse the KV blocks of prompt prefixes (text models).
+    pub prefix_caching: bool,
     /// How the model writes tool calls; `None` reads it from the chat template.
     pub tool_format: Option<kindling_models::tools::ToolFormat>,
 }

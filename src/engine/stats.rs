@@ -18,6 +18,9 @@ pub struct EngineStats {
     running: AtomicUsize,
     kv_used: AtomicUsize,
     kv_total: AtomicUsize,
+    kv_cached: AtomicUsize,
+    prefix_queries: AtomicU64,
+    prefix_hits: AtomicU64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     steps: AtomicU64,
@@ -74,6 +77,29 @@ impl EngineStats {
         self.running.store(running, Ordering::Release);
         self.kv_used.store(kv_used, Ordering::Release);
         self.kv_total.store(kv_total, Ordering::Release);
+    }
+
+    /// Records a prompt of `tokens` looked up in the prefix cache, `hits` of them found.
+    pub(super) fn record_prefix_lookup(&self, tokens: u64, hits: u64) {
+        self.prefix_queries.fetch_add(tokens, Ordering::AcqRel);
+        self.prefix_hits.fetch_add(hits, Ordering::AcqRel);
+    }
+
+    pub(super) fn set_cached_blocks(&self, blocks: usize) {
+        self.kv_cached.store(blocks, Ordering::Release);
+    }
+
+    /// Prompt tokens looked up in the prefix cache, and those found, since load.
+    pub fn prefix_cache(&self) -> (u64, u64) {
+        (
+            self.prefix_queries.load(Ordering::Acquire),
+            self.prefix_hits.load(Ordering::Acquire),
+        )
+    }
+
+    /// KV blocks that hold a cached prefix.
+    pub fn cached_blocks(&self) -> usize {
+        self.kv_cached.load(Ordering::Acquire)
     }
 
     /// Records one forward pass.

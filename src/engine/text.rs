@@ -82,7 +82,8 @@ pub(super) fn load(
     let loaded = spec.target.placement().and_then(|placement| {
         let model = TextModel::load_on(&spec.path, spec.context_length, &placement)?;
         let positions = spec.kv_cache_tokens.max(model.max_positions());
-        let kv = model.new_cache(KvCache::blocks_for(positions))?;
+        let mut kv = model.new_cache(KvCache::blocks_for(positions))?;
+        kv.set_prefix_caching(spec.prefix_caching);
         Ok((model, kv, positions))
     });
     let (model, kv, positions) =
@@ -348,6 +349,7 @@ fn sequences(
             table: Default::default(),
             choice: first,
             forks,
+            looked_up: false,
         });
     }
     Ok((out, prompt_tokens))

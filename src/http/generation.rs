@@ -103,7 +103,7 @@ impl Timing {
             } => {
                 self.generation_tokens.inc_by(*completion_tokens as u64);
             }
-            GenerateEvent::Failed(_) => {}
+            GenerateEvent::Failed(_) | GenerateEvent::PrefixCached { .. } => {}
         }
     }
 }
@@ -130,6 +130,7 @@ pub struct Job {
 #[derive(Debug, Default, Clone)]
 pub struct UsageCounter {
     prompt: usize,
+    cached: usize,
     /// Per choice: tokens so far, and whether the count is final.
     choices: Vec<(usize, bool)>,
 }
@@ -145,6 +146,7 @@ impl UsageCounter {
     fn observe(&mut self, event: &GenerateEvent) {
         match event {
             GenerateEvent::Started { prompt_tokens } => self.prompt += prompt_tokens,
+            GenerateEvent::PrefixCached { tokens } => self.cached += tokens,
             GenerateEvent::Delta {
                 index, produced, ..
             } => {
@@ -164,7 +166,7 @@ impl UsageCounter {
 
     /// The totals.
     pub fn usage(&self) -> Usage {
-        Usage::new(self.prompt, self.choices.iter().map(|c| c.0).sum())
+        Usage::new(self.prompt, self.choices.iter().map(|c| c.0).sum()).with_cached(self.cached)
     }
 }
 
@@ -285,7 +287,7 @@ impl Generation {
                     }
                 }
                 GenerateEvent::Failed(e) => return Err(e.into()),
-                GenerateEvent::Started { .. } => {}
+                GenerateEvent::Started { .. } | GenerateEvent::PrefixCached { .. } => {}
             }
         }
         if out.iter().any(|c| c.finish_reason.is_none()) {
@@ -357,7 +359,7 @@ where
                     yield SseItem::Error(e.into());
                     return;
                 }
-                GenerateEvent::Started { .. } => {}
+                GenerateEvent::Started { .. } | GenerateEvent::PrefixCached { .. } => {}
             }
         }
         if unfinished > 0 {

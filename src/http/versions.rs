@@ -114,7 +114,9 @@ pub fn shadow_generation(
                         completion_tokens, ..
                     } => o.completion_tokens += completion_tokens as u64,
                     GenerateEvent::Failed(e) => return failed(e),
-                    GenerateEvent::Delta { .. } | GenerateEvent::ToolCall { .. } => {}
+                    GenerateEvent::Delta { .. }
+                    | GenerateEvent::ToolCall { .. }
+                    | GenerateEvent::PrefixCached { .. } => {}
                 }
             }
             o

@@ -151,6 +151,13 @@ pub struct Metrics {
     pub kv_blocks_used: Family<ModelLabel, Gauge>,
     /// KV cache blocks per model (set when rendering).
     pub kv_blocks_total: Family<ModelLabel, Gauge>,
+    /// KV cache blocks holding a cached prompt prefix (set when rendering).
+    pub prefix_cached_blocks: Family<ModelLabel, Gauge>,
+    /// Share of looked-up prompt tokens found in the prefix cache since load.
+    pub prefix_hit_rate: Family<ModelLabel, FloatGauge>,
+    /// vLLM's names: prompt tokens looked up in the prefix cache, and found.
+    pub vllm_prefix_queries: Family<ModelNameLabel, Gauge>,
+    pub vllm_prefix_hits: Family<ModelNameLabel, Gauge>,
     /// 1 for each model's current lifecycle state, 0 for the others.
     pub model_state: Family<ModelStateLabels, Gauge>,
     /// Tokens generated per second over the last ten seconds (set when rendering).
@@ -220,6 +227,10 @@ impl Metrics {
             batch_steps: Family::default(),
             kv_blocks_used: Family::default(),
             kv_blocks_total: Family::default(),
+            prefix_cached_blocks: Family::default(),
+            prefix_hit_rate: Family::default(),
+            vllm_prefix_queries: Family::default(),
+            vllm_prefix_hits: Family::default(),
             model_state: Family::default(),
             tokens_per_second: Family::default(),
             vllm_waiting: Family::default(),
@@ -337,6 +348,26 @@ impl Metrics {
             m.kv_blocks_total.clone(),
         );
         r.register(
+            "kindling_prefix_cache_blocks",
+            "KV cache blocks holding a cached prompt prefix (reused by requests that start the same way)",
+            m.prefix_cached_blocks.clone(),
+        );
+        r.register(
+            "kindling_prefix_cache_hit_rate",
+            "Share of prompt tokens found in the prefix cache since the model loaded, 0 to 1",
+            m.prefix_hit_rate.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (vLLM's name)",
+            m.vllm_prefix_queries.clone(),
+        );
+        r.register(
+            "vllm:prefix_cache_hits",
+            "Prompt tokens found in the prefix cache (vLLM's name)",
+            m.vllm_prefix_hits.clone(),
+        );
+        r.register(
             "kindling_generation_tokens_per_second",
             "Tokens generated per second, averaged over the last ten seconds",
             m.tokens_per_second.clone(),
@@ -423,10 +454,12 @@ impl Metrics {
             &self.batch_steps,
             &self.kv_blocks_used,
             &self.kv_blocks_total,
+            &self.prefix_cached_blocks,
         ] {
             family.remove(&label);
         }
         self.tokens_per_second.remove(&label);
+        self.prefix_hit_rate.remove(&label);
         for state in states {
             self.model_state.remove(&ModelStateLabels {
                 model: model.to_string(),
@@ -437,6 +470,8 @@ impl Metrics {
         self.vllm_waiting.remove(&name);
         self.vllm_running.remove(&name);
         self.vllm_kv_usage.remove(&name);
+        self.vllm_prefix_queries.remove(&name);
+        self.vllm_prefix_hits.remove(&name);
     }
 
     /// All metrics in the OpenMetrics text format.

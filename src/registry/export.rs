@@ -57,6 +57,15 @@ impl Registry {
             m.tokens_per_second
                 .get_or_create(&label)
                 .set(b.tokens_per_second);
+            m.prefix_cached_blocks
+                .get_or_create(&label)
+                .set(b.prefix_cached_blocks as i64);
+            let rate = if b.prefix_queries == 0 {
+                0.0
+            } else {
+                b.prefix_hits as f64 / b.prefix_queries as f64
+            };
+            m.prefix_hit_rate.get_or_create(&label).set(rate);
             let name = Metrics::model_name(&s.id);
             m.vllm_waiting.get_or_create(&name).set(b.waiting as i64);
             m.vllm_running.get_or_create(&name).set(b.running as i64);
@@ -66,6 +75,12 @@ impl Registry {
                 b.kv_blocks_used as f64 / b.kv_blocks_total as f64
             };
             m.vllm_kv_usage.get_or_create(&name).set(usage);
+            m.vllm_prefix_queries
+                .get_or_create(&name)
+                .set(gauge_value(b.prefix_queries));
+            m.vllm_prefix_hits
+                .get_or_create(&name)
+                .set(gauge_value(b.prefix_hits));
         }
         m.resident_models.set(resident);
         m.process_resident

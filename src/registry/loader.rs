@@ -110,6 +110,7 @@ impl EngineLoader {
             queue_size: self.engine.queue_size,
             stall_timeout: self.engine.stall_timeout,
             fair_share: self.engine.fair_share,
+            prefix_caching: self.engine.prefix_caching,
             max_sequences: self.engine.max_sequences,
             max_batch_tokens: if embedding {
                 self.engine.embedding_batch_tokens
@@ -340,7 +341,11 @@ impl Loader for Arc<EngineLoader> {
     fn batch(model: &EngineHandle) -> BatchSnapshot {
         let s = model.stats();
         let (kv_blocks_used, kv_blocks_total) = s.kv_blocks();
+        let (prefix_queries, prefix_hits) = s.prefix_cache();
         BatchSnapshot {
+            prefix_cached_blocks: s.cached_blocks(),
+            prefix_queries,
+            prefix_hits,
             waiting: s.waiting(),
             running: s.running(),
             kv_blocks_used,

@@ -70,6 +70,9 @@ pub(super) struct Sequence {
     pub(super) table: BlockTable,
     pub(super) choice: Choice,
     pub(super) forks: Vec<Choice>,
+    /// Whether its prompt was looked up in the prefix cache (the first
+    /// time it is admitted; a preempted sequence looks again, unreported).
+    pub(super) looked_up: bool,
 }
 
 impl Sequence {
@@ -319,26 +322,41 @@ impl Scheduler {
             if below_share && !self.below_share(next) {
                 break;
             }
-            let front = &self.waiting[next];
-            // A fork copies at most one partly filled block.
-            let blocks = KvCache::blocks_for(front.tokens.len()) + front.forks.len();
-            if seats + front.seats() > self.limits.max_sequences || blocks > self.kv.free_blocks() {
+            if seats + self.waiting[next].seats() > self.limits.max_sequences {
                 break;
             }
             let Some(mut s) = self.waiting.remove(next) else {
                 break;
             };
-            if !self.kv.grow(&mut s.table, s.tokens.len()) {
+            // Start on the cached blocks of its longest cached prefix.
+            let mut cached = 0;
+            if s.computed == 0 && s.table.blocks().is_empty() {
+                (s.table, cached) = self.kv.lookup(&s.tokens);
+                s.computed = cached;
+            }
+            // A fork copies at most one partly filled block.
+            let blocks = KvCache::blocks_for(s.tokens.len()) - s.table.blocks().len() + s.forks.len();
+            if blocks > self.kv.free_blocks() || !self.kv.grow(&mut s.table, s.tokens.len()) {
+                self.kv.release(&mut s.table);
+                s.computed = 0;
                 self.waiting.insert(next, s);
                 break;
             }
             seats += s.seats();
+            let first_look = !std::mem::replace(&mut s.looked_up, true);
             if let Some(req) = self.requests.get_mut(&s.request) {
                 if req.ticket.is_waiting() {
                     req.ticket.leave();
                     let _ = req.events.send(GenerateEvent::Started {
                         prompt_tokens: req.prompt_tokens,
                     });
+                }
+                if first_look && self.kv.prefix_caching() {
+                    self.stats
+                        .record_prefix_lookup(s.tokens.len() as u64, cached as u64);
+                    if cached > 0 {
+                        let _ = req.events.send(GenerateEvent::PrefixCached { tokens: cached });
+                    }
                 }
             }
             let n = (s.tokens.len() - s.computed).min(*budget);
@@ -361,6 +379,7 @@ impl Scheduler {
         for p in plan {
             let s = &mut self.running[p.seq];
             s.computed = p.end;
+            self.kv.register(&mut s.table, &s.tokens, s.computed);
             if p.end - p.start > 1 || s.choice.produced() == 0 {
                 prompt_tokens += (p.end - p.start) as u64;
             }
@@ -382,6 +401,7 @@ impl Scheduler {
                     table: BlockTable::default(),
                     choice,
                     forks: Vec::new(),
+                    looked_up: true,
                 };
                 match self.kv.fork(&s.table, s.computed) {
                     Some(table) => {
@@ -495,5 +515,6 @@ impl Scheduler {
         let used = self.kv.total_blocks() - self.kv.free_blocks();
         self.stats
             .set_batch(self.running.len(), used, self.kv.total_blocks());
+        self.stats.set_cached_blocks(self.kv.cached_blocks());
     }
 }

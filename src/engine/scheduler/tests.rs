@@ -176,6 +176,7 @@ fn submit_as(
         table: Default::default(),
         choice: Choice::new(spec, VOCAB),
         forks: Vec::new(),
+        looked_up: false,
         tokens: prompt.clone(),
     };
     let request = Request {
@@ -205,6 +206,7 @@ fn read(rx: &mut mpsc::Receiver<GenerateEvent>) -> (String, Option<FinishReason>
             GenerateEvent::Finished { reason, .. } => finish = Some(reason),
             GenerateEvent::Failed(e) => panic!("request failed: {e}"),
             GenerateEvent::ToolCall { .. } => panic!("no tools were offered"),
+            GenerateEvent::PrefixCached { .. } => {}
         }
     }
     (text, finish, started)

@@ -74,6 +74,12 @@ pub struct BatchSnapshot {
     pub tokens_per_second: f64,
     /// Forward passes (batches) run since the model loaded.
     pub steps: u64,
+    /// KV cache blocks holding a cached prompt prefix.
+    pub prefix_cached_blocks: usize,
+    /// Prompt tokens looked up in the prefix cache since the model loaded.
+    pub prefix_queries: u64,
+    /// Of those, tokens found (not computed again).
+    pub prefix_hits: u64,
 }
 
 /// A model the loader brought up.
