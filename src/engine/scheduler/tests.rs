@@ -403,3 +403,24 @@ fn a_flooding_tenant_gives_up_seats_to_one_that_waits() {
         assert_eq!(s.kv.free_blocks(), 256);
     }
 }
+
+#[test]
+fn a_repeated_prompt_starts_after_its_cached_blocks() {
+    let fake = Fake::new();
+    let mut s = scheduler(4, 64, 16);
+    s.kv.set_prefix_caching(true);
+    let prompt = letters(1, 40);
+    let mut a = submit(&mut s, prompt.clone(), 3, 64, LONG, None);
+    while s.step(&fake) {}
+    let first = read(&mut a);
+    let mut b = submit(&mut s, prompt, 3, 64, LONG, None);
+    while s.step(&fake) {}
+    assert_eq!(read(&mut b), first, "the same text, from the cached blocks");
+    let passes = fake.passes();
+    // a prefilled all 40 tokens; b only what follows its two whole cached blocks.
+    assert_eq!(passes[0], vec![(0, 40)]);
+    let b_first = passes.iter().rposition(|p| p[0].1 > 1).unwrap();
+    assert_eq!(passes[b_first], vec![(32, 8)]);
+    assert_eq!(s.stats.prefix_cache(), (80, 32));
+    assert_eq!(s.kv.free_blocks(), 16, "cached blocks are free for new work");
+}
