@@ -181,7 +181,8 @@ impl TokenMask {
     /// Whether any token outside `banned` is allowed.
     pub fn allows_any_but(&self, banned: &[u32]) -> bool {
         let mut any = false;
-        self.0.iter_set_entries(|i| any |= !banned.contains(&(i as u32)));
+        self.0
+            .iter_set_entries(|i| any |= !banned.contains(&(i as u32)));
         any
     }
 }
@@ -213,4 +214,3 @@ impl Constraint {
         self.matcher.is_stopped()
     }
 }
-

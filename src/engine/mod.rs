@@ -32,8 +32,8 @@ pub use error::EngineError;
 pub use image::{ImageEvent, ImageRequest, ImageServing};
 pub use request::{
     FinishReason, GenerateEvent, GenerateEvents, GenerateSpec, OutputConstraint, Prompt,
-    TokenAlternative, TokenLogprob, ToolCallEvent, ToolChoice, ToolUse, ValidGenerate,
-    MAX_CHOICES, MAX_STOP,
+    TokenAlternative, TokenLogprob, ToolCallEvent, ToolChoice, ToolUse, ValidGenerate, MAX_CHOICES,
+    MAX_STOP,
 };
 pub use spec::{estimate, LoadSpec, Target, Task};
 pub use stats::EngineStats;

@@ -6,9 +6,7 @@ use std::time::{Duration, Instant};
 
 use kindling_models::tokenizer::Tokenizer;
 use kindling_models::tools::{Tool, ToolFormat};
-use kindling_models::{
-    BatchItem, Constraint, GrammarCompiler, KvCache, SamplingParams, TextModel,
-};
+use kindling_models::{BatchItem, Constraint, GrammarCompiler, KvCache, SamplingParams, TextModel};
 use tokio::sync::mpsc;
 
 use super::request::GenerateEvents;
@@ -154,8 +152,21 @@ fn intake(backend: &mut TextBackend, job: TextJob) {
         return;
     }
     let scheduler = &mut backend.scheduler;
-    let outcome = constraint(&backend.model, &mut backend.grammar, backend.tool_format, &request)
-        .and_then(|c| sequences(&backend.model, backend.tool_format, &request, c, scheduler.kv_capacity()));
+    let outcome = constraint(
+        &backend.model,
+        &mut backend.grammar,
+        backend.tool_format,
+        &request,
+    )
+    .and_then(|c| {
+        sequences(
+            &backend.model,
+            backend.tool_format,
+            &request,
+            c,
+            scheduler.kv_capacity(),
+        )
+    });
     match outcome {
         Ok((sequences, prompt_tokens)) => {
             let now = Instant::now();
@@ -197,7 +208,11 @@ fn constraint(
         (None, Some(t)) if matches!(t.choice, ToolChoice::Required | ToolChoice::Named(_)) => {
             let (tools, parallel): (Vec<Tool>, bool) = match &t.choice {
                 ToolChoice::Named(name) => (
-                    t.tools.iter().filter(|f| &f.name == name).cloned().collect(),
+                    t.tools
+                        .iter()
+                        .filter(|f| &f.name == name)
+                        .cloned()
+                        .collect(),
                     false,
                 ),
                 _ => (t.tools.clone(), t.parallel),

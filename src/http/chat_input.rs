@@ -267,7 +267,7 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
     }))
 }
 
-fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
+pub(super) fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
     let bad = |field: &str, why: &str| ApiError::invalid(&format!("tools[{i}]{field}"), why);
     if t.get("type").and_then(Value::as_str) != Some("function") {
         return Err(bad(".type", "only tools of type `function` are supported"));
@@ -280,7 +280,8 @@ fn tool(i: usize, t: &Value) -> Result<Tool, ApiError> {
         .and_then(Value::as_str)
         .filter(|n| {
             (1..=64).contains(&n.len())
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         })
         .ok_or_else(|| {
             bad(

@@ -15,6 +15,8 @@ mod health;
 mod images;
 mod log;
 mod models;
+mod responses;
+mod responses_out;
 mod rollouts;
 mod sleep;
 mod usage;
@@ -151,6 +153,7 @@ pub fn router(state: AppState) -> Router {
     let router = router
         .route("/v1/chat/completions", post(chat::handle))
         .route("/v1/completions", post(completions::handle))
+        .route("/v1/responses", post(responses::handle))
         .route("/v1/embeddings", post(embeddings::handle))
         .route("/v1/images/generations", post(images::handle))
         .route("/v1/models", get(models::list))

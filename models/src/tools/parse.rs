@@ -100,7 +100,11 @@ impl ToolParser {
                 }
             }
             State::Start | State::Text => {
-                let text = if self.calls > 0 { rest.trim_end() } else { &rest };
+                let text = if self.calls > 0 {
+                    rest.trim_end()
+                } else {
+                    &rest
+                };
                 if !text.is_empty() {
                     out.push(Piece::Text(text.to_string()));
                 }
@@ -115,9 +119,7 @@ impl ToolParser {
             return;
         }
         let json = match self.format {
-            ToolFormat::Llama3 => {
-                trimmed.starts_with('{') || trimmed.starts_with(PYTHON_TAG)
-            }
+            ToolFormat::Llama3 => trimmed.starts_with('{') || trimmed.starts_with(PYTHON_TAG),
             ToolFormat::Mistral => trimmed.starts_with('[') || trimmed.starts_with(MISTRAL_TAG),
             ToolFormat::Hermes | ToolFormat::Generic => false,
         };

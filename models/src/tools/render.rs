@@ -18,8 +18,8 @@ pub fn prepare_messages(
     format: ToolFormat,
 ) -> (Vec<ChatMessage>, Option<Vec<Value>>) {
     if format.template_renders_tools() {
-        let tools = (!tools.is_empty())
-            .then(|| tools.iter().map(Tool::as_template_value).collect());
+        let tools =
+            (!tools.is_empty()).then(|| tools.iter().map(Tool::as_template_value).collect());
         return (messages.to_vec(), tools);
     }
     let mut out: Vec<ChatMessage> = Vec::with_capacity(messages.len() + 1);
@@ -34,7 +34,8 @@ pub fn prepare_messages(
             _ => out.push(ChatMessage::new("system", section)),
         }
     }
-    let skip = usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
+    let skip =
+        usize::from(!tools.is_empty() && messages.first().is_some_and(|m| m.role == "system"));
     for m in &messages[skip..] {
         match m.role.as_str() {
             "assistant" if !m.tool_calls.is_empty() => {
@@ -55,7 +56,9 @@ pub fn prepare_messages(
                 let block = format!("<tool_response>\n{}\n</tool_response>", m.content);
                 match out.last_mut() {
                     // Results of one turn's calls share one user message.
-                    Some(prev) if prev.role == "user" && prev.content.ends_with("</tool_response>") => {
+                    Some(prev)
+                        if prev.role == "user" && prev.content.ends_with("</tool_response>") =>
+                    {
                         prev.content.push('\n');
                         prev.content.push_str(&block);
                     }

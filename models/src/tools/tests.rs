@@ -51,14 +51,20 @@ fn text_that_only_looks_like_a_marker_is_content() {
     );
     // A malformed call is shown as the text it is, not dropped.
     let bad = "<tool_call>\n{not json}\n</tool_call>";
-    assert_eq!(feed(ToolFormat::Hermes, &[bad]), vec![Piece::Text(bad.into())]);
+    assert_eq!(
+        feed(ToolFormat::Hermes, &[bad]),
+        vec![Piece::Text(bad.into())]
+    );
     // A call left open by the next one, or by the end, still counts.
     assert_eq!(
         feed(ToolFormat::Hermes, &["<tool_call>\n{\"name\": \"f\", \"arguments\": {}}\n<tool_call>\n{\"name\": \"g\", \"arguments\": {}}\n<tool_"]),
         vec![call("f", "{}"), call("g", "{}")]
     );
     assert_eq!(
-        feed(ToolFormat::Hermes, &["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}"]),
+        feed(
+            ToolFormat::Hermes,
+            &["<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}"]
+        ),
         vec![call("f", r#"{"x":1}"#)]
     );
 }
@@ -68,12 +74,18 @@ fn json_formats_read_the_whole_output() {
     assert_eq!(
         feed(
             ToolFormat::Llama3,
-            &["{\"name\": \"f\", ", "\"parameters\": {\"a\": \"b\"}}; {\"name\": \"g\", \"parameters\": {}}"]
+            &[
+                "{\"name\": \"f\", ",
+                "\"parameters\": {\"a\": \"b\"}}; {\"name\": \"g\", \"parameters\": {}}"
+            ]
         ),
         vec![call("f", r#"{"a":"b"}"#), call("g", "{}")]
     );
     assert_eq!(
-        feed(ToolFormat::Llama3, &["<|python_tag|>{\"name\": \"f\", \"parameters\": {}}"]),
+        feed(
+            ToolFormat::Llama3,
+            &["<|python_tag|>{\"name\": \"f\", \"parameters\": {}}"]
+        ),
         vec![call("f", "{}")]
     );
     assert_eq!(
@@ -81,8 +93,14 @@ fn json_formats_read_the_whole_output() {
         vec![call("f", r#"{"n":2}"#), call("g", "{}")]
     );
     // Plain answers stream as content; JSON that is not a call stays text.
-    assert_eq!(feed(ToolFormat::Llama3, &["Hello", " there"]), vec![Piece::Text("Hello there".into())]);
-    assert_eq!(feed(ToolFormat::Llama3, &["{\"a\": 1}"]), vec![Piece::Text("{\"a\": 1}".into())]);
+    assert_eq!(
+        feed(ToolFormat::Llama3, &["Hello", " there"]),
+        vec![Piece::Text("Hello there".into())]
+    );
+    assert_eq!(
+        feed(ToolFormat::Llama3, &["{\"a\": 1}"]),
+        vec![Piece::Text("{\"a\": 1}".into())]
+    );
 }
 
 #[test]
@@ -92,8 +110,14 @@ fn the_format_is_read_from_the_template() {
         ToolFormat::detect("{% if tools %}<tools>{% endif %}<tool_call>"),
         ToolFormat::Hermes
     );
-    assert_eq!(ToolFormat::detect("{% if tools %}[TOOL_CALLS]{% endif %}"), ToolFormat::Mistral);
-    assert_eq!(ToolFormat::detect("{% if tools %}ipython{% endif %}"), ToolFormat::Llama3);
+    assert_eq!(
+        ToolFormat::detect("{% if tools %}[TOOL_CALLS]{% endif %}"),
+        ToolFormat::Mistral
+    );
+    assert_eq!(
+        ToolFormat::detect("{% if tools %}ipython{% endif %}"),
+        ToolFormat::Llama3
+    );
     assert_eq!(ToolFormat::parse("llama3"), Some(ToolFormat::Llama3));
     assert_eq!(ToolFormat::parse("nope"), None);
 }
@@ -104,14 +128,19 @@ fn call_ids_look_like_the_families_expect() {
     let id = ToolFormat::Hermes.call_id(&mut rng);
     assert!(id.starts_with("call_") && id.len() == 29, "{id}");
     let id = ToolFormat::Mistral.call_id(&mut rng);
-    assert!(id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()), "{id}");
+    assert!(
+        id.len() == 9 && id.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{id}"
+    );
 }
 
 fn tool(name: &str) -> Tool {
     Tool {
         name: name.into(),
         description: Some("does things".into()),
-        parameters: Some(serde_json::json!({"type": "object", "properties": {"q": {"type": "string"}}})),
+        parameters: Some(
+            serde_json::json!({"type": "object", "properties": {"q": {"type": "string"}}}),
+        ),
     }
 }
 
@@ -137,8 +166,15 @@ fn generic_rendering_describes_tools_and_rewrites_history() {
     let (msgs, tools) = prepare_messages(&history, &[tool("search")], ToolFormat::Generic);
     assert!(tools.is_none());
     assert_eq!(msgs[0].role, "system");
-    assert!(msgs[0].content.contains("\"name\":\"search\""), "{}", msgs[0].content);
-    assert_eq!(msgs[2].content, "<tool_call>\n{\"name\":\"search\",\"arguments\":{\"q\":\"x\"}}\n</tool_call>");
+    assert!(
+        msgs[0].content.contains("\"name\":\"search\""),
+        "{}",
+        msgs[0].content
+    );
+    assert_eq!(
+        msgs[2].content,
+        "<tool_call>\n{\"name\":\"search\",\"arguments\":{\"q\":\"x\"}}\n</tool_call>"
+    );
     assert_eq!(msgs.len(), 4, "two results share one user message");
     assert_eq!(
         msgs[3].content,
@@ -151,14 +187,23 @@ fn generic_rendering_describes_tools_and_rewrites_history() {
 
 #[test]
 fn forced_grammars_name_the_functions() {
-    let Grammar::Lark(g) = ToolFormat::Hermes.forced_grammar(&[tool("a"), tool("b")], true, |_| None) else {
+    let Grammar::Lark(g) =
+        ToolFormat::Hermes.forced_grammar(&[tool("a"), tool("b")], true, |_| None)
+    else {
         panic!("lark expected");
     };
-    assert!(g.contains("<tool_call>") && g.contains("\"const\":\"a\"") && g.contains("(\"\\n\" call)*"), "{g}");
-    let Grammar::Lark(g) = ToolFormat::Mistral.forced_grammar(&[tool("a")], false, |_| Some(5)) else {
+    assert!(
+        g.contains("<tool_call>") && g.contains("\"const\":\"a\"") && g.contains("(\"\\n\" call)*"),
+        "{g}"
+    );
+    let Grammar::Lark(g) = ToolFormat::Mistral.forced_grammar(&[tool("a")], false, |_| Some(5))
+    else {
         panic!("lark expected");
     };
-    assert!(g.starts_with("start: <[5]> %json") && g.contains("\"maxItems\":1"), "{g}");
+    assert!(
+        g.starts_with("start: <[5]> %json") && g.contains("\"maxItems\":1"),
+        "{g}"
+    );
 }
 
 #[test]

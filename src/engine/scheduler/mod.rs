@@ -335,7 +335,8 @@ impl Scheduler {
                 s.computed = cached;
             }
             // A fork copies at most one partly filled block.
-            let blocks = KvCache::blocks_for(s.tokens.len()) - s.table.blocks().len() + s.forks.len();
+            let blocks =
+                KvCache::blocks_for(s.tokens.len()) - s.table.blocks().len() + s.forks.len();
             if blocks > self.kv.free_blocks() || !self.kv.grow(&mut s.table, s.tokens.len()) {
                 self.kv.release(&mut s.table);
                 s.computed = 0;
@@ -355,7 +356,9 @@ impl Scheduler {
                     self.stats
                         .record_prefix_lookup(s.tokens.len() as u64, cached as u64);
                     if cached > 0 {
-                        let _ = req.events.send(GenerateEvent::PrefixCached { tokens: cached });
+                        let _ = req
+                            .events
+                            .send(GenerateEvent::PrefixCached { tokens: cached });
                     }
                 }
             }

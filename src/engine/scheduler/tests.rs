@@ -422,5 +422,9 @@ fn a_repeated_prompt_starts_after_its_cached_blocks() {
     let b_first = passes.iter().rposition(|p| p[0].1 > 1).unwrap();
     assert_eq!(passes[b_first], vec![(32, 8)]);
     assert_eq!(s.stats.prefix_cache(), (80, 32));
-    assert_eq!(s.kv.free_blocks(), 16, "cached blocks are free for new work");
+    assert_eq!(
+        s.kv.free_blocks(),
+        16,
+        "cached blocks are free for new work"
+    );
 }
