@@ -8,6 +8,7 @@ use kindling_models::tokenizer::Tokenizer;
 use kindling_models::tools::{Piece, ToolFormat, ToolParser};
 use kindling_models::{
     Constraint, Detokenizer, Sampler, SamplingParams, StopMatcher, StopOutcome, TokenLogprobs,
+    TokenMask,
 };
 use tokio::sync::mpsc;
 
@@ -130,6 +131,8 @@ pub(super) struct Choice {
     ignore_eos: bool,
     echo: Option<String>,
     constraint: Option<Constraint>,
+    /// The next token's mask, when computed ahead (during the forward pass).
+    mask: Option<Result<TokenMask, String>>,
     tools: Option<(ToolParser, ToolFormat)>,
     calls: usize,
 }
@@ -163,6 +166,7 @@ impl Choice {
             ignore_eos: spec.ignore_eos,
             echo: spec.echo,
             constraint: spec.constraint,
+            mask: None,
             tools: spec.tools.map(|f| (ToolParser::new(f), f)),
             calls: 0,
         }
@@ -185,7 +189,10 @@ impl Choice {
         } else {
             &[]
         };
-        let mask = match self.constraint.as_mut().map(Constraint::mask) {
+        if self.mask.is_none() {
+            self.prepare_mask();
+        }
+        let mask = match self.mask.take() {
             None => None,
             Some(Ok(mask)) => Some(mask),
             Some(Err(e)) => {
@@ -253,6 +260,18 @@ impl Choice {
             }
         }
         self.finish(events, reason)
+    }
+
+    /// Whether its output follows a grammar.
+    pub(super) fn is_constrained(&self) -> bool {
+        self.constraint.is_some()
+    }
+
+    /// Computes the next token's mask now, for [`Choice::accept`] to use.
+    pub(super) fn prepare_mask(&mut self) {
+        if let Some(c) = &mut self.constraint {
+            self.mask = Some(c.mask().map_err(|e| e.to_string()));
+        }
     }
 
     /// Tokens generated so far.

@@ -137,20 +137,42 @@ impl Scheduler {
         if plan.is_empty() {
             return false;
         }
+        // Split each sequence into what the pass reads and its output state,
+        // so the next-token masks of constrained choices are computed on
+        // another thread while the forward pass runs.
+        let (views, mut choices): (Vec<_>, Vec<_>) = self
+            .running
+            .iter_mut()
+            .map(|s| ((&s.tokens[..], s.table.blocks()), Some(&mut s.choice)))
+            .unzip();
         let items: Vec<BatchItem<'_>> = plan
             .iter()
             .map(|p| {
-                let s = &self.running[p.seq];
+                let (tokens, blocks) = views[p.seq];
                 BatchItem {
-                    tokens: &s.tokens[p.start..p.end],
+                    tokens: &tokens[p.start..p.end],
                     start: p.start,
-                    blocks: s.table.blocks(),
-                    logits: p.end == s.tokens.len(),
+                    blocks,
+                    logits: p.end == tokens.len(),
                 }
             })
             .collect();
+        let masked: Vec<&mut Choice> = plan
+            .iter()
+            .filter(|p| p.end == views[p.seq].0.len())
+            .filter_map(|p| choices[p.seq].take())
+            .filter(|c| c.is_constrained())
+            .collect();
         let kv = &mut self.kv;
-        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&items, kv)));
+        let mut forward = || std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&items, kv)));
+        let outcome = if masked.is_empty() {
+            forward()
+        } else {
+            std::thread::scope(|scope| {
+                scope.spawn(move || masked.into_iter().for_each(Choice::prepare_mask));
+                forward()
+            })
+        };
         drop(items);
         let logits = match outcome {
             Ok(Ok(logits)) => logits,
