@@ -56,9 +56,8 @@ fn tokenizer_and_chat_template_match_llama_cpp() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .map(|m| ChatMessage {
-                    role: m["role"].as_str().unwrap().into(),
-                    content: m["content"].as_str().unwrap().into(),
+                .map(|m| {
+                    ChatMessage::new(m["role"].as_str().unwrap(), m["content"].as_str().unwrap())
                 })
                 .collect();
             assert_eq!(

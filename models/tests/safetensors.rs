@@ -13,10 +13,7 @@ use kindling_models::{BatchItem, BlockTable, ChatMessage, TextModel};
 use serde_json::json;
 
 fn chat_prompt(model: &TextModel, text: &str) -> Vec<u32> {
-    let messages = [ChatMessage {
-        role: "user".into(),
-        content: text.into(),
-    }];
+    let messages = [ChatMessage::new("user", text)];
     model
         .tokenizer
         .encode(&model.render_chat(&messages).unwrap())

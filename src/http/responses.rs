@@ -58,13 +58,15 @@ fn content_text(content: &Value, at: &str) -> Result<String, ApiError> {
                     p.get("text").and_then(Value::as_str),
                 ) {
                     (Some("input_text" | "output_text" | "text"), Some(t)) => text.push_str(t),
-                    (kind, _) => return Err(bad(
-                        &format!("{at}.content[{j}]"),
-                        format!(
+                    (kind, _) => {
+                        return Err(bad(
+                            &format!("{at}.content[{j}]"),
+                            format!(
                             "content of type `{}` is not supported by this model (input_text is)",
                             kind.unwrap_or("?")
                         ),
-                    )),
+                        ))
+                    }
                 }
             }
             Ok(text)

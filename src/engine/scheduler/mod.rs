@@ -164,7 +164,8 @@ impl Scheduler {
             .filter(|c| c.is_constrained())
             .collect();
         let kv = &mut self.kv;
-        let mut forward = || std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&items, kv)));
+        let mut forward =
+            || std::panic::catch_unwind(AssertUnwindSafe(|| model.forward(&items, kv)));
         let outcome = if masked.is_empty() {
             forward()
         } else {
