@@ -13,9 +13,7 @@ use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step}
 use super::log::RequestLog;
 use super::wire::{token_limit, Usage};
 use super::AppState;
-use crate::engine::{
-    GenerateSpec, OutputConstraint, Prompt, TokenAlternative, TokenLogprob, ToolCallEvent,
-};
+use crate::engine::{OutputConstraint, TokenAlternative, TokenLogprob, ToolCallEvent};
 use crate::registry::Purpose;
 
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -78,16 +76,12 @@ pub async fn handle(
     };
     let defaults = state.registry.text_defaults(&target.name, Purpose::Chat)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
-    let request = GenerateSpec {
-        prompts: vec![Prompt::Chat(messages)],
+    let request = chat_input::ChatSpec {
+        messages,
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
-        stop: sampling.stop,
-        n: sampling.n,
-        sampling: sampling.params,
-        echo: false,
+        sampling,
         ignore_eos: req.sampling.ignore_eos,
-        min_tokens: sampling.min_tokens,
         tools,
         constraint,
     }

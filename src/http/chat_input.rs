@@ -8,8 +8,8 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::wire::{SamplingFields, StreamOptions};
-use crate::engine::{OutputConstraint, ToolChoice, ToolUse};
+use super::wire::{SamplingFields, StreamOptions, ValidSampling};
+use crate::engine::{GenerateSpec, OutputConstraint, Prompt, ToolChoice, ToolUse, ValidGenerate};
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -32,6 +32,38 @@ pub struct ChatCompletionRequest {
     pub guided: GuidedFields,
     #[serde(flatten)]
     pub sampling: SamplingFields,
+}
+
+/// A chat request for the engine: one conversation, its `n` choices.
+pub struct ChatSpec {
+    pub messages: Vec<ChatMessage>,
+    pub max_tokens: Option<usize>,
+    /// The manifest's default `max_tokens`.
+    pub default_max_tokens: Option<usize>,
+    pub sampling: ValidSampling,
+    pub ignore_eos: bool,
+    pub tools: Option<ToolUse>,
+    pub constraint: Option<OutputConstraint>,
+}
+
+impl ChatSpec {
+    /// Checks it as a whole (see [`GenerateSpec::validate`]).
+    pub fn validate(self) -> Result<ValidGenerate, ApiError> {
+        Ok(GenerateSpec {
+            prompts: vec![Prompt::Chat(self.messages)],
+            max_tokens: self.max_tokens,
+            default_max_tokens: self.default_max_tokens,
+            stop: self.sampling.stop,
+            n: self.sampling.n,
+            sampling: self.sampling.params,
+            echo: false,
+            ignore_eos: self.ignore_eos,
+            min_tokens: self.sampling.min_tokens,
+            tools: self.tools,
+            constraint: self.constraint,
+        }
+        .validate()?)
+    }
 }
 
 /// vLLM's structured-output extensions, for chat and text completions.

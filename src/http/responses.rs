@@ -18,7 +18,7 @@ use super::log::RequestLog;
 use super::responses_out::{self, Output};
 use super::wire::{token_limit, SamplingFields};
 use super::AppState;
-use crate::engine::{GenerateSpec, OutputConstraint, Prompt, ToolChoice, ToolUse};
+use crate::engine::{OutputConstraint, ToolChoice, ToolUse};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -244,17 +244,15 @@ pub async fn handle(
     let constraint = text_format(req.text.as_ref())?;
     let max_tokens = token_limit("max_output_tokens", req.max_output_tokens)?;
     let defaults = state.registry.text_defaults(&target.name, Purpose::Chat)?;
-    let sampling = req.sampling.validate(&defaults, None)?;
-    let request = GenerateSpec {
-        prompts: vec![Prompt::Chat(messages)],
+    let mut sampling = req.sampling.validate(&defaults, None)?;
+    // One output per response.
+    sampling.n = 1;
+    let request = chat_input::ChatSpec {
+        messages,
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
-        stop: sampling.stop,
-        n: 1,
-        sampling: sampling.params,
-        echo: false,
+        sampling,
         ignore_eos: req.sampling.ignore_eos,
-        min_tokens: sampling.min_tokens,
         tools,
         constraint,
     }
