@@ -100,7 +100,16 @@ async fn streaming_chat_sends_role_content_finish_usage_and_done() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"].as_array().unwrap().len(), 0);
     assert_eq!(last["usage"]["completion_tokens"], 12);
-    assert_eq!(last["usage"], whole["usage"]);
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(last["usage"][field], whole["usage"][field], "{field}");
+    }
+    // The same prompt again: its whole 16-token blocks come from the prefix cache.
+    let prompt = whole["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(whole["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    assert_eq!(
+        last["usage"]["prompt_tokens_details"]["cached_tokens"],
+        (prompt - 1) / 16 * 16
+    );
 }
 
 #[tokio::test]

@@ -165,4 +165,37 @@ mod tests {
         let err = t.render(&[msg("assistant", "x")], false).unwrap_err();
         assert!(err.to_string().contains("first must be user"), "{err}");
     }
+
+    #[test]
+    fn tools_and_calls_reach_the_template() {
+        // A small Hermes-style template written for this test.
+        let src = "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}\n{% endif %}\
+{% for m in messages %}{{ m.role }}:{{ m.content }}\
+{% for c in m.tool_calls %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}</tool_call>{% endfor %}\
+{% if m.tool_call_id %}[{{ m.tool_call_id }}]{% endif %}\n{% endfor %}<tool_call>";
+        let t = ChatTemplate::new(src, "", "").unwrap();
+        assert_eq!(t.tool_format(), ToolFormat::Hermes);
+        let mut call = msg("assistant", "");
+        call.tool_calls.push(MessageToolCall {
+            id: "c1".into(),
+            kind: "function",
+            function: FunctionCall {
+                name: "f".into(),
+                arguments: serde_json::json!({"x": 1}),
+            },
+        });
+        let mut result = msg("tool", "42");
+        result.tool_call_id = Some("c1".into());
+        let tools = [serde_json::json!({"type": "function", "function": {"name": "f"}})];
+        let out = t
+            .render_with_tools(&[msg("user", "hi"), call, result], Some(&tools), false)
+            .unwrap();
+        assert_eq!(
+            out,
+            "TOOLS:f;\nuser:hi\nassistant:<tool_call>f {\"x\":1}</tool_call>\ntool:42[c1]\n<tool_call>"
+        );
+        // Without tools, `tools` is undefined-falsy and plain messages render as before.
+        let plain = t.render(&[msg("user", "hi")], false).unwrap();
+        assert_eq!(plain, "user:hi\n<tool_call>");
+    }
 }

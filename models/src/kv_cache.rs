@@ -45,6 +45,9 @@ pub struct BlockTable {
     blocks: Vec<u32>,
     /// The prefix names of the leading full blocks, once computed.
     hashes: Vec<BlockHash>,
+    /// What the first block's name is chained to: a salt's name, so that
+    /// only sequences with the same salt share blocks.
+    root: Option<BlockHash>,
 }
 
 impl BlockTable {
@@ -178,16 +181,18 @@ impl KvCache {
 
     /// Starts a sequence of `tokens` on the cached blocks that already hold
     /// its longest cached prefix of whole blocks (leaving at least one token
-    /// to compute, whose logits the sequence needs). Returns the table and
-    /// the positions it holds.
-    pub fn lookup(&mut self, tokens: &[u32]) -> (BlockTable, usize) {
+    /// to compute, whose logits the sequence needs). With a `salt`, only
+    /// blocks named under the same salt are found, and the sequence's own
+    /// blocks are named under it. Returns the table and the positions it holds.
+    pub fn lookup(&mut self, tokens: &[u32], salt: Option<&str>) -> (BlockTable, usize) {
         let mut table = BlockTable::default();
         let Some(index) = self.prefix.as_mut() else {
             return (table, 0);
         };
+        table.root = salt.map(|s| index.salt(s));
         let full = tokens.len().saturating_sub(1) / BLOCK_SIZE;
         for chunk in tokens.chunks_exact(BLOCK_SIZE).take(full) {
-            let hash = index.chain(table.hashes.last().copied(), chunk);
+            let hash = index.chain(table.hashes.last().copied().or(table.root), chunk);
             let Some(block) = index.find(hash) else {
                 break;
             };
@@ -213,7 +218,7 @@ impl KvCache {
         while table.hashes.len() < full {
             let i = table.hashes.len();
             let hash = index.chain(
-                table.hashes.last().copied(),
+                table.hashes.last().copied().or(table.root),
                 &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE],
             );
             index.name(table.blocks[i], hash);
@@ -315,7 +320,11 @@ impl KvCache {
         for &b in &blocks[..full.min(table.blocks.len())] {
             self.refs[b as usize] += 1;
         }
-        Some(BlockTable { blocks, hashes })
+        Some(BlockTable {
+            blocks,
+            hashes,
+            root: table.root,
+        })
     }
 
     /// Copies block `src` to block `dst` in every layer.
@@ -466,7 +475,7 @@ mod tests {
         let mut kv = pool(4);
         kv.set_prefix_caching(true);
         let tokens: Vec<u32> = (0..2 * BLOCK_SIZE as u32 + 5).collect();
-        let (mut a, held) = kv.lookup(&tokens);
+        let (mut a, held) = kv.lookup(&tokens, None);
         assert_eq!(held, 0);
         assert!(kv.grow(&mut a, tokens.len()));
         kv.register(&mut a, &tokens, tokens.len());
@@ -475,13 +484,17 @@ mod tests {
         kv.release(&mut a);
         assert_eq!(kv.free_blocks(), 4, "cached blocks still count as free");
         // The same prefix finds both blocks; a different first block finds none.
-        let (mut b, held) = kv.lookup(&tokens);
+        let (mut b, held) = kv.lookup(&tokens, None);
         assert_eq!((held, b.blocks()), (2 * BLOCK_SIZE, &first[..]));
         let mut other = tokens.clone();
         other[0] = 99;
-        assert_eq!(kv.lookup(&other).1, 0);
+        assert_eq!(kv.lookup(&other, None).1, 0);
+        // Under a salt, nothing named without it is found.
+        let (mut salted, held) = kv.lookup(&tokens, Some("tenant-a"));
+        assert_eq!(held, 0);
+        kv.release(&mut salted);
         // A prompt of exactly two blocks reuses one: its last token must be computed.
-        let (mut c, held) = kv.lookup(&tokens[..2 * BLOCK_SIZE]);
+        let (mut c, held) = kv.lookup(&tokens[..2 * BLOCK_SIZE], None);
         assert_eq!(held, BLOCK_SIZE);
         kv.release(&mut b);
         kv.release(&mut c);
@@ -489,7 +502,7 @@ mod tests {
         let mut d = BlockTable::default();
         assert!(kv.grow(&mut d, 4 * BLOCK_SIZE));
         assert_eq!(kv.cached_blocks(), 0);
-        assert_eq!(kv.lookup(&tokens).1, 0);
+        assert_eq!(kv.lookup(&tokens, None).1, 0);
         kv.release(&mut d);
         kv.set_prefix_caching(false);
         assert_eq!(kv.free_blocks(), 4);

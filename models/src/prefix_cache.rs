@@ -16,6 +16,18 @@ use std::hash::{BuildHasher, Hash, Hasher};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct BlockHash(u64, u64);
 
+impl BlockHash {
+    fn mix(self, salt: &str, keys: &(RandomState, RandomState)) -> Self {
+        let one = |k: &RandomState| {
+            let mut h = k.build_hasher();
+            self.hash(&mut h);
+            salt.hash(&mut h);
+            h.finish()
+        };
+        Self(one(&keys.0), one(&keys.1))
+    }
+}
+
 /// Which blocks hold which prefixes, and the order unused ones go in.
 pub(crate) struct PrefixIndex {
     keys: (RandomState, RandomState),
@@ -48,6 +60,11 @@ impl PrefixIndex {
             h.finish()
         };
         BlockHash(one(&self.keys.0), one(&self.keys.1))
+    }
+
+    /// The root of the chains of sequences salted with `salt`.
+    pub(crate) fn salt(&self, salt: &str) -> BlockHash {
+        self.chain(None, &[]).mix(salt, &self.keys)
     }
 
     /// The block named `hash`, if one is.

@@ -43,6 +43,11 @@ pub struct EngineConfig {
     /// no memory beyond `kv_cache_tokens`, and are given up, least recently
     /// used first, when new work needs the room.
     pub prefix_caching: bool,
+    /// Let requests of different API keys reuse each other's cached
+    /// prefixes (a common system prompt is then computed once for all).
+    /// `false` keeps each key's cached blocks to itself, so no key can tell
+    /// from its time to first token what another key has sent.
+    pub prefix_cache_shared: bool,
 }
 
 impl Default for EngineConfig {
@@ -58,6 +63,7 @@ impl Default for EngineConfig {
             image_batch: 4,
             fair_share: true,
             prefix_caching: true,
+            prefix_cache_shared: true,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct GenerateSpec {
     pub tools: Option<ToolUse>,
     /// What every choice's output must match (structured outputs).
     pub constraint: Option<OutputConstraint>,
+    /// Prefix-cache salt (vLLM's `cache_salt`): cached blocks are shared
+    /// only between requests with the same salt.
+    pub cache_salt: Option<String>,
 }
 
 /// The tools offered to a chat request and how the model may use them.
@@ -377,6 +380,7 @@ mod tests {
             min_tokens: 0,
             tools: None,
             constraint: None,
+            cache_salt: None,
         }
     }
 

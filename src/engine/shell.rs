@@ -305,6 +305,7 @@ mod tests {
             target: Default::default(),
             fair_share: true,
             prefix_caching: true,
+            prefix_cache_shared: true,
             tool_format: None,
         }
     }

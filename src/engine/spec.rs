@@ -68,6 +68,8 @@ pub struct LoadSpec {
     pub fair_share: bool,
     /// Keep and reuse the KV blocks of prompt prefixes (text models).
     pub prefix_caching: bool,
+    /// Share cached prefixes between API keys (else each key finds only its own).
+    pub prefix_cache_shared: bool,
     /// How the model writes tool calls; `None` reads it from the chat template.
     pub tool_format: Option<kindling_models::tools::ToolFormat>,
 }

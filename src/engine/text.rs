@@ -68,6 +68,8 @@ pub(super) struct TextBackend {
     tool_format: ToolFormat,
     /// Compiles output grammars; built on the first request that needs one.
     grammar: Option<GrammarCompiler>,
+    /// Cached prompt blocks are shared only between requests of one API key.
+    per_key: bool,
 }
 
 /// Loads the model where `spec.target` says, with a KV cache that holds at
@@ -112,6 +114,7 @@ pub(super) fn load(
         scheduler,
         tool_format,
         grammar: None,
+        per_key: !spec.prefix_cache_shared,
     };
     Ok((backend, ()))
 }
@@ -165,6 +168,7 @@ fn intake(backend: &mut TextBackend, job: TextJob) {
             &request,
             c,
             scheduler.kv_capacity(),
+            backend.per_key,
         )
     });
     match outcome {
@@ -286,15 +290,29 @@ fn prompt_ids(
 
 /// One sequence per prompt, carrying its `n` choices; every prompt is
 /// checked before any is queued, so a bad one fails the whole request.
+/// The prefix-cache salt of `request`: its `cache_salt`, under its API
+/// key's name when cached blocks are kept per key.
+fn cache_salt(request: &ValidGenerate, per_key: bool) -> Option<Arc<str>> {
+    let key = request.tenant.as_deref().filter(|_| per_key);
+    match (key, request.spec.cache_salt.as_deref()) {
+        (None, None) => None,
+        (Some(k), None) => Some(Arc::from(format!("key:{k}"))),
+        (None, Some(s)) => Some(Arc::from(format!("salt:{s}"))),
+        (Some(k), Some(s)) => Some(Arc::from(format!("key:{k}\0salt:{s}"))),
+    }
+}
+
 fn sequences(
     model: &TextModel,
     format: ToolFormat,
     request: &ValidGenerate,
     constraint: Option<Constraint>,
     kv_capacity: usize,
+    per_key: bool,
 ) -> Result<(Vec<Sequence>, usize), EngineError> {
     let req = &request.spec;
     let tools = req.tools.as_ref().map_or(&[][..], |t| &t.tools[..]);
+    let salt = cache_salt(request, per_key);
     let context = model.max_positions().min(kv_capacity);
     let vocab = model.tokenizer.vocab_size();
     let mut out = Vec::with_capacity(req.prompts.len());
@@ -365,6 +383,7 @@ fn sequences(
             choice: first,
             forks,
             looked_up: false,
+            salt: salt.clone(),
         });
     }
     Ok((out, prompt_tokens))

@@ -44,6 +44,7 @@ pub struct ChatSpec {
     pub ignore_eos: bool,
     pub tools: Option<ToolUse>,
     pub constraint: Option<OutputConstraint>,
+    pub cache_salt: Option<String>,
 }
 
 impl ChatSpec {
@@ -61,6 +62,7 @@ impl ChatSpec {
             min_tokens: self.sampling.min_tokens,
             tools: self.tools,
             constraint: self.constraint,
+            cache_salt: self.cache_salt,
         }
         .validate()?)
     }

@@ -143,6 +143,7 @@ pub async fn handle(
         min_tokens: sampling.min_tokens,
         tools: None,
         constraint,
+        cache_salt: req.sampling.cache_salt.clone(),
     }
     .validate()?;
     let job = Job::new(

@@ -255,6 +255,7 @@ pub async fn handle(
         ignore_eos: req.sampling.ignore_eos,
         tools,
         constraint,
+        cache_salt: req.sampling.cache_salt.clone(),
     }
     .validate()?;
     let job = Job::new(

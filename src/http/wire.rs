@@ -48,6 +48,9 @@ pub struct SamplingFields {
     pub logit_bias: Option<serde_json::Value>,
     /// Tokens to generate before an end-of-turn token may end a choice.
     pub min_tokens: Option<i64>,
+    /// Prefix-cache salt (vLLM's `cache_salt`): cached prompt blocks are
+    /// shared only between requests that send the same salt.
+    pub cache_salt: Option<String>,
     #[serde(flatten)]
     pub lifetime: LifetimeFields,
 }

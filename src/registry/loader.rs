@@ -111,6 +111,7 @@ impl EngineLoader {
             stall_timeout: self.engine.stall_timeout,
             fair_share: self.engine.fair_share,
             prefix_caching: self.engine.prefix_caching,
+            prefix_cache_shared: self.engine.prefix_cache_shared,
             max_sequences: self.engine.max_sequences,
             max_batch_tokens: if embedding {
                 self.engine.embedding_batch_tokens

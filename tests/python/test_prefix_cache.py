@@ -63,3 +63,18 @@ def test_streamed_usage_reports_cached_tokens(clients):
                                                  stream_options={"include_usage": True}))
     usage = chunks[-1].usage
     assert usage.prompt_tokens_details.cached_tokens >= len(SYSTEM) // 8
+
+
+def test_a_salt_keeps_cached_blocks_apart(clients):
+    client = clients[0]
+    messages = [{"role": "system", "content": SYSTEM + " Salted."}, {"role": "user", "content": "Hello."}]
+
+    def cached(**extra):
+        r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(extra_body={"cache_salt": "team-a"}) == 0
+    assert cached(extra_body={"cache_salt": "team-b"}) == 0
+    assert cached() == 0
+    assert cached(extra_body={"cache_salt": "team-a"}) > 0
+    assert cached() > 0

@@ -82,3 +82,19 @@ def test_a_promotion_reaches_the_next_request_and_streams_name_their_version(ser
     with urllib.request.urlopen(req) as resp:
         assert json.load(resp)["weights"] == {"v1": 100}
     assert ask(client, "demo", user="bob")[0] == "v1"
+
+
+def test_the_prefix_cache_is_per_version(server):
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused")
+    messages = [{"role": "system", "content": "You are a careful narrator of castle histories. " * 8},
+                {"role": "user", "content": "Begin."}]
+
+    def cached(model):
+        r = client.chat.completions.create(model=model, messages=messages, temperature=0)
+        return r.usage.prompt_tokens_details.cached_tokens
+
+    assert cached("demo@v1") == 0
+    assert cached("demo@v1") > 0
+    # The same prompt on another version computes its own keys and values.
+    assert cached("demo@v2") == 0
+    assert cached("demo@v2") > 0

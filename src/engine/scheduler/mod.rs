@@ -73,6 +73,9 @@ pub(super) struct Sequence {
     /// Whether its prompt was looked up in the prefix cache (the first
     /// time it is admitted; a preempted sequence looks again, unreported).
     pub(super) looked_up: bool,
+    /// Its prefix-cache salt: it shares cached blocks only with sequences
+    /// of the same salt.
+    pub(super) salt: Option<Arc<str>>,
 }
 
 impl Sequence {
@@ -354,7 +357,7 @@ impl Scheduler {
             // Start on the cached blocks of its longest cached prefix.
             let mut cached = 0;
             if s.computed == 0 && s.table.blocks().is_empty() {
-                (s.table, cached) = self.kv.lookup(&s.tokens);
+                (s.table, cached) = self.kv.lookup(&s.tokens, s.salt.as_deref());
                 s.computed = cached;
             }
             // A fork copies at most one partly filled block.
@@ -428,6 +431,7 @@ impl Scheduler {
                     choice,
                     forks: Vec::new(),
                     looked_up: true,
+                    salt: s.salt.clone(),
                 };
                 match self.kv.fork(&s.table, s.computed) {
                     Some(table) => {

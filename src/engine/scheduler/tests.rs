@@ -177,6 +177,7 @@ fn submit_as(
         choice: Choice::new(spec, VOCAB),
         forks: Vec::new(),
         looked_up: false,
+        salt: None,
         tokens: prompt.clone(),
     };
     let request = Request {
