@@ -67,7 +67,7 @@ def test_streamed_usage_reports_cached_tokens(clients):
 
 def test_a_salt_keeps_cached_blocks_apart(clients):
     client = clients[0]
-    messages = [{"role": "system", "content": SYSTEM + " Salted."}, {"role": "user", "content": "Hello."}]
+    messages = [{"role": "system", "content": "Salted. " + SYSTEM}, {"role": "user", "content": "Hello."}]
 
     def cached(**extra):
         r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, **extra)
