@@ -240,10 +240,16 @@ fn constraint(
     let Some(compiler) = compiler.as_ref() else {
         return Ok(None);
     };
-    compiler
+    let started = Instant::now();
+    let compiled = compiler
         .compile(&grammar)
-        .map(Some)
-        .map_err(|e| invalid(param, e.to_string()))
+        .map_err(|e| invalid(param, e.to_string()))?;
+    tracing::debug!(
+        param,
+        elapsed_us = started.elapsed().as_micros() as u64,
+        "grammar compiled"
+    );
+    Ok(Some(compiled))
 }
 
 fn prompt_ids(
