@@ -9,7 +9,7 @@ use serde::Serialize;
 use super::chat_input::{self, ChatCompletionRequest};
 use super::error::ApiError;
 use super::extract::ApiJson;
-use super::generation::{self, finish_name, Generation, Job, Meta, SseItem, Step};
+use super::generation::{self, finish_name, Generation, Meta, SseItem, Step};
 use super::log::RequestLog;
 use super::wire::{token_limit, Usage};
 use super::AppState;
@@ -76,26 +76,16 @@ pub async fn handle(
     };
     let defaults = state.registry.text_defaults(&target.name, Purpose::Chat)?;
     let sampling = req.sampling.validate(&defaults, top_logprobs)?;
-    let request = chat_input::ChatSpec {
+    let job = chat_input::ChatSpec {
         messages,
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
         sampling,
-        ignore_eos: req.sampling.ignore_eos,
+        fields: &req.sampling,
         tools,
         constraint,
-        cache_salt: req.sampling.cache_salt.clone(),
     }
-    .validate()?;
-    let job = Job::new(
-        &target.name,
-        request,
-        &req.sampling,
-        "messages",
-        &log,
-        state.request_timeout,
-    )?;
-    super::versions::shadow_generation(&state.registry, &target, &job.request, job.keep_alive);
+    .job(&state, &target, "messages", &log)?;
     let meta = Meta::new("chatcmpl", &log, &target.name, req.logprobs);
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

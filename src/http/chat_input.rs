@@ -8,8 +8,12 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use super::generation::Job;
+use super::log::RequestLog;
 use super::wire::{SamplingFields, StreamOptions, ValidSampling};
-use crate::engine::{GenerateSpec, OutputConstraint, Prompt, ToolChoice, ToolUse, ValidGenerate};
+use super::AppState;
+use crate::engine::{GenerateSpec, OutputConstraint, Prompt, ToolChoice, ToolUse};
+use crate::registry::Resolved;
 
 /// The request body.
 #[derive(Debug, Deserialize)]
@@ -35,22 +39,30 @@ pub struct ChatCompletionRequest {
 }
 
 /// A chat request for the engine: one conversation, its `n` choices.
-pub struct ChatSpec {
+pub struct ChatSpec<'a> {
     pub messages: Vec<ChatMessage>,
     pub max_tokens: Option<usize>,
     /// The manifest's default `max_tokens`.
     pub default_max_tokens: Option<usize>,
     pub sampling: ValidSampling,
-    pub ignore_eos: bool,
+    /// The request's sampling and lifetime fields, as sent.
+    pub fields: &'a SamplingFields,
     pub tools: Option<ToolUse>,
     pub constraint: Option<OutputConstraint>,
-    pub cache_salt: Option<String>,
 }
 
-impl ChatSpec {
-    /// Checks it as a whole (see [`GenerateSpec::validate`]).
-    pub fn validate(self) -> Result<ValidGenerate, ApiError> {
-        Ok(GenerateSpec {
+impl ChatSpec<'_> {
+    /// Checks it as a whole (see [`GenerateSpec::validate`]) and makes the
+    /// job for `target`, starting the route's shadow copy if it has one;
+    /// `param` is blamed for prompt errors.
+    pub fn job(
+        self,
+        state: &AppState,
+        target: &Resolved,
+        param: &'static str,
+        log: &RequestLog,
+    ) -> Result<Job, ApiError> {
+        let request = GenerateSpec {
             prompts: vec![Prompt::Chat(self.messages)],
             max_tokens: self.max_tokens,
             default_max_tokens: self.default_max_tokens,
@@ -58,13 +70,23 @@ impl ChatSpec {
             n: self.sampling.n,
             sampling: self.sampling.params,
             echo: false,
-            ignore_eos: self.ignore_eos,
+            ignore_eos: self.fields.ignore_eos,
             min_tokens: self.sampling.min_tokens,
             tools: self.tools,
             constraint: self.constraint,
-            cache_salt: self.cache_salt,
+            cache_salt: self.fields.cache_salt.clone(),
         }
-        .validate()?)
+        .validate()?;
+        let job = Job::new(
+            &target.name,
+            request,
+            self.fields,
+            param,
+            log,
+            state.request_timeout,
+        )?;
+        super::versions::shadow_generation(&state.registry, target, &job.request, job.keep_alive);
+        Ok(job)
     }
 }
 

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 
 use super::chat_input;
 use super::error::ApiError;
-use super::generation::{self, Job};
+use super::generation;
 use super::log::RequestLog;
 use super::responses_out::{self, Output};
 use super::wire::{token_limit, SamplingFields};
@@ -247,26 +247,16 @@ pub async fn handle(
     let mut sampling = req.sampling.validate(&defaults, None)?;
     // One output per response.
     sampling.n = 1;
-    let request = chat_input::ChatSpec {
+    let job = chat_input::ChatSpec {
         messages,
         max_tokens,
         default_max_tokens: defaults.max_tokens.map(|m| m as usize),
         sampling,
-        ignore_eos: req.sampling.ignore_eos,
+        fields: &req.sampling,
         tools,
         constraint,
-        cache_salt: req.sampling.cache_salt.clone(),
     }
-    .validate()?;
-    let job = Job::new(
-        &target.name,
-        request,
-        &req.sampling,
-        "input",
-        &log,
-        state.request_timeout,
-    )?;
-    super::versions::shadow_generation(&state.registry, &target, &job.request, job.keep_alive);
+    .job(&state, &target, "input", &log)?;
     let echo = responses_out::Echo::new(&req, &target.name, &log);
     if req.stream {
         let render = move |gen| responses_out::stream(gen, echo);
