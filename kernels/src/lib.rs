@@ -13,6 +13,7 @@ pub mod encoder_attention;
 pub mod fused;
 pub mod gpu;
 pub mod group_norm;
+pub mod q4_0;
 pub mod q4_1;
 pub mod q8_0;
 pub mod quant;
@@ -28,6 +29,7 @@ pub use fused::{
     AttentionShape,
 };
 pub use group_norm::{group_norm, group_norm_reference, GroupNorm};
+pub use q4_0::Q4_0Matrix;
 pub use q4_1::Q4_1Matrix;
 pub use q8_0::Q8_0Matrix;
 pub use quant::QuantMatrix;

@@ -12,12 +12,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 
-/// A projection `x · Wᵀ (+ b)`. Q4_1 and Q8_0 on the CPU run our kernels
-/// (four activation rows per weight pass; candle's Q4_1 dot product is
-/// scalar); other quantized types run candle's; dense weights run candle's
-/// matmul.
+/// A projection `x · Wᵀ (+ b)`. Q4_0, Q4_1 and Q8_0 on the CPU run our
+/// kernels (four activation rows per weight pass; candle's Q4_1 dot product
+/// is scalar); other quantized types run candle's; dense weights run
+/// candle's matmul.
 pub(crate) enum Linear {
     Candle(QMatMul),
+    Q4_0(kindling_kernels::Q4_0Matrix),
     Q4_1(kindling_kernels::Q4_1Matrix),
     Q8_0(kindling_kernels::Q8_0Matrix),
     Dense(Tensor),
@@ -25,18 +26,23 @@ pub(crate) enum Linear {
 
 impl Linear {
     fn from_qtensor(q: QTensor) -> Result<Self> {
-        if q.device().is_cpu() && matches!(q.dtype(), GgmlDType::Q4_1 | GgmlDType::Q8_0) {
+        if q.device().is_cpu() {
             let (rows, cols) = q.shape().dims2()?;
-            let bytes = q.data()?;
-            return Ok(if q.dtype() == GgmlDType::Q4_1 {
-                Self::Q4_1(kindling_kernels::Q4_1Matrix::from_ggml_bytes(
-                    &bytes, rows, cols,
-                )?)
-            } else {
-                Self::Q8_0(kindling_kernels::Q8_0Matrix::from_ggml_bytes(
-                    &bytes, rows, cols,
-                )?)
-            });
+            match q.dtype() {
+                GgmlDType::Q4_0 => {
+                    let m = kindling_kernels::Q4_0Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
+                    return Ok(Self::Q4_0(m));
+                }
+                GgmlDType::Q4_1 => {
+                    let m = kindling_kernels::Q4_1Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
+                    return Ok(Self::Q4_1(m));
+                }
+                GgmlDType::Q8_0 => {
+                    let m = kindling_kernels::Q8_0Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
+                    return Ok(Self::Q8_0(m));
+                }
+                _ => {}
+            }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
     }
@@ -45,6 +51,7 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Candle(m) => m.forward(x)?,
+            Self::Q4_0(m) => m.forward(x)?,
             Self::Q4_1(m) => m.forward(x)?,
             Self::Q8_0(m) => m.forward(x)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
