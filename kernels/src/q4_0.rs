@@ -50,25 +50,18 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_0, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni};
+    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8, unpack_nibbles};
 
     /// The 32 weights of a block as bytes 0..=15.
     #[inline(always)]
     unsafe fn unpack(wb: &BlockQ4_0) -> __m256i {
-        // SAFETY: `qs` is 16 bytes; unaligned load.
-        let packed = unsafe { _mm_loadu_si128(wb.qs.as_ptr().cast()) };
-        let nibbles = _mm256_insertf128_si256::<1>(
-            _mm256_castsi128_si256(packed),
-            _mm_srli_epi16::<4>(packed),
-        );
-        _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F))
+        unsafe { unpack_nibbles(&wb.qs) }
     }
 
     /// The activations of a block.
     #[inline(always)]
     unsafe fn load(xb: &BlockQ8_1) -> __m256i {
-        // SAFETY: `qs` is 32 bytes; unaligned load.
-        unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) }
+        unsafe { load_q8(xb) }
     }
 
     /// One weight row against one (`dot`) or four (`dot4`) activation

@@ -189,6 +189,33 @@ pub(crate) mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)))
     }
 
+    /// The 32 values of a 4-bit block (`q[j]` in the low nibble of
+    /// `qs[j]`, `q[j + 16]` in its high nibble, as in GGML's Q4_0 and
+    /// Q4_1) as bytes 0..=15.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[inline(always)]
+    pub(crate) unsafe fn unpack_nibbles(qs: &[u8; 16]) -> __m256i {
+        // SAFETY: `qs` is 16 bytes; unaligned load.
+        let packed = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+        let nibbles = _mm256_insertf128_si256::<1>(
+            _mm256_castsi128_si256(packed),
+            _mm_srli_epi16::<4>(packed),
+        );
+        _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F))
+    }
+
+    /// The 32 activations of a block.
+    ///
+    /// # Safety
+    /// The CPU must support AVX.
+    #[inline(always)]
+    pub(crate) unsafe fn load_q8(xb: &super::BlockQ8_1) -> __m256i {
+        // SAFETY: `qs` is 32 bytes; unaligned load.
+        unsafe { _mm256_loadu_si256(xb.qs.as_ptr().cast()) }
+    }
+
     /// Sums of four u8 × i8 products per i32 lane: pairs → i16 (at most
     /// 2·15·127 for Q4_1, 2·128·127 for Q8_0's sign trick: no saturation) → i32.
     #[inline(always)]
