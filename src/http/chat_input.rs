@@ -288,7 +288,24 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
         }
         Some(_) => return Err(ApiError::invalid("tools", "`tools` must be a list")),
     };
-    let choice = match &req.tool_choice {
+    offer(
+        tools,
+        req.tool_choice.as_ref(),
+        "/function/name",
+        req.parallel_tool_calls,
+    )
+}
+
+/// The tools offered and `tool_choice` (whose named form keeps the name at
+/// `name_at`, a JSON pointer) as the engine takes them; `None` when no tools
+/// are offered and none is asked for.
+pub(super) fn offer(
+    tools: Vec<Tool>,
+    tool_choice: Option<&Value>,
+    name_at: &str,
+    parallel: Option<bool>,
+) -> Result<Option<ToolUse>, ApiError> {
+    let choice = match tool_choice {
         None | Some(Value::Null) => ToolChoice::Auto,
         Some(Value::String(s)) => match s.as_str() {
             "none" => ToolChoice::None,
@@ -301,15 +318,20 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
                 ))
             }
         },
-        Some(v) => match v.pointer("/function/name").and_then(Value::as_str) {
+        Some(v) => match v.pointer(name_at).and_then(Value::as_str) {
             Some(name) if v.get("type").and_then(Value::as_str) == Some("function") => {
                 ToolChoice::Named(name.to_string())
             }
             _ => {
+                let shape = if name_at == "/name" {
+                    "{\"type\": \"function\", \"name\": …}"
+                } else {
+                    "{\"type\": \"function\", \"function\": {\"name\": …}}"
+                };
                 return Err(ApiError::invalid(
                     "tool_choice",
-                    "`tool_choice` must be none, auto, required or {\"type\": \"function\", \"function\": {\"name\": …}}",
-                ))
+                    format!("`tool_choice` must be none, auto, required or {shape}"),
+                ));
             }
         },
     };
@@ -319,7 +341,7 @@ pub fn tool_use(req: &ChatCompletionRequest) -> Result<Option<ToolUse>, ApiError
     Ok(Some(ToolUse {
         tools,
         choice,
-        parallel: req.parallel_tool_calls.unwrap_or(true),
+        parallel: parallel.unwrap_or(true),
     }))
 }
 

@@ -18,7 +18,7 @@ use super::log::RequestLog;
 use super::responses_out::{self, Output};
 use super::wire::{token_limit, SamplingFields};
 use super::AppState;
-use crate::engine::{OutputConstraint, ToolChoice, ToolUse};
+use crate::engine::{OutputConstraint, ToolUse};
 use crate::registry::Purpose;
 
 /// The request body.
@@ -178,27 +178,12 @@ fn tool_use(req: &ResponsesRequest) -> Result<Option<ToolUse>, ApiError> {
             chat_input::tool(i, &json!({"type": t.get("type"), "function": function}))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let choice = match &req.tool_choice {
-        None | Some(Value::Null) => ToolChoice::Auto,
-        Some(Value::String(s)) => match s.as_str() {
-            "auto" => ToolChoice::Auto,
-            "none" => ToolChoice::None,
-            "required" => ToolChoice::Required,
-            other => return Err(bad("tool_choice", format!("`tool_choice` `{other}` is not one of none, auto, required"))),
-        },
-        Some(v) => match (v.get("type").and_then(Value::as_str), v.get("name").and_then(Value::as_str)) {
-            (Some("function"), Some(name)) => ToolChoice::Named(name.to_string()),
-            _ => return Err(bad("tool_choice", "`tool_choice` must be none, auto, required or {\"type\": \"function\", \"name\": …}")),
-        },
-    };
-    if tools.is_empty() && matches!(choice, ToolChoice::Auto | ToolChoice::None) {
-        return Ok(None);
-    }
-    Ok(Some(ToolUse {
+    chat_input::offer(
         tools,
-        choice,
-        parallel: req.parallel_tool_calls.unwrap_or(true),
-    }))
+        req.tool_choice.as_ref(),
+        "/name",
+        req.parallel_tool_calls,
+    )
 }
 
 /// `text.format`: text, json_object or json_schema (`{name, schema, strict}`).
