@@ -9,6 +9,9 @@
 # - llama-cpp-python (in-process llama.cpp, for the single-stream figures),
 # - .venv-bench/bin/llama-server, built from the same sdist's vendored
 #   llama.cpp with the same GGML options (for the concurrent figures),
+# - .venv-bench/bin/llama-quantize from the same build (requantizes the demo
+#   model to Q4_0, Q4_K_M, Q5_K_M and Q8_0 for the per-format figures and the
+#   known-answer tests),
 # - sentence-transformers and PyTorch (the embeddings peer),
 # - diffusers (the image peer).
 #
@@ -70,9 +73,10 @@ if [[ "$(cat "$build/.flags" 2>/dev/null)" != "$server_cmake_args" ]]; then
     "$cmake" -S "$llama_src" -B "$build" $server_cmake_args
     echo "$server_cmake_args" > "$build/.flags"
 fi
-echo "setup: building llama-server (incremental)" >&2
-"$cmake" --build "$build" --config Release --target llama-server -j "$jobs"
+echo "setup: building llama-server and llama-quantize (incremental)" >&2
+"$cmake" --build "$build" --config Release --target llama-server llama-quantize -j "$jobs"
 install -m 755 "$build/bin/llama-server" "$venv/bin/llama-server"
+install -m 755 "$build/bin/llama-quantize" "$venv/bin/llama-quantize"
 
 "$venv/bin/llama-server" --version
 "$venv/bin/python" -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__)"

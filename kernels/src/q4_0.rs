@@ -9,7 +9,8 @@
 
 use half::f16;
 
-use crate::quant::{BlockQ8_1, Isa, Kernels, QuantBlock, QuantMatrix, BLOCK};
+use crate::quant::dots::offset_reference;
+use crate::quant::{nibble, BlockQ8_1, Isa, Kernels, QuantBlock, QuantMatrix, BLOCK};
 
 /// Bytes per Q4_0 block in GGML files: f16 scale, 16 nibble pairs.
 pub const BLOCK_BYTES: usize = 18;
@@ -27,17 +28,7 @@ pub struct BlockQ4_0 {
 
 /// Σ w·x over matching blocks: the plain reference.
 pub fn dot_reference(w: &[BlockQ4_0], x: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, xb) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let lo = i32::from(wb.qs[j] & 0x0F) - 8;
-            let hi = i32::from(wb.qs[j] >> 4) - 8;
-            sumi += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + 16]);
-        }
-        sum += wb.d.to_f32() * xb.d * sumi as f32;
-    }
-    sum
+    offset_reference(w, x, |b| b.d.to_f32(), |b, i| nibble(&b.qs, i), 8)
 }
 
 /// Four reference dot products.
@@ -51,6 +42,7 @@ mod avx2 {
 
     use super::{BlockQ4_0, BlockQ8_1};
     use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8, unpack_nibbles};
+    use crate::quant::dots::offset_dots;
 
     /// The 32 weights of a block as bytes 0..=15.
     #[inline(always)]
@@ -58,59 +50,31 @@ mod avx2 {
         unsafe { unpack_nibbles(&wb.qs) }
     }
 
-    /// The activations of a block.
     #[inline(always)]
-    unsafe fn load(xb: &BlockQ8_1) -> __m256i {
-        unsafe { load_q8(xb) }
+    unsafe fn scale(wb: &BlockQ4_0) -> f32 {
+        wb.d.to_f32()
     }
 
-    /// One weight row against one (`dot`) or four (`dot4`) activation
-    /// rows. Per block the integer lanes hold `Σ q·x − 8·Σ x` exactly, so
-    /// every variant gives the same bits, one row or four.
-    macro_rules! dots {
-        ($features:literal, $dot:ident, $dot4:ident, $ints:ident) => {
-            /// # Safety
-            /// The CPU must support the features named.
-            #[target_feature(enable = $features)]
-            pub unsafe fn $dot(w: &[BlockQ4_0], x: &[BlockQ8_1]) -> f32 {
-                let ones = _mm256_set1_epi8(1);
-                let mut acc = _mm256_setzero_ps();
-                for (wb, xb) in w.iter().zip(x) {
-                    let qx = unsafe { load(xb) };
-                    let p = unsafe { $ints(unpack(wb), qx) };
-                    let s = unsafe { $ints(ones, qx) };
-                    let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_slli_epi32::<3>(s)));
-                    let d = wb.d.to_f32() * xb.d;
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
-                }
-                unsafe { hsum(acc) }
-            }
-
-            /// # Safety
-            /// The CPU must support the features named.
-            #[target_feature(enable = $features)]
-            pub unsafe fn $dot4(w: &[BlockQ4_0], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-                let ones = _mm256_set1_epi8(1);
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for (b, wb) in w.iter().enumerate() {
-                    let qw = unsafe { unpack(wb) };
-                    let dw = wb.d.to_f32();
-                    for r in 0..4 {
-                        let xb = &x[r][b];
-                        let qx = unsafe { load(xb) };
-                        let p = unsafe { $ints(qw, qx) };
-                        let s = unsafe { $ints(ones, qx) };
-                        let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_slli_epi32::<3>(s)));
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), p, acc[r]);
-                    }
-                }
-                acc.map(|a| unsafe { hsum(a) })
-            }
-        };
-    }
-
-    dots!("avx2,fma,f16c", dot, dot4, ints_avx2);
-    dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, ints_vnni);
+    offset_dots!(
+        BlockQ4_0,
+        "avx2,fma,f16c",
+        dot,
+        dot4,
+        ints_avx2,
+        unpack,
+        scale,
+        3
+    );
+    offset_dots!(
+        BlockQ4_0,
+        "avx2,fma,f16c,avxvnni",
+        dot_vnni,
+        dot4_vnni,
+        ints_vnni,
+        unpack,
+        scale,
+        3
+    );
 }
 
 /// The fastest dot products this CPU supports.
@@ -129,6 +93,7 @@ unsafe fn kernels_for(isa: Isa) -> Kernels<BlockQ4_0> {
 }
 
 impl QuantBlock for BlockQ4_0 {
+    type Act = BlockQ8_1;
     const NAME: &'static str = "q4_0-matmul";
     const BYTES: usize = BLOCK_BYTES;
 
@@ -141,16 +106,11 @@ impl QuantBlock for BlockQ4_0 {
         }
     }
 
-    fn dequantize(&self) -> [f32; BLOCK] {
+    fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
-        std::array::from_fn(|i| {
-            let q = if i < 16 {
-                self.qs[i] & 0x0F
-            } else {
-                self.qs[i - 16] >> 4
-            };
-            d * (f32::from(q) - 8.0)
-        })
+        for (i, o) in out.iter_mut().enumerate().take(BLOCK) {
+            *o = d * (f32::from(nibble(&self.qs, i)) - 8.0);
+        }
     }
 
     fn kernels() -> Kernels<Self> {

@@ -7,7 +7,8 @@
 
 use half::f16;
 
-use crate::quant::{BlockQ8_1, Isa, Kernels, QuantBlock, QuantMatrix, BLOCK};
+use crate::quant::dots::min_reference;
+use crate::quant::{nibble, BlockQ8_1, Isa, Kernels, QuantBlock, QuantMatrix, BLOCK};
 
 /// Bytes per Q4_1 block in GGML files: f16 scale, f16 minimum, 16 nibble pairs.
 pub const BLOCK_BYTES: usize = 20;
@@ -27,17 +28,17 @@ pub struct BlockQ4_1 {
 
 /// Σ w·x over matching blocks: the plain reference.
 pub fn dot_reference(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-    let mut sum = 0f32;
-    for (wb, xb) in w.iter().zip(x) {
-        let mut sumi = 0i32;
-        for j in 0..16 {
-            let lo = i32::from(wb.qs[j] & 0x0F);
-            let hi = i32::from(wb.qs[j] >> 4);
-            sumi += lo * i32::from(xb.qs[j]) + hi * i32::from(xb.qs[j + 16]);
-        }
-        sum += wb.d.to_f32() * xb.d * sumi as f32 + wb.m.to_f32() * xb.s;
-    }
-    sum
+    min_reference(
+        w,
+        x,
+        |b| (b.d.to_f32(), b.m.to_f32()),
+        |b, i| nibble(&b.qs, i),
+    )
+}
+
+/// Four reference dot products.
+pub fn dot4_reference(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+    x.map(|row| dot_reference(w, row))
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -46,6 +47,7 @@ mod avx2 {
 
     use super::{BlockQ4_1, BlockQ8_1};
     use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8, unpack_nibbles};
+    use crate::quant::dots::min_dots;
 
     /// `[d, m]` of a weight block as f32, with F16C.
     #[inline(always)]
@@ -62,66 +64,24 @@ mod avx2 {
         unsafe { unpack_nibbles(&wb.qs) }
     }
 
-    /// The activations of a block.
-    #[inline(always)]
-    unsafe fn load(xb: &BlockQ8_1) -> __m256i {
-        unsafe { load_q8(xb) }
-    }
-
-    /// One weight row against one (`dot`) or four (`dot4`) activation
-    /// rows; each weight block is unpacked once for the four. Every result
-    /// equals the one-row result for that row, bit for bit (the same
-    /// operations in the same order), and the VNNI variant equals the AVX2
-    /// one (the same integer sums).
-    macro_rules! dots {
-        ($features:literal, $dot:ident, $dot4:ident, $ints:ident) => {
-            /// # Safety
-            /// The CPU must support the features named.
-            #[target_feature(enable = $features)]
-            pub unsafe fn $dot(w: &[BlockQ4_1], x: &[BlockQ8_1]) -> f32 {
-                let mut acc = _mm256_setzero_ps();
-                let mut mins = 0f32;
-                for (wb, xb) in w.iter().zip(x) {
-                    let (d, m) = unsafe { scales(wb) };
-                    mins += m * xb.s;
-                    let p = _mm256_cvtepi32_ps(unsafe { $ints(unpack(wb), load(xb)) });
-                    acc = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc);
-                }
-                unsafe { hsum(acc) + mins }
-            }
-
-            /// # Safety
-            /// The CPU must support the features named.
-            #[target_feature(enable = $features)]
-            pub unsafe fn $dot4(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                let mut mins = [0f32; 4];
-                for (b, wb) in w.iter().enumerate() {
-                    let (d, m) = unsafe { scales(wb) };
-                    let qw = unsafe { unpack(wb) };
-                    for r in 0..4 {
-                        let xb = &x[r][b];
-                        mins[r] += m * xb.s;
-                        let p = _mm256_cvtepi32_ps(unsafe { $ints(qw, load(xb)) });
-                        acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * xb.d), p, acc[r]);
-                    }
-                }
-                let mut out = [0f32; 4];
-                for r in 0..4 {
-                    out[r] = unsafe { hsum(acc[r]) } + mins[r];
-                }
-                out
-            }
-        };
-    }
-
-    dots!("avx2,fma,f16c", dot, dot4, ints_avx2);
-    dots!("avx2,fma,f16c,avxvnni", dot_vnni, dot4_vnni, ints_vnni);
-}
-
-/// Four reference dot products.
-pub fn dot4_reference(w: &[BlockQ4_1], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-    x.map(|row| dot_reference(w, row))
+    min_dots!(
+        BlockQ4_1,
+        "avx2,fma,f16c",
+        dot,
+        dot4,
+        ints_avx2,
+        unpack,
+        scales
+    );
+    min_dots!(
+        BlockQ4_1,
+        "avx2,fma,f16c,avxvnni",
+        dot_vnni,
+        dot4_vnni,
+        ints_vnni,
+        unpack,
+        scales
+    );
 }
 
 /// The fastest dot products this CPU supports.
@@ -150,6 +110,7 @@ pub fn simd_available() -> bool {
 }
 
 impl QuantBlock for BlockQ4_1 {
+    type Act = BlockQ8_1;
     const NAME: &'static str = "q4_1-matmul";
     const BYTES: usize = BLOCK_BYTES;
 
@@ -163,16 +124,11 @@ impl QuantBlock for BlockQ4_1 {
         }
     }
 
-    fn dequantize(&self) -> [f32; BLOCK] {
+    fn dequantize(&self, out: &mut [f32]) {
         let (d, m) = (self.d.to_f32(), self.m.to_f32());
-        std::array::from_fn(|i| {
-            let q = if i < 16 {
-                self.qs[i] & 0x0F
-            } else {
-                self.qs[i - 16] >> 4
-            };
-            d * f32::from(q) + m
-        })
+        for (i, o) in out.iter_mut().enumerate().take(BLOCK) {
+            *o = d * f32::from(nibble(&self.qs, i)) + m;
+        }
     }
 
     fn kernels() -> Kernels<Self> {

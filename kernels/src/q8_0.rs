@@ -109,6 +109,7 @@ mod avx2 {
 }
 
 impl QuantBlock for BlockQ8_0 {
+    type Act = BlockQ8_1;
     const NAME: &'static str = "q8_0-matmul";
     const BYTES: usize = BLOCK_BYTES;
 
@@ -119,9 +120,11 @@ impl QuantBlock for BlockQ8_0 {
         }
     }
 
-    fn dequantize(&self) -> [f32; BLOCK] {
+    fn dequantize(&self, out: &mut [f32]) {
         let d = self.d.to_f32();
-        self.qs.map(|q| d * f32::from(q))
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = d * f32::from(q);
+        }
     }
 
     fn kernels() -> Kernels<Self> {

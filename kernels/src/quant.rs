@@ -9,6 +9,7 @@
 //! SIMD helpers their dot products share are here.
 
 use candle_core::backend::BackendStorage;
+use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use half::f16;
 use rayon::prelude::*;
@@ -70,11 +71,21 @@ pub fn quantize_q8_1_reference(x: &[f32], out: &mut [BlockQ8_1]) {
     }
 }
 
+/// Value `i` (0..32) of a GGML 4-bit block: `q[j]` is the low nibble of
+/// `qs[j]`, `q[j + 16]` its high nibble.
+pub(crate) fn nibble(qs: &[u8; 16], i: usize) -> u8 {
+    if i < 16 {
+        qs[i] & 0x0F
+    } else {
+        qs[i - 16] >> 4
+    }
+}
+
 /// One weight row's dot product with one activation row.
-pub type DotFn<B> = fn(&[B], &[BlockQ8_1]) -> f32;
+pub type DotFn<B> = fn(&[B], &[<B as QuantBlock>::Act]) -> f32;
 /// One weight row's dot products with four activation rows; each equal,
 /// bit for bit, to [`DotFn`]'s.
-pub type Dot4Fn<B> = fn(&[B], [&[BlockQ8_1]; 4]) -> [f32; 4];
+pub type Dot4Fn<B> = fn(&[B], [&[<B as QuantBlock>::Act]; 4]) -> [f32; 4];
 /// The pair, as picked for this CPU.
 pub type Kernels<B> = (DotFn<B>, Dot4Fn<B>);
 
@@ -136,23 +147,23 @@ pub(crate) fn runnable() -> Vec<Isa> {
 /// `dot4_reference`.
 macro_rules! pick_kernels {
     ($block:ty, $isa:expr) => {{
-        use $crate::quant::BlockQ8_1;
+        type Act = <$block as $crate::quant::QuantBlock>::Act;
         #[cfg(target_arch = "x86_64")]
         {
-            fn dot_avx2(w: &[$block], x: &[BlockQ8_1]) -> f32 {
+            fn dot_avx2(w: &[$block], x: &[Act]) -> f32 {
                 // SAFETY: only picked for an `isa` this CPU runs, so it has
                 // AVX2, FMA and F16C.
                 unsafe { avx2::dot(w, x) }
             }
-            fn dot4_avx2(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+            fn dot4_avx2(w: &[$block], x: [&[Act]; 4]) -> [f32; 4] {
                 // SAFETY: as for `dot_avx2`.
                 unsafe { avx2::dot4(w, x) }
             }
-            fn dot_vnni(w: &[$block], x: &[BlockQ8_1]) -> f32 {
+            fn dot_vnni(w: &[$block], x: &[Act]) -> f32 {
                 // SAFETY: only picked for `Isa::Vnni`, so it has AVX-VNNI too.
                 unsafe { avx2::dot_vnni(w, x) }
             }
-            fn dot4_vnni(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
+            fn dot4_vnni(w: &[$block], x: [&[Act]; 4]) -> [f32; 4] {
                 // SAFETY: as for `dot_vnni`.
                 unsafe { avx2::dot4_vnni(w, x) }
             }
@@ -277,16 +288,35 @@ pub(crate) mod avx2 {
     }
 }
 
-/// A GGML block of 32 quantized weights.
+/// A block of quantized activations, matching a weight format's blocks
+/// value for value.
+pub trait ActBlock: Copy + Default + Send + Sync + std::fmt::Debug + 'static {
+    /// Values per block.
+    const VALUES: usize;
+    /// Quantizes `x` (a multiple of [`Self::VALUES`] long) into `out`.
+    fn quantize(x: &[f32], out: &mut [Self]);
+}
+
+impl ActBlock for BlockQ8_1 {
+    const VALUES: usize = BLOCK;
+
+    fn quantize(x: &[f32], out: &mut [Self]) {
+        quantize_q8_1(x, out);
+    }
+}
+
+/// A GGML block of quantized weights (32 values, or 256 for the K-quants).
 pub trait QuantBlock: Copy + Send + Sync + std::fmt::Debug + 'static {
+    /// The activation blocks the dot products take.
+    type Act: ActBlock;
     /// The custom op's name.
     const NAME: &'static str;
     /// Bytes per block in GGML files.
     const BYTES: usize;
     /// Reads one block from its GGML bytes.
     fn parse(bytes: &[u8]) -> Self;
-    /// The block's weights as f32.
-    fn dequantize(&self) -> [f32; BLOCK];
+    /// Writes the block's weights as f32 into `out` (`Act::VALUES` long).
+    fn dequantize(&self, out: &mut [f32]);
     /// The fastest dot products this CPU supports.
     fn kernels() -> Kernels<Self>;
 }
@@ -314,10 +344,11 @@ fn cols_per_task(rows: usize) -> usize {
 impl<B: QuantBlock> QuantMatrix<B> {
     /// Reads GGML's bytes for a `rows × cols` matrix (row-major blocks).
     pub fn from_ggml_bytes(bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
-        if !cols.is_multiple_of(BLOCK) {
-            candle_core::bail!("{}: {cols} columns is not a multiple of {BLOCK}", B::NAME);
+        let values = B::Act::VALUES;
+        if !cols.is_multiple_of(values) {
+            candle_core::bail!("{}: {cols} columns is not a multiple of {values}", B::NAME);
         }
-        let expected = rows * cols / BLOCK * B::BYTES;
+        let expected = rows * cols / values * B::BYTES;
         if bytes.len() != expected {
             candle_core::bail!(
                 "{}: {} bytes for a {rows}x{cols} matrix, expected {expected}",
@@ -336,7 +367,11 @@ impl<B: QuantBlock> QuantMatrix<B> {
 
     /// The weights as f32, `rows × cols` row-major (for references and tests).
     pub fn dequantize(&self) -> Vec<f32> {
-        self.blocks.iter().flat_map(B::dequantize).collect()
+        let mut out = vec![0f32; self.rows * self.cols];
+        for (b, chunk) in self.blocks.iter().zip(out.chunks_exact_mut(B::Act::VALUES)) {
+            b.dequantize(chunk);
+        }
+        out
     }
 
     /// `x · Wᵀ` for f32 rows `x` (`[batch…, cols]` → `[batch…, rows]`).
@@ -345,16 +380,16 @@ impl<B: QuantBlock> QuantMatrix<B> {
     }
 
     pub(crate) fn matmul(&self, x: &[f32], (dot, dot4): Kernels<B>) -> Vec<f32> {
-        let kb = self.cols / BLOCK;
+        let kb = self.cols / B::Act::VALUES;
         let m = x.len() / self.cols;
         if m == 0 {
             return Vec::new();
         }
-        let mut xq = vec![BlockQ8_1::default(); m * kb];
+        let mut xq = vec![B::Act::default(); m * kb];
         xq.par_chunks_mut(kb)
             .zip(x.par_chunks_exact(self.cols))
             .with_min_len(8)
-            .for_each(|(q, row)| quantize_q8_1(row, q));
+            .for_each(|(q, row)| B::Act::quantize(row, q));
         let xrow = |r: usize| &xq[r * kb..(r + 1) * kb];
         // Column-major first, so each task owns a contiguous slice and reuses
         // one weight row across every input row, four rows at a time.
@@ -391,6 +426,52 @@ impl<B: QuantBlock> QuantMatrix<B> {
     }
 }
 
+/// A quantized weight matrix of a format picked at run time.
+pub trait QuantLinear: Send + Sync + std::fmt::Debug {
+    /// `x · Wᵀ` for f32 rows `x` (`[batch…, cols]` → `[batch…, rows]`).
+    fn forward(&self, x: &Tensor) -> Result<Tensor>;
+    /// `(rows, cols)`.
+    fn dims(&self) -> (usize, usize);
+}
+
+impl<B: QuantBlock> QuantLinear for QuantMatrix<B> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        QuantMatrix::forward(self, x)
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        QuantMatrix::dims(self)
+    }
+}
+
+/// Reads GGML's bytes of a `rows × cols` matrix of `dtype` into the matrix
+/// type whose kernels run it: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K
+/// and Q6_K. `None`
+/// for other types.
+pub fn from_ggml(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Option<Result<Box<dyn QuantLinear>>> {
+    fn read<B: QuantBlock>(bytes: &[u8], rows: usize, cols: usize) -> Result<Box<dyn QuantLinear>> {
+        Ok(Box::new(QuantMatrix::<B>::from_ggml_bytes(
+            bytes, rows, cols,
+        )?))
+    }
+    Some(match dtype {
+        GgmlDType::Q4_0 => read::<crate::q4_0::BlockQ4_0>(bytes, rows, cols),
+        GgmlDType::Q4_1 => read::<crate::q4_1::BlockQ4_1>(bytes, rows, cols),
+        GgmlDType::Q5_0 => read::<crate::q5_0::BlockQ5_0>(bytes, rows, cols),
+        GgmlDType::Q5_1 => read::<crate::q5_1::BlockQ5_1>(bytes, rows, cols),
+        GgmlDType::Q8_0 => read::<crate::q8_0::BlockQ8_0>(bytes, rows, cols),
+        GgmlDType::Q4K => read::<crate::q4_k::BlockQ4K>(bytes, rows, cols),
+        GgmlDType::Q5K => read::<crate::q5_k::BlockQ5K>(bytes, rows, cols),
+        GgmlDType::Q6K => read::<crate::q6_k::BlockQ6K>(bytes, rows, cols),
+        _ => return None,
+    })
+}
+
 impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
     fn name(&self) -> &'static str {
         B::NAME
@@ -419,5 +500,9 @@ impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
     }
 }
 
+pub(crate) mod dots;
+
+#[cfg(test)]
+pub(crate) mod check;
 #[cfg(test)]
 mod tests;

@@ -5,22 +5,20 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
 
-/// A projection `x · Wᵀ (+ b)`. Q4_0, Q4_1 and Q8_0 on the CPU run our
-/// kernels (four activation rows per weight pass; candle's Q4_1 dot product
-/// is scalar); other quantized types run candle's; dense weights run
-/// candle's matmul.
+/// A projection `x · Wᵀ (+ b)`. On the CPU, Q4_0, Q4_1, Q5_K, Q4_K, Q6_K
+/// and Q8_0 weights run our kernels (four activation rows per weight pass,
+/// integer dot products as llama.cpp takes them); other quantized types run
+/// candle's; dense weights run candle's matmul.
 pub(crate) enum Linear {
     Candle(QMatMul),
-    Q4_0(kindling_kernels::Q4_0Matrix),
-    Q4_1(kindling_kernels::Q4_1Matrix),
-    Q8_0(kindling_kernels::Q8_0Matrix),
+    Quant(Box<dyn kindling_kernels::QuantLinear>),
     Dense(Tensor),
 }
 
@@ -28,20 +26,8 @@ impl Linear {
     fn from_qtensor(q: QTensor) -> Result<Self> {
         if q.device().is_cpu() {
             let (rows, cols) = q.shape().dims2()?;
-            match q.dtype() {
-                GgmlDType::Q4_0 => {
-                    let m = kindling_kernels::Q4_0Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
-                    return Ok(Self::Q4_0(m));
-                }
-                GgmlDType::Q4_1 => {
-                    let m = kindling_kernels::Q4_1Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
-                    return Ok(Self::Q4_1(m));
-                }
-                GgmlDType::Q8_0 => {
-                    let m = kindling_kernels::Q8_0Matrix::from_ggml_bytes(&q.data()?, rows, cols)?;
-                    return Ok(Self::Q8_0(m));
-                }
-                _ => {}
+            if let Some(m) = kindling_kernels::quant::from_ggml(q.dtype(), &q.data()?, rows, cols) {
+                return Ok(Self::Quant(m?));
             }
         }
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
@@ -51,9 +37,7 @@ impl Linear {
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Candle(m) => m.forward(x)?,
-            Self::Q4_0(m) => m.forward(x)?,
-            Self::Q4_1(m) => m.forward(x)?,
-            Self::Q8_0(m) => m.forward(x)?,
+            Self::Quant(m) => m.forward(x)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
         })
     }

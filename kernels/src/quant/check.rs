@@ -1,0 +1,152 @@
+//! Checks every weight format's tests run: SIMD variants against the
+//! reference and each other, the product against the dequantized weights,
+//! and agreement with candle's GGML quantizer and product.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{runnable, ActBlock, Dot4Fn, DotFn, Isa, Kernels, QuantBlock, QuantMatrix};
+
+/// Random activations in ±3.
+pub(crate) fn random_rows(m: usize, cols: usize, rng: &mut StdRng) -> Vec<f32> {
+    (0..m * cols)
+        .map(|_| rng.random_range(-3.0f32..3.0))
+        .collect()
+}
+
+/// A matrix of random bytes, each block passed through `fix` (which sets
+/// its float fields to sane values).
+pub(crate) fn random_bytes<B: QuantBlock>(
+    rows: usize,
+    cols: usize,
+    rng: &mut StdRng,
+    fix: impl Fn(&mut [u8], &mut StdRng),
+) -> QuantMatrix<B> {
+    let blocks = rows * cols / B::Act::VALUES;
+    let mut bytes: Vec<u8> = (0..blocks * B::BYTES).map(|_| rng.random()).collect();
+    for block in bytes.chunks_exact_mut(B::BYTES) {
+        fix(block, rng);
+    }
+    QuantMatrix::from_ggml_bytes(&bytes, rows, cols).unwrap()
+}
+
+/// Writes a random f16 in `range` at `at`.
+pub(crate) fn put_f16(block: &mut [u8], at: usize, rng: &mut StdRng, range: std::ops::Range<f32>) {
+    let v = half::f16::from_f32(rng.random_range(range));
+    block[at..at + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Every variant this CPU runs gives the reference's results (within
+/// float-summation order), the SIMD variants give each other's bits, and a
+/// lone row gives the bits it gets among four.
+pub(crate) fn variants_agree<B: QuantBlock>(
+    w: &QuantMatrix<B>,
+    x: &[f32],
+    reference: (DotFn<B>, Dot4Fn<B>),
+    kernels_for: unsafe fn(Isa) -> Kernels<B>,
+) {
+    let want = w.matmul(x, reference);
+    let mut simd: Option<Vec<f32>> = None;
+    for isa in runnable() {
+        // SAFETY: `runnable` lists only variants this CPU runs.
+        let kernels = unsafe { kernels_for(isa) };
+        let got = w.matmul(x, kernels);
+        for (p, q) in got.iter().zip(&want) {
+            assert!(
+                (p - q).abs() <= 1e-4 * q.abs().max(1.0),
+                "{isa:?}: {p} vs {q}"
+            );
+        }
+        if isa == Isa::Reference {
+            assert_eq!(got, want);
+        } else if let Some(first) = &simd {
+            assert_eq!(&got, first, "{isa:?}");
+        } else {
+            simd = Some(got.clone());
+        }
+        let (rows, cols) = w.dims();
+        for r in 0..x.len() / cols {
+            let alone = w.matmul(&x[r * cols..(r + 1) * cols], kernels);
+            assert_eq!(alone, got[r * rows..(r + 1) * rows], "{isa:?} row {r}");
+        }
+    }
+}
+
+/// The product against `x · dequantized(W)ᵀ`: the only difference is the
+/// 8-bit activations, so the error is bounded by a share of the terms'
+/// magnitudes.
+pub(crate) fn matches_dequantized<B: QuantBlock>(w: &QuantMatrix<B>, x: &[f32], share: f32) {
+    let (rows, cols) = w.dims();
+    let m = x.len() / cols;
+    let got = w.matmul(x, B::kernels());
+    let dense = w.dequantize();
+    for r in 0..m {
+        for c in 0..rows {
+            let terms = (0..cols).map(|k| x[r * cols + k] * dense[c * cols + k]);
+            let want: f32 = terms.clone().sum();
+            let size: f32 = terms.map(f32::abs).sum();
+            let g = got[r * rows + c];
+            assert!(
+                (g - want).abs() <= share * size,
+                "{}: {r},{c}: {g} vs {want} (terms {size})",
+                B::NAME
+            );
+        }
+    }
+}
+
+/// Quantizes random weights with candle's GGML quantizer, reads the bytes
+/// as ours, and compares our product with candle's on the same blocks.
+pub(crate) fn agrees_with_candle<B: QuantBlock>(dtype: GgmlDType, seed: u64, tolerance: f32) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (rows, cols, m) = (96, 512, 5);
+    let w: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-1.0f32..1.0))
+        .collect();
+    let wt = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&wt, dtype).unwrap();
+    let ours = QuantMatrix::<B>::from_ggml_bytes(&q.data().unwrap(), rows, cols).unwrap();
+    // Our reading of the blocks is candle's.
+    let theirs: Vec<f32> = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    assert_eq!(ours.dequantize(), theirs, "{}", B::NAME);
+    let x = Tensor::from_vec(random_rows(m, cols, &mut rng), (m, cols), &Device::Cpu).unwrap();
+    let want: Vec<f32> = QMatMul::from_qtensor(q)
+        .unwrap()
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let got: Vec<f32> = ours
+        .forward(&x)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
+    for (a, b) in got.iter().zip(&want) {
+        assert!(
+            (a - b).abs() <= tolerance * scale,
+            "{}: {a} vs {b}",
+            B::NAME
+        );
+    }
+}
+
+/// The byte-count checks every format shares.
+pub(crate) fn bad_shapes_are_errors<B: QuantBlock>() {
+    let n = B::Act::VALUES;
+    assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES], 1, n + 1).is_err());
+    assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES - 1], 1, n).is_err());
+    assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES], 1, n).is_ok());
+}
