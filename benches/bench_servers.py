@@ -5,6 +5,7 @@ child processes."""
 import asyncio
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -203,10 +204,25 @@ class Kindling:
                 self.proc.wait()
 
 
+def config_for_gguf(gguf: Path, base_config: Path, workdir: Path) -> Path:
+    """A copy of `base_config` whose demo-model manifest serves `gguf` instead
+    (same id and settings), written under `workdir`."""
+    manifest = (ROOT / "configs" / "models" / f"{MODEL}.toml").read_text()
+    manifest = re.sub(r'(?m)^path = ".*"$', f'path = "{gguf.resolve()}"', manifest)
+    (workdir / "models").mkdir(parents=True, exist_ok=True)
+    (workdir / "models" / f"{MODEL}.toml").write_text(manifest)
+    config = base_config.read_text()
+    config = re.sub(r'(?m)^manifests = ".*"$', f'manifests = "{workdir / "models"}"', config)
+    config = re.sub(r'(?m)^store = ".*"$', f'store = "{ROOT / "store"}"', config)
+    path = workdir / "kindling.toml"
+    path.write_text(config)
+    return path
+
+
 class LlamaServer:
-    def __init__(self, threads, slots, ctx_per_slot):
+    def __init__(self, threads, slots, ctx_per_slot, gguf=GGUF):
         port = free_port()
-        self.args = [str(LLAMA_SERVER), "-m", str(GGUF), "-t", str(threads), "-tb", str(threads),
+        self.args = [str(LLAMA_SERVER), "-m", str(gguf), "-t", str(threads), "-tb", str(threads),
                      "-np", str(slots), "-c", str(slots * ctx_per_slot), "--cont-batching",
                      "--no-webui", "--host", "127.0.0.1", "--port", str(port)]
         self.log = tempfile.TemporaryFile(mode="w+")

@@ -83,7 +83,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from bench_servers import (GGUF, LLAMA_SERVER, MODEL, ROOT, VENV, Kindling, LlamaServer,
+from bench_servers import (GGUF, config_for_gguf, LLAMA_SERVER, MODEL, ROOT, VENV, Kindling, LlamaServer,
                            ServerError, Stream, pct, stream_completion)
 
 # Prompts are shuffles of these sentences, seeded per request.
@@ -317,7 +317,7 @@ async def bench_llama(llm, prompts, args):
     for level in args.concurrency:
         print(f"  llama.cpp: {level} streams", file=sys.stderr, flush=True)
         slots = args.llama_slots or level
-        server = LlamaServer(args.threads, slots, ctx)
+        server = LlamaServer(args.threads, slots, ctx, args.gguf)
         try:
             await checked(server.base, prompts.ids("warmup", args.stream_prompt_tokens), args.max_tokens,
                           args.request_timeout, "llama-server warm-up")
@@ -408,6 +408,9 @@ def main():
     ap.add_argument("--stream-prompt-tokens", type=int, default=96, help="prompt tokens per concurrent stream")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
     ap.add_argument("--kindling-config", type=Path, default=ROOT / "configs" / "kindling.toml")
+    ap.add_argument("--gguf", type=Path, default=GGUF,
+                    help="the GGUF both sides serve (default: the demo model); Kindling serves it "
+                         "under the demo model's id with a copy of --kindling-config")
     ap.add_argument("--llama-slots", type=int, default=0,
                     help="llama-server -np; 0 (default): the level's stream count")
     ap.add_argument("--request-timeout", type=float, default=600, help="seconds per request")
@@ -416,6 +419,10 @@ def main():
     args = ap.parse_args()
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     args.kindling_config = args.kindling_config.resolve()
+    args.gguf = args.gguf.resolve()
+    workdir = tempfile.TemporaryDirectory(prefix="kindling-bench-")
+    if args.gguf != GGUF.resolve():
+        args.kindling_config = config_for_gguf(args.gguf, args.kindling_config, Path(workdir.name))
     if args.skip_kindling and args.skip_llama:
         ap.error("nothing to run")
     if not args.skip_llama and not LLAMA_SERVER.exists():
@@ -423,13 +430,13 @@ def main():
 
     kindling_bin = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "release" / "kindling"))
     facts, build = machine_facts(), build_facts(kindling_bin)
-    vocab = llama_cpp.Llama(str(GGUF), vocab_only=True, verbose=False)
+    vocab = llama_cpp.Llama(str(args.gguf), vocab_only=True, verbose=False)
     prompts = Prompts(vocab)
     results = {}
     if not args.skip_kindling:
         results["kindling"] = asyncio.run(bench_kindling(prompts, args))
     if not args.skip_llama:
-        llm = llama_cpp.Llama(str(GGUF), n_ctx=2 * args.prompt_tokens + args.decode_tokens + 64,
+        llm = llama_cpp.Llama(str(args.gguf), n_ctx=2 * args.prompt_tokens + args.decode_tokens + 64,
                               n_batch=max(512, args.prompt_tokens), n_threads=args.threads,
                               n_threads_batch=args.threads, verbose=False)
         try:

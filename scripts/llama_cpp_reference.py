@@ -6,14 +6,25 @@ and greedily decodes 32 tokens (argmax of the logits, no sampling, no penalties,
 continuing past end-of-turn tokens). `greedy_margins` records, per step, how far
 llama.cpp's chosen logit is above its runner-up: where that margin is small,
 two correct implementations may pick differently. `clear_text` is the output
-up to the first such near-tie (`clear_steps` tokens). Chat prompts are rendered first with the
-chat template stored in the GGUF, by Jinja2, as Hugging Face renders them.
-Kindling's known-answer tests must reproduce the prompt ids and the 32 ids.
+up to the first such near-tie (`clear_steps` tokens); `top_logits` has, per
+step, llama.cpp's five highest logits as [id, logit]; `sha256` identifies the
+file. Chat prompts are rendered first with the chat template stored in the GGUF,
+by Jinja2, as Hugging Face renders them. Kindling's known-answer tests must
+reproduce the prompt ids and the 32 ids.
 
     python3 -m venv .venv-ref && .venv-ref/bin/pip install llama-cpp-python==0.3.36 jinja2 numpy
     .venv-ref/bin/python scripts/llama_cpp_reference.py store/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf
+
+The reference for every quantization format at once is made on the demo model
+requantized to a mix of them (Kindling's `requantize`, the same bytes on every
+machine):
+
+    target/release/requantize store/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/mixed.gguf mixed
+    .venv-ref/bin/python scripts/llama_cpp_reference.py /tmp/mixed.gguf tests/data/llama_cpp_reference.mixed.json
 """
+import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +33,8 @@ import llama_cpp
 import numpy as np
 
 STEPS = 32
+# Logits recorded per step: the TOP highest, as [id, logit].
+TOP = 5
 # Margins (in logits) under which llama.cpp's own choice is a near-tie.
 NEAR_TIE = 0.3
 COMPLETIONS = [
@@ -53,21 +66,25 @@ def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
 def greedy(llm: llama_cpp.Llama, prompt_ids):
     llm.reset()
     llm.eval(prompt_ids)
-    out, margins = [], []
+    out, margins, tops = [], [], []
     for _ in range(STEPS):
         logits = last_logits(llm)
-        top2 = np.argsort(logits)[-2:]
-        tok = int(top2[1])
+        top = np.argsort(logits)[::-1][:TOP]
+        tok = int(top[0])
         out.append(tok)
-        margins.append(round(float(logits[top2[1]] - logits[top2[0]]), 4))
+        margins.append(round(float(logits[top[0]] - logits[top[1]]), 4))
+        tops.append([[int(i), round(float(logits[i]), 4)] for i in top])
         llm.eval([tok])
-    return out, margins
+    return out, margins, tops
 
 
 def main() -> None:
     gguf = Path(sys.argv[1])
     out_path = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("tests/data/llama_cpp_reference.json")
-    llm = llama_cpp.Llama(str(gguf), n_ctx=2048, n_threads=2, seed=0, verbose=False)
+    # KINDLING_REF_KV=f32: llama.cpp keeps its KV cache in f32 (as Kindling
+    # does on the CPU) instead of its default f16, for logit comparisons.
+    kv = {"type_k": 0, "type_v": 0} if os.environ.get("KINDLING_REF_KV") == "f32" else {}
+    llm = llama_cpp.Llama(str(gguf), n_ctx=2048, n_threads=2, seed=0, verbose=False, **kv)
     meta = llm.metadata
     template = meta["tokenizer.chat_template"]
     tok = lambda i: llm.detokenize([i], special=True).decode("utf-8", "replace")
@@ -79,14 +96,16 @@ def main() -> None:
     for case in cases:
         ids = llm.tokenize(case["prompt"].encode(), add_bos=add_bos, special=True)
         case["prompt_ids"] = ids
-        case["greedy_ids"], case["greedy_margins"] = greedy(llm, ids)
+        case["greedy_ids"], case["greedy_margins"], case["top_logits"] = greedy(llm, ids)
         case["greedy_text"] = llm.detokenize(case["greedy_ids"]).decode("utf-8", "replace")
         clear = next((i for i, m in enumerate(case["greedy_margins"]) if m < NEAR_TIE), STEPS)
         case["clear_steps"] = clear
         case["clear_text"] = llm.detokenize(case["greedy_ids"][:clear]).decode("utf-8", "replace")
     doc = {
-        "generator": f"llama-cpp-python {llama_cpp.__version__}, greedy argmax, n_ctx 2048",
+        "generator": f"llama-cpp-python {llama_cpp.__version__}, greedy argmax, n_ctx 2048"
+        + (", f32 KV cache" if kv else ""),
         "model": gguf.name,
+        "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
         "steps": STEPS,
         "cases": cases,
     }

@@ -41,7 +41,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_0, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8, unpack_nibbles};
+    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8, unpack_nibbles};
     use crate::quant::dots::offset_dots;
 
     /// The 32 weights of a block as bytes 0..=15.
@@ -71,6 +71,16 @@ mod avx2 {
         dot_vnni,
         dot4_vnni,
         ints_vnni,
+        unpack,
+        scale,
+        3
+    );
+    offset_dots!(
+        BlockQ4_0,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        ints_vnni512,
         unpack,
         scale,
         3

@@ -46,7 +46,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8, unpack_nibbles};
+    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8, unpack_nibbles};
     use crate::quant::dots::min_dots;
 
     /// `[d, m]` of a weight block as f32, with F16C.
@@ -79,6 +79,15 @@ mod avx2 {
         dot_vnni,
         dot4_vnni,
         ints_vnni,
+        unpack,
+        scales
+    );
+    min_dots!(
+        BlockQ4_1,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        ints_vnni512,
         unpack,
         scales
     );

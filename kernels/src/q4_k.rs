@@ -74,6 +74,13 @@ mod avx2 {
 
     scale_min_dots!(BlockQ4K, "avx2,fma", dot, dot4, unpack);
     scale_min_dots!(BlockQ4K, "avx2,fma,avxvnni", dot_vnni, dot4_vnni, unpack);
+    scale_min_dots!(
+        BlockQ4K,
+        "avx2,fma,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        unpack
+    );
 }
 
 /// The dot products for `isa`.

@@ -48,7 +48,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ5_1, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, load_q8};
+    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8};
     use crate::quant::dots::{min_dots, unpack_5bit};
 
     #[inline(always)]
@@ -76,6 +76,15 @@ mod avx2 {
         dot_vnni,
         dot4_vnni,
         ints_vnni,
+        unpack,
+        scales
+    );
+    min_dots!(
+        BlockQ5_1,
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        ints_vnni512,
         unpack,
         scales
     );

@@ -88,6 +88,13 @@ mod avx2 {
 
     scale_min_dots!(BlockQ5K, "avx2,fma", dot, dot4, unpack);
     scale_min_dots!(BlockQ5K, "avx2,fma,avxvnni", dot_vnni, dot4_vnni, unpack);
+    scale_min_dots!(
+        BlockQ5K,
+        "avx2,fma,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        unpack
+    );
 }
 
 /// The dot products for `isa`.

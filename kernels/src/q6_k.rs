@@ -187,6 +187,7 @@ mod avx2 {
 
     dots!("avx2,fma", dot, dot4);
     dots!("avx2,fma,avxvnni", dot_vnni, dot4_vnni);
+    dots!("avx2,fma,avx512vnni,avx512vl", dot_vnni512, dot4_vnni512);
 }
 
 /// The dot products for `isa`.

@@ -106,6 +106,12 @@ mod avx2 {
         dot4_vnni,
         crate::quant::avx2::ints_vnni
     );
+    dots!(
+        "avx2,fma,f16c,avx512vnni,avx512vl",
+        dot_vnni512,
+        dot4_vnni512,
+        crate::quant::avx2::ints_vnni512
+    );
 }
 
 impl QuantBlock for BlockQ8_0 {

@@ -28,6 +28,8 @@ pub struct BlockQ8_1 {
     pub d: f32,
     /// `d * Σ qs` (an f16 value).
     pub s: f32,
+    /// `Σ qs`, exactly.
+    pub sum: i32,
     /// Quantized values.
     pub qs: [i8; BLOCK],
 }
@@ -37,6 +39,7 @@ impl Default for BlockQ8_1 {
         Self {
             d: 0.0,
             s: 0.0,
+            sum: 0,
             qs: [0; BLOCK],
         }
     }
@@ -68,6 +71,7 @@ pub fn quantize_q8_1_reference(x: &[f32], out: &mut [BlockQ8_1]) {
         }
         block.d = f16::from_f32(d).to_f32();
         block.s = f16::from_f32(d * sum as f32).to_f32();
+        block.sum = sum;
     }
 }
 
@@ -98,6 +102,9 @@ pub(crate) enum Isa {
     Avx2,
     /// The same plus AVX-VNNI.
     Vnni,
+    /// AVX2 + FMA + F16C plus AVX-512 VNNI on 256-bit registers (AVX-512 VL):
+    /// the same instruction as AVX-VNNI, on CPUs that have only the AVX-512 form.
+    Vnni512,
 }
 
 /// The variant in use: the fastest this CPU runs among those the
@@ -117,6 +124,12 @@ pub(crate) fn detect(allowed: CpuFeatures) -> Isa {
         if allowed.vnni && is_x86_feature_detected!("avxvnni") {
             return Isa::Vnni;
         }
+        if allowed.vnni
+            && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            return Isa::Vnni512;
+        }
         return Isa::Avx2;
     }
     let _ = allowed;
@@ -134,16 +147,17 @@ pub(crate) fn runnable() -> Vec<Isa> {
     if detect(no_vnni) == Isa::Avx2 {
         all.push(Isa::Avx2);
     }
-    if detect(CpuFeatures::default()) == Isa::Vnni {
-        all.push(Isa::Vnni);
+    let all_allowed = detect(CpuFeatures::default());
+    if matches!(all_allowed, Isa::Vnni | Isa::Vnni512) {
+        all.push(all_allowed);
     }
     all
 }
 
 /// A block format's kernels for `isa`, an expression of type [`Isa`] that
 /// this CPU runs (use it inside an `unsafe fn` whose caller promises so):
-/// the format's module `avx2` must have `dot`, `dot4`, `dot_vnni` and
-/// `dot4_vnni`; the reference functions are `dot_reference` and
+/// the format's module `avx2` must have `dot`, `dot4`, `dot_vnni`,
+/// `dot4_vnni`, `dot_vnni512` and `dot4_vnni512`; the reference functions are `dot_reference` and
 /// `dot4_reference`.
 macro_rules! pick_kernels {
     ($block:ty, $isa:expr) => {{
@@ -167,8 +181,18 @@ macro_rules! pick_kernels {
                 // SAFETY: as for `dot_vnni`.
                 unsafe { avx2::dot4_vnni(w, x) }
             }
+            fn dot_vnni512(w: &[$block], x: &[Act]) -> f32 {
+                // SAFETY: only picked for `Isa::Vnni512`, so it has AVX-512
+                // VNNI and VL too.
+                unsafe { avx2::dot_vnni512(w, x) }
+            }
+            fn dot4_vnni512(w: &[$block], x: [&[Act]; 4]) -> [f32; 4] {
+                // SAFETY: as for `dot_vnni512`.
+                unsafe { avx2::dot4_vnni512(w, x) }
+            }
             match $isa {
                 $crate::quant::Isa::Vnni => return (dot_vnni, dot4_vnni),
+                $crate::quant::Isa::Vnni512 => return (dot_vnni512, dot4_vnni512),
                 $crate::quant::Isa::Avx2 => return (dot_avx2, dot4_avx2),
                 $crate::quant::Isa::Reference => {}
             }
@@ -241,6 +265,13 @@ pub(crate) mod avx2 {
         _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qw, qx)
     }
 
+    /// The same instruction in its AVX-512 (VL) encoding.
+    #[target_feature(enable = "avx2,avx512vnni,avx512vl")]
+    #[inline]
+    pub(crate) unsafe fn ints_vnni512(qw: __m256i, qx: __m256i) -> __m256i {
+        _mm256_dpbusd_epi32(_mm256_setzero_si256(), qw, qx)
+    }
+
     /// Q8_1 quantization of 32-value blocks: the same operations as the
     /// scalar version (multiply, round half to even), eight lanes at a time.
     ///
@@ -284,6 +315,7 @@ pub(crate) mod avx2 {
             unsafe { _mm256_storeu_si256(block.qs.as_mut_ptr().cast(), ordered) };
             block.d = half::f16::from_f32(d).to_f32();
             block.s = half::f16::from_f32(d * sum as f32).to_f32();
+            block.sum = sum;
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod grammar;
 pub mod kv_cache;
 pub mod llama;
 mod prefix_cache;
+pub mod requantize;
 pub mod sampling;
 pub mod synthetic;
 pub mod text;

@@ -7,17 +7,24 @@
 //! must pick llama.cpp's token at every step where llama.cpp's choice is clear;
 //! at a near-tie (margin under [`NEAR_TIE`]) two correct implementations may
 //! differ in the last bits — different summation orders meet 8-bit activation
-//! rounding — so there llama.cpp's token must be one of our top two.
+//! rounding — so there llama.cpp's token must be within [`NEAR_TIE_GAP`] of
+//! our best.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
+use common::convert::scratch_dir;
 use common::{pool, ranked, repo, Seq};
+use kindling_models::requantize::{mixed, requantize};
 use kindling_models::{ChatMessage, Sampler, SamplingParams, TextModel};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 /// Logit margin below which llama.cpp's own choice is a near-tie.
 const NEAR_TIE: f32 = 0.3;
+/// At a near-tie, how far under our best logit llama.cpp's token may be
+/// (three candidates can sit within 0.1 of each other).
+const NEAR_TIE_GAP: f32 = 0.5;
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join("tests/data/llama_cpp_reference.json")).unwrap();
@@ -80,18 +87,31 @@ fn tokenizer_and_chat_template_match_llama_cpp() {
     }
 }
 
-#[test]
-fn greedy_choices_match_llama_cpp_step_by_step() {
-    let model = load(2048);
+/// Logit differences allowed against llama.cpp (its five highest per step,
+/// teacher-forced on the same ids): mean and worst. Both sides take the same
+/// integer dot products on the same 8-bit activations; what remains is the
+/// order of float additions, and on this model that alone moves logits this
+/// much: our SIMD and reference kernels (the same integers, summed in
+/// another order) differ from each other by a mean of 0.17–0.24 and at
+/// worst 0.9–1.6, as much as either differs from llama.cpp (a float that
+/// lands on the other side of an 8-bit rounding step changes that
+/// activation by a whole step, and 30 layers carry it on).
+const LOGIT_TOLERANCE: (f32, f32) = (0.35, 2.5);
+
+/// Checks `model` against llama.cpp's answers for the same file (see the
+/// module doc); returns how many cases match its 32 greedy ids exactly and
+/// the mean and largest logit differences met (where the reference has logits).
+fn follows_llama_cpp(model: &TextModel, cases: &[Value]) -> (usize, f32, f32) {
     let mut exact = 0;
-    for case in cases() {
+    let (mut worst, mut total, mut count) = (0f32, 0f32, 0usize);
+    for case in cases {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["greedy_ids"]);
-        let margins = margins(&case);
+        let margins = margins(case);
         // Teacher-forced on llama.cpp's tokens, so one near-tie cannot derail the rest.
-        let mut kv = pool(&model, 2 * (prompt.len() + want.len()));
+        let mut kv = pool(model, 2 * (prompt.len() + want.len()));
         let mut seq = Seq::default();
-        let mut logits = seq.feed(&model, &mut kv, &prompt);
+        let mut logits = seq.feed(model, &mut kv, &prompt);
         for (step, (&token, &margin)) in want.iter().zip(&margins).enumerate() {
             let ours = ranked(&logits);
             let gap = logits[ours[0] as usize] - logits[token as usize];
@@ -103,12 +123,23 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
                 );
             } else {
                 assert!(
-                    ours[..2].contains(&token),
-                    "{:?} step {step}: near-tie, llama.cpp's token not in our top 2",
+                    gap <= NEAR_TIE_GAP,
+                    "{:?} step {step}: near-tie, but llama.cpp's token is {gap} under our best",
                     case["prompt"]
                 );
             }
-            logits = seq.feed(&model, &mut kv, &[token]);
+            for pair in case["top_logits"]
+                .as_array()
+                .map_or(&[][..], |v| &v[step].as_array().unwrap()[..])
+            {
+                let id = pair[0].as_u64().unwrap() as usize;
+                let theirs = pair[1].as_f64().unwrap() as f32;
+                let diff = (logits[id] - theirs).abs();
+                worst = worst.max(diff);
+                total += diff;
+                count += 1;
+            }
+            logits = seq.feed(model, &mut kv, &[token]);
         }
         // Free-running greedy decoding, as the server does it.
         let params = SamplingParams {
@@ -117,12 +148,12 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
         };
         let mut sampler = Sampler::new(params, &prompt, model.tokenizer.vocab_size());
         let mut seq = Seq::default();
-        let mut logits = seq.feed(&model, &mut kv, &prompt);
+        let mut logits = seq.feed(model, &mut kv, &prompt);
         let mut got = Vec::new();
         for _ in 0..want.len() {
             let t = sampler.sample(&logits).token;
             got.push(t);
-            logits = seq.feed(&model, &mut kv, &[t]);
+            logits = seq.feed(model, &mut kv, &[t]);
         }
         match got.iter().zip(&want).position(|(a, b)| a != b) {
             None => exact += 1,
@@ -134,8 +165,54 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
             ),
         }
     }
+    let mean = total / count.max(1) as f32;
+    assert!(
+        mean <= LOGIT_TOLERANCE.0 && worst <= LOGIT_TOLERANCE.1,
+        "logits differ from llama.cpp's by {mean} on average, {worst} at worst"
+    );
+    (exact, mean, worst)
+}
+
+#[test]
+fn greedy_choices_match_llama_cpp_step_by_step() {
+    let model = load(2048);
+    let cases = cases();
+    let (exact, _, _) = follows_llama_cpp(&model, &cases);
     eprintln!(
         "{exact} of {} cases match llama.cpp's 32 greedy ids exactly",
-        cases().len()
+        cases.len()
     );
+}
+
+/// Every quantization format our kernels run, in one model: the demo model
+/// requantized to a rotating mix of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K
+/// and Q6_K (the same bytes llama.cpp ran for the reference, with its KV
+/// cache in f32 as ours is on the CPU).
+#[test]
+fn every_quantization_format_follows_llama_cpp() {
+    let text =
+        std::fs::read_to_string(repo().join("tests/data/llama_cpp_reference.mixed.json")).unwrap();
+    let reference: Value = serde_json::from_str(&text).unwrap();
+    let dir = scratch_dir("mixed-quants");
+    let path = dir.join("mixed.gguf");
+    requantize(&common::demo_gguf(), &path, mixed).unwrap();
+    let digest = hex(&Sha256::digest(std::fs::read(&path).unwrap()));
+    assert_eq!(
+        digest, reference["sha256"],
+        "the requantized file is not the one llama.cpp ran: regenerate the reference \
+         (scripts/llama_cpp_reference.py)"
+    );
+    let model = TextModel::load(&path, Some(2048)).unwrap();
+    let cases = reference["cases"].as_array().unwrap();
+    let (exact, mean, worst) = follows_llama_cpp(&model, cases);
+    eprintln!(
+        "mixed formats: {exact} of {} cases match llama.cpp's 32 greedy ids exactly; \
+         logits differ by {mean} on average, {worst} at worst",
+        cases.len()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -44,7 +44,8 @@ pub(crate) fn min_reference<B>(
 /// AVX2 dot products of an offset format: `$unpack(wb)` gives the block's
 /// 32 values as bytes, `$scale(wb)` its scale, and the offset is
 /// `1 << $shift`. Per block the integer lanes hold `Σ q·x − o·Σ x`
-/// exactly, so every variant gives the same bits, one row or four.
+/// exactly (the offset term from the activations' exact sum, in lane 0),
+/// so every variant gives the same bits, one row or four.
 #[cfg(target_arch = "x86_64")]
 macro_rules! offset_dots {
     ($block:ty, $features:literal, $dot:ident, $dot4:ident, $ints:ident, $unpack:ident, $scale:ident, $shift:literal) => {
@@ -52,13 +53,12 @@ macro_rules! offset_dots {
         /// The CPU must support the features named.
         #[target_feature(enable = $features)]
         pub unsafe fn $dot(w: &[$block], x: &[BlockQ8_1]) -> f32 {
-            let ones = _mm256_set1_epi8(1);
             let mut acc = _mm256_setzero_ps();
             for (wb, xb) in w.iter().zip(x) {
                 let qx = unsafe { load_q8(xb) };
                 let p = unsafe { $ints($unpack(wb), qx) };
-                let s = unsafe { $ints(ones, qx) };
-                let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_slli_epi32::<$shift>(s)));
+                let off = _mm256_setr_epi32(xb.sum << $shift, 0, 0, 0, 0, 0, 0, 0);
+                let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, off));
                 let d = unsafe { $scale(wb) } * xb.d;
                 acc = _mm256_fmadd_ps(_mm256_set1_ps(d), p, acc);
             }
@@ -69,7 +69,6 @@ macro_rules! offset_dots {
         /// The CPU must support the features named.
         #[target_feature(enable = $features)]
         pub unsafe fn $dot4(w: &[$block], x: [&[BlockQ8_1]; 4]) -> [f32; 4] {
-            let ones = _mm256_set1_epi8(1);
             let mut acc = [_mm256_setzero_ps(); 4];
             for (b, wb) in w.iter().enumerate() {
                 let qw = unsafe { $unpack(wb) };
@@ -78,8 +77,8 @@ macro_rules! offset_dots {
                     let xb = &x[r][b];
                     let qx = unsafe { load_q8(xb) };
                     let p = unsafe { $ints(qw, qx) };
-                    let s = unsafe { $ints(ones, qx) };
-                    let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_slli_epi32::<$shift>(s)));
+                    let off = _mm256_setr_epi32(xb.sum << $shift, 0, 0, 0, 0, 0, 0, 0);
+                    let p = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, off));
                     acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb.d), p, acc[r]);
                 }
             }
