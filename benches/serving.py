@@ -367,7 +367,7 @@ def report(facts, build, args, results):
     if "llama.cpp" in results:
         for level, a in results["llama.cpp"]["server_args"].items():
             print(f"llama-server at {level} streams: {a}")
-    print(f"SmolLM2-135M Q4_1, {args.threads} threads each; single stream: median of {args.runs} runs; "
+    print(f"{args.gguf.name}, {args.threads} threads each; single stream: median of {args.runs} runs; "
           f"streams: {args.stream_prompt_tokens}-token prompts, {args.max_tokens} output tokens each")
     print("ratio = kindling / llama.cpp; `better` says whether higher or lower is better")
     print(f"{'':34}{'kindling':>11}{'llama.cpp':>11}{'ratio':>8}  better")

@@ -131,5 +131,23 @@ impl QuantBlock for BlockQ4_0 {
 /// A Q4_0 weight matrix.
 pub type Q4_0Matrix = QuantMatrix<BlockQ4_0>;
 
+#[cfg(target_arch = "x86_64")]
+impl crate::quant::tiled::Tileable for BlockQ4_0 {
+    const LAYOUT: crate::quant::tiled::Layout8 = crate::quant::tiled::Layout8 {
+        nibbles: true,
+        high: false,
+        min: false,
+        offset: 8,
+    };
+
+    fn scales(&self) -> (f32, f32) {
+        (self.d.to_f32(), 0.0)
+    }
+
+    fn values(&self) -> Vec<u8> {
+        self.qs.to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests;

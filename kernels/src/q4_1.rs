@@ -148,5 +148,23 @@ impl QuantBlock for BlockQ4_1 {
 /// A Q4_1 weight matrix.
 pub type Q4_1Matrix = QuantMatrix<BlockQ4_1>;
 
+#[cfg(target_arch = "x86_64")]
+impl crate::quant::tiled::Tileable for BlockQ4_1 {
+    const LAYOUT: crate::quant::tiled::Layout8 = crate::quant::tiled::Layout8 {
+        nibbles: true,
+        high: false,
+        min: true,
+        offset: 0,
+    };
+
+    fn scales(&self) -> (f32, f32) {
+        (self.d.to_f32(), self.m.to_f32())
+    }
+
+    fn values(&self) -> Vec<u8> {
+        self.qs.to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests;

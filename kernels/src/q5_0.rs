@@ -130,5 +130,27 @@ impl QuantBlock for BlockQ5_0 {
 /// A Q5_0 weight matrix.
 pub type Q5_0Matrix = QuantMatrix<BlockQ5_0>;
 
+#[cfg(target_arch = "x86_64")]
+impl crate::quant::tiled::Tileable for BlockQ5_0 {
+    const LAYOUT: crate::quant::tiled::Layout8 = crate::quant::tiled::Layout8 {
+        nibbles: true,
+        high: true,
+        min: false,
+        offset: 16,
+    };
+
+    fn scales(&self) -> (f32, f32) {
+        (self.d, 0.0)
+    }
+
+    fn values(&self) -> Vec<u8> {
+        self.qs.to_vec()
+    }
+
+    fn high_bits(&self) -> u32 {
+        self.qh
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -130,5 +130,27 @@ impl QuantBlock for BlockQ5_1 {
 /// A Q5_1 weight matrix.
 pub type Q5_1Matrix = QuantMatrix<BlockQ5_1>;
 
+#[cfg(target_arch = "x86_64")]
+impl crate::quant::tiled::Tileable for BlockQ5_1 {
+    const LAYOUT: crate::quant::tiled::Layout8 = crate::quant::tiled::Layout8 {
+        nibbles: true,
+        high: true,
+        min: true,
+        offset: 0,
+    };
+
+    fn scales(&self) -> (f32, f32) {
+        (self.d, self.m)
+    }
+
+    fn values(&self) -> Vec<u8> {
+        self.qs.to_vec()
+    }
+
+    fn high_bits(&self) -> u32 {
+        self.qh
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -151,6 +151,24 @@ unsafe fn kernels_for(isa: Isa) -> Kernels<BlockQ8_0> {
 /// A Q8_0 weight matrix.
 pub type Q8_0Matrix = QuantMatrix<BlockQ8_0>;
 
+#[cfg(target_arch = "x86_64")]
+impl crate::quant::tiled::Tileable for BlockQ8_0 {
+    const LAYOUT: crate::quant::tiled::Layout8 = crate::quant::tiled::Layout8 {
+        nibbles: false,
+        high: false,
+        min: false,
+        offset: 128,
+    };
+
+    fn scales(&self) -> (f32, f32) {
+        (self.d.to_f32(), 0.0)
+    }
+
+    fn values(&self) -> Vec<u8> {
+        self.qs.iter().map(|&q| (q as u8) ^ 0x80).collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
@@ -200,6 +218,14 @@ mod tests {
                 assert_eq!(*simd.get_or_insert(got), got, "{isa:?}");
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tiled_layout_matches_the_row_kernels() {
+        let mut rng = StdRng::seed_from_u64(34);
+        let w = random(37, 576, &mut rng);
+        crate::quant::check::tiled_matches_rows(&w, &mut rng);
     }
 
     #[test]

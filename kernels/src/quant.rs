@@ -491,12 +491,33 @@ pub fn from_ggml(
             bytes, rows, cols,
         )?))
     }
+    /// The tiled layout where this CPU runs it, else the row kernels'.
+    #[cfg(target_arch = "x86_64")]
+    fn read32<B: tiled::Tileable>(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Box<dyn QuantLinear>> {
+        if tiled::available(isa()) {
+            let m = QuantMatrix::<B>::from_ggml_bytes(bytes, rows, cols)?;
+            return Ok(Box::new(tiled::TiledMatrix::new(&m.blocks, rows, cols)));
+        }
+        read::<B>(bytes, rows, cols)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    fn read32<B: QuantBlock>(
+        bytes: &[u8],
+        rows: usize,
+        cols: usize,
+    ) -> Result<Box<dyn QuantLinear>> {
+        read::<B>(bytes, rows, cols)
+    }
     Some(match dtype {
-        GgmlDType::Q4_0 => read::<crate::q4_0::BlockQ4_0>(bytes, rows, cols),
-        GgmlDType::Q4_1 => read::<crate::q4_1::BlockQ4_1>(bytes, rows, cols),
-        GgmlDType::Q5_0 => read::<crate::q5_0::BlockQ5_0>(bytes, rows, cols),
-        GgmlDType::Q5_1 => read::<crate::q5_1::BlockQ5_1>(bytes, rows, cols),
-        GgmlDType::Q8_0 => read::<crate::q8_0::BlockQ8_0>(bytes, rows, cols),
+        GgmlDType::Q4_0 => read32::<crate::q4_0::BlockQ4_0>(bytes, rows, cols),
+        GgmlDType::Q4_1 => read32::<crate::q4_1::BlockQ4_1>(bytes, rows, cols),
+        GgmlDType::Q5_0 => read32::<crate::q5_0::BlockQ5_0>(bytes, rows, cols),
+        GgmlDType::Q5_1 => read32::<crate::q5_1::BlockQ5_1>(bytes, rows, cols),
+        GgmlDType::Q8_0 => read32::<crate::q8_0::BlockQ8_0>(bytes, rows, cols),
         GgmlDType::Q4K => read::<crate::q4_k::BlockQ4K>(bytes, rows, cols),
         GgmlDType::Q5K => read::<crate::q5_k::BlockQ5K>(bytes, rows, cols),
         GgmlDType::Q6K => read::<crate::q6_k::BlockQ6K>(bytes, rows, cols),
@@ -533,6 +554,8 @@ impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
 }
 
 pub(crate) mod dots;
+#[cfg(target_arch = "x86_64")]
+pub mod tiled;
 
 #[cfg(test)]
 pub(crate) mod check;

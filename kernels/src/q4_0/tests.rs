@@ -134,3 +134,11 @@ fn bad_shapes_are_errors() {
     assert!(Q4_0Matrix::from_ggml_bytes(&[0; 18], 1, 33).is_err());
     assert!(Q4_0Matrix::from_ggml_bytes(&[0; 17], 1, 32).is_err());
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn tiled_layout_matches_the_row_kernels() {
+    let mut rng = StdRng::seed_from_u64(34);
+    let w = random_matrix(37, 576, &mut rng);
+    crate::quant::check::tiled_matches_rows(&w, &mut rng);
+}

@@ -162,3 +162,11 @@ fn vnni_and_avx2_dot_products_agree_bit_for_bit() {
         avx2::dot_vnni(row, rows[2])
     });
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn tiled_layout_matches_the_row_kernels() {
+    let mut rng = StdRng::seed_from_u64(34);
+    let (w, _) = random_matrix(37, 576, &mut rng);
+    crate::quant::check::tiled_matches_rows(&w, &mut rng);
+}

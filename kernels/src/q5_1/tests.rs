@@ -43,3 +43,11 @@ fn reads_ggml_blocks_as_candle_does_and_agrees_with_its_product() {
 fn bad_shapes_are_errors() {
     check::bad_shapes_are_errors::<BlockQ5_1>();
 }
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn tiled_layout_matches_the_row_kernels() {
+    let mut rng = StdRng::seed_from_u64(34);
+    let w = random(37, 576, &mut rng);
+    check::tiled_matches_rows(&w, &mut rng);
+}

@@ -150,3 +150,40 @@ pub(crate) fn bad_shapes_are_errors<B: QuantBlock>() {
     assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES - 1], 1, n).is_err());
     assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES], 1, n).is_ok());
 }
+
+/// The tiled layout's product equals the row kernels' up to the order of
+/// float additions, for batches that fill the four-row passes or not and a
+/// row count that leaves the last tile part empty. Skipped (with a note)
+/// where the CPU does not run it.
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tiled_matches_rows<B: super::tiled::Tileable>(w: &QuantMatrix<B>, rng: &mut StdRng) {
+    if !super::tiled::available(super::isa()) {
+        eprintln!("{}: this CPU does not run the tiled product", B::NAME);
+        return;
+    }
+    let (rows, cols) = w.dims();
+    let tiled = super::tiled::TiledMatrix::new(&w.blocks, rows, cols);
+    for m in [1, 3, 4, 9] {
+        let x = random_rows(m, cols, rng);
+        let want = w.matmul(&x, B::kernels());
+        let got = tiled.matmul(&x);
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                "{} m={m} [{i}]: tiled {a}, rows {b}",
+                B::NAME
+            );
+        }
+        // Through the op as the models call it.
+        let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
+        let via_op: Vec<f32> = tiled
+            .forward(&xt)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(via_op, got);
+    }
+}

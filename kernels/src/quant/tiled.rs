@@ -1,0 +1,349 @@
+//! The tiled product for the 32-value formats (Q4_0, Q4_1, Q5_0, Q5_1,
+//! Q8_0) on CPUs with VNNI. Eight weight rows are interleaved so that one
+//! 256-bit register holds four consecutive values of each of the eight
+//! rows: one `vpdpbusd` against four broadcast activation bytes advances
+//! eight dot products at once, and the scales of the eight rows sit in one
+//! register, so the float work per block is shared by the eight rows
+//! (rather than paid per row, as in [`super::QuantMatrix`]'s row kernels).
+//!
+//! The integer sums are the same as the row kernels' (exact `Σ q·x`, with
+//! the offset formats' `o·Σ x` taken from the activations' exact sums), so
+//! results differ from theirs only in the order of float additions.
+//!
+//! Weights are stored only in this layout where it is used: four bits per
+//! value stay four bits (Q5's fifth bit stays one bit per value).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::{quantize_q8_1, BlockQ8_1, Isa, QuantBlock, BLOCK};
+
+/// Weight rows per tile.
+pub(crate) const ROWS: usize = 8;
+/// Activation rows per pass over a tile's weights.
+const XROWS: usize = 4;
+
+/// How a format's values are laid out and combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Layout8 {
+    /// Four bits per value (else eight, stored as `q + 128`).
+    pub nibbles: bool,
+    /// A fifth bit per value (Q5_0, Q5_1).
+    pub high: bool,
+    /// `w = d·q + m` (else `w = d·(q − offset)`).
+    pub min: bool,
+    /// The offset of the offset formats.
+    pub offset: i32,
+}
+
+/// A 32-value block as the tiled layout takes it.
+pub(crate) trait Tileable: QuantBlock<Act = BlockQ8_1> {
+    const LAYOUT: Layout8;
+    /// `(d, m)` (m: 0 for the offset formats).
+    fn scales(&self) -> (f32, f32);
+    /// The 16 nibble bytes ([`super::nibble`] order), or for byte formats the
+    /// 32 values as `q + 128`.
+    fn values(&self) -> Vec<u8>;
+    /// The fifth bits (bit `i` for value `i`), for Q5.
+    fn high_bits(&self) -> u32 {
+        0
+    }
+}
+
+/// A weight matrix in the tiled layout.
+#[derive(Debug, Clone)]
+pub struct TiledMatrix {
+    layout: Layout8,
+    name: &'static str,
+    rows: usize,
+    cols: usize,
+    /// Per tile and block: the 8 rows' values, interleaved by 4-byte group.
+    q: Vec<u8>,
+    /// Per tile and block: the 8 rows' fifth bits (Q5), one u32 per row.
+    h: Vec<u32>,
+    /// Per tile and block: the 8 rows' scales.
+    d: Vec<[f32; ROWS]>,
+    /// Per tile and block: the 8 rows' minimums (min formats).
+    m: Vec<[f32; ROWS]>,
+}
+
+/// Whether this CPU runs the tiled product, given the row kernels' `isa`.
+pub(crate) fn available(isa: Isa) -> bool {
+    isa == Isa::Vnni512
+}
+
+impl TiledMatrix {
+    /// Interleaves `blocks` (`rows × cols/32`, row-major); rows past the end
+    /// of the last tile are zeros.
+    pub(crate) fn new<B: Tileable>(blocks: &[B], rows: usize, cols: usize) -> Self {
+        let layout = B::LAYOUT;
+        let kb = cols / BLOCK;
+        let tiles = rows.div_ceil(ROWS);
+        let qbytes = if layout.nibbles { 16 } else { 32 };
+        let mut q = vec![0u8; tiles * kb * qbytes * ROWS];
+        let mut h = vec![0u32; if layout.high { tiles * kb * ROWS } else { 0 }];
+        let mut d = vec![[0f32; ROWS]; tiles * kb];
+        let mut m = vec![[0f32; ROWS]; if layout.min { tiles * kb } else { 0 }];
+        for r in 0..rows {
+            let (t, j) = (r / ROWS, r % ROWS);
+            for b in 0..kb {
+                let block = &blocks[r * kb + b];
+                let tb = t * kb + b;
+                let (ds, ms) = block.scales();
+                d[tb][j] = ds;
+                if layout.min {
+                    m[tb][j] = ms;
+                }
+                if layout.high {
+                    h[tb * ROWS + j] = block.high_bits();
+                }
+                // Group g of the tile block: 4 bytes per row, rows in order.
+                let values = block.values();
+                let base = tb * qbytes * ROWS;
+                for (g, four) in values.chunks_exact(4).enumerate() {
+                    let at = base + g * 4 * ROWS + 4 * j;
+                    q[at..at + 4].copy_from_slice(four);
+                }
+            }
+        }
+        Self {
+            layout,
+            name: B::NAME,
+            rows,
+            cols,
+            q,
+            h,
+            d,
+            m,
+        }
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// `x · Wᵀ` for f32 rows `x` (`[batch…, cols]` → `[batch…, rows]`).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        let kb = self.cols / BLOCK;
+        let m = x.len() / self.cols;
+        if m == 0 {
+            return Vec::new();
+        }
+        let mut xq = vec![BlockQ8_1::default(); m * kb];
+        xq.par_chunks_mut(kb)
+            .zip(x.par_chunks_exact(self.cols))
+            .with_min_len(8)
+            .for_each(|(q, row)| quantize_q8_1(row, q));
+        let tiles = self.rows.div_ceil(ROWS);
+        // Per tile, all activation rows: `[tile][row][8]`, then reordered.
+        let mut by_tile = vec![0f32; tiles * m * ROWS];
+        let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
+        by_tile
+            .par_chunks_mut(per_task * m * ROWS)
+            .enumerate()
+            .for_each(|(task, out)| {
+                for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
+                    let t = task * per_task + k;
+                    // SAFETY: `available` held when this matrix was made, so
+                    // the CPU has AVX2, FMA, AVX-512 (F, VL, BW) and VNNI.
+                    unsafe { avx512::tile(self, t, &xq, kb, tile_out) };
+                }
+            });
+        let mut out = vec![0f32; m * self.rows];
+        for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
+            let width = ROWS.min(self.rows - t * ROWS);
+            for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
+                let at = r * self.rows + t * ROWS;
+                out[at..at + width].copy_from_slice(&eight[..width]);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{BlockQ8_1, TiledMatrix, ROWS, XROWS};
+
+    /// The 8 value vectors of tile block `tb`: vector `g` holds values
+    /// `4g..4g + 4` of each of the 8 rows, as unsigned bytes.
+    #[inline(always)]
+    unsafe fn unpack(w: &TiledMatrix, tb: usize) -> [__m256i; 8] {
+        let l = w.layout;
+        if !l.nibbles {
+            let base = unsafe { w.q.as_ptr().add(tb * 32 * ROWS) };
+            // SAFETY: 256 bytes per tile block; unaligned loads.
+            return std::array::from_fn(|g| unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) });
+        }
+        let m4 = _mm256_set1_epi8(0x0F);
+        let base = unsafe { w.q.as_ptr().add(tb * 16 * ROWS) };
+        // SAFETY: 128 bytes per tile block; unaligned loads.
+        let packed: [__m256i; 4] =
+            std::array::from_fn(|g| unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) });
+        let mut v: [__m256i; 8] = std::array::from_fn(|g| {
+            if g < 4 {
+                _mm256_and_si256(packed[g], m4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(packed[g - 4]), m4)
+            }
+        });
+        if l.high {
+            // SAFETY: 8 u32 per tile block.
+            let hv = unsafe { _mm256_loadu_si256(w.h.as_ptr().add(tb * ROWS).cast()) };
+            let sixteen = _mm256_set1_epi8(0x10);
+            for (g, vg) in v.iter_mut().enumerate() {
+                // Bits 4g..4g + 4 of each row's u32, one per byte.
+                let byte = (g / 2) as i8;
+                let pick = _mm256_setr_epi8(
+                    byte,
+                    byte,
+                    byte,
+                    byte,
+                    4 + byte,
+                    4 + byte,
+                    4 + byte,
+                    4 + byte,
+                    8 + byte,
+                    8 + byte,
+                    8 + byte,
+                    8 + byte,
+                    12 + byte,
+                    12 + byte,
+                    12 + byte,
+                    12 + byte,
+                    byte,
+                    byte,
+                    byte,
+                    byte,
+                    4 + byte,
+                    4 + byte,
+                    4 + byte,
+                    4 + byte,
+                    8 + byte,
+                    8 + byte,
+                    8 + byte,
+                    8 + byte,
+                    12 + byte,
+                    12 + byte,
+                    12 + byte,
+                    12 + byte,
+                );
+                let shift = if g % 2 == 0 { 0 } else { 4 };
+                let bits = _mm256_set1_epi32(0x0804_0201 << shift);
+                let spread = _mm256_shuffle_epi8(hv, pick);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, bits), bits);
+                *vg = _mm256_or_si256(*vg, _mm256_and_si256(set, sixteen));
+            }
+        }
+        v
+    }
+
+    /// Σ over the 32 values of one block of 8 rows against one activation
+    /// block: exact integers, one lane per row.
+    #[inline(always)]
+    unsafe fn ints(v: &[__m256i; 8], xb: &BlockQ8_1) -> __m256i {
+        let mut acc = _mm256_setzero_si256();
+        for (g, vg) in v.iter().enumerate() {
+            // SAFETY: 4 of the 32 activation bytes.
+            let four = unsafe { std::ptr::read_unaligned(xb.qs.as_ptr().add(4 * g).cast::<i32>()) };
+            acc = _mm256_dpbusd_epi32(acc, *vg, _mm256_set1_epi32(four));
+        }
+        acc
+    }
+
+    /// Tile `t` against every activation row: `out[r][j]` = row `r` · weight
+    /// row `8t + j`.
+    ///
+    /// # Safety
+    /// The CPU must support the features named.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile(
+        w: &TiledMatrix,
+        t: usize,
+        xq: &[BlockQ8_1],
+        kb: usize,
+        out: &mut [f32],
+    ) {
+        let l = w.layout;
+        let m = xq.len() / kb;
+        let mut r0 = 0;
+        while r0 < m {
+            let n = XROWS.min(m - r0);
+            let mut acc = [_mm256_setzero_ps(); XROWS];
+            for b in 0..kb {
+                let tb = t * kb + b;
+                let v = unsafe { unpack(w, tb) };
+                // SAFETY: `d` (and `m` for min formats) has an entry per tile block.
+                let d = unsafe { _mm256_loadu_ps(w.d[tb].as_ptr()) };
+                for r in 0..n {
+                    let xb = &xq[(r0 + r) * kb + b];
+                    let mut ints = unsafe { ints(&v, xb) };
+                    if !l.min {
+                        ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(l.offset * xb.sum));
+                    }
+                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(ints), acc[r]);
+                    if l.min {
+                        let mins = unsafe { _mm256_loadu_ps(w.m[tb].as_ptr()) };
+                        acc[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[r]);
+                    }
+                }
+            }
+            for (r, a) in acc.iter().enumerate().take(n) {
+                // SAFETY: `out` holds 8 floats per activation row.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((r0 + r) * ROWS), *a) };
+            }
+            r0 += n;
+        }
+    }
+}
+
+impl CustomOp1 for TiledMatrix {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!(
+                "{}: expected f32 input, got {:?}",
+                self.name,
+                storage.dtype()
+            );
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("{}: input must be contiguous", self.name);
+        };
+        let mut dims = layout.shape().dims().to_vec();
+        if dims.last() != Some(&self.cols) {
+            candle_core::bail!(
+                "{}: input {dims:?} does not end in {} columns",
+                self.name,
+                self.cols
+            );
+        }
+        let out = self.matmul(&data[start..end]);
+        if let Some(last) = dims.last_mut() {
+            *last = self.rows;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+}
+
+impl super::QuantLinear for TiledMatrix {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        TiledMatrix::forward(self, x)
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        TiledMatrix::dims(self)
+    }
+}
