@@ -121,17 +121,12 @@ fn attend(
             break;
         }
         let base = layout.offset(block, kv_head, 0);
-        for key in k[base..base + n * d].chunks_exact(d) {
-            let s = dot(query, key) * scale;
-            max = max.max(s);
-            scores.push(s);
-        }
+        let keys = &k[base..base + n * d];
+        let done = scores.len();
+        simd::scores(query, keys, d, scale, scores);
+        max = scores[done..].iter().fold(max, |m, &s| m.max(s));
     }
-    let mut total = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
+    let total = simd::exp_sum(scores, max);
     let inv = 1.0 / total;
     out.fill(0.0);
     for (b, &block) in row.blocks.iter().enumerate() {
@@ -151,7 +146,7 @@ fn attend(
 }
 
 /// A dot product with eight independent accumulators, so the compiler can
-/// keep them in one SIMD register.
+/// keep them in one SIMD register (the portable path).
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -168,6 +163,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     acc.iter().sum::<f32>() + tail
 }
+
+mod simd;
 
 /// The plain reference: gathers each row's keys and values into contiguous
 /// tensors and runs candle's stock matmul and softmax.

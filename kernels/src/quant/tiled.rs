@@ -21,8 +21,8 @@ use super::{quantize_q8_1, BlockQ8_1, Isa, QuantBlock, BLOCK};
 
 /// Weight rows per tile.
 pub(crate) const ROWS: usize = 8;
-/// Activation rows per pass over a tile's weights.
-const XROWS: usize = 4;
+/// Activation rows per pass over a tile's weights (at most 8).
+const XROWS: usize = 8;
 
 /// How a format's values are laid out and combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,9 +176,11 @@ mod avx512 {
     /// The 8 value vectors of tile block `tb`: vector `g` holds values
     /// `4g..4g + 4` of each of the 8 rows, as unsigned bytes.
     #[inline(always)]
-    unsafe fn unpack(w: &TiledMatrix, tb: usize) -> [__m256i; 8] {
-        let l = w.layout;
-        if !l.nibbles {
+    unsafe fn unpack<const NIBBLES: bool, const HIGH: bool>(
+        w: &TiledMatrix,
+        tb: usize,
+    ) -> [__m256i; 8] {
+        if !NIBBLES {
             let base = unsafe { w.q.as_ptr().add(tb * 32 * ROWS) };
             // SAFETY: 256 bytes per tile block; unaligned loads.
             return std::array::from_fn(|g| unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) });
@@ -195,7 +197,7 @@ mod avx512 {
                 _mm256_and_si256(_mm256_srli_epi16::<4>(packed[g - 4]), m4)
             }
         });
-        if l.high {
+        if HIGH {
             // SAFETY: 8 u32 per tile block.
             let hv = unsafe { _mm256_loadu_si256(w.h.as_ptr().add(tb * ROWS).cast()) };
             let sixteen = _mm256_set1_epi8(0x10);
@@ -259,6 +261,83 @@ mod avx512 {
         acc
     }
 
+    /// Activation rows `r0..r0 + N` against tile `t` (`N` a constant, so
+    /// the accumulators stay in registers).
+    #[inline(always)]
+    unsafe fn rows<const N: usize, const NIBBLES: bool, const HIGH: bool, const MIN: bool>(
+        w: &TiledMatrix,
+        t: usize,
+        xq: &[BlockQ8_1],
+        kb: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let offset = w.layout.offset;
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..kb {
+            let tb = t * kb + b;
+            let v = unsafe { unpack::<NIBBLES, HIGH>(w, tb) };
+            // SAFETY: `d` (and `m` for min formats) has an entry per tile block.
+            let d = unsafe { _mm256_loadu_ps(w.d[tb].as_ptr()) };
+            let step = |a: &mut __m256, r: usize| {
+                let xb = &xq[(r0 + r) * kb + b];
+                let mut ints = unsafe { ints(&v, xb) };
+                if !MIN {
+                    ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(offset * xb.sum));
+                }
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(ints), *a);
+                if MIN {
+                    let mins = unsafe { _mm256_loadu_ps(w.m[tb].as_ptr()) };
+                    *a = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), *a);
+                }
+            };
+            // Unrolled by hand (`N` is a constant, so the tests fold away):
+            // the accumulators stay in registers.
+            macro_rules! each_row {
+                ($($r:literal)*) => {$(
+                    if $r < N {
+                        step(&mut acc[$r], $r);
+                    }
+                )*};
+            }
+            each_row!(0 1 2 3 4 5 6 7);
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 8 floats per activation row.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((r0 + r) * ROWS), *a) };
+        }
+    }
+
+    /// Every activation row against tile `t`, eight rows per pass, then
+    /// four, two, one.
+    #[inline(always)]
+    unsafe fn tile_for<const NIBBLES: bool, const HIGH: bool, const MIN: bool>(
+        w: &TiledMatrix,
+        t: usize,
+        xq: &[BlockQ8_1],
+        kb: usize,
+        out: &mut [f32],
+    ) {
+        let m = xq.len() / kb;
+        let mut r0 = 0;
+        while r0 + XROWS <= m {
+            unsafe { rows::<XROWS, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
+            r0 += XROWS;
+        }
+        if r0 + 4 <= m {
+            unsafe { rows::<4, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
+            r0 += 4;
+        }
+        if r0 + 2 <= m {
+            unsafe { rows::<2, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
+            r0 += 2;
+        }
+        if r0 < m {
+            unsafe { rows::<1, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
+        }
+    }
+
     /// Tile `t` against every activation row: `out[r][j]` = row `r` · weight
     /// row `8t + j`.
     ///
@@ -273,35 +352,14 @@ mod avx512 {
         out: &mut [f32],
     ) {
         let l = w.layout;
-        let m = xq.len() / kb;
-        let mut r0 = 0;
-        while r0 < m {
-            let n = XROWS.min(m - r0);
-            let mut acc = [_mm256_setzero_ps(); XROWS];
-            for b in 0..kb {
-                let tb = t * kb + b;
-                let v = unsafe { unpack(w, tb) };
-                // SAFETY: `d` (and `m` for min formats) has an entry per tile block.
-                let d = unsafe { _mm256_loadu_ps(w.d[tb].as_ptr()) };
-                for r in 0..n {
-                    let xb = &xq[(r0 + r) * kb + b];
-                    let mut ints = unsafe { ints(&v, xb) };
-                    if !l.min {
-                        ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(l.offset * xb.sum));
-                    }
-                    let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
-                    acc[r] = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(ints), acc[r]);
-                    if l.min {
-                        let mins = unsafe { _mm256_loadu_ps(w.m[tb].as_ptr()) };
-                        acc[r] = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc[r]);
-                    }
-                }
+        unsafe {
+            match (l.nibbles, l.high, l.min) {
+                (true, false, false) => tile_for::<true, false, false>(w, t, xq, kb, out),
+                (true, false, true) => tile_for::<true, false, true>(w, t, xq, kb, out),
+                (true, true, false) => tile_for::<true, true, false>(w, t, xq, kb, out),
+                (true, true, true) => tile_for::<true, true, true>(w, t, xq, kb, out),
+                (false, _, _) => tile_for::<false, false, false>(w, t, xq, kb, out),
             }
-            for (r, a) in acc.iter().enumerate().take(n) {
-                // SAFETY: `out` holds 8 floats per activation row.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((r0 + r) * ROWS), *a) };
-            }
-            r0 += n;
         }
     }
 }
