@@ -101,23 +101,25 @@ mod avx2 {
             )
         };
         // 16-bit shifts, then per-byte masks: each byte keeps its own bits.
-        let high = |s: i32| {
-            let h = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(s)), m2);
-            _mm256_slli_epi16::<4>(h)
-        };
+        // (No closures: they would not inherit the caller's target features.)
+        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(qh, m2));
+        let h2 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(qh), m2));
+        let h4 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(qh), m2));
+        let h6 = _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(qh), m2));
         let q = [
-            _mm256_or_si256(_mm256_and_si256(l0, m4), high(0)),
-            _mm256_or_si256(_mm256_and_si256(l1, m4), high(2)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), high(4)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), high(6)),
+            _mm256_or_si256(_mm256_and_si256(l0, m4), h0),
+            _mm256_or_si256(_mm256_and_si256(l1, m4), h2),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h4),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h6),
         ];
         let sc = &wb.scales[8 * n..8 * n + 8];
-        let scales = std::array::from_fn(|k| {
-            _mm256_set_m128i(
+        let mut scales = [_mm256_setzero_si256(); 4];
+        for (k, s) in scales.iter_mut().enumerate() {
+            *s = _mm256_set_m128i(
                 _mm_set1_epi16(i16::from(sc[2 * k + 1])),
                 _mm_set1_epi16(i16::from(sc[2 * k])),
-            )
-        });
+            );
+        }
         (q, scales)
     }
 

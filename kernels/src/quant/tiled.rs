@@ -180,23 +180,25 @@ mod avx512 {
         w: &TiledMatrix,
         tb: usize,
     ) -> [__m256i; 8] {
+        // (Loops rather than closures: a closure would not inherit the
+        // caller's target features.)
+        let mut v = [_mm256_setzero_si256(); 8];
         if !NIBBLES {
             let base = unsafe { w.q.as_ptr().add(tb * 32 * ROWS) };
-            // SAFETY: 256 bytes per tile block; unaligned loads.
-            return std::array::from_fn(|g| unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) });
+            for (g, vg) in v.iter_mut().enumerate() {
+                // SAFETY: 256 bytes per tile block; unaligned loads.
+                *vg = unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) };
+            }
+            return v;
         }
         let m4 = _mm256_set1_epi8(0x0F);
         let base = unsafe { w.q.as_ptr().add(tb * 16 * ROWS) };
-        // SAFETY: 128 bytes per tile block; unaligned loads.
-        let packed: [__m256i; 4] =
-            std::array::from_fn(|g| unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) });
-        let mut v: [__m256i; 8] = std::array::from_fn(|g| {
-            if g < 4 {
-                _mm256_and_si256(packed[g], m4)
-            } else {
-                _mm256_and_si256(_mm256_srli_epi16::<4>(packed[g - 4]), m4)
-            }
-        });
+        for g in 0..4 {
+            // SAFETY: 128 bytes per tile block; unaligned loads.
+            let packed = unsafe { _mm256_loadu_si256(base.add(32 * g).cast()) };
+            v[g] = _mm256_and_si256(packed, m4);
+            v[g + 4] = _mm256_and_si256(_mm256_srli_epi16::<4>(packed), m4);
+        }
         if HIGH {
             // SAFETY: 8 u32 per tile block.
             let hv = unsafe { _mm256_loadu_si256(w.h.as_ptr().add(tb * ROWS).cast()) };
@@ -261,6 +263,31 @@ mod avx512 {
         acc
     }
 
+    /// One activation block against one tile block, added to `acc`.
+    #[inline(always)]
+    unsafe fn step<const MIN: bool>(
+        acc: __m256,
+        v: &[__m256i; 8],
+        d: __m256,
+        xb: &BlockQ8_1,
+        w: &TiledMatrix,
+        tb: usize,
+        offset: i32,
+    ) -> __m256 {
+        let mut ints = unsafe { ints(v, xb) };
+        if !MIN {
+            ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(offset * xb.sum));
+        }
+        let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+        let acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(ints), acc);
+        if MIN {
+            // SAFETY: min formats have an entry per tile block.
+            let mins = unsafe { _mm256_loadu_ps(w.m[tb].as_ptr()) };
+            return _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), acc);
+        }
+        acc
+    }
+
     /// Activation rows `r0..r0 + N` against tile `t` (`N` a constant, so
     /// the accumulators stay in registers).
     #[inline(always)]
@@ -279,25 +306,14 @@ mod avx512 {
             let v = unsafe { unpack::<NIBBLES, HIGH>(w, tb) };
             // SAFETY: `d` (and `m` for min formats) has an entry per tile block.
             let d = unsafe { _mm256_loadu_ps(w.d[tb].as_ptr()) };
-            let step = |a: &mut __m256, r: usize| {
-                let xb = &xq[(r0 + r) * kb + b];
-                let mut ints = unsafe { ints(&v, xb) };
-                if !MIN {
-                    ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(offset * xb.sum));
-                }
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
-                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(ints), *a);
-                if MIN {
-                    let mins = unsafe { _mm256_loadu_ps(w.m[tb].as_ptr()) };
-                    *a = _mm256_fmadd_ps(mins, _mm256_set1_ps(xb.s), *a);
-                }
-            };
             // Unrolled by hand (`N` is a constant, so the tests fold away):
-            // the accumulators stay in registers.
+            // the accumulators stay in registers. (A closure here would not
+            // inherit the caller's target features.)
             macro_rules! each_row {
                 ($($r:literal)*) => {$(
                     if $r < N {
-                        step(&mut acc[$r], $r);
+                        let xb = &xq[(r0 + $r) * kb + b];
+                        acc[$r] = unsafe { step::<MIN>(acc[$r], &v, d, xb, w, tb, offset) };
                     }
                 )*};
             }
