@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod llama;
 mod prefix_cache;
 pub mod requantize;
+pub mod retarget;
 pub mod sampling;
 pub mod synthetic;
 pub mod text;

@@ -16,6 +16,7 @@ mod common;
 use common::convert::scratch_dir;
 use common::{pool, ranked, repo, Seq};
 use kindling_models::requantize::{mixed, requantize};
+use kindling_models::retarget::retarget;
 use kindling_models::{ChatMessage, Sampler, SamplingParams, TextModel};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -24,10 +25,10 @@ use sha2::{Digest, Sha256};
 /// spread that the order of float additions alone gives on this model (see
 /// [`LOGIT_TOLERANCE`]; a margin of 0.52 has been seen to flip).
 const NEAR_TIE: f32 = 1.0;
-/// At a near-tie, how far under our best logit llama.cpp's token may be
-/// (three candidates can sit within 0.1 of each other, and the noise of
-/// [`LOGIT_TOLERANCE`] is on top).
-const NEAR_TIE_GAP: f32 = 1.0;
+/// At a near-tie, how far under our best logit llama.cpp's token may be:
+/// three to five candidates can sit within 0.7 of each other, and the noise
+/// of [`LOGIT_TOLERANCE`] (largest where the model is least sure) is on top.
+const NEAR_TIE_GAP: f32 = 2.0;
 
 fn cases() -> Vec<Value> {
     let text = std::fs::read_to_string(repo().join("tests/data/llama_cpp_reference.json")).unwrap();
@@ -187,33 +188,59 @@ fn greedy_choices_match_llama_cpp_step_by_step() {
     );
 }
 
+/// Writes a fixture with `make`, checks it is the file llama.cpp ran for
+/// `reference` (a file under tests/data), loads it and holds it to
+/// llama.cpp's answers.
+fn fixture_follows_llama_cpp(reference: &str, make: impl FnOnce(&std::path::Path)) {
+    let text = std::fs::read_to_string(repo().join("tests/data").join(reference)).unwrap();
+    let reference_doc: Value = serde_json::from_str(&text).unwrap();
+    let dir = scratch_dir(reference.trim_end_matches(".json"));
+    let path = dir.join("fixture.gguf");
+    make(&path);
+    let digest = hex(&Sha256::digest(std::fs::read(&path).unwrap()));
+    assert_eq!(
+        digest, reference_doc["sha256"],
+        "{reference}: the fixture is not the file llama.cpp ran: regenerate the reference \
+         (scripts/llama_cpp_reference.py)"
+    );
+    let model = TextModel::load(&path, Some(2048)).unwrap();
+    let cases = reference_doc["cases"].as_array().unwrap();
+    let (exact, mean, worst) = follows_llama_cpp(&model, cases);
+    eprintln!(
+        "{reference}: {exact} of {} cases match llama.cpp's 32 greedy ids exactly; \
+         logits differ by {mean} on average, {worst} at worst",
+        cases.len()
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 /// Every quantization format our kernels run, in one model: the demo model
 /// requantized to a rotating mix of Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K
 /// and Q6_K (the same bytes llama.cpp ran for the reference, with its KV
 /// cache in f32 as ours is on the CPU).
 #[test]
 fn every_quantization_format_follows_llama_cpp() {
-    let text =
-        std::fs::read_to_string(repo().join("tests/data/llama_cpp_reference.mixed.json")).unwrap();
-    let reference: Value = serde_json::from_str(&text).unwrap();
-    let dir = scratch_dir("mixed-quants");
-    let path = dir.join("mixed.gguf");
-    requantize(&common::demo_gguf(), &path, mixed).unwrap();
-    let digest = hex(&Sha256::digest(std::fs::read(&path).unwrap()));
-    assert_eq!(
-        digest, reference["sha256"],
-        "the requantized file is not the one llama.cpp ran: regenerate the reference \
-         (scripts/llama_cpp_reference.py)"
-    );
-    let model = TextModel::load(&path, Some(2048)).unwrap();
-    let cases = reference["cases"].as_array().unwrap();
-    let (exact, mean, worst) = follows_llama_cpp(&model, cases);
-    eprintln!(
-        "mixed formats: {exact} of {} cases match llama.cpp's 32 greedy ids exactly; \
-         logits differ by {mean} on average, {worst} at worst",
-        cases.len()
-    );
-    let _ = std::fs::remove_dir_all(dir);
+    fixture_follows_llama_cpp("llama_cpp_reference.mixed.json", |path| {
+        requantize(&common::demo_gguf(), path, mixed).unwrap()
+    });
+}
+
+/// The Qwen2 architecture (q/k/v biases, NeoX-style rotation): the demo
+/// model's weights written as `qwen2` with seeded biases.
+#[test]
+fn qwen2_architecture_follows_llama_cpp() {
+    fixture_follows_llama_cpp("llama_cpp_reference.qwen2.json", |path| {
+        retarget(&common::demo_gguf(), path, "qwen2").unwrap()
+    });
+}
+
+/// The Qwen3 architecture (per-head q/k RMS norms before rotation): the
+/// demo model's weights written as `qwen3` with seeded norms.
+#[test]
+fn qwen3_architecture_follows_llama_cpp() {
+    fixture_follows_llama_cpp("llama_cpp_reference.qwen3.json", |path| {
+        retarget(&common::demo_gguf(), path, "qwen3").unwrap()
+    });
 }
 
 fn hex(bytes: &[u8]) -> String {

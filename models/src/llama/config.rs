@@ -27,6 +27,11 @@ pub enum RopeScaling {
     },
 }
 
+/// The `general.architecture` values read from GGUF files: Llama (and
+/// Mistral, which llama.cpp writes as `llama`), Qwen2/2.5 (q/k/v biases)
+/// and Qwen3 (per-head q/k norms).
+pub const GGUF_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone)]
 pub struct LlamaConfig {
@@ -64,18 +69,25 @@ impl LlamaConfig {
     /// Reads the `llama.*` metadata of `gguf`.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let arch = gguf.string("general.architecture")?;
-        if arch != "llama" {
-            return Err(ModelError::UnsupportedArchitecture(arch));
+        if !GGUF_ARCHITECTURES.contains(&arch.as_str()) {
+            return Err(ModelError::UnsupportedArchitecture(format!(
+                "{arch} (GGUF architectures: {})",
+                GGUF_ARCHITECTURES.join(", ")
+            )));
         }
-        let key = |k: &str| format!("llama.{k}");
+        let key = |k: &str| format!("{arch}.{k}");
         let hidden_size = gguf.u32(&key("embedding_length"))? as usize;
         let heads = gguf.u32(&key("attention.head_count"))? as usize;
         let kv_heads = gguf
             .opt_u32(&key("attention.head_count_kv"))?
             .map_or(heads, |v| v as usize);
-        let head_dim = gguf
-            .opt_u32(&key("rope.dimension_count"))?
-            .map_or(hidden_size / heads.max(1), |v| v as usize);
+        // Qwen3 states its head size (which need not be width / heads).
+        let head_dim = match gguf.opt_u32(&key("attention.key_length"))? {
+            Some(v) => v as usize,
+            None => gguf
+                .opt_u32(&key("rope.dimension_count"))?
+                .map_or(hidden_size / heads.max(1), |v| v as usize),
+        };
         let rope_theta = if gguf.has(&key("rope.freq_base")) {
             gguf.f32(&key("rope.freq_base"))?
         } else {
@@ -113,7 +125,9 @@ impl LlamaConfig {
             head_dim,
             rope_theta,
             rope_scaling,
-            rope_interleaved: true,
+            // llama.cpp's converter permutes Llama's q/k weights for adjacent
+            // pairs; Qwen's are stored as trained (NeoX-style halves).
+            rope_interleaved: arch == "llama",
             rms_eps: f64::from(gguf.f32(&key("attention.layer_norm_rms_epsilon"))?),
             trained_context: gguf.u32(&key("context_length"))? as usize,
             tie_embeddings: !gguf.has_tensor("output.weight"),
@@ -129,9 +143,9 @@ impl LlamaConfig {
         };
         let hf: HfConfig = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
         let model_type = hf.model_type.clone().unwrap_or_default();
-        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2") {
+        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
             return Err(ModelError::UnsupportedArchitecture(format!(
-                "{model_type} (llama, mistral and qwen2 are supported)"
+                "{model_type} (llama, mistral, qwen2 and qwen3 are supported)"
             )));
         }
         let heads = hf.num_attention_heads;

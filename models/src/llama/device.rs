@@ -74,6 +74,11 @@ impl DeviceLlama {
                 "{dtype:?} weights and activations (use bf16, f16 or f32)"
             )));
         }
+        if src.contains(&src.block_name(0, Part::QNorm, false)) {
+            return Err(ModelError::UnsupportedArchitecture(
+                "q/k norms (Qwen3) on a GPU: serve this model on the CPU".into(),
+            ));
+        }
         let load = |src: &mut dyn Source, name: &str| src.on_device(name, device, dtype);
         let output = src.global_name(Global::Output);
         let tied = cfg.tie_embeddings || !src.contains(output);

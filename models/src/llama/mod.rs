@@ -57,6 +57,8 @@ impl Projection {
 
 struct Block {
     attn_norm: RmsNorm,
+    /// Qwen3's per-head RMS norms of queries and keys (before rotation).
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
     q: Projection,
     k: Projection,
     v: Projection,
@@ -151,8 +153,18 @@ impl Llama {
                 src.block_name(i, Part::AttnNorm, false),
                 src.block_name(i, Part::FfnNorm, false),
             );
+            let qk_names = (
+                src.block_name(i, Part::QNorm, false),
+                src.block_name(i, Part::KNorm, false),
+            );
+            let qk_norm = if src.contains(&qk_names.0) {
+                Some((norm(src, qk_names.0)?, norm(src, qk_names.1)?))
+            } else {
+                None
+            };
             blocks.push(Block {
                 attn_norm: norm(src, names.0)?,
+                qk_norm,
                 q,
                 k,
                 v,
@@ -262,13 +274,23 @@ impl Llama {
         cache: &mut KvCache,
     ) -> Result<Tensor> {
         let (nh, hd) = (self.cfg.heads, self.cfg.head_dim);
-        let rows = |p: &Projection| -> Result<Vec<f32>> {
-            Ok(p.forward(x)?.flatten_all()?.to_vec1::<f32>()?)
+        // Each head's vector, RMS-normed where the model has q/k norms.
+        let rows = |p: &Projection, norm: Option<&RmsNorm>| -> Result<Vec<f32>> {
+            let y = p.forward(x)?;
+            let y = match norm {
+                Some(n) => n.forward(&y.reshape(((), hd))?)?,
+                None => y,
+            };
+            Ok(y.flatten_all()?.to_vec1::<f32>()?)
         };
         let interleaved = self.cfg.rope_interleaved;
-        let mut q = rows(&block.q)?;
-        let mut k = rows(&block.k)?;
-        let v = rows(&block.v)?;
+        let (qn, kn) = match &block.qk_norm {
+            Some((qn, kn)) => (Some(qn), Some(kn)),
+            None => (None, None),
+        };
+        let mut q = rows(&block.q, qn)?;
+        let mut k = rows(&block.k, kn)?;
+        let v = rows(&block.v, None)?;
         self.rope.apply(&mut q, step.positions, interleaved);
         self.rope.apply(&mut k, step.positions, interleaved);
         cache.write(layer, step.tables, step.positions, &k, &v)?;

@@ -47,6 +47,10 @@ impl Linear {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Part {
     AttnNorm,
+    /// Qwen3's per-head query norm.
+    QNorm,
+    /// Qwen3's per-head key norm.
+    KNorm,
     Q,
     K,
     V,
@@ -95,6 +99,8 @@ impl Source for GgufFile {
     fn block_name(&self, layer: usize, part: Part, bias: bool) -> String {
         let p = match part {
             Part::AttnNorm => "attn_norm",
+            Part::QNorm => "attn_q_norm",
+            Part::KNorm => "attn_k_norm",
             Part::Q => "attn_q",
             Part::K => "attn_k",
             Part::V => "attn_v",
@@ -241,6 +247,8 @@ impl Source for Safetensors {
     fn block_name(&self, layer: usize, part: Part, bias: bool) -> String {
         let p = match part {
             Part::AttnNorm => "input_layernorm",
+            Part::QNorm => "self_attn.q_norm",
+            Part::KNorm => "self_attn.k_norm",
             Part::Q => "self_attn.q_proj",
             Part::K => "self_attn.k_proj",
             Part::V => "self_attn.v_proj",
