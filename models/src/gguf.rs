@@ -191,4 +191,9 @@ impl GgufFile {
     pub fn i32s(&self, key: &str) -> Result<Vec<i32>> {
         self.typed(key, |v| v.to_vec()?.iter().map(|x| x.to_i32()).collect())
     }
+
+    /// An array of floats (token scores and the like).
+    pub fn f32s(&self, key: &str) -> Result<Vec<f32>> {
+        self.typed(key, |v| v.to_vec()?.iter().map(|x| x.to_f32()).collect())
+    }
 }

@@ -16,8 +16,10 @@ use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
-/// The architectures [`retarget`] writes.
-pub const TARGETS: [&str; 2] = ["qwen2", "qwen3"];
+/// What [`retarget`] writes: two architectures, and `spm` (the same model
+/// with its byte-level vocabulary recast as a SentencePiece one: the
+/// fixture of the SentencePiece tokenizer's parity tests).
+pub const TARGETS: [&str; 3] = ["qwen2", "qwen3", "spm"];
 
 /// A small deterministic generator (SplitMix64), so fixtures do not depend
 /// on a random-number crate's version.
@@ -73,6 +75,13 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
         });
     };
     let kv_heads = meta_u32("llama.attention.head_count_kv").unwrap_or(heads);
+    if arch == "spm" {
+        let mut metadata = content.metadata.clone();
+        sentencepiece_vocab(&mut metadata)?;
+        let mut metadata: Vec<(String, Value)> = metadata.into_iter().collect();
+        metadata.sort_by(|a, b| a.0.cmp(&b.0));
+        return write(&mut reader, &content, metadata, Vec::new(), dst);
+    }
     let head_dim = (hidden / heads) as usize;
     let mut metadata: Vec<(String, Value)> = content
         .metadata
@@ -95,16 +104,8 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
     }
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
 
-    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
-    infos.sort_by_key(|(_, info)| info.offset);
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    for (name, _) in infos {
-        tensors.push((
-            name.clone(),
-            content.tensor(&mut reader, name, &Device::Cpu)?,
-        ));
-    }
     let mut rng = SplitMix(0x4b69_6e64_6c69_6e67);
+    let mut added: Vec<(String, QTensor)> = Vec::new();
     for layer in 0..layers as usize {
         let blk = |part: &str| format!("blk.{layer}.{part}");
         if arch == "qwen2" {
@@ -114,18 +115,133 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
                 ("attn_k.bias", kv),
                 ("attn_v.bias", kv),
             ] {
-                tensors.push((blk(part), rng.tensor(n, 0.0, 0.1)?));
+                added.push((blk(part), rng.tensor(n, 0.0, 0.1)?));
             }
         } else {
             for part in ["attn_q_norm.weight", "attn_k_norm.weight"] {
-                tensors.push((blk(part), rng.tensor(head_dim, 1.0, 0.2)?));
+                added.push((blk(part), rng.tensor(head_dim, 1.0, 0.2)?));
             }
         }
     }
+    write(&mut reader, &content, metadata, added, dst)
+}
+
+/// Writes `dst`: `metadata`, the tensors of `content` (read through
+/// `reader`, in file order), then `added`.
+fn write(
+    reader: &mut BufReader<File>,
+    content: &Content,
+    metadata: Vec<(String, Value)>,
+    added: Vec<(String, QTensor)>,
+    dst: &Path,
+) -> Result<()> {
+    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, info)| info.offset);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    for (name, _) in infos {
+        tensors.push((name.clone(), content.tensor(reader, name, &Device::Cpu)?));
+    }
+    tensors.extend(added);
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let mut out = BufWriter::new(File::create(dst).map_err(io(dst))?);
+    let file = File::create(dst).map_err(|source| ModelError::Io {
+        path: dst.to_path_buf(),
+        source,
+    })?;
+    let mut out = BufWriter::new(file);
     gguf_file::write(&mut out, &metadata, &tensors)?;
-    std::io::Write::flush(&mut out).map_err(io(dst))?;
+    std::io::Write::flush(&mut out).map_err(|source| ModelError::Io {
+        path: dst.to_path_buf(),
+        source,
+    })?;
+    Ok(())
+}
+
+/// Recasts a byte-level BPE vocabulary as SentencePiece pieces: tokens
+/// become their text with `▁` for spaces (scored by id, so earlier merges
+/// rank higher), other single bytes `<0xNN>` byte tokens (those of
+/// printable ASCII are appended), tokens that are not whole UTF-8, repeat
+/// a piece or hold a character that is no piece (a newline, say) unused;
+/// special tokens stay. The vocabulary grows past
+/// the embedding table: a tokenizer fixture, not a model to run.
+fn sentencepiece_vocab(metadata: &mut std::collections::HashMap<String, Value>) -> Result<()> {
+    let bad = |m: &str| ModelError::Metadata {
+        key: "tokenizer.ggml.tokens".into(),
+        message: m.into(),
+    };
+    let strings = |v: Option<&Value>| -> Option<Vec<String>> {
+        v?.to_vec()
+            .ok()?
+            .iter()
+            .map(|x| x.to_string().ok().cloned())
+            .collect()
+    };
+    let tokens = strings(metadata.get("tokenizer.ggml.tokens")).ok_or_else(|| bad("no tokens"))?;
+    let types: Vec<i32> = metadata
+        .get("tokenizer.ggml.token_type")
+        .and_then(|v| v.to_vec().ok())
+        .and_then(|v| v.iter().map(|x| x.to_i32().ok()).collect())
+        .ok_or_else(|| bad("no token types"))?;
+    let mut seen = std::collections::HashSet::new();
+    let mut ascii = Vec::new();
+    let (mut pieces, mut kinds, mut scores) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, (t, &ty)) in tokens.iter().zip(&types).enumerate() {
+        let (piece, kind, score) = if matches!(ty, 3 | 4) {
+            (t.clone(), ty, 0.0)
+        } else {
+            let bytes = crate::tokenizer::byte_level_bytes(t);
+            match (bytes.len(), String::from_utf8(bytes.clone())) {
+                // Printable ASCII is a piece of its own, as in real
+                // SentencePiece vocabularies (its byte token comes last).
+                (1, _) if (0x20..0x7F).contains(&bytes[0]) => {
+                    ascii.push(bytes[0]);
+                    let text = char::from(bytes[0]).to_string();
+                    (text.replace(' ', "\u{2581}"), 1, -(i as f32))
+                }
+                (1, _) => (format!("<0x{:02X}>", bytes[0]), 6, 0.0),
+                (_, Ok(text)) => (text.replace(' ', "\u{2581}"), 1, -(i as f32)),
+                _ => (format!("<unused{i}>"), 5, 0.0),
+            }
+        };
+        let (piece, kind) = if seen.insert(piece.clone()) {
+            (piece, kind)
+        } else {
+            (format!("<unused{i}>"), 5)
+        };
+        pieces.push(Value::String(piece));
+        kinds.push(Value::I32(kind));
+        scores.push(Value::F32(score));
+    }
+    // As in real SentencePiece vocabularies, every character of a piece is
+    // a piece itself: others (with a newline, say) become unused.
+    let chars: std::collections::HashSet<String> = pieces
+        .iter()
+        .zip(&kinds)
+        .filter_map(|(p, k)| match (p, k) {
+            (Value::String(p), Value::I32(1)) if p.chars().count() == 1 => Some(p.clone()),
+            _ => None,
+        })
+        .collect();
+    for (i, (p, k)) in pieces.iter_mut().zip(kinds.iter_mut()).enumerate() {
+        if let (Value::String(text), Value::I32(1)) = (&*p, &*k) {
+            if !text.chars().all(|c| chars.contains(&c.to_string())) {
+                *p = Value::String(format!("<unused{i}>"));
+                *k = Value::I32(5);
+                scores[i] = Value::F32(0.0);
+            }
+        }
+    }
+    for b in ascii {
+        pieces.push(Value::String(format!("<0x{b:02X}>")));
+        kinds.push(Value::I32(6));
+        scores.push(Value::F32(0.0));
+    }
+    metadata.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
+    metadata.insert("tokenizer.ggml.tokens".into(), Value::Array(pieces));
+    metadata.insert("tokenizer.ggml.token_type".into(), Value::Array(kinds));
+    metadata.insert("tokenizer.ggml.scores".into(), Value::Array(scores));
+    metadata.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true));
+    metadata.remove("tokenizer.ggml.merges");
+    metadata.remove("tokenizer.ggml.pre");
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Tokenizers built from GGUF metadata: vocabulary, merges, token types and
-//! special tokens all come from the weight file, no side files.
+//! Tokenizers built from GGUF metadata: vocabulary, merges or scores, token
+//! types and special tokens all come from the weight file, no side files.
+//! Byte-level BPE (`gpt2`) and SentencePiece (`llama`, in [`spm`]).
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -13,6 +14,8 @@ use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, SplitDelimiter
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+
+mod spm;
 
 /// GGUF token types (`tokenizer.ggml.token_type`).
 const TOKEN_CONTROL: i32 = 3;
@@ -49,43 +52,32 @@ impl Tokenizer {
     /// Builds the tokenizer that `gguf` describes.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self> {
         let model = gguf.string("tokenizer.ggml.model")?;
-        if model != "gpt2" {
-            return Err(ModelError::Tokenizer(format!(
-                "tokenizer model `{model}` is not supported (byte-level BPE `gpt2` is)"
-            )));
-        }
         let tokens = gguf.strings("tokenizer.ggml.tokens")?;
         let types = if gguf.has("tokenizer.ggml.token_type") {
             gguf.i32s("tokenizer.ggml.token_type")?
         } else {
             vec![1; tokens.len()]
         };
-        let merges = gguf
-            .strings("tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge `{m}`")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let vocab: Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-        let mut inner = tokenizers::Tokenizer::new(bpe);
-        let pre = if gguf.has("tokenizer.ggml.pre") {
-            gguf.string("tokenizer.ggml.pre")?
-        } else {
-            "default".to_string()
+        let byte_level = match model.as_str() {
+            "gpt2" => true,
+            "llama" => false,
+            other => {
+                return Err(ModelError::Tokenizer(format!(
+                    "tokenizer model `{other}` is not supported (byte-level BPE `gpt2` and \
+                     SentencePiece `llama` are)"
+                )))
+            }
         };
-        inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
-        inner.with_decoder(Some(ByteLevel::default()));
+        let mut inner = if byte_level {
+            byte_level_bpe(gguf, &tokens)?
+        } else {
+            let add_space_prefix = gguf
+                .opt_bool("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(true);
+            let scores = gguf.f32s("tokenizer.ggml.scores")?;
+            spm::build(&tokens, &scores, &types, add_space_prefix)?
+        };
+
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
@@ -130,8 +122,10 @@ impl Tokenizer {
             .map(|(t, ty)| {
                 if matches!(*ty, TOKEN_CONTROL | TOKEN_USER_DEFINED) {
                     t.as_bytes().to_vec()
-                } else {
+                } else if byte_level {
                     byte_level_bytes(t)
+                } else {
+                    sentencepiece_bytes(t)
                 }
             })
             .collect();
@@ -140,9 +134,10 @@ impl Tokenizer {
             token_bytes,
             bos,
             eos,
+            // llama.cpp's default: SentencePiece vocabularies add BOS.
             add_bos: gguf
                 .opt_bool("tokenizer.ggml.add_bos_token")?
-                .unwrap_or(false),
+                .unwrap_or(!byte_level),
             end_of_generation,
             control,
         })
@@ -333,6 +328,38 @@ impl Tokenizer {
     }
 }
 
+/// GPT-2-style byte-level BPE from the vocabulary, merges and
+/// pre-tokenizer named in `gguf`.
+fn byte_level_bpe(gguf: &GgufFile, tokens: &[String]) -> Result<tokenizers::Tokenizer> {
+    let merges = gguf
+        .strings("tokenizer.ggml.merges")?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| ModelError::Tokenizer(format!("malformed merge `{m}`")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let vocab: Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), i as u32))
+        .collect();
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
+    let pre = if gguf.has("tokenizer.ggml.pre") {
+        gguf.string("tokenizer.ggml.pre")?
+    } else {
+        "default".to_string()
+    };
+    inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
+    inner.with_decoder(Some(ByteLevel::default()));
+    Ok(inner)
+}
+
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
@@ -380,7 +407,7 @@ fn sentencepiece_bytes(token: &str) -> Vec<u8> {
 
 /// Undoes GPT-2's byte-to-unicode mapping: printable bytes map to themselves,
 /// the rest to U+0100 onwards in byte order.
-fn byte_level_bytes(token: &str) -> Vec<u8> {
+pub(crate) fn byte_level_bytes(token: &str) -> Vec<u8> {
     let printable =
         |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
     let shifted: Vec<u8> = (0u32..=255)
