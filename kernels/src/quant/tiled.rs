@@ -253,19 +253,26 @@ mod avx512 {
     /// Σ over the 32 values of one block of 8 rows against one activation
     /// block: exact integers, one lane per row.
     #[inline(always)]
-    unsafe fn ints(v: &[__m256i; 8], xb: &BlockQ8_1) -> __m256i {
-        let mut acc = _mm256_setzero_si256();
+    unsafe fn ints<const CHAINS: usize>(v: &[__m256i; 8], xb: &BlockQ8_1) -> __m256i {
+        // One row alone runs `CHAINS` independent sums, so consecutive
+        // instructions need not wait on each other; with several rows the
+        // rows' sums interleave instead.
+        let mut acc = [_mm256_setzero_si256(); CHAINS];
         for (g, vg) in v.iter().enumerate() {
             // SAFETY: 4 of the 32 activation bytes.
             let four = unsafe { std::ptr::read_unaligned(xb.qs.as_ptr().add(4 * g).cast::<i32>()) };
-            acc = _mm256_dpbusd_epi32(acc, *vg, _mm256_set1_epi32(four));
+            acc[g % CHAINS] = _mm256_dpbusd_epi32(acc[g % CHAINS], *vg, _mm256_set1_epi32(four));
         }
-        acc
+        let mut sum = acc[0];
+        for a in &acc[1..] {
+            sum = _mm256_add_epi32(sum, *a);
+        }
+        sum
     }
 
     /// One activation block against one tile block, added to `acc`.
     #[inline(always)]
-    unsafe fn step<const MIN: bool>(
+    unsafe fn step<const MIN: bool, const CHAINS: usize>(
         acc: __m256,
         v: &[__m256i; 8],
         d: __m256,
@@ -274,7 +281,11 @@ mod avx512 {
         tb: usize,
         offset: i32,
     ) -> __m256 {
-        let mut ints = unsafe { ints(v, xb) };
+        let mut ints = if CHAINS == 1 {
+            unsafe { ints::<1>(v, xb) }
+        } else {
+            unsafe { ints::<4>(v, xb) }
+        };
         if !MIN {
             ints = _mm256_sub_epi32(ints, _mm256_set1_epi32(offset * xb.sum));
         }
@@ -313,7 +324,13 @@ mod avx512 {
                 ($($r:literal)*) => {$(
                     if $r < N {
                         let xb = &xq[(r0 + $r) * kb + b];
-                        acc[$r] = unsafe { step::<MIN>(acc[$r], &v, d, xb, w, tb, offset) };
+                        acc[$r] = unsafe {
+                            if N == 1 {
+                                step::<MIN, 4>(acc[$r], &v, d, xb, w, tb, offset)
+                            } else {
+                                step::<MIN, 1>(acc[$r], &v, d, xb, w, tb, offset)
+                            }
+                        };
                     }
                 )*};
             }
