@@ -1,6 +1,7 @@
-//! Rewrites a Llama-architecture GGUF as Qwen2 or Qwen3 of the same shape,
-//! adding what those architectures have beyond Llama (Qwen2: q/k/v biases;
-//! Qwen3: per-head q/k RMS norms) as seeded pseudo-random values. The
+//! Rewrites a Llama-architecture GGUF as Qwen2, Qwen3 or Phi-3 of the same
+//! shape, adding what those architectures have beyond Llama (Qwen2: q/k/v
+//! biases; Qwen3: per-head q/k RMS norms) as seeded pseudo-random values,
+//! or fusing projections as Phi-3 stores them. The
 //! known-answer tests run such files in Kindling and in llama.cpp: the same
 //! bytes through both sides' Qwen code paths (NeoX-style rotation, biases,
 //! norms), with no Qwen weights to download. The output is the same bytes
@@ -10,16 +11,17 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter};
 use std::path::Path;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{self, Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
 
-/// What [`retarget`] writes: two architectures, and `spm` (the same model
-/// with its byte-level vocabulary recast as a SentencePiece one: the
+/// What [`retarget`] writes: three architectures, and `spm` (the same
+/// model with its byte-level vocabulary recast as a SentencePiece one: the
 /// fixture of the SentencePiece tokenizer's parity tests).
-pub const TARGETS: [&str; 3] = ["qwen2", "qwen3", "spm"];
+pub const TARGETS: [&str; 4] = ["qwen2", "qwen3", "phi3", "spm"];
 
 /// A small deterministic generator (SplitMix64), so fixtures do not depend
 /// on a random-number crate's version.
@@ -75,6 +77,10 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
         });
     };
     let kv_heads = meta_u32("llama.attention.head_count_kv").unwrap_or(heads);
+    if arch == "phi3" {
+        let tensors = fuse_for_phi3(read_all(&mut reader, &content)?)?;
+        return write_file(metadata_for(&content, arch), tensors, dst);
+    }
     if arch == "spm" {
         let mut metadata = content.metadata.clone();
         sentencepiece_vocab(&mut metadata)?;
@@ -83,15 +89,7 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
         return write(&mut reader, &content, metadata, Vec::new(), dst);
     }
     let head_dim = (hidden / heads) as usize;
-    let mut metadata: Vec<(String, Value)> = content
-        .metadata
-        .iter()
-        .map(|(k, v)| match k.strip_prefix("llama.") {
-            Some(rest) => (format!("{arch}.{rest}"), v.clone()),
-            None if k == "general.architecture" => (k.clone(), Value::String(arch.into())),
-            None => (k.clone(), v.clone()),
-        })
-        .collect();
+    let mut metadata = metadata_for(&content, arch);
     if arch == "qwen3" {
         metadata.push((
             format!("{arch}.attention.key_length"),
@@ -126,6 +124,21 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
     write(&mut reader, &content, metadata, added, dst)
 }
 
+/// `content`'s metadata with `llama.*` keys renamed for `arch`.
+fn metadata_for(content: &Content, arch: &str) -> Vec<(String, Value)> {
+    let mut metadata: Vec<(String, Value)> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| match k.strip_prefix("llama.") {
+            Some(rest) => (format!("{arch}.{rest}"), v.clone()),
+            None if k == "general.architecture" => (k.clone(), Value::String(arch.into())),
+            None => (k.clone(), v.clone()),
+        })
+        .collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    metadata
+}
+
 /// Writes `dst`: `metadata`, the tensors of `content` (read through
 /// `reader`, in file order), then `added`.
 fn write(
@@ -135,26 +148,100 @@ fn write(
     added: Vec<(String, QTensor)>,
     dst: &Path,
 ) -> Result<()> {
+    let mut tensors = read_all(reader, content)?;
+    tensors.extend(added);
+    write_file(metadata, tensors, dst)
+}
+
+/// Every tensor of `content`, in file order.
+fn read_all(reader: &mut BufReader<File>, content: &Content) -> Result<Vec<(String, QTensor)>> {
     let mut infos: Vec<_> = content.tensor_infos.iter().collect();
     infos.sort_by_key(|(_, info)| info.offset);
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut tensors = Vec::with_capacity(infos.len());
     for (name, _) in infos {
         tensors.push((name.clone(), content.tensor(reader, name, &Device::Cpu)?));
     }
-    tensors.extend(added);
+    Ok(tensors)
+}
+
+fn write_file(
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, QTensor)>,
+    dst: &Path,
+) -> Result<()> {
     let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let file = File::create(dst).map_err(|source| ModelError::Io {
+    let io = |source| ModelError::Io {
         path: dst.to_path_buf(),
         source,
-    })?;
-    let mut out = BufWriter::new(file);
+    };
+    let mut out = BufWriter::new(File::create(dst).map_err(io)?);
     gguf_file::write(&mut out, &metadata, &tensors)?;
-    std::io::Write::flush(&mut out).map_err(|source| ModelError::Io {
-        path: dst.to_path_buf(),
-        source,
-    })?;
+    std::io::Write::flush(&mut out).map_err(io)?;
     Ok(())
+}
+
+/// Phi-3's layout: each block's q, k and v fused into `attn_qkv` and its
+/// gate and up into `ffn_up` (gate rows first), byte for byte.
+fn fuse_for_phi3(tensors: Vec<(String, QTensor)>) -> Result<Vec<(String, QTensor)>> {
+    let order: Vec<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
+    let mut by_name: std::collections::HashMap<String, QTensor> = tensors.into_iter().collect();
+    let mut take = |name: &str| {
+        by_name.remove(name).ok_or_else(|| ModelError::Tensor {
+            name: name.into(),
+            message: "missing from the source".into(),
+        })
+    };
+    let fuse = |parts: Vec<QTensor>| -> Result<QTensor> {
+        let dtype = parts[0].dtype();
+        let cols = parts[0].shape().dims2()?.1;
+        let mut rows = 0;
+        let mut bytes = Vec::new();
+        for p in &parts {
+            if p.dtype() != dtype {
+                return Err(ModelError::Tensor {
+                    name: "fused projection".into(),
+                    message: "parts of different types".into(),
+                });
+            }
+            rows += p.shape().dims2()?.0;
+            bytes.extend_from_slice(&p.data()?);
+        }
+        Ok(qtensor_from_ggml(
+            dtype,
+            &bytes,
+            vec![rows, cols],
+            &Device::Cpu,
+        )?)
+    };
+    let mut out = Vec::new();
+    for name in order {
+        let Some(prefix) = name
+            .strip_suffix(".attn_q.weight")
+            .or(name.strip_suffix(".ffn_gate.weight"))
+        else {
+            if !(name.ends_with(".attn_k.weight")
+                || name.ends_with(".attn_v.weight")
+                || name.ends_with(".ffn_up.weight"))
+            {
+                let tensor = take(&name)?;
+                out.push((name, tensor));
+            }
+            continue;
+        };
+        if name.ends_with(".attn_q.weight") {
+            let parts = vec![
+                take(&name)?,
+                take(&format!("{prefix}.attn_k.weight"))?,
+                take(&format!("{prefix}.attn_v.weight"))?,
+            ];
+            out.push((format!("{prefix}.attn_qkv.weight"), fuse(parts)?));
+        } else {
+            let parts = vec![take(&name)?, take(&format!("{prefix}.ffn_up.weight"))?];
+            out.push((format!("{prefix}.ffn_up.weight"), fuse(parts)?));
+        }
+    }
+    Ok(out)
 }
 
 /// Recasts a byte-level BPE vocabulary as SentencePiece pieces: tokens

@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::convert::{gguf_to_hf, scratch_dir};
-use common::{argmax, cosine, greedy_alone, pool, Seq};
+use common::{argmax, cosine, pool, Seq};
 use kindling_models::{gpu, BatchItem, Placement, TextModel};
 
 const PROMPTS: [&str; 3] = [
@@ -140,14 +140,14 @@ fn a_gguf_expanded_onto_the_device_answers_like_the_host() {
         &Placement::Device(Device::Cpu, DType::F32),
     )
     .unwrap();
-    let prompt = host.tokenizer.encode(PROMPTS[0]).unwrap();
-    // The host path quantizes activations to 8 bits; the device path does not.
-    let a = greedy_alone(&host, &prompt, 8);
-    let b = greedy_alone(&device, &prompt, 8);
-    assert_eq!(
-        host.tokenizer.decode(&a).unwrap(),
-        device.tokenizer.decode(&b).unwrap()
-    );
+    // The host path quantizes activations to 8 bits; the device path does
+    // not: their clear choices agree, and at least a third are clear.
+    let mut clear = 0;
+    for text in PROMPTS {
+        let prompt = host.tokenizer.encode(text).unwrap();
+        clear += common::clear_choices_agree(&host, &device, &prompt, 12);
+    }
+    assert!(clear >= 12, "only {clear} of 36 steps are clear");
 }
 
 #[test]

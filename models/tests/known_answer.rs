@@ -243,6 +243,16 @@ fn qwen3_architecture_follows_llama_cpp() {
     });
 }
 
+/// The Phi-3 architecture (q/k/v fused into one projection, gate and up
+/// into another, NeoX-style rotation): the demo model's weights fused as
+/// Phi-3 stores them.
+#[test]
+fn phi3_architecture_follows_llama_cpp() {
+    fixture_follows_llama_cpp("llama_cpp_reference.phi3.json", |path| {
+        retarget(&common::demo_gguf(), path, "phi3").unwrap()
+    });
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -64,7 +64,7 @@ impl WeightFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
-    /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2, Qwen3).
+    /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Phi-3).
     Llama,
     /// BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa), for embeddings.
     Bert,

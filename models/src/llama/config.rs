@@ -28,9 +28,9 @@ pub enum RopeScaling {
 }
 
 /// The `general.architecture` values read from GGUF files: Llama (and
-/// Mistral, which llama.cpp writes as `llama`), Qwen2/2.5 (q/k/v biases)
-/// and Qwen3 (per-head q/k norms).
-pub const GGUF_ARCHITECTURES: [&str; 3] = ["llama", "qwen2", "qwen3"];
+/// Mistral, which llama.cpp writes as `llama`), Qwen2/2.5 (q/k/v biases),
+/// Qwen3 (per-head q/k norms) and Phi-3 (fused q/k/v and gate/up).
+pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone)]
@@ -126,7 +126,7 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             // llama.cpp's converter permutes Llama's q/k weights for adjacent
-            // pairs; Qwen's are stored as trained (NeoX-style halves).
+            // pairs; Qwen's and Phi-3's are stored as trained (NeoX-style halves).
             rope_interleaved: arch == "llama",
             rms_eps: f64::from(gguf.f32(&key("attention.layer_norm_rms_epsilon"))?),
             trained_context: gguf.u32(&key("context_length"))? as usize,

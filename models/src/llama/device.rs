@@ -79,6 +79,11 @@ impl DeviceLlama {
                 "q/k norms (Qwen3) on a GPU: serve this model on the CPU".into(),
             ));
         }
+        if src.contains(&src.block_name(0, Part::Qkv, false)) {
+            return Err(ModelError::UnsupportedArchitecture(
+                "fused projections (Phi-3) on a GPU: serve this model on the CPU".into(),
+            ));
+        }
         let load = |src: &mut dyn Source, name: &str| src.on_device(name, device, dtype);
         let output = src.global_name(Global::Output);
         let tied = cfg.tie_embeddings || !src.contains(output);

@@ -131,7 +131,7 @@ impl Llama {
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            let mut proj = |part: Part| -> Result<Projection> {
+            let proj = |src: &mut dyn Source, part: Part| -> Result<Projection> {
                 let bias = src.block_name(i, part, true);
                 Ok(Projection {
                     weight: src.linear(&src.block_name(i, part, false))?,
@@ -142,13 +142,38 @@ impl Llama {
                     },
                 })
             };
-            let (q, k, v, o) = (
-                proj(Part::Q)?,
-                proj(Part::K)?,
-                proj(Part::V)?,
-                proj(Part::O)?,
-            );
-            let (gate, up, down) = (proj(Part::Gate)?, proj(Part::Up)?, proj(Part::Down)?);
+            let fused_qkv = src.block_name(i, Part::Qkv, false);
+            let (q, k, v) = if src.contains(&fused_qkv) {
+                // Phi-3: one projection, split by rows into q, k and v.
+                let (q_rows, kv_rows) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
+                let mut parts = src.linear_split(&fused_qkv, &[q_rows, kv_rows, kv_rows])?;
+                let mut next = || Projection {
+                    weight: parts.remove(0),
+                    bias: None,
+                };
+                (next(), next(), next())
+            } else {
+                (
+                    proj(src, Part::Q)?,
+                    proj(src, Part::K)?,
+                    proj(src, Part::V)?,
+                )
+            };
+            let o = proj(src, Part::O)?;
+            let (gate, up) = if src.contains(&src.block_name(i, Part::Gate, false)) {
+                (proj(src, Part::Gate)?, proj(src, Part::Up)?)
+            } else {
+                // Phi-3: the up projection holds the gate's rows, then the up's.
+                let ff = cfg.intermediate_size;
+                let name = src.block_name(i, Part::Up, false);
+                let mut parts = src.linear_split(&name, &[ff, ff])?;
+                let mut next = || Projection {
+                    weight: parts.remove(0),
+                    bias: None,
+                };
+                (next(), next())
+            };
+            let down = proj(src, Part::Down)?;
             let names = (
                 src.block_name(i, Part::AttnNorm, false),
                 src.block_name(i, Part::FfnNorm, false),
@@ -335,6 +360,11 @@ impl DeviceLlama {
 /// carry their rope scaling as per-frequency divisors.
 fn gguf_config(gguf: &mut GgufFile) -> Result<(LlamaConfig, Vec<f32>)> {
     let cfg = LlamaConfig::from_gguf(gguf)?;
+    if gguf.has_tensor("rope_factors_long.weight") {
+        return Err(ModelError::UnsupportedArchitecture(
+            "LongRoPE (Phi-3 128k and Phi-3.5 files: rope_factors_long/short)".into(),
+        ));
+    }
     let mut inv_freq = cfg.inv_freq();
     if gguf.has_tensor("rope_freqs.weight") {
         let factors = gguf.dense("rope_freqs.weight")?.to_vec1::<f32>()?;

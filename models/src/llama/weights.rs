@@ -5,7 +5,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -33,6 +34,15 @@ impl Linear {
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
     }
 
+    /// A projection from GGML bytes of `dtype` (`rows × cols`, row-major).
+    fn from_bytes(dtype: GgmlDType, bytes: &[u8], rows: usize, cols: usize) -> Result<Self> {
+        if let Some(m) = kindling_kernels::quant::from_ggml(dtype, bytes, rows, cols) {
+            return Ok(Self::Quant(m?));
+        }
+        let q = qtensor_from_ggml(dtype, bytes, vec![rows, cols], &Device::Cpu)?;
+        Ok(Self::Candle(QMatMul::from_qtensor(q)?))
+    }
+
     /// `x` is `[rows, in]`; the result `[rows, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -51,6 +61,8 @@ pub(crate) enum Part {
     QNorm,
     /// Qwen3's per-head key norm.
     KNorm,
+    /// Phi-3's fused query, key and value projection.
+    Qkv,
     Q,
     K,
     V,
@@ -79,6 +91,8 @@ pub(crate) trait Source {
     fn contains(&self, name: &str) -> bool;
     /// A projection weight, kept in its storage format where we can compute on it.
     fn linear(&mut self, name: &str) -> Result<Linear>;
+    /// A fused projection split by output rows into `parts` (their sizes).
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>>;
     /// A tensor as f32 (norms, biases).
     fn dense(&mut self, name: &str) -> Result<Tensor>;
     /// The token-embedding table as f32, read once; with `tied`, also the
@@ -101,6 +115,7 @@ impl Source for GgufFile {
             Part::AttnNorm => "attn_norm",
             Part::QNorm => "attn_q_norm",
             Part::KNorm => "attn_k_norm",
+            Part::Qkv => "attn_qkv",
             Part::Q => "attn_q",
             Part::K => "attn_k",
             Part::V => "attn_v",
@@ -127,6 +142,28 @@ impl Source for GgufFile {
 
     fn linear(&mut self, name: &str) -> Result<Linear> {
         Linear::from_qtensor(self.tensor(name, &Device::Cpu)?)
+    }
+
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        let q = self.tensor(name, &Device::Cpu)?;
+        let (rows, cols) = q.shape().dims2()?;
+        if parts.iter().sum::<usize>() != rows {
+            return Err(ModelError::Tensor {
+                name: name.into(),
+                message: format!("{rows} rows do not split into {parts:?}"),
+            });
+        }
+        let dtype = q.dtype();
+        let data = q.data()?;
+        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let mut at = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for &n in parts {
+            let bytes = &data[at * row_bytes..(at + n) * row_bytes];
+            out.push(Linear::from_bytes(dtype, bytes, n, cols)?);
+            at += n;
+        }
+        Ok(out)
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
@@ -249,6 +286,7 @@ impl Source for Safetensors {
             Part::AttnNorm => "input_layernorm",
             Part::QNorm => "self_attn.q_norm",
             Part::KNorm => "self_attn.k_norm",
+            Part::Qkv => "self_attn.qkv_proj",
             Part::Q => "self_attn.q_proj",
             Part::K => "self_attn.k_proj",
             Part::V => "self_attn.v_proj",
@@ -278,6 +316,17 @@ impl Source for Safetensors {
 
     fn linear(&mut self, name: &str) -> Result<Linear> {
         Ok(Linear::Dense(self.dense(name)?))
+    }
+
+    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
+        let w = self.dense(name)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for &n in parts {
+            out.push(Linear::Dense(w.narrow(0, at, n)?.contiguous()?));
+            at += n;
+        }
+        Ok(out)
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {

@@ -74,6 +74,30 @@ pub fn ranked(logits: &[f32]) -> Vec<u32> {
     idx
 }
 
+/// Two paths of one model (8-bit activations against f32, say), fed
+/// `a`'s greedy tokens for `steps` steps after `prompt`: `b` must pick
+/// `a`'s token wherever `a`'s margin is at least 1 logit (8-bit activations
+/// alone move logits by about that much at worst; see known_answer.rs).
+/// Returns how many steps were that clear.
+pub fn clear_choices_agree(a: &TextModel, b: &TextModel, prompt: &[u32], steps: usize) -> usize {
+    let (mut ka, mut kb) = (pool(a, prompt.len() + steps), pool(b, prompt.len() + steps));
+    let (mut sa, mut sb) = (Seq::default(), Seq::default());
+    let mut la = sa.feed(a, &mut ka, prompt);
+    let mut lb = sb.feed(b, &mut kb, prompt);
+    let mut clear = 0;
+    for step in 0..steps {
+        let r = ranked(&la);
+        let t = r[0];
+        if la[r[0] as usize] - la[r[1] as usize] >= 1.0 {
+            assert_eq!(argmax(&lb), t, "step {step}");
+            clear += 1;
+        }
+        la = sa.feed(a, &mut ka, &[t]);
+        lb = sb.feed(b, &mut kb, &[t]);
+    }
+    clear
+}
+
 /// `steps` greedy tokens after `prompt`, the sequence alone in its passes.
 pub fn greedy_alone(model: &TextModel, prompt: &[u32], steps: usize) -> Vec<u32> {
     let mut kv = pool(model, prompt.len() + steps);
