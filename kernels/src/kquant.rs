@@ -240,6 +240,29 @@ macro_rules! scale_min_dots {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use scale_min_dots;
 
+/// [`scale_min_dots`] for every x86 variant, as
+/// [`crate::quant::pick_kernels`] wants them (the integer work is `maddubs`
+/// and `madd` in all three: the VNNI instruction would need a scale multiply
+/// after it).
+#[cfg(target_arch = "x86_64")]
+macro_rules! scale_min_variants {
+    ($block:ty, $unpack:ident) => {
+        use crate::kquant::scale_min_dots;
+        use crate::quant::avx2::hsum;
+        scale_min_dots!($block, "avx2,fma", dot, dot4, $unpack);
+        scale_min_dots!($block, "avx2,fma,avxvnni", dot_vnni, dot4_vnni, $unpack);
+        scale_min_dots!(
+            $block,
+            "avx2,fma,avx512vnni,avx512vl",
+            dot_vnni512,
+            dot4_vnni512,
+            $unpack
+        );
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use scale_min_variants;
+
 #[cfg(test)]
 mod tests {
     use super::*;

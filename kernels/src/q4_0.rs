@@ -41,8 +41,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_0, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8, unpack_nibbles};
-    use crate::quant::dots::offset_dots;
+    use crate::quant::avx2::unpack_nibbles;
 
     /// The 32 weights of a block as bytes 0..=15.
     #[inline(always)]
@@ -55,36 +54,7 @@ mod avx2 {
         wb.d.to_f32()
     }
 
-    offset_dots!(
-        BlockQ4_0,
-        "avx2,fma,f16c",
-        dot,
-        dot4,
-        ints_avx2,
-        unpack,
-        scale,
-        3
-    );
-    offset_dots!(
-        BlockQ4_0,
-        "avx2,fma,f16c,avxvnni",
-        dot_vnni,
-        dot4_vnni,
-        ints_vnni,
-        unpack,
-        scale,
-        3
-    );
-    offset_dots!(
-        BlockQ4_0,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        dot_vnni512,
-        dot4_vnni512,
-        ints_vnni512,
-        unpack,
-        scale,
-        3
-    );
+    crate::quant::dots::offset_variants!(BlockQ4_0, unpack, scale, 3);
 }
 
 /// The fastest dot products this CPU supports.

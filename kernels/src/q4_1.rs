@@ -46,8 +46,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4_1, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8, unpack_nibbles};
-    use crate::quant::dots::min_dots;
+    use crate::quant::avx2::unpack_nibbles;
 
     /// `[d, m]` of a weight block as f32, with F16C.
     #[inline(always)]
@@ -64,33 +63,7 @@ mod avx2 {
         unsafe { unpack_nibbles(&wb.qs) }
     }
 
-    min_dots!(
-        BlockQ4_1,
-        "avx2,fma,f16c",
-        dot,
-        dot4,
-        ints_avx2,
-        unpack,
-        scales
-    );
-    min_dots!(
-        BlockQ4_1,
-        "avx2,fma,f16c,avxvnni",
-        dot_vnni,
-        dot4_vnni,
-        ints_vnni,
-        unpack,
-        scales
-    );
-    min_dots!(
-        BlockQ4_1,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        dot_vnni512,
-        dot4_vnni512,
-        ints_vnni512,
-        unpack,
-        scales
-    );
+    crate::quant::dots::min_variants!(BlockQ4_1, unpack, scales);
 }
 
 /// The fastest dot products this CPU supports.
@@ -106,16 +79,6 @@ fn kernels() -> Kernels<BlockQ4_1> {
 /// variant the tests get from `quant::runnable`).
 unsafe fn kernels_for(isa: Isa) -> Kernels<BlockQ4_1> {
     crate::quant::pick_kernels!(BlockQ4_1, isa)
-}
-
-#[cfg(test)]
-fn dot_fn() -> crate::quant::DotFn<BlockQ4_1> {
-    kernels().0
-}
-
-/// Whether the SIMD dot product is in use (for logs and benchmarks).
-pub fn simd_available() -> bool {
-    crate::quant::isa() != Isa::Reference
 }
 
 impl QuantBlock for BlockQ4_1 {

@@ -57,8 +57,6 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ4K, BlockQ8K};
-    use crate::kquant::scale_min_dots;
-    use crate::quant::avx2::hsum;
 
     /// Sub-blocks `2j` and `2j + 1` as bytes 0..=15.
     #[inline(always)]
@@ -72,15 +70,7 @@ mod avx2 {
         )
     }
 
-    scale_min_dots!(BlockQ4K, "avx2,fma", dot, dot4, unpack);
-    scale_min_dots!(BlockQ4K, "avx2,fma,avxvnni", dot_vnni, dot4_vnni, unpack);
-    scale_min_dots!(
-        BlockQ4K,
-        "avx2,fma,avx512vnni,avx512vl",
-        dot_vnni512,
-        dot4_vnni512,
-        unpack
-    );
+    crate::kquant::scale_min_variants!(BlockQ4K, unpack);
 }
 
 /// The dot products for `isa`.

@@ -46,8 +46,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ5_0, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8};
-    use crate::quant::dots::{offset_dots, unpack_5bit};
+    use crate::quant::dots::unpack_5bit;
 
     #[inline(always)]
     unsafe fn unpack(wb: &BlockQ5_0) -> __m256i {
@@ -59,36 +58,7 @@ mod avx2 {
         wb.d
     }
 
-    offset_dots!(
-        BlockQ5_0,
-        "avx2,fma,f16c",
-        dot,
-        dot4,
-        ints_avx2,
-        unpack,
-        scale,
-        4
-    );
-    offset_dots!(
-        BlockQ5_0,
-        "avx2,fma,f16c,avxvnni",
-        dot_vnni,
-        dot4_vnni,
-        ints_vnni,
-        unpack,
-        scale,
-        4
-    );
-    offset_dots!(
-        BlockQ5_0,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        dot_vnni512,
-        dot4_vnni512,
-        ints_vnni512,
-        unpack,
-        scale,
-        4
-    );
+    crate::quant::dots::offset_variants!(BlockQ5_0, unpack, scale, 4);
 }
 
 /// The dot products for `isa`.

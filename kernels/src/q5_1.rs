@@ -48,8 +48,7 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{BlockQ5_1, BlockQ8_1};
-    use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8};
-    use crate::quant::dots::{min_dots, unpack_5bit};
+    use crate::quant::dots::unpack_5bit;
 
     #[inline(always)]
     unsafe fn unpack(wb: &BlockQ5_1) -> __m256i {
@@ -61,33 +60,7 @@ mod avx2 {
         (wb.d, wb.m)
     }
 
-    min_dots!(
-        BlockQ5_1,
-        "avx2,fma,f16c",
-        dot,
-        dot4,
-        ints_avx2,
-        unpack,
-        scales
-    );
-    min_dots!(
-        BlockQ5_1,
-        "avx2,fma,f16c,avxvnni",
-        dot_vnni,
-        dot4_vnni,
-        ints_vnni,
-        unpack,
-        scales
-    );
-    min_dots!(
-        BlockQ5_1,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        dot_vnni512,
-        dot4_vnni512,
-        ints_vnni512,
-        unpack,
-        scales
-    );
+    crate::quant::dots::min_variants!(BlockQ5_1, unpack, scales);
 }
 
 /// The dot products for `isa`.

@@ -55,43 +55,73 @@ pub fn requantize(
     dst: &Path,
     plan: impl Fn(&str, &[usize], usize) -> Option<GgmlDType>,
 ) -> Result<()> {
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    let mut reader = BufReader::new(File::open(src).map_err(io(src))?);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::BadFormat {
-        path: src.to_path_buf(),
-        format: "GGUF",
-        message: e.to_string(),
-    })?;
-    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
-    infos.sort_by_key(|(_, info)| info.offset);
-    let mut tensors: Vec<(String, QTensor)> = Vec::with_capacity(infos.len());
+    let (mut reader, content) = open(src)?;
     let mut seen_in_layer: std::collections::HashMap<usize, usize> = Default::default();
-    for (name, info) in infos {
-        let tensor = content.tensor(&mut reader, name, &Device::Cpu)?;
-        let dims = info.shape.dims().to_vec();
-        let index = layer(name).map_or(0, |n| {
+    let mut tensors = Vec::new();
+    for (name, tensor) in read_all(&mut reader, &content)? {
+        let dims = tensor.shape().dims().to_vec();
+        let index = layer(&name).map_or(0, |n| {
             let seen = seen_in_layer.entry(n).or_default();
             *seen += 1;
             *seen - 1
         });
-        let tensor = match plan(name, &dims, index) {
+        let tensor = match plan(&name, &dims, index) {
             Some(dtype) if dtype != tensor.dtype() => {
                 let dense = tensor.dequantize(&Device::Cpu)?;
                 QTensor::quantize(&dense, dtype)?
             }
             _ => tensor,
         };
-        tensors.push((name.clone(), tensor));
+        tensors.push((name, tensor));
     }
-    let mut metadata: Vec<(&String, &Value)> = content.metadata.iter().collect();
-    metadata.sort_by(|a, b| a.0.cmp(b.0));
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    let mut metadata: Vec<(String, Value)> = content.metadata.into_iter().collect();
+    metadata.sort_by(|a, b| a.0.cmp(&b.0));
+    write_file(metadata, tensors, dst)
+}
+
+/// Opens a GGUF file and reads its header.
+pub(crate) fn open(src: &Path) -> Result<(BufReader<File>, Content)> {
+    let file = File::open(src).map_err(|source| ModelError::Io {
+        path: src.to_path_buf(),
+        source,
+    })?;
+    let mut reader = BufReader::new(file);
+    let content = Content::read(&mut reader).map_err(|e| ModelError::BadFormat {
+        path: src.to_path_buf(),
+        format: "GGUF",
+        message: e.to_string(),
+    })?;
+    Ok((reader, content))
+}
+
+/// Every tensor of `content`, in file order.
+pub(crate) fn read_all(
+    reader: &mut BufReader<File>,
+    content: &Content,
+) -> Result<Vec<(String, QTensor)>> {
+    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
+    infos.sort_by_key(|(_, info)| info.offset);
+    let mut tensors = Vec::with_capacity(infos.len());
+    for (name, _) in infos {
+        tensors.push((name.clone(), content.tensor(reader, name, &Device::Cpu)?));
+    }
+    Ok(tensors)
+}
+
+/// Writes a GGUF file: `metadata` in its order, then `tensors`.
+pub(crate) fn write_file(
+    metadata: Vec<(String, Value)>,
+    tensors: Vec<(String, QTensor)>,
+    dst: &Path,
+) -> Result<()> {
+    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let mut out = BufWriter::new(File::create(dst).map_err(io(dst))?);
+    let io = |source| ModelError::Io {
+        path: dst.to_path_buf(),
+        source,
+    };
+    let mut out = BufWriter::new(File::create(dst).map_err(io)?);
     gguf_file::write(&mut out, &metadata, &tensors)?;
-    std::io::Write::flush(&mut out).map_err(io(dst))?;
+    std::io::Write::flush(&mut out).map_err(io)?;
     Ok(())
 }

@@ -8,15 +8,16 @@
 //! on every machine.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter};
+use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::gguf_file::{self, Content, Value};
+use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::requantize::{open, read_all, write_file};
 
 /// What [`retarget`] writes: three architectures, and `spm` (the same
 /// model with its byte-level vocabulary recast as a SentencePiece one: the
@@ -55,16 +56,7 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
             TARGETS.join(", ")
         )));
     }
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| ModelError::Io { path, source }
-    };
-    let mut reader = BufReader::new(File::open(src).map_err(io(src))?);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::BadFormat {
-        path: src.to_path_buf(),
-        format: "GGUF",
-        message: e.to_string(),
-    })?;
+    let (mut reader, content) = open(src)?;
     let meta_u32 = |k: &str| content.metadata.get(k).and_then(|v| v.to_u32().ok());
     let (Some(hidden), Some(heads), Some(layers)) = (
         meta_u32("llama.embedding_length"),
@@ -151,34 +143,6 @@ fn write(
     let mut tensors = read_all(reader, content)?;
     tensors.extend(added);
     write_file(metadata, tensors, dst)
-}
-
-/// Every tensor of `content`, in file order.
-fn read_all(reader: &mut BufReader<File>, content: &Content) -> Result<Vec<(String, QTensor)>> {
-    let mut infos: Vec<_> = content.tensor_infos.iter().collect();
-    infos.sort_by_key(|(_, info)| info.offset);
-    let mut tensors = Vec::with_capacity(infos.len());
-    for (name, _) in infos {
-        tensors.push((name.clone(), content.tensor(reader, name, &Device::Cpu)?));
-    }
-    Ok(tensors)
-}
-
-fn write_file(
-    metadata: Vec<(String, Value)>,
-    tensors: Vec<(String, QTensor)>,
-    dst: &Path,
-) -> Result<()> {
-    let metadata: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let tensors: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    let io = |source| ModelError::Io {
-        path: dst.to_path_buf(),
-        source,
-    };
-    let mut out = BufWriter::new(File::create(dst).map_err(io)?);
-    gguf_file::write(&mut out, &metadata, &tensors)?;
-    std::io::Write::flush(&mut out).map_err(io)?;
-    Ok(())
 }
 
 /// Phi-3's layout: each block's q, k and v fused into `attn_qkv` and its

@@ -1,45 +1,13 @@
-use candle_core::quantized::GgmlDType;
-use rand::rngs::StdRng;
-use rand::SeedableRng;
-
 use super::*;
-use crate::quant::check::{self, put_f16, random_bytes, random_rows};
-use crate::quant::{Dot4Fn, DotFn};
+use crate::quant::check::put_f16;
 
-fn random(rows: usize, cols: usize, rng: &mut StdRng) -> QuantMatrix<BlockQ5K> {
-    random_bytes(rows, cols, rng, |b, rng| {
+crate::quant::check::format_tests!(
+    BlockQ5K,
+    Q5K,
+    768,
+    1e-3,
+    |b: &mut [u8], rng: &mut StdRng| {
         put_f16(b, 0, rng, 0.001..0.01);
         put_f16(b, 2, rng, 0.001..0.01);
-    })
-}
-
-#[test]
-fn every_variant_matches_the_reference_and_each_other() {
-    let mut rng = StdRng::seed_from_u64(31);
-    let w = random(37, 768, &mut rng);
-    let x = random_rows(7, 768, &mut rng);
-    let reference = (
-        dot_reference as DotFn<BlockQ5K>,
-        dot4_reference as Dot4Fn<BlockQ5K>,
-    );
-    check::variants_agree(&w, &x, reference, kernels_for);
-}
-
-#[test]
-fn matmul_matches_the_dequantized_product() {
-    let mut rng = StdRng::seed_from_u64(32);
-    for (m, rows, cols) in [(1, 64, 256), (5, 19, 512)] {
-        let w = random(rows, cols, &mut rng);
-        check::matches_dequantized(&w, &random_rows(m, cols, &mut rng), 0.01);
     }
-}
-
-#[test]
-fn reads_ggml_blocks_as_candle_does_and_agrees_with_its_product() {
-    check::agrees_with_candle::<BlockQ5K>(GgmlDType::Q5K, 33, 1e-3);
-}
-
-#[test]
-fn bad_shapes_are_errors() {
-    check::bad_shapes_are_errors::<BlockQ5K>();
-}
+);

@@ -143,12 +143,16 @@ pub(crate) fn agrees_with_candle<B: QuantBlock>(dtype: GgmlDType, seed: u64, tol
     }
 }
 
-/// The byte-count checks every format shares.
+/// The shape checks every format shares: byte counts, an input of the
+/// wrong width, and no rows at all.
 pub(crate) fn bad_shapes_are_errors<B: QuantBlock>() {
     let n = B::Act::VALUES;
     assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES], 1, n + 1).is_err());
     assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES - 1], 1, n).is_err());
-    assert!(QuantMatrix::<B>::from_ggml_bytes(&vec![0; B::BYTES], 1, n).is_ok());
+    let w = QuantMatrix::<B>::from_ggml_bytes(&vec![0; 2 * B::BYTES], 1, 2 * n).unwrap();
+    let x = Tensor::zeros((2, n), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert!(w.forward(&x).is_err());
+    assert!(w.matmul(&[], B::kernels()).is_empty());
 }
 
 /// The tiled layout's product equals the row kernels' up to the order of
@@ -187,3 +191,63 @@ pub(crate) fn tiled_matches_rows<B: super::tiled::Tileable>(w: &QuantMatrix<B>, 
         assert_eq!(via_op, got);
     }
 }
+
+/// The tests every weight format runs, for `$block` (GGML type `$dtype`):
+/// a `random(rows, cols, rng)` matrix of random bytes passed through `$fix`
+/// (which sets each block's float fields), every variant against the
+/// reference (`$cols` columns), the dequantized product, candle's reading
+/// and product (within `$candle` of the largest output), shape errors, and
+/// (`tiled`) the interleaved layout.
+macro_rules! format_tests {
+    ($block:ty, $dtype:ident, $cols:literal, $candle:literal, $fix:expr $(, $tiled:ident)?) => {
+        use candle_core::quantized::GgmlDType;
+        use rand::rngs::StdRng;
+        use rand::SeedableRng;
+
+        use crate::quant::check::{self, random_rows};
+        use crate::quant::{Dot4Fn, DotFn, QuantMatrix};
+
+        fn random(rows: usize, cols: usize, rng: &mut StdRng) -> QuantMatrix<$block> {
+            check::random_bytes(rows, cols, rng, $fix)
+        }
+
+        #[test]
+        fn every_variant_matches_the_reference_and_each_other() {
+            let mut rng = StdRng::seed_from_u64(31);
+            let w = random(37, $cols, &mut rng);
+            let x = random_rows(7, $cols, &mut rng);
+            let reference = (dot_reference as DotFn<$block>, dot4_reference as Dot4Fn<$block>);
+            check::variants_agree(&w, &x, reference, kernels_for);
+        }
+
+        #[test]
+        fn matmul_matches_the_dequantized_product() {
+            let mut rng = StdRng::seed_from_u64(32);
+            for (m, rows, cols) in [(1, 64, 256), (5, 19, 512)] {
+                let w = random(rows, cols, &mut rng);
+                check::matches_dequantized(&w, &random_rows(m, cols, &mut rng), 0.01);
+            }
+        }
+
+        #[test]
+        fn reads_ggml_blocks_as_candle_does_and_agrees_with_its_product() {
+            check::agrees_with_candle::<$block>(GgmlDType::$dtype, 33, $candle);
+        }
+
+        #[test]
+        fn bad_shapes_are_errors() {
+            check::bad_shapes_are_errors::<$block>();
+        }
+
+        $(
+            #[cfg(target_arch = "x86_64")]
+            #[test]
+            fn $tiled() {
+                let mut rng = StdRng::seed_from_u64(34);
+                let w = random(37, $cols, &mut rng);
+                check::tiled_matches_rows(&w, &mut rng);
+            }
+        )?
+    };
+}
+pub(crate) use format_tests;

@@ -89,6 +89,49 @@ macro_rules! offset_dots {
 #[cfg(target_arch = "x86_64")]
 pub(crate) use offset_dots;
 
+/// [`offset_dots`] for every x86 variant: `dot`/`dot4` (AVX2),
+/// `dot_vnni`/`dot4_vnni` (AVX-VNNI), `dot_vnni512`/`dot4_vnni512`
+/// (AVX-512 VNNI), as [`crate::quant::pick_kernels`] wants them.
+#[cfg(target_arch = "x86_64")]
+macro_rules! offset_variants {
+    ($block:ty, $unpack:ident, $scale:ident, $shift:literal) => {
+        use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8};
+        use crate::quant::dots::offset_dots;
+        offset_dots!(
+            $block,
+            "avx2,fma,f16c",
+            dot,
+            dot4,
+            ints_avx2,
+            $unpack,
+            $scale,
+            $shift
+        );
+        offset_dots!(
+            $block,
+            "avx2,fma,f16c,avxvnni",
+            dot_vnni,
+            dot4_vnni,
+            ints_vnni,
+            $unpack,
+            $scale,
+            $shift
+        );
+        offset_dots!(
+            $block,
+            "avx2,fma,f16c,avx512vnni,avx512vl",
+            dot_vnni512,
+            dot4_vnni512,
+            ints_vnni512,
+            $unpack,
+            $scale,
+            $shift
+        );
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use offset_variants;
+
 /// AVX2 dot products of a minimum format: `$unpack(wb)` gives the block's
 /// 32 values as bytes, `$scales(wb)` its `(d, m)`. Every result equals the
 /// one-row result for that row, bit for bit, and the VNNI variant equals
@@ -133,6 +176,44 @@ macro_rules! min_dots {
 }
 #[cfg(target_arch = "x86_64")]
 pub(crate) use min_dots;
+
+/// [`min_dots`] for every x86 variant (as [`offset_variants`]).
+#[cfg(target_arch = "x86_64")]
+macro_rules! min_variants {
+    ($block:ty, $unpack:ident, $scales:ident) => {
+        use crate::quant::avx2::{hsum, ints_avx2, ints_vnni, ints_vnni512, load_q8};
+        use crate::quant::dots::min_dots;
+        min_dots!(
+            $block,
+            "avx2,fma,f16c",
+            dot,
+            dot4,
+            ints_avx2,
+            $unpack,
+            $scales
+        );
+        min_dots!(
+            $block,
+            "avx2,fma,f16c,avxvnni",
+            dot_vnni,
+            dot4_vnni,
+            ints_vnni,
+            $unpack,
+            $scales
+        );
+        min_dots!(
+            $block,
+            "avx2,fma,f16c,avx512vnni,avx512vl",
+            dot_vnni512,
+            dot4_vnni512,
+            ints_vnni512,
+            $unpack,
+            $scales
+        );
+    };
+}
+#[cfg(target_arch = "x86_64")]
+pub(crate) use min_variants;
 
 /// The 32 values of a 5-bit block: `qs` as [`super::avx2::unpack_nibbles`]
 /// reads them, plus bit `i` of `qh` as 16 for value `i`.
