@@ -114,8 +114,9 @@ impl crate::quant::tiled::Tileable for BlockQ4_0 {
         (self.d.to_f32(), 0.0)
     }
 
-    fn values(&self) -> Vec<u8> {
-        self.qs.to_vec()
+    fn values(&self, out: &mut [u8; 32]) -> usize {
+        out[..16].copy_from_slice(&self.qs);
+        16
     }
 }
 

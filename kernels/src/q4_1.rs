@@ -124,8 +124,9 @@ impl crate::quant::tiled::Tileable for BlockQ4_1 {
         (self.d.to_f32(), self.m.to_f32())
     }
 
-    fn values(&self) -> Vec<u8> {
-        self.qs.to_vec()
+    fn values(&self, out: &mut [u8; 32]) -> usize {
+        out[..16].copy_from_slice(&self.qs);
+        16
     }
 }
 

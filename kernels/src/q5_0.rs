@@ -113,8 +113,9 @@ impl crate::quant::tiled::Tileable for BlockQ5_0 {
         (self.d, 0.0)
     }
 
-    fn values(&self) -> Vec<u8> {
-        self.qs.to_vec()
+    fn values(&self, out: &mut [u8; 32]) -> usize {
+        out[..16].copy_from_slice(&self.qs);
+        16
     }
 
     fn high_bits(&self) -> u32 {

@@ -164,8 +164,11 @@ impl crate::quant::tiled::Tileable for BlockQ8_0 {
         (self.d.to_f32(), 0.0)
     }
 
-    fn values(&self) -> Vec<u8> {
-        self.qs.iter().map(|&q| (q as u8) ^ 0x80).collect()
+    fn values(&self, out: &mut [u8; 32]) -> usize {
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = (q as u8) ^ 0x80;
+        }
+        32
     }
 }
 

@@ -42,9 +42,9 @@ pub(crate) trait Tileable: QuantBlock<Act = BlockQ8_1> {
     const LAYOUT: Layout8;
     /// `(d, m)` (m: 0 for the offset formats).
     fn scales(&self) -> (f32, f32);
-    /// The 16 nibble bytes ([`super::nibble`] order), or for byte formats the
-    /// 32 values as `q + 128`.
-    fn values(&self) -> Vec<u8>;
+    /// Writes the 16 nibble bytes ([`super::nibble`] order), or for byte
+    /// formats the 32 values as `q + 128`; returns how many.
+    fn values(&self, out: &mut [u8; 32]) -> usize;
     /// The fifth bits (bit `i` for value `i`), for Q5.
     fn high_bits(&self) -> u32 {
         0
@@ -99,9 +99,10 @@ impl TiledMatrix {
                     h[tb * ROWS + j] = block.high_bits();
                 }
                 // Group g of the tile block: 4 bytes per row, rows in order.
-                let values = block.values();
+                let mut values = [0u8; 32];
+                let n = block.values(&mut values);
                 let base = tb * qbytes * ROWS;
-                for (g, four) in values.chunks_exact(4).enumerate() {
+                for (g, four) in values[..n].chunks_exact(4).enumerate() {
                     let at = base + g * 4 * ROWS + 4 * j;
                     q[at..at + 4].copy_from_slice(four);
                 }
