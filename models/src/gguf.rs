@@ -38,6 +38,11 @@ impl GgufFile {
         })
     }
 
+    /// The parsed header and the reader, for rewriting the file.
+    pub(crate) fn into_parts(self) -> (BufReader<File>, Content) {
+        (self.reader, self.content)
+    }
+
     /// The file this was read from.
     pub fn path(&self) -> &Path {
         &self.path

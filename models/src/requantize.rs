@@ -81,17 +81,7 @@ pub fn requantize(
 
 /// Opens a GGUF file and reads its header.
 pub(crate) fn open(src: &Path) -> Result<(BufReader<File>, Content)> {
-    let file = File::open(src).map_err(|source| ModelError::Io {
-        path: src.to_path_buf(),
-        source,
-    })?;
-    let mut reader = BufReader::new(file);
-    let content = Content::read(&mut reader).map_err(|e| ModelError::BadFormat {
-        path: src.to_path_buf(),
-        format: "GGUF",
-        message: e.to_string(),
-    })?;
-    Ok((reader, content))
+    Ok(crate::gguf::GgufFile::open(src)?.into_parts())
 }
 
 /// Every tensor of `content`, in file order.

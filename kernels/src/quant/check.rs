@@ -9,6 +9,11 @@ use rand::{Rng, SeedableRng};
 
 use super::{runnable, ActBlock, Dot4Fn, DotFn, Isa, Kernels, QuantBlock, QuantMatrix};
 
+/// A tensor's values, flattened.
+fn flat(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}
+
 /// Random activations in ±3.
 pub(crate) fn random_rows(m: usize, cols: usize, rng: &mut StdRng) -> Vec<f32> {
     (0..m * cols)
@@ -109,30 +114,11 @@ pub(crate) fn agrees_with_candle<B: QuantBlock>(dtype: GgmlDType, seed: u64, tol
     let q = QTensor::quantize(&wt, dtype).unwrap();
     let ours = QuantMatrix::<B>::from_ggml_bytes(&q.data().unwrap(), rows, cols).unwrap();
     // Our reading of the blocks is candle's.
-    let theirs: Vec<f32> = q
-        .dequantize(&Device::Cpu)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let theirs = flat(&q.dequantize(&Device::Cpu).unwrap());
     assert_eq!(ours.dequantize(), theirs, "{}", B::NAME);
     let x = Tensor::from_vec(random_rows(m, cols, &mut rng), (m, cols), &Device::Cpu).unwrap();
-    let want: Vec<f32> = QMatMul::from_qtensor(q)
-        .unwrap()
-        .forward(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    let got: Vec<f32> = ours
-        .forward(&x)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
+    let want = flat(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap());
+    let got = flat(&ours.forward(&x).unwrap());
     let scale = want.iter().fold(0f32, |a, v| a.max(v.abs()));
     for (a, b) in got.iter().zip(&want) {
         assert!(
@@ -181,14 +167,7 @@ pub(crate) fn tiled_matches_rows<B: super::tiled::Tileable>(w: &QuantMatrix<B>, 
         }
         // Through the op as the models call it.
         let xt = Tensor::from_vec(x, (m, cols), &Device::Cpu).unwrap();
-        let via_op: Vec<f32> = tiled
-            .forward(&xt)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        assert_eq!(via_op, got);
+        assert_eq!(flat(&tiled.forward(&xt).unwrap()), got);
     }
 }
 

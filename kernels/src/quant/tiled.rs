@@ -207,40 +207,18 @@ mod avx512 {
             for (g, vg) in v.iter_mut().enumerate() {
                 // Bits 4g..4g + 4 of each row's u32, one per byte.
                 let byte = (g / 2) as i8;
-                let pick = _mm256_setr_epi8(
-                    byte,
-                    byte,
-                    byte,
-                    byte,
-                    4 + byte,
-                    4 + byte,
-                    4 + byte,
-                    4 + byte,
-                    8 + byte,
-                    8 + byte,
-                    8 + byte,
-                    8 + byte,
-                    12 + byte,
-                    12 + byte,
-                    12 + byte,
-                    12 + byte,
-                    byte,
-                    byte,
-                    byte,
-                    byte,
-                    4 + byte,
-                    4 + byte,
-                    4 + byte,
-                    4 + byte,
-                    8 + byte,
-                    8 + byte,
-                    8 + byte,
-                    8 + byte,
-                    12 + byte,
-                    12 + byte,
-                    12 + byte,
-                    12 + byte,
+                // Within each 128-bit half, u32 lane L reads byte 4L + g/2.
+                let lanes = _mm256_setr_epi32(
+                    0,
+                    0x0404_0404,
+                    0x0808_0808,
+                    0x0c0c_0c0c,
+                    0,
+                    0x0404_0404,
+                    0x0808_0808,
+                    0x0c0c_0c0c,
                 );
+                let pick = _mm256_add_epi8(lanes, _mm256_set1_epi8(byte));
                 let shift = if g % 2 == 0 { 0 } else { 4 };
                 let bits = _mm256_set1_epi32(0x0804_0201 << shift);
                 let spread = _mm256_shuffle_epi8(hv, pick);
