@@ -41,6 +41,44 @@ pub struct QueryRow<'a> {
     pub seen: usize,
 }
 
+/// How attention scores are formed: `scale · (q · k)`, soft-capped as
+/// Gemma 2 does (`cap · tanh(s / cap)`) where `softcap` is set, over the
+/// last `window` positions only (a sliding-window layer) where that is set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// Multiplies each dot product.
+    pub scale: f32,
+    /// The soft cap of the scaled scores, if any.
+    pub softcap: Option<f32>,
+    /// Positions a query sees, its own included (`None`: all before it).
+    pub window: Option<usize>,
+}
+
+impl Scoring {
+    /// Plain scaled dot-product scores over every earlier position.
+    pub fn scaled(scale: f32) -> Self {
+        Self {
+            scale,
+            softcap: None,
+            window: None,
+        }
+    }
+
+    /// The first position a row that sees `0..seen` attends to.
+    fn first(&self, seen: usize) -> usize {
+        self.window.map_or(0, |w| seen.saturating_sub(w.max(1)))
+    }
+
+    fn cap(&self, scores: &mut [f32]) {
+        if let Some(cap) = self.softcap {
+            let inv = 1.0 / cap;
+            for s in scores {
+                *s = cap * (*s * inv).tanh();
+            }
+        }
+    }
+}
+
 /// Scaled dot-product attention for `rows.len()` query rows.
 ///
 /// `q` is `[rows, heads, head_dim]`; `k`/`v` are one layer of the cache.
@@ -56,7 +94,7 @@ pub fn paged_attention(
     k: &[f32],
     v: &[f32],
     layout: PagedLayout,
-    scale: f32,
+    scoring: Scoring,
 ) -> Vec<f32> {
     let d = layout.head_dim;
     check(q, heads, rows, layout);
@@ -69,7 +107,7 @@ pub fn paged_attention(
             let (row, head) = (i / heads, i % heads);
             let query = &q[i * d..(i + 1) * d];
             let cache = CacheLayer { k, v, layout };
-            attend(query, &rows[row], head / group, cache, scale, scores, o);
+            attend(query, &rows[row], head / group, cache, scoring, scores, o);
         });
     out
 }
@@ -101,41 +139,46 @@ struct CacheLayer<'a> {
     layout: PagedLayout,
 }
 
+/// The spans of a row's blocks it attends to: `(block, first slot, slots)`.
+fn spans<'a>(
+    row: &'a QueryRow<'_>,
+    bs: usize,
+    from: usize,
+) -> impl Iterator<Item = (u32, usize, usize)> + 'a {
+    row.blocks.iter().enumerate().filter_map(move |(b, &block)| {
+        let (lo, hi) = (from.max(b * bs), row.seen.min((b + 1) * bs));
+        (lo < hi).then(|| (block, lo - b * bs, hi - lo))
+    })
+}
+
 /// One query head's attention over the positions its row sees.
 fn attend(
     query: &[f32],
     row: &QueryRow<'_>,
     kv_head: usize,
     cache: CacheLayer<'_>,
-    scale: f32,
+    scoring: Scoring,
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
     let CacheLayer { k, v, layout } = cache;
     let (d, bs) = (layout.head_dim, layout.block_size);
+    let from = scoring.first(row.seen);
     scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for (b, &block) in row.blocks.iter().enumerate() {
-        let n = bs.min(row.seen.saturating_sub(b * bs));
-        if n == 0 {
-            break;
-        }
-        let base = layout.offset(block, kv_head, 0);
-        let keys = &k[base..base + n * d];
-        let done = scores.len();
-        simd::scores(query, keys, d, scale, scores);
-        max = scores[done..].iter().fold(max, |m, &s| m.max(s));
+    for (block, slot, n) in spans(row, bs, from) {
+        let base = layout.offset(block, kv_head, slot);
+        simd::scores(query, &k[base..base + n * d], d, scoring.scale, scores);
     }
+    scoring.cap(scores);
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
     let total = simd::exp_sum(scores, max);
     let inv = 1.0 / total;
     out.fill(0.0);
-    for (b, &block) in row.blocks.iter().enumerate() {
-        let n = bs.min(row.seen.saturating_sub(b * bs));
-        if n == 0 {
-            break;
-        }
-        let base = layout.offset(block, kv_head, 0);
-        let probs = &scores[b * bs..b * bs + n];
+    let mut done = 0;
+    for (block, slot, n) in spans(row, bs, from) {
+        let base = layout.offset(block, kv_head, slot);
+        let probs = &scores[done..done + n];
+        done += n;
         for (value, &p) in v[base..base + n * d].chunks_exact(d).zip(probs) {
             let w = p * inv;
             for (o, &x) in out.iter_mut().zip(value) {
@@ -175,7 +218,7 @@ pub fn paged_attention_reference(
     k: &[f32],
     v: &[f32],
     layout: PagedLayout,
-    scale: f32,
+    scoring: Scoring,
 ) -> candle_core::Result<Vec<f32>> {
     use candle_core::{Device, Tensor};
     let d = layout.head_dim;
@@ -183,8 +226,10 @@ pub fn paged_attention_reference(
     let mut out = Vec::with_capacity(q.len());
     for (r, row) in rows.iter().enumerate() {
         for h in 0..heads {
+            let from = scoring.first(row.seen);
+            let seen = row.seen - from;
             let gather = |src: &[f32]| -> Vec<f32> {
-                (0..row.seen)
+                (from..row.seen)
                     .flat_map(|p| {
                         let at = layout.offset(
                             row.blocks[p / layout.block_size],
@@ -195,11 +240,14 @@ pub fn paged_attention_reference(
                     })
                     .collect()
             };
-            let keys = Tensor::from_vec(gather(k), (row.seen, d), &Device::Cpu)?;
-            let values = Tensor::from_vec(gather(v), (row.seen, d), &Device::Cpu)?;
+            let keys = Tensor::from_vec(gather(k), (seen, d), &Device::Cpu)?;
+            let values = Tensor::from_vec(gather(v), (seen, d), &Device::Cpu)?;
             let at = (r * heads + h) * d;
             let query = Tensor::from_slice(&q[at..at + d], (1, d), &Device::Cpu)?;
-            let scores = (query.matmul(&keys.t()?)? * f64::from(scale))?;
+            let mut scores = (query.matmul(&keys.t()?)? * f64::from(scoring.scale))?;
+            if let Some(cap) = scoring.softcap {
+                scores = ((scores / f64::from(cap))?.tanh()? * f64::from(cap))?;
+            }
             let probs = candle_core::Tensor::exp(&scores.broadcast_sub(&scores.max_keepdim(1)?)?)?;
             let probs = probs.broadcast_div(&probs.sum_keepdim(1)?)?;
             out.extend(probs.matmul(&values)?.flatten_all()?.to_vec1::<f32>()?);
@@ -245,13 +293,30 @@ mod tests {
                 .map(|_| rng.random_range(-2.0..2.0))
                 .collect();
             let scale = 1.0 / (d as f32).sqrt();
-            let got = paged_attention(&q, heads, &rows, &k, &v, layout, scale);
-            let want = paged_attention_reference(&q, heads, &rows, &k, &v, layout, scale).unwrap();
-            for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() < 1e-5,
-                    "{heads}/{kv_heads}x{d} bs {bs}: {g} vs {w}"
-                );
+            // Plain, soft-capped (tight enough to bite), and windows that
+            // end inside a block, on a boundary, and cover everything.
+            let capped = |softcap, window| Scoring {
+                scale,
+                softcap,
+                window,
+            };
+            for scoring in [
+                Scoring::scaled(scale),
+                capped(Some(0.5), None),
+                capped(None, Some(3)),
+                capped(None, Some(bs)),
+                capped(Some(2.0), Some(2 * bs + 1)),
+                capped(None, Some(10_000)),
+            ] {
+                let got = paged_attention(&q, heads, &rows, &k, &v, layout, scoring);
+                let want =
+                    paged_attention_reference(&q, heads, &rows, &k, &v, layout, scoring).unwrap();
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{heads}/{kv_heads}x{d} bs {bs} {scoring:?}: {g} vs {w}"
+                    );
+                }
             }
         }
     }
@@ -277,9 +342,15 @@ mod tests {
         let q: Vec<f32> = (0..rows.len() * 4 * 16)
             .map(|_| rng.random_range(-2.0..2.0))
             .collect();
-        let all = paged_attention(&q, 4, &rows, &k, &v, layout, 0.25);
+        let scoring = Scoring {
+            scale: 0.25,
+            softcap: Some(3.0),
+            window: Some(5),
+        };
+        let all = paged_attention(&q, 4, &rows, &k, &v, layout, scoring);
         for (r, row) in rows.iter().enumerate() {
-            let alone = paged_attention(&q[r * 64..(r + 1) * 64], 4, &[*row], &k, &v, layout, 0.25);
+            let alone =
+                paged_attention(&q[r * 64..(r + 1) * 64], 4, &[*row], &k, &v, layout, scoring);
             assert_eq!(alone, all[r * 64..(r + 1) * 64]);
         }
     }

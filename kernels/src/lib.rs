@@ -26,7 +26,7 @@ pub mod quant;
 pub mod rope;
 pub mod silu_mul;
 
-pub use attention::{paged_attention, PagedLayout, QueryRow};
+pub use attention::{paged_attention, PagedLayout, QueryRow, Scoring};
 pub use cpu::{configure_cpu, cpu_features, CpuFeatures, CpuFeaturesFixed};
 pub use dense::{dense_isa, DenseIsa, DenseMatrix, DenseScratch, Epilogue};
 pub use encoder_attention::{encoder_attention, encoder_attention_into};

@@ -176,6 +176,25 @@ impl GgufFile {
         self.typed(key, |v| v.to_f32())
     }
 
+    /// An optional float value.
+    pub fn opt_f32(&self, key: &str) -> Result<Option<f32>> {
+        if self.has(key) {
+            self.f32(key).map(Some)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Whether a key holds an array.
+    pub fn is_array(&self, key: &str) -> bool {
+        matches!(self.content.metadata.get(key), Some(Value::Array(_)))
+    }
+
+    /// An array of booleans.
+    pub fn bools(&self, key: &str) -> Result<Vec<bool>> {
+        self.typed(key, |v| v.to_vec()?.iter().map(|x| x.to_bool()).collect())
+    }
+
     /// A boolean value.
     pub fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
         if self.has(key) {

@@ -1,7 +1,11 @@
-//! Rewrites a Llama-architecture GGUF as Qwen2, Qwen3 or Phi-3 of the same
-//! shape, adding what those architectures have beyond Llama (Qwen2: q/k/v
-//! biases; Qwen3: per-head q/k RMS norms) as seeded pseudo-random values,
-//! or fusing projections as Phi-3 stores them. The
+//! Rewrites a Llama-architecture GGUF as Qwen2, Qwen3, Phi-3, Gemma 2 or
+//! Gemma 3 of the same shape, adding what those architectures have beyond
+//! Llama (Qwen2: q/k/v biases; Qwen3: per-head q/k RMS norms; Gemma: norms
+//! after attention and after the MLP, and Gemma 3's q/k norms) as seeded
+//! pseudo-random values, or fusing projections as Phi-3 stores them. Gemma
+//! files get sliding windows short enough to bite on short prompts, soft
+//! caps that bite (Gemma 2) and a local RoPE base beside a scaled global
+//! one (Gemma 3). The
 //! known-answer tests run such files in Kindling and in llama.cpp: the same
 //! bytes through both sides' Qwen code paths (NeoX-style rotation, biases,
 //! norms), with no Qwen weights to download. The output is the same bytes
@@ -22,7 +26,7 @@ use crate::requantize::{open, read_all, write_file};
 /// What [`retarget`] writes: three architectures, and `spm` (the same
 /// model with its byte-level vocabulary recast as a SentencePiece one: the
 /// fixture of the SentencePiece tokenizer's parity tests).
-pub const TARGETS: [&str; 4] = ["qwen2", "qwen3", "phi3", "spm"];
+pub const TARGETS: [&str; 6] = ["qwen2", "qwen3", "phi3", "gemma2", "gemma3", "spm"];
 
 /// A small deterministic generator (SplitMix64), so fixtures do not depend
 /// on a random-number crate's version.
@@ -82,15 +86,29 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
     }
     let head_dim = (hidden / heads) as usize;
     let mut metadata = metadata_for(&content, arch);
-    if arch == "qwen3" {
-        metadata.push((
-            format!("{arch}.attention.key_length"),
-            Value::U32(head_dim as u32),
-        ));
-        metadata.push((
-            format!("{arch}.attention.value_length"),
-            Value::U32(head_dim as u32),
-        ));
+    let mut set = |k: &str, v: Value| {
+        metadata.retain(|(name, _)| name != &format!("{arch}.{k}"));
+        metadata.push((format!("{arch}.{k}"), v));
+    };
+    if arch != "qwen2" {
+        set("attention.key_length", Value::U32(head_dim as u32));
+        set("attention.value_length", Value::U32(head_dim as u32));
+    }
+    match arch {
+        "gemma2" => {
+            set("attention.sliding_window", Value::U32(8));
+            set("attn_logit_softcapping", Value::F32(10.0));
+            set("final_logit_softcapping", Value::F32(15.0));
+        }
+        "gemma3" => {
+            set("attention.sliding_window", Value::U32(8));
+            set("attention.sliding_window_pattern", Value::U32(3));
+            set("rope.freq_base", Value::F32(1_000_000.0));
+            set("rope.freq_base_swa", Value::F32(10_000.0));
+            set("rope.scaling.type", Value::String("linear".into()));
+            set("rope.scaling.factor", Value::F32(8.0));
+        }
+        _ => {}
     }
     metadata.sort_by(|a, b| a.0.cmp(&b.0));
 
@@ -107,9 +125,15 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
             ] {
                 added.push((blk(part), rng.tensor(n, 0.0, 0.1)?));
             }
-        } else {
+        }
+        if matches!(arch, "qwen3" | "gemma3") {
             for part in ["attn_q_norm.weight", "attn_k_norm.weight"] {
                 added.push((blk(part), rng.tensor(head_dim, 1.0, 0.2)?));
+            }
+        }
+        if arch.starts_with("gemma") {
+            for part in ["post_attention_norm.weight", "post_ffw_norm.weight"] {
+                added.push((blk(part), rng.tensor(hidden as usize, 1.0, 0.2)?));
             }
         }
     }

@@ -253,6 +253,26 @@ fn phi3_architecture_follows_llama_cpp() {
     });
 }
 
+/// Gemma 2: GELU gating, a scaled embedding, norms after attention and
+/// after the MLP, soft-capped attention scores and logits, and every other
+/// layer attending to a sliding window (eight positions here, so it bites).
+#[test]
+fn gemma2_architecture_follows_llama_cpp() {
+    fixture_follows_llama_cpp("llama_cpp_reference.gemma2.json", |path| {
+        retarget(&common::demo_gguf(), path, "gemma2").unwrap()
+    });
+}
+
+/// Gemma 3: Gemma 2's shape without the soft caps, with q/k norms, and
+/// sliding layers (two of every three here) that rotate with a local base
+/// while the global layers' RoPE is scaled.
+#[test]
+fn gemma3_architecture_follows_llama_cpp() {
+    fixture_follows_llama_cpp("llama_cpp_reference.gemma3.json", |path| {
+        retarget(&common::demo_gguf(), path, "gemma3").unwrap()
+    });
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

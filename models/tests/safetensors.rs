@@ -1,7 +1,8 @@
 //! The safetensors path: the demo GGUF converted to a Hugging Face folder
 //! (dequantized weights, `config.json`, `tokenizer.json` built from the GGUF
-//! vocabulary) computes what the GGUF computes; tiny random-weight Qwen2-
-//! and Llama-style models load from f32, f16, bf16 and sharded checkpoints.
+//! vocabulary) computes what the GGUF computes, and so do the Gemma
+//! fixtures; tiny random-weight Qwen2- and Llama-style models load from
+//! f32, f16, bf16 and sharded checkpoints.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -59,6 +60,47 @@ fn converted_demo_agrees_with_the_gguf() {
     }
     assert!(clear >= 8, "only {clear} of 24 steps are clear");
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Gemma 2 and 3 from Hugging Face folders: the known-answer fixtures (the
+/// demo's weights as Gemma, checked against llama.cpp by `known_answer`)
+/// converted to Gemma's checkpoint layout — its names, norm weights stored
+/// as offsets from one, its config fields — compute what the GGUFs compute.
+#[test]
+fn converted_gemma_fixtures_agree_with_their_ggufs() {
+    for arch in ["gemma2", "gemma3"] {
+        let dir = scratch_dir(&format!("{arch}-hf"));
+        let gguf_path = dir.join("fixture.gguf");
+        kindling_models::retarget::retarget(&common::demo_gguf(), &gguf_path, arch).unwrap();
+        let hf_dir = dir.join("hf");
+        std::fs::create_dir_all(&hf_dir).unwrap();
+        gguf_to_hf(&gguf_path, &hf_dir, DType::F32, 1);
+        let gguf = TextModel::load(&gguf_path, Some(256)).unwrap();
+        let hf = TextModel::load(&hf_dir, Some(256)).unwrap();
+        assert_eq!(hf.config().variant, {
+            let mut v = gguf.config().variant.clone();
+            v.norm_offset = true;
+            v.query_scale = Some(1.0 / (gguf.config().head_dim as f32).sqrt());
+            v
+        });
+        // A prompt longer than the fixtures' eight-position window.
+        let prompt = chat_prompt(&gguf, "Name three rivers of Europe and where they meet the sea.");
+        assert!(prompt.len() > 16);
+        let (mut kv_g, mut kv_h) = (pool(&gguf, 128), pool(&hf, 128));
+        let (mut sg, mut sh) = (Seq::default(), Seq::default());
+        let (mut lg, mut lh) = (
+            sg.feed(&gguf, &mut kv_g, &prompt),
+            sh.feed(&hf, &mut kv_h, &prompt),
+        );
+        for step in 0..8 {
+            let c = cosine(&lg, &lh);
+            assert!(c > 0.99, "{arch} step {step}: cosine {c}");
+            let t = argmax(&lg);
+            lg = sg.feed(&gguf, &mut kv_g, &[t]);
+            lh = sh.feed(&hf, &mut kv_h, &[t]);
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }
 
 fn tiny_config(model_type: &str) -> serde_json::Value {

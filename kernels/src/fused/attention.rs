@@ -356,7 +356,8 @@ fn attention_cpu<T: Float>(
         );
     }
     let query_rows = query_rows(meta, meta_stride, rows, s, keys.len())?;
-    let out = crate::paged_attention(&q, s.heads, &query_rows, keys, values, s.layout(), op.scale);
+    let scoring = crate::Scoring::scaled(op.scale);
+    let out = crate::paged_attention(&q, s.heads, &query_rows, keys, values, s.layout(), scoring);
     Ok((
         T::to_cpu_storage_owned(super::narrow(&out)),
         Shape::from((rows, q_len)),

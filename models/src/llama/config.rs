@@ -1,10 +1,12 @@
 //! Hyper-parameters of the Llama family, read from GGUF metadata or from a
-//! Hugging Face `config.json` (Llama, SmolLM2, Mistral, Qwen2).
+//! Hugging Face `config.json` (Llama, SmolLM2, Mistral, Qwen2/3, Gemma 2/3).
 
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
+
+use super::variant::Variant;
 
 /// How rotary frequencies are stretched for long contexts.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,8 +31,12 @@ pub enum RopeScaling {
 
 /// The `general.architecture` values read from GGUF files: Llama (and
 /// Mistral, which llama.cpp writes as `llama`), Qwen2/2.5 (q/k/v biases),
-/// Qwen3 (per-head q/k norms) and Phi-3 (fused q/k/v and gate/up).
-pub const GGUF_ARCHITECTURES: [&str; 4] = ["llama", "qwen2", "qwen3", "phi3"];
+/// Qwen3 (per-head q/k norms), Phi-3 (fused q/k/v and gate/up) and Gemma
+/// 2 and 3 (see [`Variant`]).
+pub const GGUF_ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
+
+/// The `model_type` values read from Hugging Face folders.
+const HF_MODEL_TYPES: [&str; 6] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"];
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone)]
@@ -63,6 +69,8 @@ pub struct LlamaConfig {
     pub trained_context: usize,
     /// Whether the output projection reuses the token-embedding table.
     pub tie_embeddings: bool,
+    /// What the architecture does differently from Llama.
+    pub variant: Variant,
 }
 
 impl LlamaConfig {
@@ -113,13 +121,14 @@ impl LlamaConfig {
         } else {
             None
         };
+        let layers = gguf.u32(&key("block_count"))? as usize;
         let cfg = Self {
             vocab_size,
             hidden_size,
             intermediate_size: gguf
                 .opt_u32(&key("feed_forward_length"))?
                 .map_or(4 * hidden_size, |v| v as usize),
-            layers: gguf.u32(&key("block_count"))? as usize,
+            layers,
             heads,
             kv_heads,
             head_dim,
@@ -131,6 +140,7 @@ impl LlamaConfig {
             rms_eps: f64::from(gguf.f32(&key("attention.layer_norm_rms_epsilon"))?),
             trained_context: gguf.u32(&key("context_length"))? as usize,
             tie_embeddings: !gguf.has_tensor("output.weight"),
+            variant: Variant::from_gguf(gguf, &arch, layers, hidden_size, heads)?,
         };
         cfg.check(&key("attention.head_count_kv"))
     }
@@ -143,9 +153,10 @@ impl LlamaConfig {
         };
         let hf: HfConfig = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
         let model_type = hf.model_type.clone().unwrap_or_default();
-        if !matches!(model_type.as_str(), "llama" | "mistral" | "qwen2" | "qwen3") {
+        if !HF_MODEL_TYPES.contains(&model_type.as_str()) {
             return Err(ModelError::UnsupportedArchitecture(format!(
-                "{model_type} (llama, mistral, qwen2 and qwen3 are supported)"
+                "{model_type} (supported: {})",
+                HF_MODEL_TYPES.join(", ")
             )));
         }
         let heads = hf.num_attention_heads;
@@ -175,6 +186,7 @@ impl LlamaConfig {
             rms_eps: hf.rms_norm_eps,
             trained_context,
             tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
+            variant: Variant::from_hf_json(json, &model_type, hf.num_hidden_layers)?,
         };
         cfg.check("config.json")
     }
@@ -188,6 +200,18 @@ impl LlamaConfig {
             });
         }
         Ok(self)
+    }
+
+    /// The rotary frequencies of sliding-window layers, where they have a
+    /// base of their own (unscaled).
+    pub fn local_inv_freq(&self) -> Option<Vec<f32>> {
+        let theta = self.variant.sliding.as_ref()?.rope_theta?;
+        let local = Self {
+            rope_theta: theta,
+            rope_scaling: None,
+            ..self.clone()
+        };
+        Some(local.inv_freq())
     }
 
     /// Inverse wavelengths of the rotary frequencies (`head_dim / 2`).

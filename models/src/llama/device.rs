@@ -74,6 +74,13 @@ impl DeviceLlama {
                 "{dtype:?} weights and activations (use bf16, f16 or f32)"
             )));
         }
+        if cfg.variant != super::Variant::default() {
+            return Err(ModelError::UnsupportedArchitecture(
+                "Gemma's soft caps, sliding windows and extra norms on a GPU: \
+                 serve this model on the CPU"
+                    .into(),
+            ));
+        }
         if src.contains(&src.block_name(0, Part::QNorm, false)) {
             return Err(ModelError::UnsupportedArchitecture(
                 "q/k norms (Qwen3) on a GPU: serve this model on the CPU".into(),

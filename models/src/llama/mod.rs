@@ -1,5 +1,6 @@
-//! The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2) from GGUF or
-//! Hugging Face safetensors weights, with a batched forward pass.
+//! The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma 2/3)
+//! from GGUF or Hugging Face safetensors weights, with a batched forward
+//! pass.
 //!
 //! The model holds only weights. Keys and values live in a paged
 //! [`KvCache`] owned by the caller, and one forward pass runs any mix of
@@ -9,15 +10,17 @@
 
 mod config;
 mod device;
+mod variant;
 mod weights;
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::Embedding;
-use kindling_kernels::{paged_attention, QueryRow, RopeTables};
+use kindling_kernels::{paged_attention, QueryRow, RopeTables, Scoring};
 
 pub use config::{LlamaConfig, RopeScaling};
+pub use variant::{Activation, SlidingWindow, Variant};
 pub use device::DeviceLlama;
 pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
@@ -63,7 +66,11 @@ struct Block {
     k: Projection,
     v: Projection,
     o: Projection,
+    /// Gemma's norm of the attention output.
+    post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
+    /// Gemma's norm of the MLP output.
+    post_ffn_norm: Option<RmsNorm>,
     gate: Projection,
     up: Projection,
     down: Projection,
@@ -90,6 +97,8 @@ pub struct Llama {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RopeTables,
+    /// Sliding-window layers' tables, where their base is their own.
+    local_rope: Option<RopeTables>,
     max_positions: usize,
 }
 
@@ -105,7 +114,8 @@ impl Llama {
     pub fn from_safetensors(dir: &Path, max_positions: usize) -> Result<Self> {
         let cfg = hf_config(dir)?;
         let inv_freq = cfg.inv_freq();
-        Self::build(cfg, &mut Safetensors::open(dir)?, max_positions, &inv_freq)
+        let mut files = Safetensors::open(dir, cfg.variant.norm_offset)?;
+        Self::build(cfg, &mut files, max_positions, &inv_freq)
     }
 
     fn build(
@@ -125,9 +135,12 @@ impl Llama {
         let eps = cfg.rms_eps as f32;
         let norm = |src: &mut dyn Source, name: String| -> Result<RmsNorm> {
             Ok(RmsNorm {
-                weight: src.dense(&name)?,
+                weight: src.norm(&name)?,
                 eps,
             })
+        };
+        let opt_norm = |src: &mut dyn Source, name: String| -> Result<Option<RmsNorm>> {
+            src.contains(&name).then(|| norm(src, name)).transpose()
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
@@ -187,6 +200,12 @@ impl Llama {
             } else {
                 None
             };
+            let post_names = (
+                src.block_name(i, Part::PostAttnNorm, false),
+                src.block_name(i, Part::PostFfnNorm, false),
+            );
+            let post_attn_norm = opt_norm(src, post_names.0)?;
+            let post_ffn_norm = opt_norm(src, post_names.1)?;
             blocks.push(Block {
                 attn_norm: norm(src, names.0)?,
                 qk_norm,
@@ -194,7 +213,9 @@ impl Llama {
                 k,
                 v,
                 o,
+                post_attn_norm,
                 ffn_norm: norm(src, names.1)?,
+                post_ffn_norm,
                 gate,
                 up,
                 down,
@@ -205,6 +226,9 @@ impl Llama {
         Ok(Self {
             embed: Embedding::new(table, cfg.hidden_size),
             rope: RopeTables::new(inv_freq, max_positions),
+            local_rope: cfg
+                .local_inv_freq()
+                .map(|f| RopeTables::new(&f, max_positions)),
             cfg,
             blocks,
             norm: final_norm,
@@ -266,20 +290,31 @@ impl Llama {
             return Ok(Vec::new());
         }
         let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
+        let variant = &self.cfg.variant;
         let mut x = self.embed.forward(&ids)?;
+        if let Some(s) = variant.embed_scale {
+            x = (x * f64::from(s))?;
+        }
         let step = Step {
             positions: &positions,
             tables: &tables,
             rows: &rows,
         };
+        let post = |norm: &Option<RmsNorm>, y: Tensor| match norm {
+            Some(n) => n.forward(&y),
+            None => Ok(y),
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(&x)?;
             let attn = self.attention(block, layer, &h, &step, cache)?;
-            x = (attn + &x)?;
+            x = (post(&block.post_attn_norm, attn)? + &x)?;
             let h = block.ffn_norm.forward(&x)?;
-            let gated =
-                kindling_kernels::silu_mul(&block.gate.forward(&h)?, &block.up.forward(&h)?)?;
-            x = (block.down.forward(&gated)? + &x)?;
+            let (gate, up) = (block.gate.forward(&h)?, block.up.forward(&h)?);
+            let gated = match variant.activation {
+                Activation::Silu => kindling_kernels::silu_mul(&gate, &up)?,
+                Activation::GeluTanh => (gate.gelu()? * up)?,
+            };
+            x = (post(&block.post_ffn_norm, block.down.forward(&gated)?)? + &x)?;
         }
         if wanted.is_empty() {
             return Ok(Vec::new());
@@ -287,7 +322,13 @@ impl Llama {
         let n = wanted.len();
         let last = x.index_select(&Tensor::from_vec(wanted, n, &Device::Cpu)?, 0)?;
         let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
-        Ok(logits.to_dtype(DType::F32)?.to_vec2()?)
+        let mut logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
+        if let Some(cap) = variant.final_softcap {
+            for l in logits.iter_mut().flatten() {
+                *l = cap * (*l / cap).tanh();
+            }
+        }
+        Ok(logits)
     }
 
     fn attention(
@@ -316,12 +357,28 @@ impl Llama {
         let mut q = rows(&block.q, qn)?;
         let mut k = rows(&block.k, kn)?;
         let v = rows(&block.v, None)?;
-        self.rope.apply(&mut q, step.positions, interleaved);
-        self.rope.apply(&mut k, step.positions, interleaved);
+        let variant = &self.cfg.variant;
+        let window = variant
+            .sliding
+            .as_ref()
+            .filter(|s| s.slides(layer))
+            .map(|s| s.window);
+        let rope = match (&self.local_rope, window) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        };
+        rope.apply(&mut q, step.positions, interleaved);
+        rope.apply(&mut k, step.positions, interleaved);
         cache.write(layer, step.tables, step.positions, &k, &v)?;
         let (keys, values) = cache.layer(layer);
-        let scale = 1.0 / (hd as f32).sqrt();
-        let y = paged_attention(&q, nh, step.rows, keys, values, cache.layout(), scale);
+        let scoring = Scoring {
+            scale: variant
+                .query_scale
+                .unwrap_or_else(|| 1.0 / (hd as f32).sqrt()),
+            softcap: variant.attn_softcap,
+            window,
+        };
+        let y = paged_attention(&q, nh, step.rows, keys, values, cache.layout(), scoring);
         let y = Tensor::from_vec(y, (step.positions.len(), nh * hd), &Device::Cpu)?;
         block.o.forward(&y)
     }
@@ -351,7 +408,7 @@ impl DeviceLlama {
         let cfg = hf_config(dir)?;
         let inv_freq = cfg.inv_freq();
         let max_positions = max_positions.min(cfg.trained_context).max(1);
-        let mut files = Safetensors::open(dir)?;
+        let mut files = Safetensors::open(dir, cfg.variant.norm_offset)?;
         Self::build(cfg, &mut files, max_positions, &inv_freq, device, dtype)
     }
 }

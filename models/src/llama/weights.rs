@@ -67,7 +67,11 @@ pub(crate) enum Part {
     K,
     V,
     O,
+    /// Gemma's norm of the attention output, before the residual add.
+    PostAttnNorm,
     FfnNorm,
+    /// Gemma's norm of the MLP output, before the residual add.
+    PostFfnNorm,
     Gate,
     Up,
     Down,
@@ -95,6 +99,10 @@ pub(crate) trait Source {
     fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>>;
     /// A tensor as f32 (norms, biases).
     fn dense(&mut self, name: &str) -> Result<Tensor>;
+    /// A norm's weights as f32, as they multiply.
+    fn norm(&mut self, name: &str) -> Result<Tensor> {
+        self.dense(name)
+    }
     /// The token-embedding table as f32, read once; with `tied`, also the
     /// output projection that reuses it (kept quantized where it is).
     fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)>;
@@ -120,7 +128,9 @@ impl Source for GgufFile {
             Part::K => "attn_k",
             Part::V => "attn_v",
             Part::O => "attn_output",
+            Part::PostAttnNorm => "post_attention_norm",
             Part::FfnNorm => "ffn_norm",
+            Part::PostFfnNorm => "post_ffw_norm",
             Part::Gate => "ffn_gate",
             Part::Up => "ffn_up",
             Part::Down => "ffn_down",
@@ -193,14 +203,21 @@ impl Source for GgufFile {
 pub(crate) struct Safetensors {
     files: MmapedSafetensors,
     names: HashSet<String>,
+    /// Gemma's names, and norm weights stored as offsets from one.
+    gemma: bool,
 }
 
 impl Safetensors {
     /// Opens the weights in `dir`: the files `model.safetensors.index.json`
-    /// names, else every `*.safetensors` file.
-    pub(crate) fn open(dir: &Path) -> Result<Self> {
+    /// names, else every `*.safetensors` file. `gemma`: the folder holds a
+    /// Gemma checkpoint.
+    pub(crate) fn open(dir: &Path, gemma: bool) -> Result<Self> {
         let (files, names) = map_folder(dir)?;
-        Ok(Self { files, names })
+        Ok(Self {
+            files,
+            names,
+            gemma,
+        })
     }
 }
 
@@ -291,7 +308,10 @@ impl Source for Safetensors {
             Part::K => "self_attn.k_proj",
             Part::V => "self_attn.v_proj",
             Part::O => "self_attn.o_proj",
+            Part::PostAttnNorm => "post_attention_layernorm",
+            Part::FfnNorm if self.gemma => "pre_feedforward_layernorm",
             Part::FfnNorm => "post_attention_layernorm",
+            Part::PostFfnNorm => "post_feedforward_layernorm",
             Part::Gate => "mlp.gate_proj",
             Part::Up => "mlp.up_proj",
             Part::Down => "mlp.down_proj",
@@ -336,6 +356,11 @@ impl Source for Safetensors {
         // f16/bf16 checkpoints are widened to f32: candle's CPU matmul is far
         // faster in f32, and the results match the f32 reference.
         Ok(self.files.load(name, &Device::Cpu)?.to_dtype(DType::F32)?)
+    }
+
+    fn norm(&mut self, name: &str) -> Result<Tensor> {
+        let w = self.dense(name)?;
+        Ok(if self.gemma { (w + 1.0)? } else { w })
     }
 
     fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)> {

@@ -22,8 +22,8 @@ pub fn scratch_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// The Hugging Face name of a GGUF tensor.
-fn hf_name(gguf: &str) -> Option<String> {
+/// The Hugging Face name of a GGUF tensor (`gemma`: Gemma's names).
+fn hf_name(gguf: &str, gemma: bool) -> Option<String> {
     let fixed = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -42,7 +42,12 @@ fn hf_name(gguf: &str) -> Option<String> {
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
         "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "post_attention_norm" => "post_attention_layernorm",
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_ffw_norm" => "post_feedforward_layernorm",
         "ffn_gate" => "mlp.gate_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
@@ -95,12 +100,15 @@ pub fn write_weights(dir: &Path, tensors: HashMap<String, Tensor>, dtype: DType,
     }
 }
 
-/// Converts the GGUF at `gguf_path` into a Hugging Face folder at `out`.
+/// Converts the GGUF at `gguf_path` (Llama, Gemma 2 or Gemma 3) into a
+/// Hugging Face folder at `out`.
 pub fn gguf_to_hf(gguf_path: &Path, out: &Path, dtype: DType, shards: usize) {
     let mut gguf = GgufFile::open(gguf_path).unwrap();
     let cfg = LlamaConfig::from_gguf(&gguf).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
-    let config = json!({
+    let arch = gguf.string("general.architecture").unwrap();
+    let gemma = arch.starts_with("gemma");
+    let mut config = json!({
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
@@ -116,16 +124,26 @@ pub fn gguf_to_hf(gguf_path: &Path, out: &Path, dtype: DType, shards: usize) {
         "tie_word_embeddings": cfg.tie_embeddings,
         "torch_dtype": format!("{dtype:?}").to_lowercase(),
     });
+    if gemma {
+        gemma_config(&mut config, &cfg, &arch);
+    }
     std::fs::write(out.join("config.json"), config.to_string()).unwrap();
     let mut tensors = HashMap::new();
     for name in gguf.tensor_names() {
-        let Some(hf) = hf_name(&name) else { continue };
+        let Some(hf) = hf_name(&name, gemma) else {
+            continue;
+        };
         let mut w = gguf
             .tensor(&name, &Device::Cpu)
             .unwrap()
             .dequantize(&Device::Cpu)
             .unwrap();
-        if name.ends_with("attn_q.weight") {
+        if gemma && name.ends_with("norm.weight") {
+            // Gemma's checkpoints store norm weights as offsets from one.
+            w = (w - 1.0).unwrap();
+        } else if gemma {
+            // Gemma's GGUF q/k rows are as trained (NeoX-style halves).
+        } else if name.ends_with("attn_q.weight") {
             w = unpermute(&w, cfg.heads);
         } else if name.ends_with("attn_k.weight") {
             w = unpermute(&w, cfg.kv_heads);
@@ -142,6 +160,32 @@ pub fn gguf_to_hf(gguf_path: &Path, out: &Path, dtype: DType, shards: usize) {
         "chat_template": template,
     });
     std::fs::write(out.join("tokenizer_config.json"), tok_config.to_string()).unwrap();
+}
+
+/// Gemma's fields of a Hugging Face `config.json`, from what Kindling read
+/// in the GGUF. Gemma 2 leaves its layer pattern to the default.
+fn gemma_config(config: &mut serde_json::Value, cfg: &LlamaConfig, arch: &str) {
+    let v = &cfg.variant;
+    let sliding = v.sliding.as_ref().unwrap();
+    let gemma3 = arch == "gemma3";
+    config["model_type"] = json!(if gemma3 { "gemma3_text" } else { "gemma2" });
+    config["hidden_activation"] = json!("gelu_pytorch_tanh");
+    config["query_pre_attn_scalar"] = json!(cfg.head_dim);
+    config["sliding_window"] = json!(sliding.window);
+    config["attn_logit_softcapping"] = json!(v.attn_softcap);
+    config["final_logit_softcapping"] = json!(v.final_softcap);
+    if gemma3 {
+        let types: Vec<&str> = sliding
+            .layers
+            .iter()
+            .map(|&s| if s { "sliding_attention" } else { "full_attention" })
+            .collect();
+        config["layer_types"] = json!(types);
+        config["rope_local_base_freq"] = json!(sliding.rope_theta);
+        if let Some(kindling_models::llama::RopeScaling::Linear { factor }) = cfg.rope_scaling {
+            config["rope_scaling"] = json!({"rope_type": "linear", "factor": factor});
+        }
+    }
 }
 
 /// Writes a random-weight model for the Hugging Face `config` (a JSON
