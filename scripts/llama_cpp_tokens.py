@@ -8,7 +8,8 @@ templates need). BOS is added where the file asks for it.
 
 For the demo model: tests/data/llama_cpp_tokens.json. For its vocabulary
 recast as SentencePiece (`target/release/retarget SRC /tmp/spm.gguf spm`):
-tests/data/llama_cpp_tokens.spm.json.
+tests/data/llama_cpp_tokens.spm.json; without the space prefix (`spm-no-prefix`,
+as Gemma's vocabularies are): tests/data/llama_cpp_tokens.spm-no-prefix.json.
 """
 import hashlib
 import json

@@ -23,10 +23,20 @@ use candle_core::{Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::requantize::{open, read_all, write_file};
 
-/// What [`retarget`] writes: three architectures, and `spm` (the same
-/// model with its byte-level vocabulary recast as a SentencePiece one: the
-/// fixture of the SentencePiece tokenizer's parity tests).
-pub const TARGETS: [&str; 6] = ["qwen2", "qwen3", "phi3", "gemma2", "gemma3", "spm"];
+/// What [`retarget`] writes: five architectures, `spm` (the same model
+/// with its byte-level vocabulary recast as a SentencePiece one: the
+/// fixture of the SentencePiece tokenizer's parity tests) and
+/// `spm-no-prefix` (the same without the space before the text, as
+/// Gemma's vocabularies are).
+pub const TARGETS: [&str; 7] = [
+    "qwen2",
+    "qwen3",
+    "phi3",
+    "gemma2",
+    "gemma3",
+    "spm",
+    "spm-no-prefix",
+];
 
 /// A small deterministic generator (SplitMix64), so fixtures do not depend
 /// on a random-number crate's version.
@@ -77,9 +87,9 @@ pub fn retarget(src: &Path, dst: &Path, arch: &str) -> Result<()> {
         let tensors = fuse_for_phi3(read_all(&mut reader, &content)?)?;
         return write_file(metadata_for(&content, arch), tensors, dst);
     }
-    if arch == "spm" {
+    if arch.starts_with("spm") {
         let mut metadata = content.metadata.clone();
-        sentencepiece_vocab(&mut metadata)?;
+        sentencepiece_vocab(&mut metadata, arch == "spm")?;
         let mut metadata: Vec<(String, Value)> = metadata.into_iter().collect();
         metadata.sort_by(|a, b| a.0.cmp(&b.0));
         return write(&mut reader, &content, metadata, Vec::new(), dst);
@@ -239,7 +249,10 @@ fn fuse_for_phi3(tensors: Vec<(String, QTensor)>) -> Result<Vec<(String, QTensor
 /// a piece or hold a character that is no piece (a newline, say) unused;
 /// special tokens stay. The vocabulary grows past
 /// the embedding table: a tokenizer fixture, not a model to run.
-fn sentencepiece_vocab(metadata: &mut std::collections::HashMap<String, Value>) -> Result<()> {
+fn sentencepiece_vocab(
+    metadata: &mut std::collections::HashMap<String, Value>,
+    space_prefix: bool,
+) -> Result<()> {
     let bad = |m: &str| ModelError::Metadata {
         key: "tokenizer.ggml.tokens".into(),
         message: m.into(),
@@ -315,7 +328,10 @@ fn sentencepiece_vocab(metadata: &mut std::collections::HashMap<String, Value>) 
     metadata.insert("tokenizer.ggml.tokens".into(), Value::Array(pieces));
     metadata.insert("tokenizer.ggml.token_type".into(), Value::Array(kinds));
     metadata.insert("tokenizer.ggml.scores".into(), Value::Array(scores));
-    metadata.insert("tokenizer.ggml.add_space_prefix".into(), Value::Bool(true));
+    metadata.insert(
+        "tokenizer.ggml.add_space_prefix".into(),
+        Value::Bool(space_prefix),
+    );
     metadata.remove("tokenizer.ggml.merges");
     metadata.remove("tokenizer.ggml.pre");
     Ok(())

@@ -44,18 +44,7 @@ fn byte_level_bpe_ids_match_llama_cpp() {
 
 #[test]
 fn sentencepiece_ids_match_llama_cpp() {
-    let reference = reference("llama_cpp_tokens.spm.json");
-    let dir = scratch_dir("spm-vocab");
-    let path = dir.join("spm.gguf");
-    retarget(&common::demo_gguf(), &path, "spm").unwrap();
-    let digest: String = Sha256::digest(std::fs::read(&path).unwrap())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    assert_eq!(digest, reference["sha256"], "regenerate the reference");
-    let gguf = GgufFile::open(&path).unwrap();
-    let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
-    check(&tokenizer, &reference);
+    let tokenizer = spm_fixture("spm", "llama_cpp_tokens.spm.json");
     // Pieces map back to their bytes: `▁` is a space, `<0xNN>` a byte.
     let ids = tokenizer.encode("naïve 🦀 code").unwrap();
     let bytes: Vec<u8> = ids
@@ -64,5 +53,36 @@ fn sentencepiece_ids_match_llama_cpp() {
         .collect();
     assert_eq!(String::from_utf8(bytes).unwrap(), " naïve 🦀 code");
     assert_eq!(tokenizer.decode(&ids).unwrap(), "naïve 🦀 code");
+}
+
+/// Gemma's vocabularies: SentencePiece without the space before the text.
+#[test]
+fn sentencepiece_without_a_space_prefix_matches_llama_cpp() {
+    let tokenizer = spm_fixture("spm-no-prefix", "llama_cpp_tokens.spm-no-prefix.json");
+    let ids = tokenizer.encode("naïve 🦀 code").unwrap();
+    let bytes: Vec<u8> = ids
+        .iter()
+        .flat_map(|&id| tokenizer.token_bytes(id).to_vec())
+        .collect();
+    assert_eq!(String::from_utf8(bytes).unwrap(), "naïve 🦀 code");
+    assert_eq!(tokenizer.decode(&ids).unwrap(), "naïve 🦀 code");
+}
+
+/// Writes the `target` vocabulary fixture, checks it is the file llama.cpp
+/// tokenized for `name` and holds its tokenizer to llama.cpp's ids.
+fn spm_fixture(target: &str, name: &str) -> Tokenizer {
+    let reference = reference(name);
+    let dir = scratch_dir(target);
+    let path = dir.join("spm.gguf");
+    retarget(&common::demo_gguf(), &path, target).unwrap();
+    let digest: String = Sha256::digest(std::fs::read(&path).unwrap())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(digest, reference["sha256"], "regenerate the reference");
+    let gguf = GgufFile::open(&path).unwrap();
+    let tokenizer = Tokenizer::from_gguf(&gguf).unwrap();
+    check(&tokenizer, &reference);
     let _ = std::fs::remove_dir_all(dir);
+    tokenizer
 }
