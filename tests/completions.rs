@@ -126,3 +126,45 @@ async fn streaming_completion_matches_non_streaming() {
         assert_eq!(usage[field], whole["usage"][field], "{field}");
     }
 }
+
+/// Prompt-lookup speculative decoding: on a prompt whose answer repeats
+/// text it holds, drafts are accepted (counted in `/metrics`), and the
+/// output — greedy or seeded sampling — is exactly what one token per pass
+/// gives.
+#[tokio::test]
+async fn prompt_lookup_keeps_the_output_and_reports_acceptance() {
+    let server = Server::start();
+    let prompt = "Copy the list.\nList: apples, pears, plums, cherries, grapes, figs, dates, limes, \
+                  lemons, melons.\nCopy: apples, pears,";
+    for sampling in [json!({"temperature": 0}), json!({"temperature": 0.9, "seed": 11})] {
+        let mut texts = Vec::new();
+        for lookup in [json!(false), json!(8), json!(true)] {
+            let mut body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 40,
+                                  "ignore_eos": true, "prompt_lookup": lookup});
+            body.as_object_mut()
+                .unwrap()
+                .extend(sampling.as_object().unwrap().clone());
+            let (status, _, b) = post(&server, "/v1/completions", &body).await;
+            assert_eq!(status, 200, "{b}");
+            assert_eq!(b["usage"]["completion_tokens"], 40);
+            texts.push(b["choices"][0]["text"].as_str().unwrap().to_string());
+        }
+        assert!(
+            texts.iter().all(|t| t == &texts[0]),
+            "{sampling}: {texts:?}"
+        );
+    }
+    let drafted = metric(&server, "kindling_spec_draft_tokens{model=\"smollm2-135m\"}").await;
+    let accepted = metric(&server, "kindling_spec_accepted_tokens{model=\"smollm2-135m\"}").await;
+    assert!(drafted > 0.0 && accepted > 0.0, "{drafted} drafted, {accepted} accepted");
+    let rate = metric(&server, "kindling_spec_acceptance_rate{model=\"smollm2-135m\"}").await;
+    assert!((rate - accepted / drafted).abs() < 1e-9);
+    assert!(metrics_text(&server)
+        .await
+        .contains("vllm:spec_decode_num_accepted_tokens{model_name=\"smollm2-135m\"}"));
+
+    let body = json!({"model": MODEL, "prompt": prompt, "prompt_lookup": 99});
+    let (status, _, b) = post(&server, "/v1/completions", &body).await;
+    assert_eq!(status, 400);
+    assert_eq!(error_of(&b)["param"], "prompt_lookup");
+}

@@ -244,7 +244,7 @@ fn run(args: &[String]) -> Res<()> {
                 tokens: p,
                 start: 0,
                 blocks: t.blocks(),
-                logits: true,
+                logits: 1,
             };
             model.forward(&[item], &mut kv)?;
         }
@@ -258,7 +258,7 @@ fn run(args: &[String]) -> Res<()> {
                     tokens: std::slice::from_ref(tok),
                     start: pos,
                     blocks: t.blocks(),
-                    logits: true,
+                    logits: 1,
                 })
                 .collect();
             let logits = model.forward(&items, kv)?;

@@ -78,7 +78,7 @@ fn eight_sequences_in_one_batch_match_their_solo_runs() {
                     tokens: &r.tokens[start..end],
                     start,
                     blocks: r.seq.table.blocks(),
-                    logits: end == r.tokens.len(),
+                    logits: usize::from(end == r.tokens.len()),
                 }
             })
             .collect();
@@ -158,7 +158,7 @@ fn a_batch_that_does_not_fit_its_blocks_is_an_error() {
         tokens: &tokens,
         start: 0,
         blocks: seq.table.blocks(),
-        logits: true,
+        logits: 1,
     };
     assert!(model.forward(&[item], &mut kv).is_err());
 }

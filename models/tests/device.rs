@@ -56,7 +56,7 @@ fn batched_run(model: &TextModel) -> Vec<Vec<f32>> {
                 tokens: &seqs[i].1[start..end],
                 start,
                 blocks: seqs[i].0.table.blocks(),
-                logits: end == seqs[i].1.len(),
+                logits: usize::from(end == seqs[i].1.len()),
             })
             .collect();
         let logits = model.forward(&batch, &mut kv).unwrap();

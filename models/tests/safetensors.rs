@@ -200,7 +200,7 @@ fn batched_greedy_matches_solo(model: &TextModel) {
                 tokens: &tokens[i][cached[i]..],
                 start: cached[i],
                 blocks: tables[i].blocks(),
-                logits: true,
+                logits: 1,
             })
             .collect();
         let logits = model.forward(&batch, &mut kv).unwrap();

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use kindling_models::tools::ToolFormat;
 
+use super::defaults::{check_defaults, GenerationDefaults};
 use super::units::KeepAlive;
 
 /// What a model is served for.
@@ -64,7 +65,8 @@ impl WeightFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Architecture {
-    /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Phi-3).
+    /// Llama-family decoders (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Phi-3,
+    /// Gemma 2/3).
     Llama,
     /// BERT-family encoders (BERT, RoBERTa, XLM-RoBERTa), for embeddings.
     Bert,
@@ -125,24 +127,6 @@ pub enum WeightSource {
         /// Expected SHA-256 per file, lowercase hex, where known.
         sha256: BTreeMap<String, String>,
     },
-}
-
-/// `[defaults]` in a manifest: sampling defaults for requests that leave them out.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct GenerationDefaults {
-    /// Tokens to generate when the request names no limit.
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature.
-    pub temperature: Option<f32>,
-    /// Nucleus sampling mass.
-    pub top_p: Option<f32>,
-    /// Top-k cut (0 = off).
-    pub top_k: Option<u32>,
-    /// Min-p cut (0 = off).
-    pub min_p: Option<f32>,
-    /// Repetition penalty (1 = off).
-    pub repetition_penalty: Option<f32>,
 }
 
 /// A float type for a model on a GPU.
@@ -561,39 +545,4 @@ fn check_image(d: &ImageDefaults) -> std::result::Result<(), String> {
 pub fn parse_size(size: &str) -> Option<(usize, usize)> {
     let (w, h) = size.split_once(['x', 'X'])?;
     Some((w.trim().parse().ok()?, h.trim().parse().ok()?))
-}
-
-fn check_defaults(d: &GenerationDefaults) -> std::result::Result<(), String> {
-    let check = |name: &str, v: Option<f32>, ok: fn(f32) -> bool, want: &str| match v {
-        Some(x) if !ok(x) => Err(format!("{name}: expected {want}, got {x}")),
-        _ => Ok(()),
-    };
-    check(
-        "temperature",
-        d.temperature,
-        |x| (0.0..=2.0).contains(&x),
-        "a number in [0, 2]",
-    )?;
-    check(
-        "top_p",
-        d.top_p,
-        |x| x > 0.0 && x <= 1.0,
-        "a number in (0, 1]",
-    )?;
-    check(
-        "min_p",
-        d.min_p,
-        |x| (0.0..=1.0).contains(&x),
-        "a number in [0, 1]",
-    )?;
-    check(
-        "repetition_penalty",
-        d.repetition_penalty,
-        |x| x > 0.0 && x <= 10.0,
-        "a number in (0, 10]",
-    )?;
-    if d.max_tokens == Some(0) {
-        return Err("max_tokens: expected at least 1".into());
-    }
-    Ok(())
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+mod defaults;
 mod devices;
 mod engine;
 mod env;
@@ -26,9 +27,9 @@ pub use engine::EngineConfig;
 pub use env::Environment;
 pub use manifest::{
     conflict, load_manifest, parse_size, scan_manifests, version_order, Architecture,
-    GenerationDefaults, ImageDefaults, ModelKind, ModelManifest, Precision, WeightFormat,
-    WeightSource,
+    ImageDefaults, ModelKind, ModelManifest, Precision, WeightFormat, WeightSource,
 };
+pub use defaults::{GenerationDefaults, MAX_PROMPT_LOOKUP};
 pub use routes::{check_route, GuardSpec, RouteSpec, ShadowSpec};
 pub use sleep::SleepConfig;
 pub use tenancy::{AuthConfig, UsageConfig, UsageTarget};

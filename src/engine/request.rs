@@ -62,6 +62,8 @@ pub struct GenerateSpec {
     /// Prefix-cache salt (vLLM's `cache_salt`): cached blocks are shared
     /// only between requests with the same salt.
     pub cache_salt: Option<String>,
+    /// Prompt-lookup speculative decoding: draft tokens per step (0 = off).
+    pub prompt_lookup: usize,
 }
 
 /// The tools offered to a chat request and how the model may use them.
@@ -381,6 +383,7 @@ mod tests {
             tools: None,
             constraint: None,
             cache_salt: None,
+            prompt_lookup: 0,
         }
     }
 

@@ -279,6 +279,11 @@ impl Choice {
         self.produced
     }
 
+    /// Tokens it may still generate.
+    pub(super) fn remaining(&self) -> usize {
+        self.max_tokens.saturating_sub(self.produced)
+    }
+
     /// Sends new text, through the tool-call parser when tools were offered.
     fn delta(
         &mut self,

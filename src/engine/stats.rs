@@ -21,6 +21,8 @@ pub struct EngineStats {
     kv_cached: AtomicUsize,
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
+    drafted: AtomicU64,
+    accepted: AtomicU64,
     prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     steps: AtomicU64,
@@ -83,6 +85,20 @@ impl EngineStats {
     pub(super) fn record_prefix_lookup(&self, tokens: u64, hits: u64) {
         self.prefix_queries.fetch_add(tokens, Ordering::AcqRel);
         self.prefix_hits.fetch_add(hits, Ordering::AcqRel);
+    }
+
+    /// Records `drafted` prompt-lookup drafts verified, `accepted` of them kept.
+    pub(super) fn record_drafts(&self, drafted: u64, accepted: u64) {
+        self.drafted.fetch_add(drafted, Ordering::AcqRel);
+        self.accepted.fetch_add(accepted, Ordering::AcqRel);
+    }
+
+    /// Prompt-lookup draft tokens verified, and those accepted, since load.
+    pub fn drafts(&self) -> (u64, u64) {
+        (
+            self.drafted.load(Ordering::Acquire),
+            self.accepted.load(Ordering::Acquire),
+        )
     }
 
     pub(super) fn set_cached_blocks(&self, blocks: usize) {

@@ -10,7 +10,7 @@ use kindling_models::{BatchItem, Constraint, GrammarCompiler, KvCache, SamplingP
 use tokio::sync::mpsc;
 
 use super::request::GenerateEvents;
-use super::scheduler::{Limits, Request, Scheduler, Sequence, StepModel};
+use super::scheduler::{Drafter, Limits, Request, Scheduler, Sequence, StepModel};
 use super::sequence::{Choice, ChoiceSpec, Events};
 use super::shell::{Backend, Jobs, Step, Ticket};
 use super::{EngineError, EngineStats, LoadSpec, Prompt, ToolChoice, ValidGenerate};
@@ -390,6 +390,7 @@ fn sequences(
             forks,
             looked_up: false,
             salt: salt.clone(),
+            drafter: Drafter::new(req.prompt_lookup),
         });
     }
     Ok((out, prompt_tokens))

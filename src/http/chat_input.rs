@@ -75,6 +75,7 @@ impl ChatSpec<'_> {
             tools: self.tools,
             constraint: self.constraint,
             cache_salt: self.fields.cache_salt.clone(),
+            prompt_lookup: self.sampling.prompt_lookup,
         }
         .validate()?;
         let job = Job::new(

@@ -144,6 +144,7 @@ pub async fn handle(
         tools: None,
         constraint,
         cache_salt: req.sampling.cache_salt.clone(),
+        prompt_lookup: sampling.prompt_lookup,
     }
     .validate()?;
     let job = Job::new(

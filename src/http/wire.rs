@@ -6,7 +6,7 @@ use kindling_models::SamplingParams;
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use crate::config::{GenerationDefaults, KeepAlive};
+use crate::config::{GenerationDefaults, KeepAlive, MAX_PROMPT_LOOKUP};
 
 /// `stop`: one string or a list.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +51,9 @@ pub struct SamplingFields {
     /// Prefix-cache salt (vLLM's `cache_salt`): cached prompt blocks are
     /// shared only between requests that send the same salt.
     pub cache_salt: Option<String>,
+    /// Prompt-lookup speculative decoding: `true` (the model's setting, or
+    /// 4 draft tokens), `false`, or draft tokens per step (0 = off).
+    pub prompt_lookup: Option<serde_json::Value>,
     #[serde(flatten)]
     pub lifetime: LifetimeFields,
 }
@@ -205,6 +208,42 @@ pub struct ValidSampling {
     pub n: usize,
     /// Tokens before an end-of-turn token may end a choice.
     pub min_tokens: usize,
+    /// Prompt-lookup draft tokens per step (0 = off).
+    pub prompt_lookup: usize,
+}
+
+/// Draft tokens per step when a request turns prompt lookup on and the
+/// model names no number.
+pub const DEFAULT_PROMPT_LOOKUP: usize = 4;
+
+/// Parses `prompt_lookup`: a boolean or draft tokens per step.
+fn prompt_lookup(
+    v: Option<&serde_json::Value>,
+    defaults: &GenerationDefaults,
+) -> Result<usize, ApiError> {
+    let model = defaults.prompt_lookup.map_or(0, |n| n as usize);
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(model),
+        Some(serde_json::Value::Bool(false)) => Ok(0),
+        Some(serde_json::Value::Bool(true)) => Ok(if model > 0 {
+            model
+        } else {
+            DEFAULT_PROMPT_LOOKUP
+        }),
+        Some(other) => other
+            .as_u64()
+            .filter(|&n| n as usize <= MAX_PROMPT_LOOKUP)
+            .map(|n| n as usize)
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "prompt_lookup",
+                    format!(
+                        "`prompt_lookup`: expected true, false or draft tokens per step \
+                         from 0 to {MAX_PROMPT_LOOKUP}, got {other}"
+                    ),
+                )
+            }),
+    }
 }
 
 /// Most choices one request may ask for.
@@ -303,6 +342,7 @@ impl SamplingFields {
             stop,
             n: n as usize,
             min_tokens,
+            prompt_lookup: prompt_lookup(self.prompt_lookup.as_ref(), defaults)?,
         })
     }
 }
@@ -356,6 +396,26 @@ mod tests {
     }
 
     #[test]
+    fn prompt_lookup_comes_from_the_request_or_the_model() {
+        let d = GenerationDefaults::default();
+        let get = |json: &str, d: &GenerationDefaults| fields(json).validate(d, None);
+        assert_eq!(get("{}", &d).unwrap().prompt_lookup, 0);
+        assert_eq!(get(r#"{"prompt_lookup": true}"#, &d).unwrap().prompt_lookup, 4);
+        assert_eq!(get(r#"{"prompt_lookup": 7}"#, &d).unwrap().prompt_lookup, 7);
+        let model = GenerationDefaults {
+            prompt_lookup: Some(6),
+            ..Default::default()
+        };
+        assert_eq!(get("{}", &model).unwrap().prompt_lookup, 6);
+        assert_eq!(get(r#"{"prompt_lookup": true}"#, &model).unwrap().prompt_lookup, 6);
+        assert_eq!(get(r#"{"prompt_lookup": false}"#, &model).unwrap().prompt_lookup, 0);
+        for bad in [r#""yes""#, "17", "-1", "2.5"] {
+            let e = get(&format!(r#"{{"prompt_lookup": {bad}}}"#), &d).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("prompt_lookup"), "{bad}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_gaps_and_requests_win() {
         let d = GenerationDefaults {
             temperature: Some(0.3),
@@ -367,6 +427,7 @@ mod tests {
             .unwrap();
         assert_eq!(v.params.temperature, 0.3);
         assert_eq!(v.params.top_k, 40);
+        assert_eq!(v.prompt_lookup, 0);
         assert_eq!(v.params.seed, 5);
         assert_eq!(v.params.top_logprobs, Some(2));
         assert_eq!(v.stop, vec!["x".to_string()]);

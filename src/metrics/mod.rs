@@ -158,6 +158,14 @@ pub struct Metrics {
     /// vLLM's names: prompt tokens looked up in the prefix cache, and found.
     pub vllm_prefix_queries: Family<ModelNameLabel, Gauge>,
     pub vllm_prefix_hits: Family<ModelNameLabel, Gauge>,
+    /// Prompt-lookup draft tokens verified and accepted since load, and
+    /// the accepted share (set when rendering).
+    pub spec_drafted: Family<ModelLabel, Gauge>,
+    pub spec_accepted: Family<ModelLabel, Gauge>,
+    pub spec_acceptance_rate: Family<ModelLabel, FloatGauge>,
+    /// vLLM's names for the draft and accepted token counts.
+    pub vllm_spec_drafted: Family<ModelNameLabel, Gauge>,
+    pub vllm_spec_accepted: Family<ModelNameLabel, Gauge>,
     /// 1 for each model's current lifecycle state, 0 for the others.
     pub model_state: Family<ModelStateLabels, Gauge>,
     /// Tokens generated per second over the last ten seconds (set when rendering).
@@ -231,6 +239,11 @@ impl Metrics {
             prefix_hit_rate: Family::default(),
             vllm_prefix_queries: Family::default(),
             vllm_prefix_hits: Family::default(),
+            spec_drafted: Family::default(),
+            spec_accepted: Family::default(),
+            spec_acceptance_rate: Family::default(),
+            vllm_spec_drafted: Family::default(),
+            vllm_spec_accepted: Family::default(),
             model_state: Family::default(),
             tokens_per_second: Family::default(),
             vllm_waiting: Family::default(),
@@ -368,6 +381,31 @@ impl Metrics {
             m.vllm_prefix_hits.clone(),
         );
         r.register(
+            "kindling_spec_draft_tokens",
+            "Prompt-lookup draft tokens verified since the model loaded",
+            m.spec_drafted.clone(),
+        );
+        r.register(
+            "kindling_spec_accepted_tokens",
+            "Prompt-lookup draft tokens accepted (matching the model's own choice) since the model loaded",
+            m.spec_accepted.clone(),
+        );
+        r.register(
+            "kindling_spec_acceptance_rate",
+            "Share of prompt-lookup draft tokens accepted since the model loaded, 0 to 1",
+            m.spec_acceptance_rate.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_draft_tokens",
+            "Draft tokens verified (vLLM's name)",
+            m.vllm_spec_drafted.clone(),
+        );
+        r.register(
+            "vllm:spec_decode_num_accepted_tokens",
+            "Draft tokens accepted (vLLM's name)",
+            m.vllm_spec_accepted.clone(),
+        );
+        r.register(
             "kindling_generation_tokens_per_second",
             "Tokens generated per second, averaged over the last ten seconds",
             m.tokens_per_second.clone(),
@@ -455,11 +493,14 @@ impl Metrics {
             &self.kv_blocks_used,
             &self.kv_blocks_total,
             &self.prefix_cached_blocks,
+            &self.spec_drafted,
+            &self.spec_accepted,
         ] {
             family.remove(&label);
         }
         self.tokens_per_second.remove(&label);
         self.prefix_hit_rate.remove(&label);
+        self.spec_acceptance_rate.remove(&label);
         for state in states {
             self.model_state.remove(&ModelStateLabels {
                 model: model.to_string(),
@@ -472,6 +513,8 @@ impl Metrics {
         self.vllm_kv_usage.remove(&name);
         self.vllm_prefix_queries.remove(&name);
         self.vllm_prefix_hits.remove(&name);
+        self.vllm_spec_drafted.remove(&name);
+        self.vllm_spec_accepted.remove(&name);
     }
 
     /// All metrics in the OpenMetrics text format.

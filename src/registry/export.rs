@@ -66,6 +66,19 @@ impl Registry {
                 b.prefix_hits as f64 / b.prefix_queries as f64
             };
             m.prefix_hit_rate.get_or_create(&label).set(rate);
+            let (drafted, accepted) = b.drafts;
+            m.spec_drafted
+                .get_or_create(&label)
+                .set(gauge_value(drafted));
+            m.spec_accepted
+                .get_or_create(&label)
+                .set(gauge_value(accepted));
+            let rate = if drafted == 0 {
+                0.0
+            } else {
+                accepted as f64 / drafted as f64
+            };
+            m.spec_acceptance_rate.get_or_create(&label).set(rate);
             let name = Metrics::model_name(&s.id);
             m.vllm_waiting.get_or_create(&name).set(b.waiting as i64);
             m.vllm_running.get_or_create(&name).set(b.running as i64);
@@ -81,6 +94,12 @@ impl Registry {
             m.vllm_prefix_hits
                 .get_or_create(&name)
                 .set(gauge_value(b.prefix_hits));
+            m.vllm_spec_drafted
+                .get_or_create(&name)
+                .set(gauge_value(drafted));
+            m.vllm_spec_accepted
+                .get_or_create(&name)
+                .set(gauge_value(accepted));
         }
         m.resident_models.set(resident);
         m.process_resident

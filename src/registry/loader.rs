@@ -347,6 +347,7 @@ impl Loader for Arc<EngineLoader> {
             prefix_cached_blocks: s.cached_blocks(),
             prefix_queries,
             prefix_hits,
+            drafts: s.drafts(),
             waiting: s.waiting(),
             running: s.running(),
             kv_blocks_used,

@@ -292,9 +292,9 @@ impl Inputs {
                 out.meta
                     .resize(out.meta.len() + width - 1 - item.blocks.len(), 0);
             }
-            if item.logits {
-                out.wanted.push((out.ids.len() - 1) as u32);
-            }
+            let rows = item.logits.min(item.tokens.len());
+            let n = out.ids.len();
+            out.wanted.extend((n - rows..n).map(|r| r as u32));
         }
         Ok(out)
     }

@@ -85,8 +85,9 @@ pub struct BatchItem<'a> {
     pub start: usize,
     /// The sequence's blocks; they must hold `start + tokens.len()` positions.
     pub blocks: &'a [u32],
-    /// Whether to return next-token logits after the last new token.
-    pub logits: bool,
+    /// How many of the last new tokens to return next-token logits after
+    /// (0: none; 1: the last; more: speculative drafts being verified).
+    pub logits: usize,
 }
 
 /// A Llama-family decoder.
@@ -282,9 +283,8 @@ impl Llama {
                     seen: item.start + i + 1,
                 });
             }
-            if item.logits {
-                wanted.push((ids.len() - 1) as u32);
-            }
+            let rows = item.logits.min(t);
+            wanted.extend((ids.len() - rows..ids.len()).map(|r| r as u32));
         }
         if total == 0 {
             return Ok(Vec::new());

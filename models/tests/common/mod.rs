@@ -56,7 +56,7 @@ impl Seq {
             tokens,
             start: self.len,
             blocks: self.table.blocks(),
-            logits: true,
+            logits: 1,
         };
         let mut out = model.forward(&[item], kv).unwrap();
         self.len += tokens.len();

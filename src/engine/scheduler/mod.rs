@@ -7,6 +7,8 @@
 //! free, the most recently admitted sequence is preempted: its blocks are
 //! freed and it waits at the front of the queue to be recomputed, its
 //! output state kept, so its text continues exactly where it stopped.
+//! A decoding sequence with prompt lookup on may bring draft tokens along
+//! with its next one (see [`lookup`]).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::panic::AssertUnwindSafe;
@@ -16,11 +18,14 @@ use std::time::{Duration, Instant};
 use kindling_models::tokenizer::Tokenizer;
 use kindling_models::{BatchItem, BlockTable, KvCache};
 
+pub(super) use lookup::Drafter;
+
 use super::sequence::{Choice, Events, Next, Readiness, EVENTS_PER_STEP};
 use super::shell::Ticket;
 use super::{EngineError, EngineStats, GenerateEvent};
 
 mod fair;
+mod lookup;
 #[cfg(test)]
 mod tests;
 
@@ -76,6 +81,8 @@ pub(super) struct Sequence {
     /// Its prefix-cache salt: it shares cached blocks only with sequences
     /// of the same salt.
     pub(super) salt: Option<Arc<str>>,
+    /// Its prompt-lookup drafting state.
+    pub(super) drafter: lookup::Drafter,
 }
 
 impl Sequence {
@@ -94,11 +101,13 @@ pub(super) struct Scheduler {
     next_id: u64,
 }
 
-/// A running sequence's part of this step: tokens `start..end`.
+/// A running sequence's part of this step: tokens `start..end`, of which
+/// the last `draft` are drafts (appended to its tokens for the pass).
 struct Planned {
     seq: usize,
     start: usize,
     end: usize,
+    draft: usize,
 }
 
 impl Scheduler {
@@ -156,7 +165,7 @@ impl Scheduler {
                     tokens: &tokens[p.start..p.end],
                     start: p.start,
                     blocks,
-                    logits: p.end == tokens.len(),
+                    logits: if p.end == tokens.len() { 1 + p.draft } else { 0 },
                 }
             })
             .collect();
@@ -255,11 +264,30 @@ impl Scheduler {
                 continue;
             }
             let need = s.computed + 1;
-            if self.grow(i, need) {
+            let room = budget.min(s.choice.remaining()).saturating_sub(1);
+            let want = self.running[i].drafter.budget().min(room);
+            let s = &self.running[i];
+            let draft = lookup::draft(&s.tokens, want).to_vec();
+            // Drafts never take the blocks other sequences' next tokens need.
+            let extra = KvCache::blocks_for(need + draft.len()).saturating_sub(s.table.blocks().len());
+            let spare = self.kv.free_blocks().saturating_sub(self.running.len());
+            if !draft.is_empty() && extra <= spare && self.grow(i, need + draft.len()) {
+                let k = draft.len();
+                self.running[i].tokens.extend(draft);
+                plan.push(Planned {
+                    seq: i,
+                    start: need - 1,
+                    end: need + k,
+                    draft: k,
+                });
+                budget -= 1 + k;
+                i += 1;
+            } else if self.grow(i, need) {
                 plan.push(Planned {
                     seq: i,
                     start: need - 1,
                     end: need,
+                    draft: 0,
                 });
                 budget -= 1;
                 i += 1;
@@ -289,12 +317,15 @@ impl Scheduler {
             if budget == 0 {
                 break;
             }
-            if remaining > 1 && !skip.contains(&s.request) {
+            // A decoding sequence's drafts make it look like a prompt.
+            let drafting = plan.iter().any(|p| p.seq == i && p.draft > 0);
+            if remaining > 1 && !drafting && !skip.contains(&s.request) {
                 let n = remaining.min(budget);
                 plan.push(Planned {
                     seq: i,
                     start: s.computed,
                     end: s.computed + n,
+                    draft: 0,
                 });
                 budget -= n;
             }
@@ -393,6 +424,7 @@ impl Scheduler {
                 seq: self.running.len(),
                 start: s.computed,
                 end: s.computed + n,
+                draft: 0,
             });
             *budget -= n;
             self.running.push(s);
@@ -405,8 +437,29 @@ impl Scheduler {
         let mut spawned = Vec::new();
         let mut gone = HashSet::new();
         let (mut prompt_tokens, mut generated) = (0u64, 0u64);
+        let (mut drafted, mut accepted) = (0u64, 0u64);
         for p in plan {
             let s = &mut self.running[p.seq];
+            if p.draft > 0 {
+                let drafts = s.tokens.split_off(s.tokens.len() - p.draft);
+                s.computed = p.start + 1;
+                let rows: Vec<Vec<f32>> = logits.by_ref().take(1 + p.draft).collect();
+                let Some(req) = self.requests.get_mut(&s.request) else {
+                    continue;
+                };
+                let v = Self::verify(model, s, &rows, &drafts, &mut req.events, &mut generated);
+                s.drafter.record(p.draft, v.accepted);
+                self.kv.register(&mut s.table, &s.tokens, s.computed);
+                (drafted, accepted) = (drafted + p.draft as u64, accepted + v.accepted as u64);
+                if v.finished {
+                    finished[p.seq] = true;
+                    req.live -= 1;
+                }
+                if req.events.is_closed() && gone.insert(s.request) {
+                    tracing::info!(request = s.request, "generation cancelled: the client went away");
+                }
+                continue;
+            }
             s.computed = p.end;
             self.kv.register(&mut s.table, &s.tokens, s.computed);
             if p.end - p.start > 1 || s.choice.produced() == 0 {
@@ -432,6 +485,7 @@ impl Scheduler {
                     forks: Vec::new(),
                     looked_up: true,
                     salt: s.salt.clone(),
+                    drafter: s.drafter,
                 };
                 match self.kv.fork(&s.table, s.computed) {
                     Some(table) => {
@@ -481,6 +535,9 @@ impl Scheduler {
             self.remove(id);
         }
         self.stats.record_step(prompt_tokens, generated);
+        if drafted > 0 {
+            self.stats.record_drafts(drafted, accepted);
+        }
         self.publish();
     }
 

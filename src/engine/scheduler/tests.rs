@@ -96,10 +96,12 @@ impl StepModel for Fake {
                 "{} blocks cannot hold {end} positions",
                 item.blocks.len()
             );
-            if item.logits {
-                let last = *item.tokens.last().unwrap() as usize;
+            // A row after each of the last `logits` tokens (drafts being
+            // verified, then the real last token's).
+            let wanted = item.logits.min(item.tokens.len());
+            for &token in &item.tokens[item.tokens.len() - wanted..] {
                 let mut row = vec![0.0; VOCAB];
-                row[last % 26 + 1] = 10.0;
+                row[token as usize % 26 + 1] = 10.0;
                 rows.push(row);
             }
         }
@@ -178,6 +180,7 @@ fn submit_as(
         forks: Vec::new(),
         looked_up: false,
         salt: None,
+        drafter: Default::default(),
         tokens: prompt.clone(),
     };
     let request = Request {
@@ -428,4 +431,34 @@ fn a_repeated_prompt_starts_after_its_cached_blocks() {
         16,
         "cached blocks are free for new work"
     );
+}
+
+#[test]
+fn prompt_lookup_drafts_change_the_passes_not_the_text() {
+    // A prompt the fake's successor rule goes on repeating (the alphabet
+    // again) accepts every draft; one whose earlier continuation the rule
+    // does not follow accepts none. Either way the text is the same.
+    for (prompt, helps) in [(letters(1, 30), true), (vec![1, 2, 9, 5, 6, 1, 2], false)] {
+        let run = |lookahead: usize| {
+            let fake = Fake::new();
+            let mut s = scheduler(4, 64, 64);
+            let mut rx = submit(&mut s, prompt.clone(), 21, 256, LONG, None);
+            s.waiting.back_mut().unwrap().drafter = super::Drafter::new(lookahead);
+            while s.step(&fake) {}
+            assert_eq!(s.kv.free_blocks(), 64, "every block came back");
+            (read(&mut rx), fake.passes().len(), s.stats.drafts())
+        };
+        let (plain, plain_passes, none) = run(0);
+        assert_eq!(none, (0, 0));
+        assert_eq!(plain.1, Some(FinishReason::Length));
+        let (spec, spec_passes, (drafted, accepted)) = run(4);
+        assert_eq!(spec, plain, "the same text and finish");
+        assert!(drafted > 0);
+        if helps {
+            assert_eq!(accepted, drafted);
+            assert!(spec_passes * 3 < plain_passes, "{spec_passes} vs {plain_passes}");
+        } else {
+            assert_eq!(accepted, 0);
+        }
+    }
 }

@@ -80,6 +80,8 @@ pub struct BatchSnapshot {
     pub prefix_queries: u64,
     /// Of those, tokens found (not computed again).
     pub prefix_hits: u64,
+    /// Prompt-lookup draft tokens verified, and accepted, since load.
+    pub drafts: (u64, u64),
 }
 
 /// A model the loader brought up.
