@@ -525,6 +525,43 @@ pub fn from_ggml(
     })
 }
 
+/// Whether [`dequantize_ggml`] reads `dtype`.
+pub fn dequantizes(dtype: GgmlDType) -> bool {
+    dequantize_ggml(dtype, &[], &mut []).is_some()
+}
+
+/// Expands GGML blocks of `dtype` (`bytes`, whole blocks) into `out`, one
+/// value per element, exactly as GGML (and candle) dequantize them. `None`
+/// for types our kernels do not read; an error if the lengths disagree.
+pub fn dequantize_ggml(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Option<Result<()>> {
+    fn expand<B: QuantBlock>(bytes: &[u8], out: &mut [f32]) -> Result<()> {
+        let values = B::Act::VALUES;
+        if !bytes.len().is_multiple_of(B::BYTES) || bytes.len() / B::BYTES * values != out.len() {
+            candle_core::bail!(
+                "{}: {} bytes do not hold {} values",
+                B::NAME,
+                bytes.len(),
+                out.len()
+            );
+        }
+        for (b, o) in bytes.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(values)) {
+            B::parse(b).dequantize(o);
+        }
+        Ok(())
+    }
+    Some(match dtype {
+        GgmlDType::Q4_0 => expand::<crate::q4_0::BlockQ4_0>(bytes, out),
+        GgmlDType::Q4_1 => expand::<crate::q4_1::BlockQ4_1>(bytes, out),
+        GgmlDType::Q5_0 => expand::<crate::q5_0::BlockQ5_0>(bytes, out),
+        GgmlDType::Q5_1 => expand::<crate::q5_1::BlockQ5_1>(bytes, out),
+        GgmlDType::Q8_0 => expand::<crate::q8_0::BlockQ8_0>(bytes, out),
+        GgmlDType::Q4K => expand::<crate::q4_k::BlockQ4K>(bytes, out),
+        GgmlDType::Q5K => expand::<crate::q5_k::BlockQ5K>(bytes, out),
+        GgmlDType::Q6K => expand::<crate::q6_k::BlockQ6K>(bytes, out),
+        _ => return None,
+    })
+}
+
 impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
     fn name(&self) -> &'static str {
         B::NAME

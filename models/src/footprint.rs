@@ -69,8 +69,19 @@ pub fn estimate_text(path: &Path, serving: TextServing) -> Result<Footprint> {
             // A device holds every tensor expanded to its dtype.
             Some(bytes) => (cfg, gguf.tensor_elements() * bytes),
             None => {
-                // The token-embedding table is dequantized to f32 for lookups.
-                let table = (cfg.vocab_size * cfg.hidden_size) as u64 * f32s;
+                // Lookups read the token-embedding table's mapped blocks
+                // where our kernels read its type (a tied output projection
+                // holds a second, parsed copy); others get an f32 table.
+                let raw = gguf.raw("token_embd.weight")?;
+                let table = if kindling_kernels::quant::dequantizes(raw.dtype) {
+                    if cfg.tie_embeddings {
+                        raw.bytes.len() as u64
+                    } else {
+                        0
+                    }
+                } else {
+                    (cfg.vocab_size * cfg.hidden_size) as u64 * f32s
+                };
                 (cfg, gguf.tensor_bytes() + table)
             }
         }

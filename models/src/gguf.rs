@@ -1,27 +1,52 @@
-//! Reading GGUF files: typed metadata access and tensor loading.
+//! Reading GGUF files: typed metadata access and tensor loading. The file
+//! is memory-mapped: tensors are read straight from the mapping, with no
+//! read buffer between the page cache and the weights' final layout.
 
 use std::fs::File;
 use std::io::BufReader;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::quantized::gguf_file::{Content, Value};
-use candle_core::quantized::QTensor;
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::Device;
+use memmap2::Mmap;
 
 use crate::error::{ModelError, Result};
 
-/// An open GGUF file: its parsed header (metadata and tensor infos) and a
-/// reader positioned for tensor loads.
+/// An open GGUF file: its parsed header (metadata and tensor infos), the
+/// file mapped read-only, and a reader (for rewriting it).
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
     reader: BufReader<File>,
+    map: Arc<Mmap>,
+}
+
+/// One tensor's bytes in the mapped file.
+#[derive(Debug)]
+pub struct RawTensor<'a> {
+    /// Its GGML type.
+    pub dtype: GgmlDType,
+    /// Its shape, row-major (`[rows, cols]` for a matrix).
+    pub dims: Vec<usize>,
+    /// Its blocks.
+    pub bytes: &'a [u8],
+    /// Where they start in the file.
+    pub offset: usize,
 }
 
 impl GgufFile {
     /// Opens `path` and parses its header; tensors are read later, on demand.
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: mapped read-only; Kindling never writes a model file while
+        // it is open (downloads land under new names, then are renamed).
+        let map = unsafe { Mmap::map(&file) }.map_err(|source| ModelError::Io {
             path: path.to_path_buf(),
             source,
         })?;
@@ -35,6 +60,55 @@ impl GgufFile {
             path: path.to_path_buf(),
             content,
             reader,
+            map: Arc::new(map),
+        })
+    }
+
+    /// The mapped file (weights that read their blocks in place hold it).
+    pub(crate) fn mapping(&self) -> Arc<Mmap> {
+        self.map.clone()
+    }
+
+    /// Asks the kernel to read the whole file ahead (before a load).
+    pub(crate) fn prefetch(&self) {
+        let _ = self.map.advise(memmap2::Advice::WillNeed);
+    }
+
+    /// Drops the mapping's pages from this process's resident set once the
+    /// weights are laid out (they stay in the page cache; the few that are
+    /// read in place, token-embedding rows, come back as they are touched).
+    pub(crate) fn release_pages(&self) {
+        // SAFETY: the mapping is shared, read-only and file-backed: dropping
+        // its pages loses nothing, later reads fault them in from the file.
+        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+    }
+
+    /// Tensor `name`'s bytes in the mapping.
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| ModelError::Tensor {
+                name: name.to_string(),
+                message: "missing from the weight file".into(),
+            })?;
+        let dtype = info.ggml_dtype;
+        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let offset = (self.content.tensor_data_offset + info.offset) as usize;
+        let bytes = offset
+            .checked_add(len)
+            .and_then(|end| self.map.get(offset..end))
+            .ok_or_else(|| ModelError::BadFormat {
+                path: self.path.clone(),
+                format: "GGUF",
+                message: format!("truncated: tensor `{name}` runs past the end of the file"),
+            })?;
+        Ok(RawTensor {
+            dtype,
+            dims: info.shape.dims().to_vec(),
+            bytes,
+            offset,
         })
     }
 
@@ -114,13 +188,8 @@ impl GgufFile {
 
     /// Reads tensor `name` onto `device`, keeping its quantized type.
     pub fn tensor(&mut self, name: &str, device: &Device) -> Result<QTensor> {
-        if !self.has_tensor(name) {
-            return Err(ModelError::Tensor {
-                name: name.to_string(),
-                message: "missing from the weight file".into(),
-            });
-        }
-        Ok(self.content.tensor(&mut self.reader, name, device)?)
+        let raw = self.raw(name)?;
+        Ok(qtensor_from_ggml(raw.dtype, raw.bytes, raw.dims, device)?)
     }
 
     fn value(&self, key: &str) -> Result<&Value> {

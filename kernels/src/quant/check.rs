@@ -116,6 +116,16 @@ pub(crate) fn agrees_with_candle<B: QuantBlock>(dtype: GgmlDType, seed: u64, tol
     // Our reading of the blocks is candle's.
     let theirs = flat(&q.dequantize(&Device::Cpu).unwrap());
     assert_eq!(ours.dequantize(), theirs, "{}", B::NAME);
+    // Row by row from the raw bytes (token-embedding lookups), the same.
+    let row_bytes = q.data().unwrap()[..cols / B::Act::VALUES * B::BYTES].to_vec();
+    let mut row = vec![0f32; cols];
+    super::dequantize_ggml(dtype, &row_bytes, &mut row)
+        .unwrap()
+        .unwrap();
+    assert_eq!(row, theirs[..cols], "{}", B::NAME);
+    assert!(super::dequantize_ggml(dtype, &row_bytes, &mut row[1..])
+        .unwrap()
+        .is_err());
     let x = Tensor::from_vec(random_rows(m, cols, &mut rng), (m, cols), &Device::Cpu).unwrap();
     let want = flat(&QMatMul::from_qtensor(q).unwrap().forward(&x).unwrap());
     let got = flat(&ours.forward(&x).unwrap());

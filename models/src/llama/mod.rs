@@ -15,8 +15,7 @@ mod weights;
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::Embedding;
+use candle_core::{DType, Device, Tensor};
 use kindling_kernels::{paged_attention, QueryRow, RopeTables, Scoring};
 
 pub use config::{LlamaConfig, RopeScaling};
@@ -25,7 +24,7 @@ pub use device::DeviceLlama;
 pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
 pub use weights::weight_files;
-use weights::{Global, Linear, Part, Safetensors, Source};
+use weights::{Global, Linear, Part, Safetensors, Source, TokenTable};
 
 use crate::error::{ModelError, Result};
 use crate::gguf::GgufFile;
@@ -93,7 +92,7 @@ pub struct BatchItem<'a> {
 /// A Llama-family decoder.
 pub struct Llama {
     cfg: LlamaConfig,
-    embed: Embedding,
+    embed: TokenTable,
     blocks: Vec<Block>,
     norm: RmsNorm,
     lm_head: Linear,
@@ -108,7 +107,10 @@ impl Llama {
     /// (at most the trained context).
     pub fn from_gguf(gguf: &mut GgufFile, max_positions: usize) -> Result<Self> {
         let (cfg, inv_freq) = gguf_config(gguf)?;
-        Self::build(cfg, gguf, max_positions, &inv_freq)
+        gguf.prefetch();
+        let model = Self::build(cfg, gguf, max_positions, &inv_freq)?;
+        gguf.release_pages();
+        Ok(model)
     }
 
     /// Loads a Hugging Face model folder (`config.json` and safetensors).
@@ -225,7 +227,7 @@ impl Llama {
         let name = src.global_name(Global::OutputNorm).to_string();
         let final_norm = norm(src, name)?;
         Ok(Self {
-            embed: Embedding::new(table, cfg.hidden_size),
+            embed: table,
             rope: RopeTables::new(inv_freq, max_positions),
             local_rope: cfg
                 .local_inv_freq()
@@ -289,9 +291,8 @@ impl Llama {
         if total == 0 {
             return Ok(Vec::new());
         }
-        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
         let variant = &self.cfg.variant;
-        let mut x = self.embed.forward(&ids)?;
+        let mut x = self.embed.lookup(&ids)?;
         if let Some(s) = variant.embed_scale {
             x = (x * f64::from(s))?;
         }

@@ -4,14 +4,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{GgmlDType, QMatMul};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::gguf::GgufFile;
+use crate::gguf::{GgufFile, RawTensor};
 
 /// A projection `x · Wᵀ (+ b)`. On the CPU, Q4_0, Q4_1, Q5_K, Q4_K, Q6_K
 /// and Q8_0 weights run our kernels (four activation rows per weight pass,
@@ -24,14 +25,14 @@ pub(crate) enum Linear {
 }
 
 impl Linear {
-    fn from_qtensor(q: QTensor) -> Result<Self> {
-        if q.device().is_cpu() {
-            let (rows, cols) = q.shape().dims2()?;
-            if let Some(m) = kindling_kernels::quant::from_ggml(q.dtype(), &q.data()?, rows, cols) {
-                return Ok(Self::Quant(m?));
-            }
-        }
-        Ok(Self::Candle(QMatMul::from_qtensor(q)?))
+    fn from_raw(name: &str, raw: &RawTensor<'_>) -> Result<Self> {
+        let [rows, cols] = raw.dims[..] else {
+            return Err(ModelError::Tensor {
+                name: name.into(),
+                message: format!("expected a matrix, got shape {:?}", raw.dims),
+            });
+        };
+        Self::from_bytes(raw.dtype, raw.bytes, rows, cols)
     }
 
     /// A projection from GGML bytes of `dtype` (`rows × cols`, row-major).
@@ -50,6 +51,78 @@ impl Linear {
             Self::Quant(m) => m.forward(x)?,
             Self::Dense(w) => x.matmul(&w.t()?)?,
         })
+    }
+}
+
+/// The token-embedding table. From a GGUF whose table our kernels read,
+/// the rows a pass needs are expanded from the mapped file (no f32 copy of
+/// the table: for a 128k-token vocabulary of width 4096 that is 2 GiB);
+/// otherwise an f32 table.
+pub(crate) enum TokenTable {
+    Dense(Tensor),
+    Mapped {
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+    },
+}
+
+impl TokenTable {
+    /// The mapped table of `raw`, if our kernels read its type.
+    fn mapped(raw: &RawTensor<'_>, map: Arc<memmap2::Mmap>) -> Option<Self> {
+        let [rows, cols] = raw.dims[..] else {
+            return None;
+        };
+        let probe = raw.bytes.get(..Self::row_bytes(raw.dtype, cols))?;
+        kindling_kernels::quant::dequantize_ggml(raw.dtype, probe, &mut vec![0f32; cols])?.ok()?;
+        Some(Self::Mapped {
+            map,
+            offset: raw.offset,
+            dtype: raw.dtype,
+            rows,
+            cols,
+        })
+    }
+
+    fn row_bytes(dtype: GgmlDType, cols: usize) -> usize {
+        cols / dtype.block_size() * dtype.type_size()
+    }
+
+    /// The rows of `ids`, `[ids, width]` f32.
+    pub(crate) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        match self {
+            Self::Dense(table) => {
+                let n = ids.len();
+                let ids = Tensor::from_vec(ids.to_vec(), n, table.device())?;
+                Ok(table.index_select(&ids, 0)?)
+            }
+            Self::Mapped {
+                map,
+                offset,
+                dtype,
+                rows,
+                cols,
+            } => {
+                let row_bytes = Self::row_bytes(*dtype, *cols);
+                let mut out = vec![0f32; ids.len() * cols];
+                for (&id, o) in ids.iter().zip(out.chunks_exact_mut(*cols)) {
+                    if id as usize >= *rows {
+                        return Err(ModelError::Tensor {
+                            name: "token_embd.weight".into(),
+                            message: format!("token id {id} is outside the {rows}-token table"),
+                        });
+                    }
+                    let at = offset + id as usize * row_bytes;
+                    let bytes = &map[at..at + row_bytes];
+                    if let Some(done) = kindling_kernels::quant::dequantize_ggml(*dtype, bytes, o) {
+                        done?;
+                    }
+                }
+                Ok(Tensor::from_vec(out, (ids.len(), *cols), &Device::Cpu)?)
+            }
+        }
     }
 }
 
@@ -103,9 +176,9 @@ pub(crate) trait Source {
     fn norm(&mut self, name: &str) -> Result<Tensor> {
         self.dense(name)
     }
-    /// The token-embedding table as f32, read once; with `tied`, also the
-    /// output projection that reuses it (kept quantized where it is).
-    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)>;
+    /// The token-embedding table; with `tied`, also the output projection
+    /// that reuses it (kept quantized where it is).
+    fn embedding(&mut self, tied: bool) -> Result<(TokenTable, Option<Linear>)>;
     /// A tensor on `device` as `dtype`, converted there.
     fn on_device(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor>;
 }
@@ -151,20 +224,25 @@ impl Source for GgufFile {
     }
 
     fn linear(&mut self, name: &str) -> Result<Linear> {
-        Linear::from_qtensor(self.tensor(name, &Device::Cpu)?)
+        Linear::from_raw(name, &self.raw(name)?)
     }
 
     fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
-        let q = self.tensor(name, &Device::Cpu)?;
-        let (rows, cols) = q.shape().dims2()?;
+        let raw = self.raw(name)?;
+        let [rows, cols] = raw.dims[..] else {
+            return Err(ModelError::Tensor {
+                name: name.into(),
+                message: format!("expected a matrix, got shape {:?}", raw.dims),
+            });
+        };
         if parts.iter().sum::<usize>() != rows {
             return Err(ModelError::Tensor {
                 name: name.into(),
                 message: format!("{rows} rows do not split into {parts:?}"),
             });
         }
-        let dtype = q.dtype();
-        let data = q.data()?;
+        let dtype = raw.dtype;
+        let data = raw.bytes;
         let row_bytes = cols / dtype.block_size() * dtype.type_size();
         let mut at = 0;
         let mut out = Vec::with_capacity(parts.len());
@@ -180,14 +258,14 @@ impl Source for GgufFile {
         Ok(self.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?)
     }
 
-    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)> {
-        let q = self.tensor(self.global_name(Global::Embedding), &Device::Cpu)?;
-        let table = q.dequantize(&Device::Cpu)?;
-        // The f32 copy is for lookups; the matmul keeps the quantized table.
-        let output = if tied {
-            Some(Linear::from_qtensor(q)?)
-        } else {
-            None
+    fn embedding(&mut self, tied: bool) -> Result<(TokenTable, Option<Linear>)> {
+        let name = self.global_name(Global::Embedding);
+        let raw = self.raw(name)?;
+        let output = tied.then(|| Linear::from_raw(name, &raw)).transpose()?;
+        let table = match TokenTable::mapped(&raw, self.mapping()) {
+            Some(table) => table,
+            // Types our kernels do not read: an f32 copy for lookups.
+            None => TokenTable::Dense(self.tensor(name, &Device::Cpu)?.dequantize(&Device::Cpu)?),
         };
         Ok((table, output))
     }
@@ -308,10 +386,13 @@ impl Source for Safetensors {
             Part::K => "self_attn.k_proj",
             Part::V => "self_attn.v_proj",
             Part::O => "self_attn.o_proj",
-            Part::PostAttnNorm => "post_attention_layernorm",
+            Part::PostAttnNorm if self.gemma => "post_attention_layernorm",
+            Part::PostFfnNorm if self.gemma => "post_feedforward_layernorm",
+            // No other family has these (Llama's `post_attention_layernorm`
+            // is its MLP's pre-norm): a name no file holds.
+            Part::PostAttnNorm | Part::PostFfnNorm => return String::new(),
             Part::FfnNorm if self.gemma => "pre_feedforward_layernorm",
             Part::FfnNorm => "post_attention_layernorm",
-            Part::PostFfnNorm => "post_feedforward_layernorm",
             Part::Gate => "mlp.gate_proj",
             Part::Up => "mlp.up_proj",
             Part::Down => "mlp.down_proj",
@@ -363,10 +444,10 @@ impl Source for Safetensors {
         Ok(if self.gemma { (w + 1.0)? } else { w })
     }
 
-    fn embedding(&mut self, tied: bool) -> Result<(Tensor, Option<Linear>)> {
+    fn embedding(&mut self, tied: bool) -> Result<(TokenTable, Option<Linear>)> {
         let table = self.dense(self.global_name(Global::Embedding))?;
         let output = tied.then(|| Linear::Dense(table.clone()));
-        Ok((table, output))
+        Ok((TokenTable::Dense(table), output))
     }
 
     fn on_device(&mut self, name: &str, device: &Device, dtype: DType) -> Result<Tensor> {
