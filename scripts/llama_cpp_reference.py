@@ -21,6 +21,10 @@ machine):
 
     target/release/requantize store/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf /tmp/mixed.gguf mixed
     .venv-ref/bin/python scripts/llama_cpp_reference.py /tmp/mixed.gguf tests/data/llama_cpp_reference.mixed.json
+
+Other prompts: a third argument names a JSON file with `completions` (strings),
+`chats` (message lists) and optionally `steps` (the eight unseen prompts of
+the greedy-agreement study: benches/unseen_prompts.json).
 """
 import hashlib
 import json
@@ -63,11 +67,11 @@ def last_logits(llm: llama_cpp.Llama) -> np.ndarray:
     return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
 
 
-def greedy(llm: llama_cpp.Llama, prompt_ids):
+def greedy(llm: llama_cpp.Llama, prompt_ids, steps=STEPS):
     llm.reset()
     llm.eval(prompt_ids)
     out, margins, tops = [], [], []
-    for _ in range(STEPS):
+    for _ in range(steps):
         logits = last_logits(llm)
         top = np.argsort(logits)[::-1][:TOP]
         tok = int(top[0])
@@ -91,14 +95,19 @@ def main() -> None:
     bos = tok(int(meta["tokenizer.ggml.bos_token_id"]))
     eos = tok(int(meta["tokenizer.ggml.eos_token_id"]))
     add_bos = meta.get("tokenizer.ggml.add_bos_token", "false") == "true"
-    cases = [{"kind": "completion", "prompt": p} for p in COMPLETIONS]
-    cases += [{"kind": "chat", "messages": m, "prompt": render(template, m, bos, eos)} for m in CHATS]
+    completions, chats, steps = COMPLETIONS, CHATS, STEPS
+    if len(sys.argv) > 3:
+        spec = json.loads(Path(sys.argv[3]).read_text())
+        completions, chats = spec.get("completions", []), spec.get("chats", [])
+        steps = spec.get("steps", STEPS)
+    cases = [{"kind": "completion", "prompt": p} for p in completions]
+    cases += [{"kind": "chat", "messages": m, "prompt": render(template, m, bos, eos)} for m in chats]
     for case in cases:
         ids = llm.tokenize(case["prompt"].encode(), add_bos=add_bos, special=True)
         case["prompt_ids"] = ids
-        case["greedy_ids"], case["greedy_margins"], case["top_logits"] = greedy(llm, ids)
+        case["greedy_ids"], case["greedy_margins"], case["top_logits"] = greedy(llm, ids, steps)
         case["greedy_text"] = llm.detokenize(case["greedy_ids"]).decode("utf-8", "replace")
-        clear = next((i for i, m in enumerate(case["greedy_margins"]) if m < NEAR_TIE), STEPS)
+        clear = next((i for i, m in enumerate(case["greedy_margins"]) if m < NEAR_TIE), steps)
         case["clear_steps"] = clear
         case["clear_text"] = llm.detokenize(case["greedy_ids"][:clear]).decode("utf-8", "replace")
     doc = {
@@ -106,7 +115,7 @@ def main() -> None:
         + (", f32 KV cache" if kv else ""),
         "model": gguf.name,
         "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
-        "steps": STEPS,
+        "steps": steps,
         "cases": cases,
     }
     out_path.write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
