@@ -150,6 +150,46 @@ fn a_gguf_expanded_onto_the_device_answers_like_the_host() {
     assert!(clear >= 12, "only {clear} of 36 steps are clear");
 }
 
+/// Qwen3's per-head q/k norms and Phi-3's fused projections on the device
+/// path: the known-answer fixtures (held to llama.cpp on the host path)
+/// compute the host's logits and make its clear choices. Gemma's soft caps and windows are
+/// refused there with a clear message.
+#[test]
+fn qwen3_and_phi3_fixtures_on_the_device_path_answer_like_the_host() {
+    let placed = Placement::Device(Device::Cpu, DType::F32);
+    for arch in ["qwen3", "phi3"] {
+        let dir = scratch_dir(&format!("device-{arch}"));
+        let path = dir.join("fixture.gguf");
+        kindling_models::retarget::retarget(&common::demo_gguf(), &path, arch).unwrap();
+        let host = TextModel::load(&path, Some(256)).unwrap();
+        let device = TextModel::load_on(&path, Some(256), &placed).unwrap();
+        for text in PROMPTS {
+            let prompt = host.tokenizer.encode(text).unwrap();
+            common::clear_choices_agree(&host, &device, &prompt, 8);
+            // Teacher-forced on the host's tokens, the logits agree closely
+            // (the host quantizes activations to 8 bits, the device does not).
+            let (mut kv_h, mut kv_d) = (pool(&host, 64), pool(&device, 64));
+            let (mut sh, mut sd) = (Seq::default(), Seq::default());
+            let mut lh = sh.feed(&host, &mut kv_h, &prompt);
+            let mut ld = sd.feed(&device, &mut kv_d, &prompt);
+            for step in 0..8 {
+                let c = cosine(&lh, &ld);
+                assert!(c > 0.99, "{arch} step {step}: cosine {c}");
+                let t = argmax(&lh);
+                lh = sh.feed(&host, &mut kv_h, &[t]);
+                ld = sd.feed(&device, &mut kv_d, &[t]);
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    let dir = scratch_dir("device-gemma2");
+    let path = dir.join("fixture.gguf");
+    kindling_models::retarget::retarget(&common::demo_gguf(), &path, "gemma2").unwrap();
+    let err = TextModel::load_on(&path, Some(256), &placed).err().unwrap();
+    assert!(err.to_string().contains("serve this model on the CPU"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn forked_device_sequences_continue_like_the_original() {
     let dir = demo_hf("fork", DType::F32);

@@ -6,6 +6,7 @@
 //! h = rms_norm(x)                                  (first layer only)
 //! per layer:
 //!   qkv = h · Wqkvᵀ (+ b)         one product for q, k and v
+//!   (Qwen3: each query and key head RMS-normed)
 //!   rope_in_place(qkv)            query and key heads, where they are
 //!   cache_write(kv, qkv)          keys and values into their cache slots
 //!   a = paged_attention(qkv, kv)  straight from the cache blocks
@@ -34,6 +35,8 @@ struct Block {
     /// `[(heads + 2 kv_heads) · head_dim, hidden]`.
     qkv: Tensor,
     qkv_bias: Option<Tensor>,
+    /// Qwen3's per-head query and key norms (`[head_dim]` each).
+    qk_norm: Option<(Tensor, Tensor)>,
     o: Tensor,
     ffn_norm: Tensor,
     /// `[2 · intermediate, hidden]`: gate rows, then up rows.
@@ -81,16 +84,6 @@ impl DeviceLlama {
                     .into(),
             ));
         }
-        if src.contains(&src.block_name(0, Part::QNorm, false)) {
-            return Err(ModelError::UnsupportedArchitecture(
-                "q/k norms (Qwen3) on a GPU: serve this model on the CPU".into(),
-            ));
-        }
-        if src.contains(&src.block_name(0, Part::Qkv, false)) {
-            return Err(ModelError::UnsupportedArchitecture(
-                "fused projections (Phi-3) on a GPU: serve this model on the CPU".into(),
-            ));
-        }
         let load = |src: &mut dyn Source, name: &str| src.on_device(name, device, dtype);
         let output = src.global_name(Global::Output);
         let tied = cfg.tie_embeddings || !src.contains(output);
@@ -107,15 +100,30 @@ impl DeviceLlama {
                 let name = src.block_name(i, p, false);
                 load(src, &name)
             };
-            let qkv = Tensor::cat(
-                &[
-                    part(src, Part::Q)?,
-                    part(src, Part::K)?,
-                    part(src, Part::V)?,
-                ],
-                0,
-            )?;
-            let gate_up = Tensor::cat(&[part(src, Part::Gate)?, part(src, Part::Up)?], 0)?;
+            // Phi-3 stores q, k and v as one matrix, and gate and up as
+            // one (gate rows first): the layouts this path uses anyway.
+            let qkv = if src.contains(&src.block_name(i, Part::Qkv, false)) {
+                part(src, Part::Qkv)?
+            } else {
+                Tensor::cat(
+                    &[
+                        part(src, Part::Q)?,
+                        part(src, Part::K)?,
+                        part(src, Part::V)?,
+                    ],
+                    0,
+                )?
+            };
+            let gate_up = if src.contains(&src.block_name(i, Part::Gate, false)) {
+                Tensor::cat(&[part(src, Part::Gate)?, part(src, Part::Up)?], 0)?
+            } else {
+                part(src, Part::Up)?
+            };
+            let qk_norm = if src.contains(&src.block_name(i, Part::QNorm, false)) {
+                Some((part(src, Part::QNorm)?, part(src, Part::KNorm)?))
+            } else {
+                None
+            };
             let biases: Vec<String> = [Part::Q, Part::K, Part::V]
                 .iter()
                 .map(|&p| src.block_name(i, p, true))
@@ -130,6 +138,7 @@ impl DeviceLlama {
                 attn_norm: part(src, Part::AttnNorm)?,
                 qkv,
                 qkv_bias,
+                qk_norm,
                 o: part(src, Part::O)?,
                 ffn_norm: part(src, Part::FfnNorm)?,
                 gate_up,
@@ -162,6 +171,20 @@ impl DeviceLlama {
             shape,
             max_positions,
         })
+    }
+
+    /// `qkv` with each query head RMS-normed by `qn` and each key head by
+    /// `kn` (Qwen3, before rotation).
+    fn norm_heads(&self, qkv: &Tensor, qn: &Tensor, kn: &Tensor) -> Result<Tensor> {
+        let (rows, _) = qkv.dims2()?;
+        let (h, kv, d) = (self.cfg.heads, self.cfg.kv_heads, self.cfg.head_dim);
+        let eps = self.cfg.rms_eps as f32;
+        let heads = |from: usize, n: usize, w: &Tensor| -> Result<Tensor> {
+            let part = qkv.narrow(1, from * d, n * d)?.contiguous()?;
+            Ok(rms_norm(&part.reshape((rows * n, d))?, w, eps)?.reshape((rows, n * d))?)
+        };
+        let v = qkv.narrow(1, (h + kv) * d, kv * d)?;
+        Ok(Tensor::cat(&[heads(0, h, qn)?, heads(h, kv, kn)?, v], 1)?)
     }
 
     /// The model's hyper-parameters.
@@ -218,6 +241,9 @@ impl DeviceLlama {
             let mut qkv = linear(&h, &block.qkv)?;
             if let Some(b) = &block.qkv_bias {
                 qkv = qkv.broadcast_add(b)?;
+            }
+            if let Some((qn, kn)) = &block.qk_norm {
+                qkv = self.norm_heads(&qkv, qn, kn)?;
             }
             rope_in_place(
                 &qkv,
