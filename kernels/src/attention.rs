@@ -177,14 +177,8 @@ fn attend(
     let mut done = 0;
     for (block, slot, n) in spans(row, bs, from) {
         let base = layout.offset(block, kv_head, slot);
-        let probs = &scores[done..done + n];
+        simd::accumulate(&v[base..base + n * d], &scores[done..done + n], inv, out);
         done += n;
-        for (value, &p) in v[base..base + n * d].chunks_exact(d).zip(probs) {
-            let w = p * inv;
-            for (o, &x) in out.iter_mut().zip(value) {
-                *o += w * x;
-            }
-        }
     }
 }
 

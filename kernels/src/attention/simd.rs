@@ -1,9 +1,11 @@
 //! The inner loops of [`super::paged_attention`]: the scores of one query
-//! against a block of keys, and the softmax numerators with their sum. With
-//! AVX2 and FMA, four keys are scored at once (one horizontal reduction for
-//! the four) and `exp` runs eight lanes at a time; elsewhere, and for head
-//! sizes that are not a multiple of 8, the portable loops run. Either way a
-//! row's result does not depend on the other rows of the call.
+//! against a block of keys, the softmax numerators with their sum, and the
+//! weighted sum of values. With AVX2 and FMA, four keys are scored at once
+//! (one horizontal reduction for the four), `exp` runs eight lanes at a
+//! time, and the output is summed 32 lanes at a time in registers over all
+//! of a block's values; elsewhere, and for head sizes that are not a
+//! multiple of 8, the portable loops run. Either way a row's result does not
+//! depend on the other rows of the call.
 
 /// Appends `scale · (query · key)` for each key of `keys` (`d` values each).
 pub(super) fn scores(query: &[f32], keys: &[f32], d: usize, scale: f32, out: &mut Vec<f32>) {
@@ -17,6 +19,27 @@ pub(super) fn scores(query: &[f32], keys: &[f32], d: usize, scale: f32, out: &mu
         keys.chunks_exact(d)
             .map(|key| super::dot(query, key) * scale),
     );
+}
+
+/// Adds `Σ_k (probs[k] · scale) · values[k]` to `out` (`d` values per key).
+pub(super) fn accumulate(values: &[f32], probs: &[f32], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.len().is_multiple_of(8) && avx2() {
+        // SAFETY: AVX2 and FMA were detected.
+        unsafe { avx2::accumulate(values, probs, scale, out) };
+        return;
+    }
+    accumulate_portable(values, probs, scale, out);
+}
+
+/// The portable [`accumulate`].
+pub(super) fn accumulate_portable(values: &[f32], probs: &[f32], scale: f32, out: &mut [f32]) {
+    for (value, &p) in values.chunks_exact(out.len()).zip(probs) {
+        let w = p * scale;
+        for (o, &x) in out.iter_mut().zip(value) {
+            *o += w * x;
+        }
+    }
 }
 
 /// Replaces each score `s` by `exp(s − max)`; returns their sum.
@@ -91,6 +114,55 @@ pub(super) mod avx2 {
             let h = _mm256_hadd_ps(h, h);
             let one = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
             out.push(_mm_cvtss_f32(one) * scale);
+        }
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; `out.len()` is a multiple of 8 and
+    /// `values` holds `probs.len()` rows of `out.len()`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn accumulate(values: &[f32], probs: &[f32], scale: f32, out: &mut [f32]) {
+        let d = out.len();
+        let n = probs.len().min(values.len() / d);
+        let v = values.as_ptr();
+        let o = out.as_mut_ptr();
+        // 32 output lanes stay in four registers while every value row of
+        // the block is added in, in order; then 8 at a time.
+        let mut c = 0;
+        while c + 32 <= d {
+            // SAFETY: lanes `c..c + 32` are in `out` and in each row.
+            unsafe {
+                let (mut a0, mut a1) = (_mm256_loadu_ps(o.add(c)), _mm256_loadu_ps(o.add(c + 8)));
+                let (mut a2, mut a3) = (
+                    _mm256_loadu_ps(o.add(c + 16)),
+                    _mm256_loadu_ps(o.add(c + 24)),
+                );
+                for (k, &p) in probs.iter().enumerate().take(n) {
+                    let w = _mm256_set1_ps(p * scale);
+                    let row = v.add(k * d + c);
+                    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row), a0);
+                    a1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8)), a1);
+                    a2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(16)), a2);
+                    a3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(24)), a3);
+                }
+                _mm256_storeu_ps(o.add(c), a0);
+                _mm256_storeu_ps(o.add(c + 8), a1);
+                _mm256_storeu_ps(o.add(c + 16), a2);
+                _mm256_storeu_ps(o.add(c + 24), a3);
+            }
+            c += 32;
+        }
+        while c < d {
+            // SAFETY: lanes `c..c + 8` are in `out` and in each row.
+            unsafe {
+                let mut a0 = _mm256_loadu_ps(o.add(c));
+                for (k, &p) in probs.iter().enumerate().take(n) {
+                    let w = _mm256_set1_ps(p * scale);
+                    a0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(v.add(k * d + c)), a0);
+                }
+                _mm256_storeu_ps(o.add(c), a0);
+            }
+            c += 8;
         }
     }
 
@@ -187,6 +259,29 @@ mod tests {
             }
         }
         assert!((total - want_total).abs() <= 1e-5 * want_total);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_weighted_sums_match_the_portable_loop() {
+        if !avx2() {
+            return;
+        }
+        let mut rng = StdRng::seed_from_u64(7);
+        for d in [8, 40, 64, 128, 256] {
+            for n in [1, 5, 16] {
+                let values: Vec<f32> = (0..n * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+                let probs: Vec<f32> = (0..n).map(|_| rng.random_range(0.0..1.0)).collect();
+                let start: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let (mut got, mut want) = (start.clone(), start);
+                // SAFETY: AVX2 and FMA were detected; d is a multiple of 8.
+                unsafe { avx2::accumulate(&values, &probs, 0.5, &mut got) };
+                accumulate_portable(&values, &probs, 0.5, &mut want);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "d {d} n {n}: {g} vs {w}");
+                }
+            }
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
