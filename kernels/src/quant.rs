@@ -512,13 +512,22 @@ pub fn from_ggml(
     ) -> Result<Box<dyn QuantLinear>> {
         read::<B>(bytes, rows, cols)
     }
+    /// Q4_K: tiled where this CPU runs it.
+    fn read_q4_k(bytes: &[u8], rows: usize, cols: usize) -> Result<Box<dyn QuantLinear>> {
+        #[cfg(target_arch = "x86_64")]
+        if tiled::available(isa()) {
+            let m = QuantMatrix::<crate::q4_k::BlockQ4K>::from_ggml_bytes(bytes, rows, cols)?;
+            return Ok(Box::new(tiled_k::TiledQ4K::new(&m.blocks, rows, cols)));
+        }
+        read::<crate::q4_k::BlockQ4K>(bytes, rows, cols)
+    }
     Some(match dtype {
         GgmlDType::Q4_0 => read32::<crate::q4_0::BlockQ4_0>(bytes, rows, cols),
         GgmlDType::Q4_1 => read32::<crate::q4_1::BlockQ4_1>(bytes, rows, cols),
         GgmlDType::Q5_0 => read32::<crate::q5_0::BlockQ5_0>(bytes, rows, cols),
         GgmlDType::Q5_1 => read32::<crate::q5_1::BlockQ5_1>(bytes, rows, cols),
         GgmlDType::Q8_0 => read32::<crate::q8_0::BlockQ8_0>(bytes, rows, cols),
-        GgmlDType::Q4K => read::<crate::q4_k::BlockQ4K>(bytes, rows, cols),
+        GgmlDType::Q4K => read_q4_k(bytes, rows, cols),
         GgmlDType::Q5K => read::<crate::q5_k::BlockQ5K>(bytes, rows, cols),
         GgmlDType::Q6K => read::<crate::q6_k::BlockQ6K>(bytes, rows, cols),
         _ => return None,
@@ -593,6 +602,8 @@ impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
 pub(crate) mod dots;
 #[cfg(target_arch = "x86_64")]
 pub mod tiled;
+#[cfg(target_arch = "x86_64")]
+pub mod tiled_k;
 
 #[cfg(test)]
 pub(crate) mod check;
