@@ -134,9 +134,13 @@ async fn streaming_completion_matches_non_streaming() {
 #[tokio::test]
 async fn prompt_lookup_keeps_the_output_and_reports_acceptance() {
     let server = Server::start();
-    let prompt = "Copy the list.\nList: apples, pears, plums, cherries, grapes, figs, dates, limes, \
+    let prompt =
+        "Copy the list.\nList: apples, pears, plums, cherries, grapes, figs, dates, limes, \
                   lemons, melons.\nCopy: apples, pears,";
-    for sampling in [json!({"temperature": 0}), json!({"temperature": 0.9, "seed": 11})] {
+    for sampling in [
+        json!({"temperature": 0}),
+        json!({"temperature": 0.9, "seed": 11}),
+    ] {
         let mut texts = Vec::new();
         for lookup in [json!(false), json!(8), json!(true)] {
             let mut body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 40,
@@ -154,10 +158,25 @@ async fn prompt_lookup_keeps_the_output_and_reports_acceptance() {
             "{sampling}: {texts:?}"
         );
     }
-    let drafted = metric(&server, "kindling_spec_draft_tokens{model=\"smollm2-135m\"}").await;
-    let accepted = metric(&server, "kindling_spec_accepted_tokens{model=\"smollm2-135m\"}").await;
-    assert!(drafted > 0.0 && accepted > 0.0, "{drafted} drafted, {accepted} accepted");
-    let rate = metric(&server, "kindling_spec_acceptance_rate{model=\"smollm2-135m\"}").await;
+    let drafted = metric(
+        &server,
+        "kindling_spec_draft_tokens{model=\"smollm2-135m\"}",
+    )
+    .await;
+    let accepted = metric(
+        &server,
+        "kindling_spec_accepted_tokens{model=\"smollm2-135m\"}",
+    )
+    .await;
+    assert!(
+        drafted > 0.0 && accepted > 0.0,
+        "{drafted} drafted, {accepted} accepted"
+    );
+    let rate = metric(
+        &server,
+        "kindling_spec_acceptance_rate{model=\"smollm2-135m\"}",
+    )
+    .await;
     assert!((rate - accepted / drafted).abs() < 1e-9);
     assert!(metrics_text(&server)
         .await

@@ -145,10 +145,13 @@ fn spans<'a>(
     bs: usize,
     from: usize,
 ) -> impl Iterator<Item = (u32, usize, usize)> + 'a {
-    row.blocks.iter().enumerate().filter_map(move |(b, &block)| {
-        let (lo, hi) = (from.max(b * bs), row.seen.min((b + 1) * bs));
-        (lo < hi).then(|| (block, lo - b * bs, hi - lo))
-    })
+    row.blocks
+        .iter()
+        .enumerate()
+        .filter_map(move |(b, &block)| {
+            let (lo, hi) = (from.max(b * bs), row.seen.min((b + 1) * bs));
+            (lo < hi).then(|| (block, lo - b * bs, hi - lo))
+        })
 }
 
 /// One query head's attention over the positions its row sees.
@@ -343,8 +346,15 @@ mod tests {
         };
         let all = paged_attention(&q, 4, &rows, &k, &v, layout, scoring);
         for (r, row) in rows.iter().enumerate() {
-            let alone =
-                paged_attention(&q[r * 64..(r + 1) * 64], 4, &[*row], &k, &v, layout, scoring);
+            let alone = paged_attention(
+                &q[r * 64..(r + 1) * 64],
+                4,
+                &[*row],
+                &k,
+                &v,
+                layout,
+                scoring,
+            );
             assert_eq!(alone, all[r * 64..(r + 1) * 64]);
         }
     }

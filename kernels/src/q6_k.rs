@@ -34,7 +34,7 @@ pub struct BlockQ6K {
 
 impl BlockQ6K {
     /// Value `i` (0..256) as an unsigned integer.
-    fn q(&self, i: usize) -> u8 {
+    pub(crate) fn q(&self, i: usize) -> u8 {
         let (n, l) = (i / 128, i % 128);
         let (k, l) = (l / 32, l % 32);
         let low = self.ql[64 * n + 32 * (k & 1) + l];

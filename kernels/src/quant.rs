@@ -521,6 +521,15 @@ pub fn from_ggml(
         }
         read::<crate::q4_k::BlockQ4K>(bytes, rows, cols)
     }
+    /// Q6_K: tiled where this CPU runs it.
+    fn read_q6_k(bytes: &[u8], rows: usize, cols: usize) -> Result<Box<dyn QuantLinear>> {
+        #[cfg(target_arch = "x86_64")]
+        if tiled::available(isa()) {
+            let m = QuantMatrix::<crate::q6_k::BlockQ6K>::from_ggml_bytes(bytes, rows, cols)?;
+            return Ok(Box::new(tiled_k::TiledQ6K::new(&m.blocks, rows, cols)));
+        }
+        read::<crate::q6_k::BlockQ6K>(bytes, rows, cols)
+    }
     Some(match dtype {
         GgmlDType::Q4_0 => read32::<crate::q4_0::BlockQ4_0>(bytes, rows, cols),
         GgmlDType::Q4_1 => read32::<crate::q4_1::BlockQ4_1>(bytes, rows, cols),
@@ -529,7 +538,7 @@ pub fn from_ggml(
         GgmlDType::Q8_0 => read32::<crate::q8_0::BlockQ8_0>(bytes, rows, cols),
         GgmlDType::Q4K => read_q4_k(bytes, rows, cols),
         GgmlDType::Q5K => read::<crate::q5_k::BlockQ5K>(bytes, rows, cols),
-        GgmlDType::Q6K => read::<crate::q6_k::BlockQ6K>(bytes, rows, cols),
+        GgmlDType::Q6K => read_q6_k(bytes, rows, cols),
         _ => return None,
     })
 }
@@ -553,7 +562,10 @@ pub fn dequantize_ggml(dtype: GgmlDType, bytes: &[u8], out: &mut [f32]) -> Optio
                 out.len()
             );
         }
-        for (b, o) in bytes.chunks_exact(B::BYTES).zip(out.chunks_exact_mut(values)) {
+        for (b, o) in bytes
+            .chunks_exact(B::BYTES)
+            .zip(out.chunks_exact_mut(values))
+        {
             B::parse(b).dequantize(o);
         }
         Ok(())

@@ -22,7 +22,12 @@ const NEAR_TIE: f32 = 1.0;
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
     v.as_array()
-        .map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -56,25 +61,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let theirs = ids(&case["greedy_ids"]);
         let margins: Vec<f32> = case["greedy_margins"]
             .as_array()
-            .map(|a| a.iter().filter_map(|x| x.as_f64()).map(|x| x as f32).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_f64())
+                    .map(|x| x as f32)
+                    .collect()
+            })
             .unwrap_or_default();
         let mut kv = model.new_cache(KvCache::blocks_for(prompt.len() + theirs.len()) + 4)?;
         let mut table = BlockTable::default();
         let mut len = 0;
-        let mut feed = |tokens: &[u32], kv: &mut KvCache| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
-            if !kv.grow(&mut table, len + tokens.len()) {
-                return Err("cache too small".into());
-            }
-            let item = BatchItem {
-                tokens,
-                start: len,
-                blocks: table.blocks(),
-                logits: 1,
+        let mut feed =
+            |tokens: &[u32], kv: &mut KvCache| -> Result<Vec<f32>, Box<dyn std::error::Error>> {
+                if !kv.grow(&mut table, len + tokens.len()) {
+                    return Err("cache too small".into());
+                }
+                let item = BatchItem {
+                    tokens,
+                    start: len,
+                    blocks: table.blocks(),
+                    logits: 1,
+                };
+                let mut out = model.forward(&[item], kv)?;
+                len += tokens.len();
+                out.pop().ok_or_else(|| "no logits".into())
             };
-            let mut out = model.forward(&[item], kv)?;
-            len += tokens.len();
-            out.pop().ok_or_else(|| "no logits".into())
-        };
         let mut logits = feed(&prompt, &mut kv)?;
         let mut divergence = None;
         for (step, &want) in theirs.iter().enumerate() {
@@ -87,7 +98,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             logits = feed(&[ours], &mut kv)?;
         }
         let name = case["prompt"].as_str().unwrap_or_default();
-        let name: String = name.chars().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect();
+        let name: String = name
+            .chars()
+            .rev()
+            .take(40)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
         match divergence {
             None => {
                 exact += 1;

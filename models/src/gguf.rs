@@ -80,7 +80,10 @@ impl GgufFile {
     pub(crate) fn release_pages(&self) {
         // SAFETY: the mapping is shared, read-only and file-backed: dropping
         // its pages loses nothing, later reads fault them in from the file.
-        let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        let _ = unsafe {
+            self.map
+                .unchecked_advise(memmap2::UncheckedAdvice::DontNeed)
+        };
     }
 
     /// Tensor `name`'s bytes in the mapping.

@@ -186,7 +186,10 @@ fn qwen3_and_phi3_fixtures_on_the_device_path_answer_like_the_host() {
     let path = dir.join("fixture.gguf");
     kindling_models::retarget::retarget(&common::demo_gguf(), &path, "gemma2").unwrap();
     let err = TextModel::load_on(&path, Some(256), &placed).err().unwrap();
-    assert!(err.to_string().contains("serve this model on the CPU"), "{err}");
+    assert!(
+        err.to_string().contains("serve this model on the CPU"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }
 

@@ -84,7 +84,10 @@ fn converted_gemma_fixtures_agree_with_their_ggufs() {
             v
         });
         // A prompt longer than the fixtures' eight-position window.
-        let prompt = chat_prompt(&gguf, "Name three rivers of Europe and where they meet the sea.");
+        let prompt = chat_prompt(
+            &gguf,
+            "Name three rivers of Europe and where they meet the sea.",
+        );
         assert!(prompt.len() > 16);
         let (mut kv_g, mut kv_h) = (pool(&gguf, 128), pool(&hf, 128));
         let (mut sg, mut sh) = (Seq::default(), Seq::default());

@@ -21,6 +21,7 @@ mod sleep;
 mod tenancy;
 mod units;
 
+pub use defaults::{GenerationDefaults, MAX_PROMPT_LOOKUP};
 pub use devices::check_model_device;
 pub use devices::{CpuFeature, DeviceConfig, DeviceName};
 pub use engine::EngineConfig;
@@ -29,7 +30,6 @@ pub use manifest::{
     conflict, load_manifest, parse_size, scan_manifests, version_order, Architecture,
     ImageDefaults, ModelKind, ModelManifest, Precision, WeightFormat, WeightSource,
 };
-pub use defaults::{GenerationDefaults, MAX_PROMPT_LOOKUP};
 pub use routes::{check_route, GuardSpec, RouteSpec, ShadowSpec};
 pub use sleep::SleepConfig;
 pub use tenancy::{AuthConfig, UsageConfig, UsageTarget};

@@ -400,15 +400,28 @@ mod tests {
         let d = GenerationDefaults::default();
         let get = |json: &str, d: &GenerationDefaults| fields(json).validate(d, None);
         assert_eq!(get("{}", &d).unwrap().prompt_lookup, 0);
-        assert_eq!(get(r#"{"prompt_lookup": true}"#, &d).unwrap().prompt_lookup, 4);
+        assert_eq!(
+            get(r#"{"prompt_lookup": true}"#, &d).unwrap().prompt_lookup,
+            4
+        );
         assert_eq!(get(r#"{"prompt_lookup": 7}"#, &d).unwrap().prompt_lookup, 7);
         let model = GenerationDefaults {
             prompt_lookup: Some(6),
             ..Default::default()
         };
         assert_eq!(get("{}", &model).unwrap().prompt_lookup, 6);
-        assert_eq!(get(r#"{"prompt_lookup": true}"#, &model).unwrap().prompt_lookup, 6);
-        assert_eq!(get(r#"{"prompt_lookup": false}"#, &model).unwrap().prompt_lookup, 0);
+        assert_eq!(
+            get(r#"{"prompt_lookup": true}"#, &model)
+                .unwrap()
+                .prompt_lookup,
+            6
+        );
+        assert_eq!(
+            get(r#"{"prompt_lookup": false}"#, &model)
+                .unwrap()
+                .prompt_lookup,
+            0
+        );
         for bad in [r#""yes""#, "17", "-1", "2.5"] {
             let e = get(&format!(r#"{{"prompt_lookup": {bad}}}"#), &d).unwrap_err();
             assert_eq!(e.param.as_deref(), Some("prompt_lookup"), "{bad}");

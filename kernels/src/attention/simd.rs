@@ -278,7 +278,10 @@ mod tests {
                 unsafe { avx2::accumulate(&values, &probs, 0.5, &mut got) };
                 accumulate_portable(&values, &probs, 0.5, &mut want);
                 for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "d {d} n {n}: {g} vs {w}");
+                    assert!(
+                        (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                        "d {d} n {n}: {g} vs {w}"
+                    );
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! The tiled product for Q4_K on CPUs with AVX-512 VNNI, the layout
+//! The tiled products for Q4_K and Q6_K on CPUs with AVX-512 VNNI, the layout
 //! [`super::tiled`] gives the 32-value formats, for GGML's 256-value
 //! super-blocks. Eight weight rows are interleaved so one register holds
 //! four values of each; per 32-value sub-block, eight `vpdpbusd` against
@@ -7,7 +7,9 @@
 //! over the super-block — the integers llama.cpp and the row kernels sum —
 //! before one float step per super-block; the minimums' term comes from
 //! the activations' 16-value sums, also as integers. Up to eight activation
-//! rows share each unpacked sub-block. Values stay four bits.
+//! rows share each unpacked sub-block. Values keep their bits: Q4_K four,
+//! Q6_K four plus a pair packed with three other sub-blocks' pairs (its
+//! `−32` offset is `32·Σ scale·Σx`, from the same sums).
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
@@ -15,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::kquant::{quantize_q8_k, BlockQ8K, QK_K};
 use crate::q4_k::BlockQ4K;
+use crate::q6_k::BlockQ6K;
 
 /// Weight rows per tile.
 const ROWS: usize = 8;
@@ -31,9 +34,9 @@ pub struct TiledQ4K {
     /// 4 bytes, rows in order.
     q: Vec<u8>,
     /// Per tile super-block and sub-block: the 8 rows' scales.
-    scales: Vec<[[i32; ROWS]; 8]>,
+    scales: Vec<[[u8; ROWS]; 8]>,
     /// Per tile super-block and sub-block: the 8 rows' minimums.
-    mins: Vec<[[i32; ROWS]; 8]>,
+    mins: Vec<[[u8; ROWS]; 8]>,
     /// Per tile super-block: the 8 rows' super-scales and super-minimums.
     d: Vec<[f32; ROWS]>,
     dmin: Vec<[f32; ROWS]>,
@@ -62,8 +65,8 @@ impl TiledQ4K {
                 w.d[tb][lane] = block.h.d;
                 w.dmin[tb][lane] = block.h.dmin;
                 for j in 0..8 {
-                    w.scales[tb][j][lane] = i32::from(block.h.scales[j]);
-                    w.mins[tb][j][lane] = i32::from(block.h.mins[j]);
+                    w.scales[tb][j][lane] = block.h.scales[j];
+                    w.mins[tb][j][lane] = block.h.mins[j];
                 }
                 for (cg, four) in block.qs.chunks_exact(4).enumerate() {
                     let at = tb * TILE_BYTES + cg * 4 * ROWS + 4 * lane;
@@ -85,37 +88,123 @@ impl TiledQ4K {
     }
 
     pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
-        let kb = self.cols / QK_K;
-        let m = x.len() / self.cols;
-        if m == 0 {
-            return Vec::new();
+        // SAFETY: this layout is built only where the CPU has AVX2, FMA,
+        // AVX-512 (F, VL, BW) and VNNI.
+        product(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
+            avx512::tile_q4_k(self, t, xq, kb, out)
+        })
+    }
+}
+
+/// `x · Wᵀ` for a tiled matrix of `rows × cols`: the activations quantized
+/// to Q8_K, then `tile(t, xq, kb, out)` per tile, in parallel.
+fn product(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tile: impl Fn(usize, &[BlockQ8K], usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let kb = cols / QK_K;
+    let m = x.len() / cols;
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut xq = vec![BlockQ8K::default(); m * kb];
+    xq.par_chunks_mut(kb)
+        .zip(x.par_chunks_exact(cols))
+        .for_each(|(q, row)| quantize_q8_k(row, q));
+    let tiles = rows.div_ceil(ROWS);
+    let mut by_tile = vec![0f32; tiles * m * ROWS];
+    let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
+    by_tile
+        .par_chunks_mut(per_task * m * ROWS)
+        .enumerate()
+        .for_each(|(task, out)| {
+            for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
+                tile(task * per_task + k, &xq, kb, tile_out);
+            }
+        });
+    let mut out = vec![0f32; m * rows];
+    for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
+        let width = ROWS.min(rows - t * ROWS);
+        for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
+            let at = r * rows + t * ROWS;
+            out[at..at + width].copy_from_slice(&eight[..width]);
         }
-        let mut xq = vec![BlockQ8K::default(); m * kb];
-        xq.par_chunks_mut(kb)
-            .zip(x.par_chunks_exact(self.cols))
-            .for_each(|(q, row)| quantize_q8_k(row, q));
-        let tiles = self.rows.div_ceil(ROWS);
-        let mut by_tile = vec![0f32; tiles * m * ROWS];
-        let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
-        by_tile
-            .par_chunks_mut(per_task * m * ROWS)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
-                    // SAFETY: this layout is built only where the CPU has
-                    // AVX2, FMA, AVX-512 (F, VL, BW) and VNNI.
-                    unsafe { avx512::tile(self, task * per_task + k, &xq, kb, tile_out) };
+    }
+    out
+}
+
+/// Bytes of one Q6_K tile super-block's values (8 rows × 192).
+const Q6_TILE_BYTES: usize = ROWS * 192;
+
+/// A Q6_K weight matrix in the tiled layout.
+#[derive(Debug, Clone)]
+pub struct TiledQ6K {
+    rows: usize,
+    cols: usize,
+    /// Per tile super-block, per quad `u` of sub-blocks (`4u..4u + 4`) and
+    /// 4-value group `g`, three vectors of the 8 rows' 4 bytes: the low
+    /// nibbles of sub-blocks `4u` (low) and `4u + 1` (high), those of
+    /// `4u + 2` and `4u + 3`, and the four's high bit pairs (bits 0–1, 2–3,
+    /// 4–5, 6–7).
+    q: Vec<u8>,
+    /// Per tile super-block and sub-block: the 8 rows' scales.
+    scales: Vec<[[i8; ROWS]; 16]>,
+    /// Per tile super-block: the 8 rows' super-scales.
+    d: Vec<[f32; ROWS]>,
+}
+
+impl TiledQ6K {
+    /// Interleaves `blocks` (`rows × cols/256`, row-major).
+    pub(crate) fn new(blocks: &[BlockQ6K], rows: usize, cols: usize) -> Self {
+        let kb = cols / QK_K;
+        let n = rows.div_ceil(ROWS) * kb;
+        let mut w = Self {
+            rows,
+            cols,
+            q: vec![0; n * Q6_TILE_BYTES],
+            scales: vec![[[0; ROWS]; 16]; n],
+            d: vec![[0.0; ROWS]; n],
+        };
+        for r in 0..rows {
+            let (t, lane) = (r / ROWS, r % ROWS);
+            for b in 0..kb {
+                let block = &blocks[r * kb + b];
+                let tb = t * kb + b;
+                w.d[tb][lane] = block.d;
+                for j in 0..16 {
+                    w.scales[tb][j][lane] = block.scales[j];
                 }
-            });
-        let mut out = vec![0f32; m * self.rows];
-        for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
-            let width = ROWS.min(self.rows - t * ROWS);
-            for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
-                let at = r * self.rows + t * ROWS;
-                out[at..at + width].copy_from_slice(&eight[..width]);
+                for u in 0..4 {
+                    for g in 0..4 {
+                        let base = tb * Q6_TILE_BYTES + (u * 4 + g) * 3 * 32 + 4 * lane;
+                        for k in 0..4 {
+                            let v = |s: usize| block.q(16 * (4 * u + s) + 4 * g + k);
+                            w.q[base + k] = (v(0) & 0x0F) | ((v(1) & 0x0F) << 4);
+                            w.q[base + 32 + k] = (v(2) & 0x0F) | ((v(3) & 0x0F) << 4);
+                            w.q[base + 64 + k] = (v(0) >> 4)
+                                | ((v(1) >> 4) << 2)
+                                | ((v(2) >> 4) << 4)
+                                | ((v(3) >> 4) << 6);
+                        }
+                    }
+                }
             }
         }
-        out
+        w
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
+        // SAFETY: as for Q4_K.
+        product(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
+            avx512::tile_q6_k(self, t, xq, kb, out)
+        })
     }
 }
 
@@ -123,7 +212,14 @@ impl TiledQ4K {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8K, TiledQ4K, ROWS, TILE_BYTES};
+    use super::{BlockQ8K, TiledQ4K, TiledQ6K, Q6_TILE_BYTES, ROWS, TILE_BYTES};
+
+    /// Eight bytes as eight i32 lanes.
+    #[inline(always)]
+    pub(super) unsafe fn widen(b: &[u8; 8]) -> __m256i {
+        // SAFETY: eight bytes.
+        _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(b.as_ptr().cast()) })
+    }
 
     /// Σ q·x over sub-block `j` for the 8 rows (`v`: its 8 value vectors).
     #[inline(always)]
@@ -175,7 +271,7 @@ mod avx512 {
                         };
                     }
                     // SAFETY: an entry per tile super-block and sub-block.
-                    let sc = unsafe { _mm256_loadu_si256(w.scales[tb][j].as_ptr().cast()) };
+                    let sc = unsafe { widen(&w.scales[tb][j]) };
                     // Unrolled by hand so the sums stay in registers (a
                     // closure would not inherit the target features).
                     macro_rules! each_row {
@@ -203,7 +299,7 @@ mod avx512 {
                 for j in 0..8 {
                     let bs = i32::from(xb.bsums[2 * j]) + i32::from(xb.bsums[2 * j + 1]);
                     // SAFETY: an entry per tile super-block and sub-block.
-                    let mins = unsafe { _mm256_loadu_si256(w.mins[tb][j].as_ptr().cast()) };
+                    let mins = unsafe { widen(&w.mins[tb][j]) };
                     msum = _mm256_add_epi32(msum, _mm256_mullo_epi32(mins, _mm256_set1_epi32(bs)));
                 }
                 let xd = _mm256_set1_ps(xb.d);
@@ -223,7 +319,13 @@ mod avx512 {
     /// # Safety
     /// The CPU must support the features named.
     #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
-    pub(super) unsafe fn tile(w: &TiledQ4K, t: usize, xq: &[BlockQ8K], kb: usize, out: &mut [f32]) {
+    pub(super) unsafe fn tile_q4_k(
+        w: &TiledQ4K,
+        t: usize,
+        xq: &[BlockQ8K],
+        kb: usize,
+        out: &mut [f32],
+    ) {
         let m = xq.len() / kb;
         let mut r0 = 0;
         while r0 + 8 <= m {
@@ -242,6 +344,153 @@ mod avx512 {
             unsafe { rows::<1>(w, t, xq, kb, r0, out) };
         }
     }
+
+    /// Sub-block `4u + S` of the Q6_K tile super-block at `base`: its four
+    /// 4-value groups of the 8 rows, as bytes 0..=63.
+    #[inline(always)]
+    unsafe fn q6_values<const S: usize>(base: *const u8) -> [__m256i; 4] {
+        let (m4, m2) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(3));
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (g, vg) in v.iter_mut().enumerate() {
+            // SAFETY: three 32-byte vectors per group; unaligned loads.
+            let (l, h) = unsafe {
+                let at = base.add(g * 96);
+                (
+                    _mm256_loadu_si256(at.add(32 * (S / 2)).cast()),
+                    _mm256_loadu_si256(at.add(64).cast()),
+                )
+            };
+            let low = if S.is_multiple_of(2) {
+                _mm256_and_si256(l, m4)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16::<4>(l), m4)
+            };
+            let pair = match S {
+                0 => _mm256_and_si256(h, m2),
+                1 => _mm256_and_si256(_mm256_srli_epi16::<2>(h), m2),
+                2 => _mm256_and_si256(_mm256_srli_epi16::<4>(h), m2),
+                _ => _mm256_and_si256(_mm256_srli_epi16::<6>(h), m2),
+            };
+            *vg = _mm256_or_si256(low, _mm256_slli_epi16::<4>(pair));
+        }
+        v
+    }
+
+    /// Activation rows `r0..r0 + N` against Q6_K tile `t`.
+    #[inline(always)]
+    unsafe fn rows_q6<const N: usize>(
+        w: &TiledQ6K,
+        t: usize,
+        xq: &[BlockQ8K],
+        kb: usize,
+        r0: usize,
+        out: &mut [f32],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); N];
+        for b in 0..kb {
+            let tb = t * kb + b;
+            let mut sumi = [_mm256_setzero_si256(); N];
+            for u in 0..4 {
+                // SAFETY: the quad's 384 bytes of the tile super-block.
+                let base = unsafe { w.q.as_ptr().add(tb * Q6_TILE_BYTES + u * 4 * 96) };
+                macro_rules! sub_block {
+                    ($s:literal) => {{
+                        let j = 4 * u + $s;
+                        let v = unsafe { q6_values::<$s>(base) };
+                        // SAFETY: an entry per tile super-block and sub-block.
+                        let sc = unsafe { widen_signed(&w.scales[tb][j]) };
+                        // `N` is a constant: the loop unrolls and the sums
+                        // stay in registers.
+                        for (r, s) in sumi.iter_mut().enumerate() {
+                            let xb = &xq[(r0 + r) * kb + b];
+                            let p = unsafe { ints16(&v, xb, j) };
+                            *s = _mm256_add_epi32(*s, _mm256_mullo_epi32(p, sc));
+                        }
+                    }};
+                }
+                sub_block!(0);
+                sub_block!(1);
+                sub_block!(2);
+                sub_block!(3);
+            }
+            // SAFETY: an entry per tile super-block.
+            let d = unsafe { _mm256_loadu_ps(w.d[tb].as_ptr()) };
+            for (r, (a, s)) in acc.iter_mut().zip(&sumi).enumerate() {
+                let xb = &xq[(r0 + r) * kb + b];
+                let mut off = _mm256_setzero_si256();
+                for j in 0..16 {
+                    // SAFETY: an entry per tile super-block and sub-block.
+                    let sc = unsafe { widen_signed(&w.scales[tb][j]) };
+                    let bs = _mm256_set1_epi32(i32::from(xb.bsums[j]));
+                    off = _mm256_add_epi32(off, _mm256_mullo_epi32(sc, bs));
+                }
+                let total = _mm256_sub_epi32(*s, _mm256_slli_epi32::<5>(off));
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(xb.d));
+                *a = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(total), *a);
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            // SAFETY: `out` holds 8 floats per activation row.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((r0 + r) * ROWS), *a) };
+        }
+    }
+
+    /// Eight signed bytes as eight i32 lanes.
+    #[inline(always)]
+    unsafe fn widen_signed(b: &[i8; 8]) -> __m256i {
+        // SAFETY: eight bytes.
+        _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(b.as_ptr().cast()) })
+    }
+
+    /// Σ q·x over 16-value sub-block `j` for the 8 rows.
+    #[inline(always)]
+    unsafe fn ints16(v: &[__m256i; 4], xb: &BlockQ8K, j: usize) -> __m256i {
+        let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
+        for g in (0..4).step_by(2) {
+            // SAFETY: 8 of the 256 activation bytes.
+            let (x0, x1) = unsafe {
+                let p = xb.qs.as_ptr().add(16 * j + 4 * g);
+                (
+                    std::ptr::read_unaligned(p.cast::<i32>()),
+                    std::ptr::read_unaligned(p.add(4).cast::<i32>()),
+                )
+            };
+            a = _mm256_dpbusd_epi32(a, v[g], _mm256_set1_epi32(x0));
+            b = _mm256_dpbusd_epi32(b, v[g + 1], _mm256_set1_epi32(x1));
+        }
+        _mm256_add_epi32(a, b)
+    }
+
+    /// Q6_K tile `t` against every activation row.
+    ///
+    /// # Safety
+    /// The CPU must support the features named.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512bw,avx512vnni")]
+    pub(super) unsafe fn tile_q6_k(
+        w: &TiledQ6K,
+        t: usize,
+        xq: &[BlockQ8K],
+        kb: usize,
+        out: &mut [f32],
+    ) {
+        let m = xq.len() / kb;
+        let mut r0 = 0;
+        while r0 + 8 <= m {
+            unsafe { rows_q6::<8>(w, t, xq, kb, r0, out) };
+            r0 += 8;
+        }
+        if r0 + 4 <= m {
+            unsafe { rows_q6::<4>(w, t, xq, kb, r0, out) };
+            r0 += 4;
+        }
+        if r0 + 2 <= m {
+            unsafe { rows_q6::<2>(w, t, xq, kb, r0, out) };
+            r0 += 2;
+        }
+        if r0 < m {
+            unsafe { rows_q6::<1>(w, t, xq, kb, r0, out) };
+        }
+    }
 }
 
 impl CustomOp1 for TiledQ4K {
@@ -250,24 +499,9 @@ impl CustomOp1 for TiledQ4K {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("q4_k-matmul: expected f32 input, got {:?}", storage.dtype());
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("q4_k-matmul: input must be contiguous");
-        };
-        let mut dims = layout.shape().dims().to_vec();
-        if dims.last() != Some(&self.cols) {
-            candle_core::bail!(
-                "q4_k-matmul: input {dims:?} does not end in {} columns",
-                self.cols
-            );
-        }
-        let out = self.matmul(&data[start..end]);
-        if let Some(last) = dims.last_mut() {
-            *last = self.rows;
-        }
-        Ok((CpuStorage::F32(out), Shape::from(dims)))
+        apply(self.name(), self.rows, self.cols, storage, layout, |x| {
+            self.matmul(x)
+        })
     }
 }
 
@@ -281,42 +515,53 @@ impl super::QuantLinear for TiledQ4K {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use rand::rngs::StdRng;
-    use rand::SeedableRng;
+impl CustomOp1 for TiledQ6K {
+    fn name(&self) -> &'static str {
+        "q6_k-matmul"
+    }
 
-    use super::*;
-    use crate::quant::check::{put_f16, random_bytes, random_rows};
-    use crate::quant::QuantBlock;
-
-    /// The tiled product equals the row kernels' up to the order of float
-    /// additions, for every pass width and a part-empty last tile.
-    #[test]
-    fn tiled_q4_k_matches_the_row_kernels() {
-        if !super::super::tiled::available(super::super::isa()) {
-            eprintln!("q4_k: this CPU does not run the tiled product");
-            return;
-        }
-        let mut rng = StdRng::seed_from_u64(41);
-        for (rows, cols) in [(19, 512), (64, 768)] {
-            let w = random_bytes::<BlockQ4K>(rows, cols, &mut rng, |b, rng| {
-                put_f16(b, 0, rng, 0.001..0.01);
-                put_f16(b, 2, rng, 0.001..0.01);
-            });
-            let tiled = TiledQ4K::new(&w.blocks, rows, cols);
-            for m in [1, 2, 3, 4, 7, 8, 9, 17] {
-                let x = random_rows(m, cols, &mut rng);
-                let want = w.matmul(&x, BlockQ4K::kernels());
-                let got = tiled.matmul(&x);
-                assert_eq!(got.len(), want.len());
-                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
-                        "{rows}x{cols} m={m} [{i}]: tiled {a}, rows {b}"
-                    );
-                }
-            }
-        }
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        apply(self.name(), self.rows, self.cols, storage, layout, |x| {
+            self.matmul(x)
+        })
     }
 }
+
+impl super::QuantLinear for TiledQ6K {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1_no_bwd(self)
+    }
+
+    fn dims(&self) -> (usize, usize) {
+        TiledQ6K::dims(self)
+    }
+}
+
+/// A custom op's CPU body: checks `x` ends in `cols`, runs `matmul`.
+fn apply(
+    name: &str,
+    rows: usize,
+    cols: usize,
+    storage: &CpuStorage,
+    layout: &Layout,
+    matmul: impl Fn(&[f32]) -> Vec<f32>,
+) -> Result<(CpuStorage, Shape)> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{name}: expected f32 input, got {:?}", storage.dtype());
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{name}: input must be contiguous");
+    };
+    let mut dims = layout.shape().dims().to_vec();
+    if dims.last() != Some(&cols) {
+        candle_core::bail!("{name}: input {dims:?} does not end in {cols} columns");
+    }
+    let out = matmul(&data[start..end]);
+    if let Some(last) = dims.last_mut() {
+        *last = rows;
+    }
+    Ok((CpuStorage::F32(out), Shape::from(dims)))
+}
+
+#[cfg(test)]
+mod tests;

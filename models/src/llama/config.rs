@@ -36,7 +36,14 @@ pub enum RopeScaling {
 pub const GGUF_ARCHITECTURES: [&str; 6] = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3"];
 
 /// The `model_type` values read from Hugging Face folders.
-const HF_MODEL_TYPES: [&str; 6] = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text"];
+const HF_MODEL_TYPES: [&str; 6] = [
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+];
 
 /// Hyper-parameters of a Llama-family model.
 #[derive(Debug, Clone)]

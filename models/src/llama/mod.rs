@@ -19,8 +19,8 @@ use candle_core::{DType, Device, Tensor};
 use kindling_kernels::{paged_attention, QueryRow, RopeTables, Scoring};
 
 pub use config::{LlamaConfig, RopeScaling};
-pub use variant::{Activation, SlidingWindow, Variant};
 pub use device::DeviceLlama;
+pub use variant::{Activation, SlidingWindow, Variant};
 pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
 pub use weights::weight_files;

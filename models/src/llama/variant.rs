@@ -108,7 +108,11 @@ impl Variant {
                     layers,
                     // Gemma 2's sliding layers rotate as the others unless
                     // the file says otherwise; Gemma 3's at 10 000.
-                    rope_theta: if gemma2 { local } else { local.or(Some(10_000.0)) },
+                    rope_theta: if gemma2 {
+                        local
+                    } else {
+                        local.or(Some(10_000.0))
+                    },
                 })
             }
         };
@@ -151,7 +155,11 @@ impl Variant {
         let sliding = hf.sliding_window.filter(|&w| w > 0).map(|window| {
             let layers = match &hf.layer_types {
                 Some(types) => types.iter().map(|t| t == "sliding_attention").collect(),
-                None => pattern(layers, hf.sliding_window_pattern.unwrap_or(if gemma2 { 2 } else { 6 })),
+                None => pattern(
+                    layers,
+                    hf.sliding_window_pattern
+                        .unwrap_or(if gemma2 { 2 } else { 6 }),
+                ),
             };
             SlidingWindow {
                 window,
@@ -195,10 +203,7 @@ mod tests {
     #[test]
     fn the_last_layer_of_each_pattern_sees_everything() {
         assert_eq!(pattern(4, 2), [true, false, true, false]);
-        assert_eq!(
-            pattern(7, 6),
-            [true, true, true, true, true, false, true]
-        );
+        assert_eq!(pattern(7, 6), [true, true, true, true, true, false, true]);
         assert!(pattern(3, 1).iter().all(|&s| s));
     }
 

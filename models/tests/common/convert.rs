@@ -178,7 +178,13 @@ fn gemma_config(config: &mut serde_json::Value, cfg: &LlamaConfig, arch: &str) {
         let types: Vec<&str> = sliding
             .layers
             .iter()
-            .map(|&s| if s { "sliding_attention" } else { "full_attention" })
+            .map(|&s| {
+                if s {
+                    "sliding_attention"
+                } else {
+                    "full_attention"
+                }
+            })
             .collect();
         config["layer_types"] = json!(types);
         config["rope_local_base_freq"] = json!(sliding.rope_theta);

@@ -165,7 +165,11 @@ impl Scheduler {
                     tokens: &tokens[p.start..p.end],
                     start: p.start,
                     blocks,
-                    logits: if p.end == tokens.len() { 1 + p.draft } else { 0 },
+                    logits: if p.end == tokens.len() {
+                        1 + p.draft
+                    } else {
+                        0
+                    },
                 }
             })
             .collect();
@@ -269,7 +273,8 @@ impl Scheduler {
             let s = &self.running[i];
             let draft = lookup::draft(&s.tokens, want).to_vec();
             // Drafts never take the blocks other sequences' next tokens need.
-            let extra = KvCache::blocks_for(need + draft.len()).saturating_sub(s.table.blocks().len());
+            let extra =
+                KvCache::blocks_for(need + draft.len()).saturating_sub(s.table.blocks().len());
             let spare = self.kv.free_blocks().saturating_sub(self.running.len());
             if !draft.is_empty() && extra <= spare && self.grow(i, need + draft.len()) {
                 let k = draft.len();
@@ -456,7 +461,10 @@ impl Scheduler {
                     req.live -= 1;
                 }
                 if req.events.is_closed() && gone.insert(s.request) {
-                    tracing::info!(request = s.request, "generation cancelled: the client went away");
+                    tracing::info!(
+                        request = s.request,
+                        "generation cancelled: the client went away"
+                    );
                 }
                 continue;
             }

@@ -456,7 +456,10 @@ fn prompt_lookup_drafts_change_the_passes_not_the_text() {
         assert!(drafted > 0);
         if helps {
             assert_eq!(accepted, drafted);
-            assert!(spec_passes * 3 < plain_passes, "{spec_passes} vs {plain_passes}");
+            assert!(
+                spec_passes * 3 < plain_passes,
+                "{spec_passes} vs {plain_passes}"
+            );
         } else {
             assert_eq!(accepted, 0);
         }
