@@ -611,6 +611,32 @@ impl<B: QuantBlock> CustomOp1 for QuantMatrix<B> {
     }
 }
 
+/// The tiled products' passes over `m` activation rows: `$pass!(N, r0)`
+/// for rows `r0..r0 + N`, eight at a time, then four, two, one (`N` a
+/// literal, so each pass keeps its sums in registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! row_passes {
+    ($m:expr, $pass:ident) => {{
+        let m = $m;
+        let mut r0 = 0;
+        while r0 + 8 <= m {
+            $pass!(8, r0);
+            r0 += 8;
+        }
+        if r0 + 4 <= m {
+            $pass!(4, r0);
+            r0 += 4;
+        }
+        if r0 + 2 <= m {
+            $pass!(2, r0);
+            r0 += 2;
+        }
+        if r0 < m {
+            $pass!(1, r0);
+        }
+    }};
+}
+
 pub(crate) mod dots;
 #[cfg(target_arch = "x86_64")]
 pub mod tiled;

@@ -164,21 +164,10 @@ fn qwen3_and_phi3_fixtures_on_the_device_path_answer_like_the_host() {
         let host = TextModel::load(&path, Some(256)).unwrap();
         let device = TextModel::load_on(&path, Some(256), &placed).unwrap();
         for text in PROMPTS {
-            let prompt = host.tokenizer.encode(text).unwrap();
-            common::clear_choices_agree(&host, &device, &prompt, 8);
             // Teacher-forced on the host's tokens, the logits agree closely
             // (the host quantizes activations to 8 bits, the device does not).
-            let (mut kv_h, mut kv_d) = (pool(&host, 64), pool(&device, 64));
-            let (mut sh, mut sd) = (Seq::default(), Seq::default());
-            let mut lh = sh.feed(&host, &mut kv_h, &prompt);
-            let mut ld = sd.feed(&device, &mut kv_d, &prompt);
-            for step in 0..8 {
-                let c = cosine(&lh, &ld);
-                assert!(c > 0.99, "{arch} step {step}: cosine {c}");
-                let t = argmax(&lh);
-                lh = sh.feed(&host, &mut kv_h, &[t]);
-                ld = sd.feed(&device, &mut kv_d, &[t]);
-            }
+            let prompt = host.tokenizer.encode(text).unwrap();
+            common::tracks(&host, &device, &prompt, 8, 0.99);
         }
         std::fs::remove_dir_all(&dir).ok();
     }

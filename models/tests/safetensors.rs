@@ -34,19 +34,7 @@ fn converted_demo_agrees_with_the_gguf() {
 
     // Teacher-forced on the GGUF's greedy tokens: the logits agree closely
     // (the GGUF path quantizes activations to 8 bits, the f32 path does not).
-    let (mut kv_g, mut kv_h) = (pool(&gguf, 256), pool(&hf, 256));
-    let (mut sg, mut sh) = (Seq::default(), Seq::default());
-    let (mut lg, mut lh) = (
-        sg.feed(&gguf, &mut kv_g, &prompt),
-        sh.feed(&hf, &mut kv_h, &prompt),
-    );
-    for step in 0..8 {
-        let c = cosine(&lg, &lh);
-        assert!(c > 0.99, "step {step}: cosine {c}");
-        let t = argmax(&lg);
-        lg = sg.feed(&gguf, &mut kv_g, &[t]);
-        lh = sh.feed(&hf, &mut kv_h, &[t]);
-    }
+    common::tracks(&gguf, &hf, &prompt, 8, 0.99);
     // Short greedy answers make the same choices wherever the GGUF path's
     // choice is clear. (A 135M model at 4 bits meets many near-ties, where
     // 8-bit activations and f32 may part ways: Jupiter and Neptune, say.)
@@ -89,19 +77,7 @@ fn converted_gemma_fixtures_agree_with_their_ggufs() {
             "Name three rivers of Europe and where they meet the sea.",
         );
         assert!(prompt.len() > 16);
-        let (mut kv_g, mut kv_h) = (pool(&gguf, 128), pool(&hf, 128));
-        let (mut sg, mut sh) = (Seq::default(), Seq::default());
-        let (mut lg, mut lh) = (
-            sg.feed(&gguf, &mut kv_g, &prompt),
-            sh.feed(&hf, &mut kv_h, &prompt),
-        );
-        for step in 0..8 {
-            let c = cosine(&lg, &lh);
-            assert!(c > 0.99, "{arch} step {step}: cosine {c}");
-            let t = argmax(&lg);
-            lg = sg.feed(&gguf, &mut kv_g, &[t]);
-            lh = sh.feed(&hf, &mut kv_h, &[t]);
-        }
+        common::tracks(&gguf, &hf, &prompt, 8, 0.99);
         std::fs::remove_dir_all(&dir).ok();
     }
 }

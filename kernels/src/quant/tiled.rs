@@ -21,8 +21,6 @@ use super::{quantize_q8_1, BlockQ8_1, Isa, QuantBlock, BLOCK};
 
 /// Weight rows per tile.
 pub(crate) const ROWS: usize = 8;
-/// Activation rows per pass over a tile's weights (at most 8).
-const XROWS: usize = 8;
 
 /// How a format's values are laid out and combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,7 +170,7 @@ impl TiledMatrix {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{BlockQ8_1, TiledMatrix, ROWS, XROWS};
+    use super::{BlockQ8_1, TiledMatrix, ROWS};
 
     /// The 8 value vectors of tile block `tb`: vector `g` holds values
     /// `4g..4g + 4` of each of the 8 rows, as unsigned bytes.
@@ -331,23 +329,12 @@ mod avx512 {
         kb: usize,
         out: &mut [f32],
     ) {
-        let m = xq.len() / kb;
-        let mut r0 = 0;
-        while r0 + XROWS <= m {
-            unsafe { rows::<XROWS, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
-            r0 += XROWS;
+        macro_rules! pass {
+            ($n:literal, $r0:expr) => {
+                unsafe { rows::<$n, NIBBLES, HIGH, MIN>(w, t, xq, kb, $r0, out) }
+            };
         }
-        if r0 + 4 <= m {
-            unsafe { rows::<4, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
-            r0 += 4;
-        }
-        if r0 + 2 <= m {
-            unsafe { rows::<2, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
-            r0 += 2;
-        }
-        if r0 < m {
-            unsafe { rows::<1, NIBBLES, HIGH, MIN>(w, t, xq, kb, r0, out) };
-        }
+        row_passes!(xq.len() / kb, pass);
     }
 
     /// Tile `t` against every activation row: `out[r][j]` = row `r` · weight

@@ -326,23 +326,12 @@ mod avx512 {
         kb: usize,
         out: &mut [f32],
     ) {
-        let m = xq.len() / kb;
-        let mut r0 = 0;
-        while r0 + 8 <= m {
-            unsafe { rows::<8>(w, t, xq, kb, r0, out) };
-            r0 += 8;
+        macro_rules! pass {
+            ($n:literal, $r0:expr) => {
+                unsafe { rows::<$n>(w, t, xq, kb, $r0, out) }
+            };
         }
-        if r0 + 4 <= m {
-            unsafe { rows::<4>(w, t, xq, kb, r0, out) };
-            r0 += 4;
-        }
-        if r0 + 2 <= m {
-            unsafe { rows::<2>(w, t, xq, kb, r0, out) };
-            r0 += 2;
-        }
-        if r0 < m {
-            unsafe { rows::<1>(w, t, xq, kb, r0, out) };
-        }
+        row_passes!(xq.len() / kb, pass);
     }
 
     /// Sub-block `4u + S` of the Q6_K tile super-block at `base`: its four
@@ -473,23 +462,12 @@ mod avx512 {
         kb: usize,
         out: &mut [f32],
     ) {
-        let m = xq.len() / kb;
-        let mut r0 = 0;
-        while r0 + 8 <= m {
-            unsafe { rows_q6::<8>(w, t, xq, kb, r0, out) };
-            r0 += 8;
+        macro_rules! pass {
+            ($n:literal, $r0:expr) => {
+                unsafe { rows_q6::<$n>(w, t, xq, kb, $r0, out) }
+            };
         }
-        if r0 + 4 <= m {
-            unsafe { rows_q6::<4>(w, t, xq, kb, r0, out) };
-            r0 += 4;
-        }
-        if r0 + 2 <= m {
-            unsafe { rows_q6::<2>(w, t, xq, kb, r0, out) };
-            r0 += 2;
-        }
-        if r0 < m {
-            unsafe { rows_q6::<1>(w, t, xq, kb, r0, out) };
-        }
+        row_passes!(xq.len() / kb, pass);
     }
 }
 

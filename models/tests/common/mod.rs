@@ -80,12 +80,26 @@ pub fn ranked(logits: &[f32]) -> Vec<u32> {
 /// alone move logits by about that much at worst; see known_answer.rs).
 /// Returns how many steps were that clear.
 pub fn clear_choices_agree(a: &TextModel, b: &TextModel, prompt: &[u32], steps: usize) -> usize {
+    tracks(a, b, prompt, steps, -1.0)
+}
+
+/// [`clear_choices_agree`], with every step's logits also at least
+/// `min_cosine` alike.
+pub fn tracks(
+    a: &TextModel,
+    b: &TextModel,
+    prompt: &[u32],
+    steps: usize,
+    min_cosine: f32,
+) -> usize {
     let (mut ka, mut kb) = (pool(a, prompt.len() + steps), pool(b, prompt.len() + steps));
     let (mut sa, mut sb) = (Seq::default(), Seq::default());
     let mut la = sa.feed(a, &mut ka, prompt);
     let mut lb = sb.feed(b, &mut kb, prompt);
     let mut clear = 0;
     for step in 0..steps {
+        let c = cosine(&la, &lb);
+        assert!(c > min_cosine, "step {step}: cosine {c}");
         let r = ranked(&la);
         let t = r[0];
         if la[r[0] as usize] - la[r[1] as usize] >= 1.0 {

@@ -456,16 +456,8 @@ impl Scheduler {
                 s.drafter.record(p.draft, v.accepted);
                 self.kv.register(&mut s.table, &s.tokens, s.computed);
                 (drafted, accepted) = (drafted + p.draft as u64, accepted + v.accepted as u64);
-                if v.finished {
-                    finished[p.seq] = true;
-                    req.live -= 1;
-                }
-                if req.events.is_closed() && gone.insert(s.request) {
-                    tracing::info!(
-                        request = s.request,
-                        "generation cancelled: the client went away"
-                    );
-                }
+                finished[p.seq] = v.finished;
+                Self::settle(req, s.request, v.finished, &mut gone);
                 continue;
             }
             s.computed = p.end;
@@ -511,16 +503,8 @@ impl Scheduler {
                     }
                 }
             }
-            if Self::advance(model, s, &row, &mut req.events, &mut generated) {
-                finished[p.seq] = true;
-                req.live -= 1;
-            }
-            if req.events.is_closed() && gone.insert(s.request) {
-                tracing::info!(
-                    request = s.request,
-                    "generation cancelled: the client went away"
-                );
-            }
+            finished[p.seq] = Self::advance(model, s, &row, &mut req.events, &mut generated);
+            Self::settle(req, s.request, finished[p.seq], &mut gone);
         }
         let kv = &mut self.kv;
         let mut index = 0;
@@ -547,6 +531,17 @@ impl Scheduler {
             self.stats.record_drafts(drafted, accepted);
         }
         self.publish();
+    }
+
+    /// Counts a finished choice off its request and notes a request whose
+    /// client left (once).
+    fn settle(req: &mut Request, id: u64, finished: bool, gone: &mut HashSet<u64>) {
+        if finished {
+            req.live -= 1;
+        }
+        if req.events.is_closed() && gone.insert(id) {
+            tracing::info!(request = id, "generation cancelled: the client went away");
+        }
     }
 
     /// Samples `s`'s next token from `row`. Returns whether it finished
