@@ -17,7 +17,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use super::{quantize_q8_1, BlockQ8_1, Isa, QuantBlock, BLOCK};
+use super::{ActBlock, BlockQ8_1, Isa, QuantBlock, BLOCK};
 
 /// Weight rows per tile.
 pub(crate) const ROWS: usize = 8;
@@ -129,41 +129,53 @@ impl TiledMatrix {
     }
 
     pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
-        let kb = self.cols / BLOCK;
-        let m = x.len() / self.cols;
-        if m == 0 {
-            return Vec::new();
-        }
-        let mut xq = vec![BlockQ8_1::default(); m * kb];
-        xq.par_chunks_mut(kb)
-            .zip(x.par_chunks_exact(self.cols))
-            .with_min_len(8)
-            .for_each(|(q, row)| quantize_q8_1(row, q));
-        let tiles = self.rows.div_ceil(ROWS);
-        // Per tile, all activation rows: `[tile][row][8]`, then reordered.
-        let mut by_tile = vec![0f32; tiles * m * ROWS];
-        let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
-        by_tile
-            .par_chunks_mut(per_task * m * ROWS)
-            .enumerate()
-            .for_each(|(task, out)| {
-                for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
-                    let t = task * per_task + k;
-                    // SAFETY: `available` held when this matrix was made, so
-                    // the CPU has AVX2, FMA, AVX-512 (F, VL, BW) and VNNI.
-                    unsafe { avx512::tile(self, t, &xq, kb, tile_out) };
-                }
-            });
-        let mut out = vec![0f32; m * self.rows];
-        for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
-            let width = ROWS.min(self.rows - t * ROWS);
-            for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
-                let at = r * self.rows + t * ROWS;
-                out[at..at + width].copy_from_slice(&eight[..width]);
-            }
-        }
-        out
+        // SAFETY: `available` held when this matrix was made, so the CPU has
+        // AVX2, FMA, AVX-512 (F, VL, BW) and VNNI.
+        product::<BlockQ8_1>(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
+            avx512::tile(self, t, xq, kb, out)
+        })
     }
+}
+
+/// `x · Wᵀ` for a tiled matrix of `rows × cols`: the activations quantized
+/// to `A` blocks, then `tile(t, xq, kb, out)` per tile, in parallel, each
+/// writing `[row][8]` for its eight weight rows; then reordered.
+pub(crate) fn product<A: ActBlock>(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    tile: impl Fn(usize, &[A], usize, &mut [f32]) + Sync,
+) -> Vec<f32> {
+    let kb = cols / A::VALUES;
+    let m = x.len() / cols;
+    if m == 0 {
+        return Vec::new();
+    }
+    let mut xq = vec![A::default(); m * kb];
+    xq.par_chunks_mut(kb)
+        .zip(x.par_chunks_exact(cols))
+        .with_min_len(8)
+        .for_each(|(q, row)| A::quantize(row, q));
+    let tiles = rows.div_ceil(ROWS);
+    let mut by_tile = vec![0f32; tiles * m * ROWS];
+    let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
+    by_tile
+        .par_chunks_mut(per_task * m * ROWS)
+        .enumerate()
+        .for_each(|(task, out)| {
+            for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
+                tile(task * per_task + k, &xq, kb, tile_out);
+            }
+        });
+    let mut out = vec![0f32; m * rows];
+    for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
+        let width = ROWS.min(rows - t * ROWS);
+        for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
+            let at = r * rows + t * ROWS;
+            out[at..at + width].copy_from_slice(&eight[..width]);
+        }
+    }
+    out
 }
 
 #[cfg(target_arch = "x86_64")]

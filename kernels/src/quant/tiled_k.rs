@@ -13,9 +13,9 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
-use rayon::prelude::*;
 
-use crate::kquant::{quantize_q8_k, BlockQ8K, QK_K};
+use super::tiled::product;
+use crate::kquant::{BlockQ8K, QK_K};
 use crate::q4_k::BlockQ4K;
 use crate::q6_k::BlockQ6K;
 
@@ -90,49 +90,10 @@ impl TiledQ4K {
     pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
         // SAFETY: this layout is built only where the CPU has AVX2, FMA,
         // AVX-512 (F, VL, BW) and VNNI.
-        product(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
+        product::<BlockQ8K>(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
             avx512::tile_q4_k(self, t, xq, kb, out)
         })
     }
-}
-
-/// `x · Wᵀ` for a tiled matrix of `rows × cols`: the activations quantized
-/// to Q8_K, then `tile(t, xq, kb, out)` per tile, in parallel.
-fn product(
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    tile: impl Fn(usize, &[BlockQ8K], usize, &mut [f32]) + Sync,
-) -> Vec<f32> {
-    let kb = cols / QK_K;
-    let m = x.len() / cols;
-    if m == 0 {
-        return Vec::new();
-    }
-    let mut xq = vec![BlockQ8K::default(); m * kb];
-    xq.par_chunks_mut(kb)
-        .zip(x.par_chunks_exact(cols))
-        .for_each(|(q, row)| quantize_q8_k(row, q));
-    let tiles = rows.div_ceil(ROWS);
-    let mut by_tile = vec![0f32; tiles * m * ROWS];
-    let per_task = (tiles / (8 * rayon::current_num_threads().max(1))).clamp(1, 8);
-    by_tile
-        .par_chunks_mut(per_task * m * ROWS)
-        .enumerate()
-        .for_each(|(task, out)| {
-            for (k, tile_out) in out.chunks_exact_mut(m * ROWS).enumerate() {
-                tile(task * per_task + k, &xq, kb, tile_out);
-            }
-        });
-    let mut out = vec![0f32; m * rows];
-    for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
-        let width = ROWS.min(rows - t * ROWS);
-        for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
-            let at = r * rows + t * ROWS;
-            out[at..at + width].copy_from_slice(&eight[..width]);
-        }
-    }
-    out
 }
 
 /// Bytes of one Q6_K tile super-block's values (8 rows × 192).
@@ -202,7 +163,7 @@ impl TiledQ6K {
 
     pub(crate) fn matmul(&self, x: &[f32]) -> Vec<f32> {
         // SAFETY: as for Q4_K.
-        product(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
+        product::<BlockQ8K>(self.rows, self.cols, x, |t, xq, kb, out| unsafe {
             avx512::tile_q6_k(self, t, xq, kb, out)
         })
     }
@@ -221,14 +182,15 @@ mod avx512 {
         _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(b.as_ptr().cast()) })
     }
 
-    /// Σ q·x over sub-block `j` for the 8 rows (`v`: its 8 value vectors).
+    /// Σ q·x for the 8 rows over `4G` values: `v` holds their `G` value
+    /// vectors, the activations start at byte `at` of `xb`.
     #[inline(always)]
-    unsafe fn ints(v: &[__m256i; 8], xb: &BlockQ8K, j: usize) -> __m256i {
+    unsafe fn ints<const G: usize>(v: &[__m256i; G], xb: &BlockQ8K, at: usize) -> __m256i {
         let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for g in (0..8).step_by(2) {
+        for g in (0..G).step_by(2) {
             // SAFETY: 8 of the 256 activation bytes.
             let (x0, x1) = unsafe {
-                let p = xb.qs.as_ptr().add(32 * j + 4 * g);
+                let p = xb.qs.as_ptr().add(at + 4 * g);
                 (
                     std::ptr::read_unaligned(p.cast::<i32>()),
                     std::ptr::read_unaligned(p.add(4).cast::<i32>()),
@@ -278,7 +240,7 @@ mod avx512 {
                         ($($r:literal)*) => {$(
                             if $r < N {
                                 let xb = &xq[(r0 + $r) * kb + b];
-                                let p = unsafe { ints(&v, xb, j) };
+                                let p = unsafe { ints(&v, xb, 32 * j) };
                                 sumi[$r] = _mm256_add_epi32(sumi[$r], _mm256_mullo_epi32(p, sc));
                             }
                         )*};
@@ -392,7 +354,7 @@ mod avx512 {
                         // stay in registers.
                         for (r, s) in sumi.iter_mut().enumerate() {
                             let xb = &xq[(r0 + r) * kb + b];
-                            let p = unsafe { ints16(&v, xb, j) };
+                            let p = unsafe { ints(&v, xb, 16 * j) };
                             *s = _mm256_add_epi32(*s, _mm256_mullo_epi32(p, sc));
                         }
                     }};
@@ -429,25 +391,6 @@ mod avx512 {
     unsafe fn widen_signed(b: &[i8; 8]) -> __m256i {
         // SAFETY: eight bytes.
         _mm256_cvtepi8_epi32(unsafe { _mm_loadl_epi64(b.as_ptr().cast()) })
-    }
-
-    /// Σ q·x over 16-value sub-block `j` for the 8 rows.
-    #[inline(always)]
-    unsafe fn ints16(v: &[__m256i; 4], xb: &BlockQ8K, j: usize) -> __m256i {
-        let (mut a, mut b) = (_mm256_setzero_si256(), _mm256_setzero_si256());
-        for g in (0..4).step_by(2) {
-            // SAFETY: 8 of the 256 activation bytes.
-            let (x0, x1) = unsafe {
-                let p = xb.qs.as_ptr().add(16 * j + 4 * g);
-                (
-                    std::ptr::read_unaligned(p.cast::<i32>()),
-                    std::ptr::read_unaligned(p.add(4).cast::<i32>()),
-                )
-            };
-            a = _mm256_dpbusd_epi32(a, v[g], _mm256_set1_epi32(x0));
-            b = _mm256_dpbusd_epi32(b, v[g + 1], _mm256_set1_epi32(x1));
-        }
-        _mm256_add_epi32(a, b)
     }
 
     /// Q6_K tile `t` against every activation row.
