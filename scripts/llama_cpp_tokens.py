@@ -10,6 +10,8 @@ For the demo model: tests/data/llama_cpp_tokens.json. For its vocabulary
 recast as SentencePiece (`target/release/retarget SRC /tmp/spm.gguf spm`):
 tests/data/llama_cpp_tokens.spm.json; without the space prefix (`spm-no-prefix`,
 as Gemma's vocabularies are): tests/data/llama_cpp_tokens.spm-no-prefix.json.
+For the real vocabularies in store/vocab (scripts/fetch-models.sh):
+tests/data/llama_cpp_tokens.{llama-bpe,qwen2,llama-spm,phi-3}.json.
 """
 import hashlib
 import json

@@ -11,13 +11,13 @@ use common::*;
 use serde_json::json;
 
 /// Two ids for the demo GGUF, each with a 1024-token context and a
-/// 2048-position KV cache (an estimate of about 335 MB), and a 500 MiB
+/// 2048-position KV cache (an estimate of about 244 MB), and a 350 MiB
 /// budget: one fits, two do not.
 fn two_models(daemon: &str, a_extra: &str, b_extra: &str) -> Server {
     let sizes = "context_length = 1024\nkv_cache_tokens = 2048";
     let a = demo_manifest("a", None, &format!("{sizes}\n{a_extra}"));
     let b = demo_manifest("b", None, &format!("{sizes}\n{b_extra}"));
-    let daemon = format!("[devices.cpu]\nbudget = \"500MiB\"\n{daemon}");
+    let daemon = format!("[devices.cpu]\nbudget = \"350MiB\"\n{daemon}");
     Server::spawn(
         &config_with_manifests(&daemon, &[("a.toml", &a), ("b.toml", &b)]),
         &[],
@@ -47,8 +47,8 @@ async fn a_budget_for_one_model_evicts_and_reloads_in_turn() {
     let status = get_json(&server, "/admin/status").await;
     let cpu = &status["devices"][0];
     assert_eq!(cpu["name"], "cpu");
-    assert_eq!(cpu["budget_bytes"], 500 << 20);
-    assert!(cpu["used_bytes"].as_u64().unwrap() <= 500 << 20, "{status}");
+    assert_eq!(cpu["budget_bytes"], 350 << 20);
+    assert!(cpu["used_bytes"].as_u64().unwrap() <= 350 << 20, "{status}");
     assert_eq!(status["models_resident"], json!(["b"]));
 }
 

@@ -565,7 +565,7 @@ async fn a_version_without_traffic_is_evicted_like_any_idle_model() {
         )
     };
     let config = versioned(
-        "[devices.cpu]\nbudget = \"550MiB\"\n[routes.demo]\nweights = { v1 = 100 }\n",
+        "[devices.cpu]\nbudget = \"350MiB\"\n[routes.demo]\nweights = { v1 = 100 }\n",
         &[("v1.toml", small("v1")), ("v2.toml", small("v2"))],
         "2s",
     );

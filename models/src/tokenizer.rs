@@ -18,6 +18,7 @@ use crate::gguf::GgufFile;
 mod spm;
 
 /// GGUF token types (`tokenizer.ggml.token_type`).
+const TOKEN_UNKNOWN: i32 = 2;
 const TOKEN_CONTROL: i32 = 3;
 const TOKEN_USER_DEFINED: i32 = 4;
 
@@ -31,6 +32,60 @@ const END_OF_GENERATION: &[&str] = &[
     "<|end|>",
     "<end_of_turn>",
     "</s>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
+];
+
+/// Fill-in-the-middle markers, control tokens whatever type a GGUF gives
+/// them (as llama.cpp reads them; so are the end-of-generation tokens).
+const FILL_IN_THE_MIDDLE: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+    "<|fim_pad|>",
+    "<fim-pad>",
+    "<fim_pad>",
+    "<PAD>",
+    "[PAD]",
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+    "<|file_sep|>",
 ];
 
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -58,6 +113,20 @@ impl Tokenizer {
         } else {
             vec![1; tokens.len()]
         };
+        // Tokens that look like end-of-turn or fill-in-the-middle markers
+        // are control tokens even where the file types them as text.
+        let types: Vec<i32> = types
+            .into_iter()
+            .zip(&tokens)
+            .map(|(ty, t)| {
+                let t = t.as_str();
+                if END_OF_GENERATION.contains(&t) || FILL_IN_THE_MIDDLE.contains(&t) {
+                    TOKEN_CONTROL
+                } else {
+                    ty
+                }
+            })
+            .collect();
         let byte_level = match model.as_str() {
             "gpt2" => true,
             "llama" => false,
@@ -78,11 +147,24 @@ impl Tokenizer {
             spm::build(&tokens, &scores, &types, add_space_prefix)?
         };
 
+        let name = if gguf.has("general.name") {
+            gguf.string("general.name")?.to_lowercase()
+        } else {
+            String::new()
+        };
+        let phi3 = name.contains("phi-3") || name.contains("phi3");
         let specials: Vec<AddedToken> = tokens
             .iter()
             .zip(&types)
-            .filter(|(_, ty)| matches!(**ty, TOKEN_CONTROL | TOKEN_USER_DEFINED))
-            .map(|(t, ty)| AddedToken::from(t.clone(), *ty == TOKEN_CONTROL))
+            .filter(|(_, ty)| matches!(**ty, TOKEN_UNKNOWN | TOKEN_CONTROL | TOKEN_USER_DEFINED))
+            .map(|(t, ty)| {
+                let token = AddedToken::from(t.clone(), *ty != TOKEN_USER_DEFINED);
+                // Phi-3's special tokens swallow the whitespace after them,
+                // as in its Hugging Face tokenizer (llama.cpp knows the
+                // model by its name).
+                let keeps = matches!(t.as_str(), "<unk>" | "<s>" | "<|endoftext|>");
+                token.rstrip(phi3 && !keeps)
+            })
             .collect();
         inner.add_special_tokens(&specials);
 
@@ -345,20 +427,27 @@ fn byte_level_bpe(gguf: &GgufFile, tokens: &[String]) -> Result<tokenizers::Toke
         .enumerate()
         .map(|(i, t)| (t.clone(), i as u32))
         .collect();
-    let bpe = BPE::builder()
-        .vocab_and_merges(vocab, merges)
-        .build()
-        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
-    let mut inner = tokenizers::Tokenizer::new(bpe);
     let pre = if gguf.has("tokenizer.ggml.pre") {
         gguf.string("tokenizer.ggml.pre")?
     } else {
         "default".to_string()
     };
+    // Llama 3's vocabulary takes a piece that is a token as that token,
+    // whatever the merges would make of it (llama.cpp's `ignore_merges`).
+    let ignore_merges = LLAMA3_PRE.contains(&pre.as_str());
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| ModelError::Tokenizer(e.to_string()))?;
+    let mut inner = tokenizers::Tokenizer::new(bpe);
     inner.with_pre_tokenizer(Some(pre_tokenizer(&pre)?));
     inner.with_decoder(Some(ByteLevel::default()));
     Ok(inner)
 }
+
+/// The `tokenizer.ggml.pre` names of Llama 3's pre-tokenizer.
+const LLAMA3_PRE: [&str; 3] = ["llama-bpe", "llama3", "smaug-bpe"];
 
 fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
     let byte_level = |use_regex| ByteLevel::new(false, true, use_regex);
@@ -373,7 +462,7 @@ fn pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
         "smollm" | "starcoder" | "refact" => {
             Ok(Sequence::new(vec![Digits::new(true).into(), byte_level(true).into()]).into())
         }
-        "llama-bpe" | "llama3" | "smaug-bpe" => split(LLAMA3_SPLIT),
+        p if LLAMA3_PRE.contains(&p) => split(LLAMA3_SPLIT),
         "qwen2" | "deepseek-r1-qwen" => split(QWEN2_SPLIT),
         "gpt2" | "gpt-2" | "default" => Ok(byte_level(true).into()),
         other => Err(ModelError::Tokenizer(format!(
