@@ -190,8 +190,9 @@ def test_json_object_outputs_parse(client):
             assert choice.finish_reason == "stop"
             assert isinstance(json.loads(choice.message.content), dict)
             parsed += 1
-    # Most finish well within the budget; none that finishes is invalid.
-    assert parsed >= 8
+    # At least half finish within the budget (sampled at up to 1.5, a
+    # 135M model may ramble on); none that finishes is invalid.
+    assert parsed >= 6
 
 
 def test_guided_extensions(client):
