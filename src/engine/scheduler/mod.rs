@@ -24,6 +24,7 @@ use super::sequence::{Choice, Events, Next, Readiness, EVENTS_PER_STEP};
 use super::shell::Ticket;
 use super::{EngineError, EngineStats, GenerateEvent};
 
+mod failure;
 mod fair;
 mod lookup;
 #[cfg(test)]
@@ -564,30 +565,6 @@ impl Scheduler {
                 true
             }
             Err(_) => true,
-        }
-    }
-
-    /// Fails the requests of a batch whose forward pass failed; the
-    /// others run on.
-    fn fail_batch(&mut self, plan: &[Planned], message: String) -> bool {
-        tracing::error!(error = %message, "forward pass failed");
-        let ids: HashSet<u64> = plan.iter().map(|p| self.running[p.seq].request).collect();
-        self.fail(ids, &message);
-        true
-    }
-
-    /// Fails every request in hand (after a panic outside the forward pass).
-    pub(super) fn fail_all(&mut self) {
-        let ids: HashSet<u64> = self.requests.keys().copied().collect();
-        self.fail(ids, "the scheduler failed");
-    }
-
-    fn fail(&mut self, ids: HashSet<u64>, message: &str) {
-        for id in ids {
-            if let Some(req) = self.requests.get_mut(&id) {
-                req.events.fail(EngineError::Compute(message.to_string()));
-            }
-            self.remove(id);
         }
     }
 
