@@ -3,6 +3,7 @@ HTTP/1.1 client that streams one completion per fresh connection and times
 its chunks, and the two servers under test (Kindling and llama-server) as
 child processes."""
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -47,6 +48,35 @@ def pct(values, q):
     lo = int(k)
     hi = min(lo + 1, len(v) - 1)
     return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+def stream_chat(base, body):
+    """POSTs a streaming chat completion `body` to `base` (host, port); exits
+    on a non-200 answer. Returns (time to first text s, text, usage, total s)."""
+    host, port = base
+    conn = http.client.HTTPConnection(host, port, timeout=600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        sys.exit(f"{resp.status}: {resp.read()[:300]}")
+    ttft, text, usage = None, [], {}
+    for raw in resp:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if chunk.get("usage"):
+            usage = chunk["usage"]
+        for c in chunk.get("choices") or []:
+            piece = (c.get("delta") or {}).get("content")
+            if piece:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                text.append(piece)
+    total = time.perf_counter() - t0
+    conn.close()
+    return ttft, "".join(text), usage, total
 
 
 class ServerError(Exception):

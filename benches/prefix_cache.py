@@ -13,8 +13,6 @@ second over the whole workload, and the prompt tokens each server reported
 as cached.
 """
 import argparse
-import http.client
-import json
 import os
 import statistics
 import sys
@@ -24,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_servers import ROOT, Kindling, LlamaServer, pct  # noqa: E402
+from bench_servers import ROOT, Kindling, LlamaServer, pct, stream_chat  # noqa: E402
 
 SYSTEM = ("You are the support assistant of a company that sells garden tools. "
           "Answer politely, mention the warranty when it matters, never invent prices. ") * 48
@@ -33,32 +31,11 @@ QUESTIONS = ["Hello! Which spade should I buy?", "What about a rake?", "And for 
 
 
 def turn(base, model, messages, tokens, extra):
-    host, port = base
     body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, **extra}
-    conn = http.client.HTTPConnection(host, port, timeout=600)
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        sys.exit(f"{resp.status}: {resp.read()[:300]}")
-    ttft, text, usage = None, [], {}
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        chunk = json.loads(line[6:])
-        if chunk.get("usage"):
-            usage = chunk["usage"]
-        for c in chunk.get("choices") or []:
-            piece = (c.get("delta") or {}).get("content")
-            if piece:
-                if ttft is None:
-                    ttft = time.perf_counter() - t0
-                text.append(piece)
-    conn.close()
+    ttft, text, usage, _ = stream_chat(base, body)
     cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return ttft, "".join(text), usage.get("completion_tokens", 0), cached
+    return ttft, text, usage.get("completion_tokens", 0), cached
 
 
 def conversation(base, model, tokens, extra, user):

@@ -14,16 +14,14 @@ are compared and must be identical.
 """
 import argparse
 import http.client
-import json
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_servers import ROOT, Kindling, LlamaServer  # noqa: E402
+from bench_servers import ROOT, Kindling, LlamaServer, stream_chat  # noqa: E402
 
 PARAGRAPH = ("The old lighthouse stood at the edge of the cliff for more than a hundred years. Every night "
              "its keeper climbed the narrow stairs, wound the heavy clock and lit the great lamp, so that "
@@ -44,28 +42,10 @@ MODEL = "smollm2-135m"
 
 
 def request(base, model, messages, tokens, extra):
-    host, port = base
     body = {"model": model, "messages": messages, "max_tokens": tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, **extra}
-    conn = http.client.HTTPConnection(host, port, timeout=600)
-    t0 = time.perf_counter()
-    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"content-type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        sys.exit(f"{resp.status}: {resp.read()[:300]}")
-    ttft, text = None, []
-    for raw in resp:
-        line = raw.decode().strip()
-        if not line.startswith("data: ") or line == "data: [DONE]":
-            continue
-        for c in json.loads(line[6:]).get("choices") or []:
-            piece = (c.get("delta") or {}).get("content")
-            if piece:
-                ttft = ttft if ttft is not None else time.perf_counter() - t0
-                text.append(piece)
-    total = time.perf_counter() - t0
-    conn.close()
-    return {"rate": (tokens - 1) / (total - ttft), "total": total, "text": "".join(text)}
+    ttft, text, _, total = stream_chat(base, body)
+    return {"rate": (tokens - 1) / (total - ttft), "total": total, "text": text}
 
 
 def drafts(base):
