@@ -24,6 +24,11 @@ pub struct GgufFile {
     map: Arc<Mmap>,
 }
 
+/// Bytes that `elements` values of `dtype` take in a GGML file.
+pub(crate) fn ggml_bytes(dtype: GgmlDType, elements: usize) -> usize {
+    elements / dtype.block_size() * dtype.type_size()
+}
+
 /// One tensor's bytes in the mapped file.
 #[derive(Debug)]
 pub struct RawTensor<'a> {
@@ -97,7 +102,7 @@ impl GgufFile {
                 message: "missing from the weight file".into(),
             })?;
         let dtype = info.ggml_dtype;
-        let len = info.shape.elem_count() / dtype.block_size() * dtype.type_size();
+        let len = ggml_bytes(dtype, info.shape.elem_count());
         let offset = (self.content.tensor_data_offset + info.offset) as usize;
         let bytes = offset
             .checked_add(len)
@@ -132,7 +137,7 @@ impl GgufFile {
             .values()
             .map(|t| {
                 let elems = t.shape.elem_count();
-                (elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+                ggml_bytes(t.ggml_dtype, elems) as u64
             })
             .sum()
     }
@@ -155,9 +160,7 @@ impl GgufFile {
             .values()
             .map(|t| {
                 let elems = t.shape.elem_count();
-                self.content.tensor_data_offset
-                    + t.offset
-                    + (elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()) as u64
+                self.content.tensor_data_offset + t.offset + ggml_bytes(t.ggml_dtype, elems) as u64
             })
             .max()
             .unwrap_or(0);

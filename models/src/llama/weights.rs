@@ -12,7 +12,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Module, Tensor};
 
 use crate::error::{ModelError, Result};
-use crate::gguf::{GgufFile, RawTensor};
+use crate::gguf::{ggml_bytes, GgufFile, RawTensor};
 
 /// A projection `x · Wᵀ (+ b)`. On the CPU, Q4_0, Q4_1, Q5_K, Q4_K, Q6_K
 /// and Q8_0 weights run our kernels (four activation rows per weight pass,
@@ -75,7 +75,7 @@ impl TokenTable {
         let [rows, cols] = raw.dims[..] else {
             return None;
         };
-        let probe = raw.bytes.get(..Self::row_bytes(raw.dtype, cols))?;
+        let probe = raw.bytes.get(..ggml_bytes(raw.dtype, cols))?;
         kindling_kernels::quant::dequantize_ggml(raw.dtype, probe, &mut vec![0f32; cols])?.ok()?;
         Some(Self::Mapped {
             map,
@@ -84,10 +84,6 @@ impl TokenTable {
             rows,
             cols,
         })
-    }
-
-    fn row_bytes(dtype: GgmlDType, cols: usize) -> usize {
-        cols / dtype.block_size() * dtype.type_size()
     }
 
     /// The rows of `ids`, `[ids, width]` f32.
@@ -105,7 +101,7 @@ impl TokenTable {
                 rows,
                 cols,
             } => {
-                let row_bytes = Self::row_bytes(*dtype, *cols);
+                let row_bytes = ggml_bytes(*dtype, *cols);
                 let mut out = vec![0f32; ids.len() * cols];
                 for (&id, o) in ids.iter().zip(out.chunks_exact_mut(*cols)) {
                     if id as usize >= *rows {
@@ -243,7 +239,7 @@ impl Source for GgufFile {
         }
         let dtype = raw.dtype;
         let data = raw.bytes;
-        let row_bytes = cols / dtype.block_size() * dtype.type_size();
+        let row_bytes = ggml_bytes(dtype, cols);
         let mut at = 0;
         let mut out = Vec::with_capacity(parts.len());
         for &n in parts {
