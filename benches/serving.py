@@ -18,6 +18,14 @@ Single stream
     streamed tokens after the first divided by the time from the first to the
     last; llama.cpp's single-token `eval`s with an argmax in between.
   Medians over --runs runs after one warm-up; each run has its own prompt.
+  The two sides' runs alternate (Kindling's run 1, llama.cpp's run 1, then
+  llama.cpp first in run 2, ...), so a drift in the machine's speed over
+  the minutes of a run falls on both; the paired ratio (each run's Kindling
+  figure over the same run's llama.cpp figure) is reported beside the ratio
+  of medians, with its lowest and highest. Each side's run starts after
+  --settle seconds (default 1) of quiet, so the other side's threads have
+  stopped polling for work: llama.cpp's spin for a while after each
+  evaluation, and a run that starts under them loses a core.
 
 Concurrent streams (--concurrency, default 1,4,16,64), both through HTTP
   Each stream is one streaming /v1/completions request on a fresh connection
@@ -245,23 +253,19 @@ async def checked(base, prompt, max_tokens, timeout, what):
     return s
 
 
-async def kindling_single(base, prompts, args):
-    out = {"prefill_tok_s": [], "decode_tok_s": [], "decode_chunk_mismatch": 0}
-    for run in range(args.runs + 1):  # run 0 warms up
-        long = prompts.ids(f"prefill-{run}", args.prompt_tokens)
-        short = prompts.ids(f"decode-{run}", 8)
-        s = await checked(base, long, 1, args.request_timeout, "kindling prefill")
-        d = await checked(base, short, args.decode_tokens, args.request_timeout, "kindling decode")
-        if run == 0:
-            continue
-        out["prefill_tok_s"].append(len(long) / (s.times[0] - s.start))
-        # Chunks after the first over their span; exact when each chunk is one token.
-        out["decode_tok_s"].append((len(d.times) - 1) / (d.times[-1] - d.times[0]))
-        out["decode_chunk_mismatch"] += d.tokens != len(d.times)
-    return out
+async def kindling_run(base, prompts, run, args):
+    """One single-stream run: (prompt tok/s, decode tok/s, chunk mismatch)."""
+    long = prompts.ids(f"prefill-{run}", args.prompt_tokens)
+    short = prompts.ids(f"decode-{run}", 8)
+    s = await checked(base, long, 1, args.request_timeout, "kindling prefill")
+    d = await checked(base, short, args.decode_tokens, args.request_timeout, "kindling decode")
+    # Chunks after the first over their span; exact when each chunk is one token.
+    return (len(long) / (s.times[0] - s.start), (len(d.times) - 1) / (d.times[-1] - d.times[0]),
+            d.tokens != len(d.times))
 
 
-def llama_single(llm, prompts, args):
+def llama_run(llm, prompts, run, args):
+    """One single-stream run of llama.cpp in process: (prompt tok/s, decode tok/s)."""
     def timed(ids, decode):
         llm.reset()
         t0 = time.perf_counter()
@@ -275,44 +279,72 @@ def llama_single(llm, prompts, args):
         t3 = time.perf_counter()
         return t1 - t0, t3 - t2
 
-    out = {"prefill_tok_s": [], "decode_tok_s": []}
+    long = prompts.ids(f"prefill-{run}", args.prompt_tokens)
+    short = prompts.ids(f"decode-{run}", 8)
+    lp, _ = timed(long, 1)
+    _, ld = timed(short, args.decode_tokens)
+    return len(long) / lp, (args.decode_tokens - 1) / ld
+
+
+async def single_stream(base, llm, prompts, args):
+    """The single-stream runs, the two sides interleaved run by run (the
+    machine's speed drifts over minutes; interleaving puts both sides under
+    the same drift), which side goes first alternating. Run 0 warms up."""
+    res = {}
+    if base:
+        res["kindling"] = {"prefill_tok_s": [], "decode_tok_s": [], "decode_chunk_mismatch": 0}
+    if llm:
+        res["llama.cpp"] = {"prefill_tok_s": [], "decode_tok_s": []}
     for run in range(args.runs + 1):
-        long = prompts.ids(f"prefill-{run}", args.prompt_tokens)
-        short = prompts.ids(f"decode-{run}", 8)
-        lp, _ = timed(long, 1)
-        _, ld = timed(short, args.decode_tokens)
-        if run == 0:
-            continue
-        out["prefill_tok_s"].append(len(long) / lp)
-        out["decode_tok_s"].append((args.decode_tokens - 1) / ld)
-    return out
+        order = ["kindling", "llama.cpp"] if run % 2 == 0 else ["llama.cpp", "kindling"]
+        for side in (s for s in order if s in res):
+            # Let the other side's threads stop spinning and sleep first
+            # (llama.cpp's poll for work after each evaluation).
+            await asyncio.sleep(args.settle)
+            if side == "kindling":
+                prefill, decode, mismatch = await kindling_run(base, prompts, run, args)
+            else:
+                (prefill, decode), mismatch = llama_run(llm, prompts, run, args), False
+            if run == 0:
+                continue
+            res[side]["prefill_tok_s"].append(prefill)
+            res[side]["decode_tok_s"].append(decode)
+            if mismatch:
+                res[side]["decode_chunk_mismatch"] += 1
+    return res
 
 
 def level_prompts(prompts, level, args):
     return [prompts.ids(f"level-{level}-stream-{i}", args.stream_prompt_tokens) for i in range(level)]
 
 
-async def bench_kindling(prompts, args):
+async def bench_kindling(prompts, args, llm):
+    """Kindling's levels, after the single-stream runs of both sides (`llm`,
+    when llama.cpp runs too, is interleaved with Kindling's); returns
+    Kindling's results and llama.cpp's single-stream ones."""
     binary = os.environ.get("KINDLING_BIN", str(ROOT / "target" / "release" / "kindling"))
     server = Kindling(binary, args.kindling_config, args.threads)
     try:
         # Warm-up: loads the model.
         await checked(server.base, prompts.ids("warmup", args.stream_prompt_tokens), args.max_tokens,
                       args.request_timeout, "kindling warm-up")
-        res = {"single": await kindling_single(server.base, prompts, args), "levels": {}}
+        single = await single_stream(server.base, llm, prompts, args)
+        res = {"single": single["kindling"], "levels": {}}
         for level in args.concurrency:
             print(f"  kindling: {level} streams", file=sys.stderr, flush=True)
             res["levels"][level] = await run_level(server.base, level_prompts(prompts, level, args),
                                                    args.max_tokens, args.request_timeout)
         if server.proc.poll() is not None:
             sys.exit("kindling exited during the run:\n" + "\n".join(server.tail))
-        return res
+        return res, single.get("llama.cpp")
     finally:
         server.stop()
 
 
-async def bench_llama(llm, prompts, args):
-    res = {"single": llama_single(llm, prompts, args), "levels": {}, "server_args": {}}
+async def bench_llama(llm, prompts, args, single):
+    if single is None:
+        single = (await single_stream(None, llm, prompts, args))["llama.cpp"]
+    res = {"single": single, "levels": {}, "server_args": {}}
     ctx = -(-(args.stream_prompt_tokens + args.max_tokens + 16) // 256) * 256
     for level in args.concurrency:
         print(f"  llama.cpp: {level} streams", file=sys.stderr, flush=True)
@@ -374,6 +406,13 @@ def report(facts, build, args, results):
     for label, better, k, l in rows:
         ratio = k / l if k is not None and l else None
         print(f"{label:34}{fmt(k):>11}{fmt(l):>11}{fmt(ratio, 2):>8}  {better}")
+    paired = {}
+    if len(results) == 2:
+        for key, label in (("prefill_tok_s", "prompt"), ("decode_tok_s", "decode")):
+            pairs = [a / b for a, b in zip(results["kindling"]["single"][key], results["llama.cpp"]["single"][key])]
+            paired[key] = {"median": statistics.median(pairs), "min": min(pairs), "max": max(pairs)}
+            print(f"paired {label} ratio, run by run: median {paired[key]['median']:.2f} "
+                  f"(lowest {paired[key]['min']:.2f}, highest {paired[key]['max']:.2f})")
     notes = []
     for side, r in results.items():
         for level, lv in r["levels"].items():
@@ -394,7 +433,7 @@ def report(facts, build, args, results):
     print(json.dumps({
         "machine": facts, "build": build,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "median": med, "results": results,
+        "median": med, "paired_ratio": paired, "results": results,
     }))
 
 
@@ -407,6 +446,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64, help="output tokens per concurrent stream")
     ap.add_argument("--stream-prompt-tokens", type=int, default=96, help="prompt tokens per concurrent stream")
     ap.add_argument("--concurrency", default="1,4,16,64", help="comma-separated stream counts")
+    ap.add_argument("--settle", type=float, default=1.0,
+                    help="seconds of quiet before each single-stream run of either side")
     ap.add_argument("--kindling-config", type=Path, default=ROOT / "configs" / "kindling.toml")
     ap.add_argument("--gguf", type=Path, default=GGUF,
                     help="the GGUF both sides serve (default: the demo model); Kindling serves it "
@@ -433,15 +474,19 @@ def main():
     vocab = llama_cpp.Llama(str(args.gguf), vocab_only=True, verbose=False)
     prompts = Prompts(vocab)
     results = {}
-    if not args.skip_kindling:
-        results["kindling"] = asyncio.run(bench_kindling(prompts, args))
+    llm = None
     if not args.skip_llama:
         llm = llama_cpp.Llama(str(args.gguf), n_ctx=2 * args.prompt_tokens + args.decode_tokens + 64,
                               n_batch=max(512, args.prompt_tokens), n_threads=args.threads,
                               n_threads_batch=args.threads, verbose=False)
-        try:
-            results["llama.cpp"] = asyncio.run(bench_llama(llm, prompts, args))
-        finally:
+    try:
+        llama_single = None
+        if not args.skip_kindling:
+            results["kindling"], llama_single = asyncio.run(bench_kindling(prompts, args, llm))
+        if llm:
+            results["llama.cpp"] = asyncio.run(bench_llama(llm, prompts, args, llama_single))
+    finally:
+        if llm:
             llm.close()
     report(facts, build, args, results)
 
