@@ -3,15 +3,18 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 
 use super::{by_float_type, contiguous_of, rows_of, Float};
 
 /// Normalizes each row of `x` (f32 values) into `out`.
 fn rms_rows(x: &[f32], weight: &[f32], out: &mut [f32], eps: f32) {
+    // The same arithmetic as candle's `rms_norm` (one running sum, then a
+    // division by the root), so the two give the same bits.
     let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
-    let inv = 1.0 / (mean + eps).sqrt();
+    let root = (mean + eps).sqrt();
     for ((o, v), w) in out.iter_mut().zip(x).zip(weight) {
-        *o = v * inv * w;
+        *o = v / root * w;
     }
 }
 
@@ -52,29 +55,51 @@ fn rms_norm_cpu<T: Float>(
     };
     let parts = if res.is_some() { 2 } else { 1 };
     let mut out = vec![T::zero(); parts * rows * hidden];
-    let (mut row, mut normed) = (vec![0f32; hidden], vec![0f32; hidden]);
-    for r in 0..rows {
+    let (sums, normed_out) = out.split_at_mut((parts - 1) * rows * hidden);
+    // Rows in parallel, a few at a time: a prompt's rows are independent.
+    let one_row = |r: usize, sum: &mut [T], normed_row: &mut [T], row: &mut Vec<f32>| {
+        row.clear();
         let xr = &x[r * xs..r * xs + hidden];
         match res {
             Some((res, rs)) => {
-                for (i, v) in row.iter_mut().enumerate() {
+                for ((o, x), y) in sum.iter_mut().zip(xr).zip(&res[r * rs..r * rs + hidden]) {
                     // Rounded to T, as an unfused add would store it.
-                    let s = T::from_f64(xr[i].to_f64() + res[r * rs + i].to_f64());
-                    out[r * hidden + i] = s;
-                    *v = s.to_f64() as f32;
+                    *o = T::from_f64(x.to_f64() + y.to_f64());
+                    row.push(o.to_f64() as f32);
                 }
             }
-            None => {
-                for (v, x) in row.iter_mut().zip(xr) {
-                    *v = x.to_f64() as f32;
-                }
-            }
+            None => row.extend(xr.iter().map(|x| x.to_f64() as f32)),
         }
-        rms_rows(&row, &weight, &mut normed, eps);
-        let at = (parts - 1) * rows * hidden + r * hidden;
-        for (o, v) in out[at..at + hidden].iter_mut().zip(&normed) {
+        let mut normed = vec![0f32; hidden];
+        rms_rows(row, &weight, &mut normed, eps);
+        for (o, v) in normed_row.iter_mut().zip(&normed) {
             *o = T::from_f64(f64::from(*v));
         }
+    };
+    let chunk = 16;
+    let span = (chunk * hidden).max(1);
+    if res.is_some() {
+        sums.par_chunks_mut(span)
+            .zip(normed_out.par_chunks_mut(span))
+            .enumerate()
+            .for_each_init(Vec::new, |row, (c, (sum, normed))| {
+                for (i, (s, n)) in sum
+                    .chunks_mut(hidden)
+                    .zip(normed.chunks_mut(hidden))
+                    .enumerate()
+                {
+                    one_row(c * chunk + i, s, n, row);
+                }
+            });
+    } else {
+        normed_out
+            .par_chunks_mut(span)
+            .enumerate()
+            .for_each_init(Vec::new, |row, (c, normed)| {
+                for (i, n) in normed.chunks_mut(hidden).enumerate() {
+                    one_row(c * chunk + i, &mut [], n, row);
+                }
+            });
     }
     let shape = if parts == 2 {
         Shape::from((2, rows, hidden))

@@ -10,6 +10,7 @@
 
 mod config;
 mod device;
+mod group;
 mod variant;
 mod weights;
 
@@ -20,6 +21,7 @@ use kindling_kernels::{paged_attention, QueryRow, RopeTables, Scoring};
 
 pub use config::{LlamaConfig, RopeScaling};
 pub use device::DeviceLlama;
+use group::{Group, Projection};
 pub use variant::{Activation, SlidingWindow, Variant};
 pub(crate) use weights::index_files;
 pub(crate) use weights::map_folder;
@@ -37,23 +39,17 @@ struct RmsNorm {
 
 impl RmsNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        Ok(kindling_kernels::rms_norm(x, &self.weight, self.eps)?)
     }
-}
 
-/// A projection with an optional bias (Qwen2's q/k/v have one).
-struct Projection {
-    weight: Linear,
-    bias: Option<Tensor>,
-}
-
-impl Projection {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.forward(x)?;
-        Ok(match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        })
+    /// `(x + residual, norm(x + residual))`, in one parallel pass.
+    fn add_forward(&self, x: &Tensor, residual: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok(kindling_kernels::add_rms_norm(
+            x,
+            residual,
+            &self.weight,
+            self.eps,
+        )?)
     }
 }
 
@@ -61,17 +57,16 @@ struct Block {
     attn_norm: RmsNorm,
     /// Qwen3's per-head RMS norms of queries and keys (before rotation).
     qk_norm: Option<(RmsNorm, RmsNorm)>,
-    q: Projection,
-    k: Projection,
-    v: Projection,
+    /// Queries, keys and values.
+    qkv: Group,
     o: Projection,
     /// Gemma's norm of the attention output.
     post_attn_norm: Option<RmsNorm>,
     ffn_norm: RmsNorm,
     /// Gemma's norm of the MLP output.
     post_ffn_norm: Option<RmsNorm>,
-    gate: Projection,
-    up: Projection,
+    /// The MLP's gate and up projections.
+    gate_up: Group,
     down: Projection,
 }
 
@@ -159,35 +154,21 @@ impl Llama {
                 })
             };
             let fused_qkv = src.block_name(i, Part::Qkv, false);
-            let (q, k, v) = if src.contains(&fused_qkv) {
-                // Phi-3: one projection, split by rows into q, k and v.
+            let qkv = if src.contains(&fused_qkv) {
+                // Phi-3: one projection, whose rows are q's, k's and v's.
                 let (q_rows, kv_rows) = (cfg.heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim);
-                let mut parts = src.linear_split(&fused_qkv, &[q_rows, kv_rows, kv_rows])?;
-                let mut next = || Projection {
-                    weight: parts.remove(0),
-                    bias: None,
-                };
-                (next(), next(), next())
+                Group::stored_fused(src, &fused_qkv, &[q_rows, kv_rows, kv_rows])?
             } else {
-                (
-                    proj(src, Part::Q)?,
-                    proj(src, Part::K)?,
-                    proj(src, Part::V)?,
-                )
+                Group::load(src, i, &[Part::Q, Part::K, Part::V])?
             };
             let o = proj(src, Part::O)?;
-            let (gate, up) = if src.contains(&src.block_name(i, Part::Gate, false)) {
-                (proj(src, Part::Gate)?, proj(src, Part::Up)?)
+            let gate_up = if src.contains(&src.block_name(i, Part::Gate, false)) {
+                Group::load(src, i, &[Part::Gate, Part::Up])?
             } else {
                 // Phi-3: the up projection holds the gate's rows, then the up's.
                 let ff = cfg.intermediate_size;
                 let name = src.block_name(i, Part::Up, false);
-                let mut parts = src.linear_split(&name, &[ff, ff])?;
-                let mut next = || Projection {
-                    weight: parts.remove(0),
-                    bias: None,
-                };
-                (next(), next())
+                Group::stored_fused(src, &name, &[ff, ff])?
             };
             let down = proj(src, Part::Down)?;
             let names = (
@@ -212,15 +193,12 @@ impl Llama {
             blocks.push(Block {
                 attn_norm: norm(src, names.0)?,
                 qk_norm,
-                q,
-                k,
-                v,
+                qkv,
                 o,
                 post_attn_norm,
                 ffn_norm: norm(src, names.1)?,
                 post_ffn_norm,
-                gate,
-                up,
+                gate_up,
                 down,
             });
         }
@@ -305,24 +283,37 @@ impl Llama {
             Some(n) => n.forward(&y),
             None => Ok(y),
         };
+        // Each residual add is fused with the norm that follows it (the
+        // next block's, or the final one), so no pass over the rows is a
+        // separate elementwise op.
+        let mut h = match self.blocks.first() {
+            Some(first) => first.attn_norm.forward(&x)?,
+            None => self.norm.forward(&x)?,
+        };
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x)?;
             let attn = self.attention(block, layer, &h, &step, cache)?;
-            x = (post(&block.post_attn_norm, attn)? + &x)?;
-            let h = block.ffn_norm.forward(&x)?;
-            let (gate, up) = (block.gate.forward(&h)?, block.up.forward(&h)?);
+            (x, h) = block
+                .ffn_norm
+                .add_forward(&post(&block.post_attn_norm, attn)?, &x)?;
+            let [gate, up] = <[Tensor; 2]>::try_from(block.gate_up.forward(&h)?)
+                .map_err(|_| parts_error("gate/up"))?;
             let gated = match variant.activation {
                 Activation::Silu => kindling_kernels::silu_mul(&gate, &up)?,
                 Activation::GeluTanh => (gate.gelu()? * up)?,
             };
-            x = (post(&block.post_ffn_norm, block.down.forward(&gated)?)? + &x)?;
+            let next = match self.blocks.get(layer + 1) {
+                Some(b) => &b.attn_norm,
+                None => &self.norm,
+            };
+            let ffn = post(&block.post_ffn_norm, block.down.forward(&gated)?)?;
+            (x, h) = next.add_forward(&ffn, &x)?;
         }
         if wanted.is_empty() {
             return Ok(Vec::new());
         }
         let n = wanted.len();
-        let last = x.index_select(&Tensor::from_vec(wanted, n, &Device::Cpu)?, 0)?;
-        let logits = self.lm_head.forward(&self.norm.forward(&last)?)?;
+        let last = h.index_select(&Tensor::from_vec(wanted, n, &Device::Cpu)?, 0)?;
+        let logits = self.lm_head.forward(&last)?;
         let mut logits: Vec<Vec<f32>> = logits.to_dtype(DType::F32)?.to_vec2()?;
         if let Some(cap) = variant.final_softcap {
             for l in logits.iter_mut().flatten() {
@@ -342,8 +333,7 @@ impl Llama {
     ) -> Result<Tensor> {
         let (nh, hd) = (self.cfg.heads, self.cfg.head_dim);
         // Each head's vector, RMS-normed where the model has q/k norms.
-        let rows = |p: &Projection, norm: Option<&RmsNorm>| -> Result<Vec<f32>> {
-            let y = p.forward(x)?;
+        let rows = |y: Tensor, norm: Option<&RmsNorm>| -> Result<Vec<f32>> {
             let y = match norm {
                 Some(n) => n.forward(&y.reshape(((), hd))?)?,
                 None => y,
@@ -355,9 +345,11 @@ impl Llama {
             Some((qn, kn)) => (Some(qn), Some(kn)),
             None => (None, None),
         };
-        let mut q = rows(&block.q, qn)?;
-        let mut k = rows(&block.k, kn)?;
-        let v = rows(&block.v, None)?;
+        let [q, k, v] =
+            <[Tensor; 3]>::try_from(block.qkv.forward(x)?).map_err(|_| parts_error("q/k/v"))?;
+        let mut q = rows(q, qn)?;
+        let mut k = rows(k, kn)?;
+        let v = rows(v, None)?;
         let variant = &self.cfg.variant;
         let window = variant
             .sliding
@@ -438,6 +430,14 @@ fn hf_config(dir: &Path) -> Result<LlamaConfig> {
     let path = dir.join("config.json");
     let json = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path, source })?;
     LlamaConfig::from_hf_json(&json)
+}
+
+/// A projection group that gave other than the parts its block expects.
+fn parts_error(what: &str) -> ModelError {
+    ModelError::Tensor {
+        name: what.into(),
+        message: "the projection group has another number of parts".into(),
+    }
 }
 
 /// Per-token inputs shared by every layer of one pass.

@@ -44,6 +44,17 @@ impl Linear {
         Ok(Self::Candle(QMatMul::from_qtensor(q)?))
     }
 
+    /// The output width (the weight's rows).
+    pub(crate) fn rows(&self) -> Result<usize> {
+        Ok(match self {
+            Self::Candle(QMatMul::QTensor(q)) => q.shape().dims2()?.0,
+            Self::Candle(QMatMul::Tensor(w) | QMatMul::TensorF16(w)) | Self::Dense(w) => {
+                w.dims2()?.0
+            }
+            Self::Quant(m) => m.dims().0,
+        })
+    }
+
     /// `x` is `[rows, in]`; the result `[rows, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
@@ -164,8 +175,10 @@ pub(crate) trait Source {
     fn contains(&self, name: &str) -> bool;
     /// A projection weight, kept in its storage format where we can compute on it.
     fn linear(&mut self, name: &str) -> Result<Linear>;
-    /// A fused projection split by output rows into `parts` (their sizes).
-    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>>;
+    /// The projections `names` as one, their output rows in order, with
+    /// each one's width; `None` where they cannot be one (different
+    /// storage formats or input widths).
+    fn linear_fused(&mut self, names: &[String]) -> Result<Option<(Linear, Vec<usize>)>>;
     /// A tensor as f32 (norms, biases).
     fn dense(&mut self, name: &str) -> Result<Tensor>;
     /// A norm's weights as f32, as they multiply.
@@ -223,31 +236,30 @@ impl Source for GgufFile {
         Linear::from_raw(name, &self.raw(name)?)
     }
 
-    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
-        let raw = self.raw(name)?;
-        let [rows, cols] = raw.dims[..] else {
-            return Err(ModelError::Tensor {
-                name: name.into(),
-                message: format!("expected a matrix, got shape {:?}", raw.dims),
-            });
+    fn linear_fused(&mut self, names: &[String]) -> Result<Option<(Linear, Vec<usize>)>> {
+        let mut bytes = Vec::new();
+        let mut widths = Vec::with_capacity(names.len());
+        let mut format = None;
+        for name in names {
+            let raw = self.raw(name)?;
+            let [rows, cols] = raw.dims[..] else {
+                return Ok(None);
+            };
+            if *format.get_or_insert((raw.dtype, cols)) != (raw.dtype, cols) {
+                return Ok(None);
+            }
+            // Row-major blocks: the rows of one after the rows of the other.
+            bytes.extend_from_slice(raw.bytes);
+            widths.push(rows);
+        }
+        let Some((dtype, cols)) = format else {
+            return Ok(None);
         };
-        if parts.iter().sum::<usize>() != rows {
-            return Err(ModelError::Tensor {
-                name: name.into(),
-                message: format!("{rows} rows do not split into {parts:?}"),
-            });
-        }
-        let dtype = raw.dtype;
-        let data = raw.bytes;
-        let row_bytes = ggml_bytes(dtype, cols);
-        let mut at = 0;
-        let mut out = Vec::with_capacity(parts.len());
-        for &n in parts {
-            let bytes = &data[at * row_bytes..(at + n) * row_bytes];
-            out.push(Linear::from_bytes(dtype, bytes, n, cols)?);
-            at += n;
-        }
-        Ok(out)
+        let rows = widths.iter().sum();
+        Ok(Some((
+            Linear::from_bytes(dtype, &bytes, rows, cols)?,
+            widths,
+        )))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
@@ -415,15 +427,23 @@ impl Source for Safetensors {
         Ok(Linear::Dense(self.dense(name)?))
     }
 
-    fn linear_split(&mut self, name: &str, parts: &[usize]) -> Result<Vec<Linear>> {
-        let w = self.dense(name)?;
-        let mut at = 0;
-        let mut out = Vec::with_capacity(parts.len());
-        for &n in parts {
-            out.push(Linear::Dense(w.narrow(0, at, n)?.contiguous()?));
-            at += n;
+    fn linear_fused(&mut self, names: &[String]) -> Result<Option<(Linear, Vec<usize>)>> {
+        let parts = names
+            .iter()
+            .map(|n| self.dense(n))
+            .collect::<Result<Vec<_>>>()?;
+        let cols: Vec<usize> = parts
+            .iter()
+            .map(|w| w.dim(1))
+            .collect::<candle_core::Result<_>>()?;
+        if cols.windows(2).any(|c| c[0] != c[1]) {
+            return Ok(None);
         }
-        Ok(out)
+        let widths = parts
+            .iter()
+            .map(|w| w.dim(0))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Some((Linear::Dense(Tensor::cat(&parts, 0)?), widths)))
     }
 
     fn dense(&mut self, name: &str) -> Result<Tensor> {
