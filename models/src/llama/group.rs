@@ -9,6 +9,9 @@ use candle_core::Tensor;
 use super::weights::{Linear, Part, Source};
 use crate::error::{ModelError, Result};
 
+/// The most output bytes one product of a fused group makes at once.
+const SLICE_BYTES: usize = 1 << 20;
+
 /// A projection `x · Wᵀ (+ b)`.
 pub(super) struct Projection {
     pub(super) weight: Linear,
@@ -102,15 +105,31 @@ impl Group {
     pub(super) fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
             Self::Fused { weight, widths } => {
-                let y = weight.forward(x)?;
-                let mut at = 0;
-                widths
-                    .iter()
-                    .map(|&w| {
-                        let part = y.narrow(1, at, w)?.contiguous()?;
-                        at += w;
-                        Ok(part)
-                    })
+                // A prompt's rows go through in slices, so that the product's
+                // buffers stay small enough to be reused from the heap
+                // rather than mapped and faulted in anew (a 512-row gate|up
+                // product of SmolLM2 is 6 MB); each slice's output is split
+                // straight into the parts.
+                let (m, total) = (x.dim(0)?, widths.iter().sum::<usize>().max(1));
+                let slice = (SLICE_BYTES / (4 * total)).max(8);
+                let mut parts: Vec<Vec<f32>> =
+                    widths.iter().map(|w| Vec::with_capacity(m * w)).collect();
+                for start in (0..m).step_by(slice) {
+                    let rows = slice.min(m - start);
+                    let y = weight.forward(&x.narrow(0, start, rows)?)?;
+                    let y = y.flatten_all()?.to_vec1::<f32>()?;
+                    for row in y.chunks_exact(total) {
+                        let mut at = 0;
+                        for (part, &w) in parts.iter_mut().zip(widths) {
+                            part.extend_from_slice(&row[at..at + w]);
+                            at += w;
+                        }
+                    }
+                }
+                parts
+                    .into_iter()
+                    .zip(widths)
+                    .map(|(p, &w)| Ok(Tensor::from_vec(p, (m, w), x.device())?))
                     .collect()
             }
             Self::Apart(parts) => parts.iter().map(|p| p.forward(x)).collect(),
