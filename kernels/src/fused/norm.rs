@@ -57,49 +57,51 @@ fn rms_norm_cpu<T: Float>(
     let mut out = vec![T::zero(); parts * rows * hidden];
     let (sums, normed_out) = out.split_at_mut((parts - 1) * rows * hidden);
     // Rows in parallel, a few at a time: a prompt's rows are independent.
-    let one_row = |r: usize, sum: &mut [T], normed_row: &mut [T], row: &mut Vec<f32>| {
-        row.clear();
-        let xr = &x[r * xs..r * xs + hidden];
-        match res {
-            Some((res, rs)) => {
-                for ((o, x), y) in sum.iter_mut().zip(xr).zip(&res[r * rs..r * rs + hidden]) {
-                    // Rounded to T, as an unfused add would store it.
-                    *o = T::from_f64(x.to_f64() + y.to_f64());
-                    row.push(o.to_f64() as f32);
+    let one_row =
+        |r: usize, sum: &mut [T], normed_row: &mut [T], scratch: &mut (Vec<f32>, Vec<f32>)| {
+            let (row, normed) = scratch;
+            row.clear();
+            let xr = &x[r * xs..r * xs + hidden];
+            match res {
+                Some((res, rs)) => {
+                    for ((o, x), y) in sum.iter_mut().zip(xr).zip(&res[r * rs..r * rs + hidden]) {
+                        // Rounded to T, as an unfused add would store it.
+                        *o = T::from_f64(x.to_f64() + y.to_f64());
+                        row.push(o.to_f64() as f32);
+                    }
                 }
+                None => row.extend(xr.iter().map(|x| x.to_f64() as f32)),
             }
-            None => row.extend(xr.iter().map(|x| x.to_f64() as f32)),
-        }
-        let mut normed = vec![0f32; hidden];
-        rms_rows(row, &weight, &mut normed, eps);
-        for (o, v) in normed_row.iter_mut().zip(&normed) {
-            *o = T::from_f64(f64::from(*v));
-        }
-    };
+            normed.resize(hidden, 0.0);
+            rms_rows(row, &weight, normed, eps);
+            for (o, v) in normed_row.iter_mut().zip(normed.iter()) {
+                *o = T::from_f64(f64::from(*v));
+            }
+        };
     let chunk = 16;
     let span = (chunk * hidden).max(1);
     if res.is_some() {
         sums.par_chunks_mut(span)
             .zip(normed_out.par_chunks_mut(span))
             .enumerate()
-            .for_each_init(Vec::new, |row, (c, (sum, normed))| {
+            .for_each_init(Default::default, |scratch, (c, (sum, normed))| {
                 for (i, (s, n)) in sum
                     .chunks_mut(hidden)
                     .zip(normed.chunks_mut(hidden))
                     .enumerate()
                 {
-                    one_row(c * chunk + i, s, n, row);
+                    one_row(c * chunk + i, s, n, scratch);
                 }
             });
     } else {
-        normed_out
-            .par_chunks_mut(span)
-            .enumerate()
-            .for_each_init(Vec::new, |row, (c, normed)| {
+        normed_out.par_chunks_mut(span).enumerate().for_each_init(
+            Default::default,
+            |scratch, (c, normed)| {
                 for (i, n) in normed.chunks_mut(hidden).enumerate() {
-                    one_row(c * chunk + i, &mut [], n, row);
+                    one_row(c * chunk + i, &mut [], n, scratch);
                 }
-            });
+            },
+        );
     }
     let shape = if parts == 2 {
         Shape::from((2, rows, hidden))

@@ -19,6 +19,19 @@ pub(super) struct Projection {
 }
 
 impl Projection {
+    /// Part `part` of layer `layer`, with its bias where the file has one.
+    pub(super) fn load(src: &mut dyn Source, layer: usize, part: Part) -> Result<Self> {
+        let bias = src.block_name(layer, part, true);
+        Ok(Self {
+            weight: src.linear(&src.block_name(layer, part, false))?,
+            bias: if src.contains(&bias) {
+                Some(src.dense(&bias)?)
+            } else {
+                None
+            },
+        })
+    }
+
     pub(super) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.weight.forward(x)?;
         Ok(match &self.bias {
@@ -69,17 +82,10 @@ impl Group {
                 });
             }
         }
-        let mut apart = Vec::with_capacity(parts.len());
-        for (name, bias) in names.iter().zip(&biases) {
-            apart.push(Projection {
-                weight: src.linear(name)?,
-                bias: if src.contains(bias) {
-                    Some(src.dense(bias)?)
-                } else {
-                    None
-                },
-            });
-        }
+        let apart = parts
+            .iter()
+            .map(|&p| Projection::load(src, layer, p))
+            .collect::<Result<_>>()?;
         Ok(Self::Apart(apart))
     }
 

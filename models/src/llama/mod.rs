@@ -142,17 +142,6 @@ impl Llama {
         };
         let mut blocks = Vec::with_capacity(cfg.layers);
         for i in 0..cfg.layers {
-            let proj = |src: &mut dyn Source, part: Part| -> Result<Projection> {
-                let bias = src.block_name(i, part, true);
-                Ok(Projection {
-                    weight: src.linear(&src.block_name(i, part, false))?,
-                    bias: if src.contains(&bias) {
-                        Some(src.dense(&bias)?)
-                    } else {
-                        None
-                    },
-                })
-            };
             let fused_qkv = src.block_name(i, Part::Qkv, false);
             let qkv = if src.contains(&fused_qkv) {
                 // Phi-3: one projection, whose rows are q's, k's and v's.
@@ -161,7 +150,7 @@ impl Llama {
             } else {
                 Group::load(src, i, &[Part::Q, Part::K, Part::V])?
             };
-            let o = proj(src, Part::O)?;
+            let o = Projection::load(src, i, Part::O)?;
             let gate_up = if src.contains(&src.block_name(i, Part::Gate, false)) {
                 Group::load(src, i, &[Part::Gate, Part::Up])?
             } else {
@@ -170,7 +159,7 @@ impl Llama {
                 let name = src.block_name(i, Part::Up, false);
                 Group::stored_fused(src, &name, &[ff, ff])?
             };
-            let down = proj(src, Part::Down)?;
+            let down = Projection::load(src, i, Part::Down)?;
             let names = (
                 src.block_name(i, Part::AttnNorm, false),
                 src.block_name(i, Part::FfnNorm, false),
