@@ -98,7 +98,24 @@ pub fn paged_attention(
 ) -> Vec<f32> {
     let d = layout.head_dim;
     check(q, heads, rows, layout);
-    let group = heads / layout.kv_heads;
+    let cache = CacheLayer { k, v, layout };
+    #[cfg(target_arch = "x86_64")]
+    if tile::available(d) {
+        return tile::paged_attention(q, heads, rows, cache, scoring);
+    }
+    by_query(q, heads, rows, cache, scoring)
+}
+
+/// [`paged_attention`] one query row and head at a time.
+fn by_query(
+    q: &[f32],
+    heads: usize,
+    rows: &[QueryRow<'_>],
+    cache: CacheLayer<'_>,
+    scoring: Scoring,
+) -> Vec<f32> {
+    let d = cache.layout.head_dim;
+    let group = heads / cache.layout.kv_heads;
     let mut out = vec![0f32; q.len()];
     out.par_chunks_mut(d)
         .with_min_len(4)
@@ -106,7 +123,6 @@ pub fn paged_attention(
         .for_each_init(Vec::new, |scores, (i, o)| {
             let (row, head) = (i / heads, i % heads);
             let query = &q[i * d..(i + 1) * d];
-            let cache = CacheLayer { k, v, layout };
             attend(query, &rows[row], head / group, cache, scoring, scores, o);
         });
     out
@@ -205,6 +221,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 
 /// The plain reference: gathers each row's keys and values into contiguous
 /// tensors and runs candle's stock matmul and softmax.
