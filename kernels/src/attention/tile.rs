@@ -4,7 +4,7 @@
 //! from L1, where one query at a time streams them from L2.
 //!
 //! Each query's arithmetic is that of [`super::attend`] step for step: the
-//! same four-key dot products and reduction, the same soft cap, maximum and
+//! same dot products and reduction tree, the same soft cap, maximum and
 //! exponentials over the same slice, the same in-order weighted sums. The
 //! results are bit-identical, so a row still does not depend on the rows it
 //! shares a call with.
@@ -18,7 +18,7 @@ const TILE_ROWS: usize = 8;
 
 /// Whether the tiled path runs for head size `d` on this CPU (AVX2 and FMA).
 pub(super) fn available(d: usize) -> bool {
-    d.is_multiple_of(8) && simd::avx2()
+    d > 0 && d.is_multiple_of(8) && simd::avx2()
 }
 
 /// [`super::paged_attention`] by tiles; the caller checked the shapes and
@@ -31,28 +31,45 @@ pub(super) fn paged_attention(
     scoring: Scoring,
 ) -> Vec<f32> {
     let layout = cache.layout;
-    let (d, group) = (layout.head_dim, heads / layout.kv_heads);
-    let tasks: Vec<(usize, usize, usize)> = tiles(rows)
-        .flat_map(|(start, end)| (0..layout.kv_heads).map(move |h| (start, end, h)))
+    let d = layout.head_dim;
+    if q.is_empty() {
+        return Vec::new();
+    }
+    let (kv_heads, group) = (layout.kv_heads, heads / layout.kv_heads);
+    let tiles: Vec<(usize, usize)> = tiles(rows).collect();
+    // A few tiles of a few key/value heads (one sequence decoding) would
+    // leave workers idle: then each group's query heads are split too.
+    let want = 2 * rayon::current_num_threads().max(1);
+    let pieces = want.div_ceil(tiles.len() * kv_heads).clamp(1, group);
+    let per_piece = group.div_ceil(pieces);
+    let tasks: Vec<Tile> = tiles
+        .iter()
+        .flat_map(|&(start, end)| {
+            (0..kv_heads).flat_map(move |kv_head| {
+                (0..group).step_by(per_piece).map(move |g| Tile {
+                    q,
+                    heads,
+                    first_row: start,
+                    rows: &rows[start..end],
+                    kv_head,
+                    first_head: kv_head * group + g,
+                    count: per_piece.min(group - g),
+                })
+            })
+        })
         .collect();
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map_init(Scratch::default, |scratch, &(start, end, kv_head)| {
-            let tile = Tile {
-                q,
-                heads,
-                first_row: start,
-                rows: &rows[start..end],
-                kv_head,
-            };
+        .map_init(Scratch::default, |scratch, tile| {
             tile.attend(cache, scoring, scratch)
         })
         .collect();
     let mut out = vec![0f32; q.len()];
-    for (&(start, end, kv_head), part) in tasks.iter().zip(&parts) {
-        for (r, src) in (start..end).zip(part.chunks_exact(group * d)) {
-            let at = (r * heads + kv_head * group) * d;
-            out[at..at + group * d].copy_from_slice(src);
+    for (tile, part) in tasks.iter().zip(&parts) {
+        let len = tile.count * d;
+        for (i, src) in part.chunks_exact(len).enumerate() {
+            let at = ((tile.first_row + i) * heads + tile.first_head) * d;
+            out[at..at + len].copy_from_slice(src);
         }
     }
     out
@@ -83,21 +100,23 @@ struct Scratch {
     scores: Vec<f32>,
 }
 
-/// The rows of one tile and the query heads of one key/value head.
+/// The rows of one tile and `count` query heads from `first_head`, all of
+/// key/value head `kv_head`.
 struct Tile<'a> {
     q: &'a [f32],
     heads: usize,
     first_row: usize,
     rows: &'a [QueryRow<'a>],
     kv_head: usize,
+    first_head: usize,
+    count: usize,
 }
 
 impl Tile<'_> {
-    /// The tile's outputs: `[rows][group][head_dim]`.
+    /// The tile's outputs: `[rows][count][head_dim]`.
     fn attend(&self, cache: CacheLayer<'_>, scoring: Scoring, scratch: &mut Scratch) -> Vec<f32> {
         let CacheLayer { k, v, layout } = cache;
-        let (d, bs) = (layout.head_dim, layout.block_size);
-        let group = self.heads / layout.kv_heads;
+        let (d, bs, count) = (layout.head_dim, layout.block_size, self.count);
         let ranges: Vec<(usize, usize)> = self
             .rows
             .iter()
@@ -112,10 +131,10 @@ impl Tile<'_> {
         };
         let scores = &mut scratch.scores;
         scores.clear();
-        scores.resize(self.rows.len() * group * width, 0.0);
+        scores.resize(self.rows.len() * count * width, 0.0);
 
-        // The parts of each block span that each row sees: (span's block
-        // offset, row, first position, end position, span's first position).
+        // The part of each block span that each row sees: (the offset of
+        // its first key or value, the row, its first and end positions).
         let mut parts = Vec::new();
         let mut pos = from;
         for (block, slot, n) in spans(&union, bs, from) {
@@ -131,9 +150,9 @@ impl Tile<'_> {
 
         for &(at, i, lo, hi) in &parts {
             let keys = &k[at..at + (hi - lo) * d];
-            let queries = self.queries(i, group, d);
-            let out = &mut scores[i * group * width + (lo - from)..];
-            for_query_chunks(group, |m, g| {
+            let queries = self.queries(i, d);
+            let out = &mut scores[i * count * width + (lo - from)..];
+            for_query_chunks(count, |m, g| {
                 score(
                     m,
                     &queries[g * d..],
@@ -149,8 +168,8 @@ impl Tile<'_> {
         // Each row's scores become its weights `exp(s − max) · (1 / Σ)`,
         // the products the per-query sums form one key at a time.
         for (i, &(lo, hi)) in ranges.iter().enumerate() {
-            for g in 0..group {
-                let row = (i * group + g) * width;
+            for g in 0..count {
+                let row = (i * count + g) * width;
                 let s = &mut scores[row + lo - from..row + hi - from];
                 scoring.cap(s);
                 let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
@@ -159,12 +178,12 @@ impl Tile<'_> {
             }
         }
 
-        let mut out = vec![0f32; self.rows.len() * group * d];
+        let mut out = vec![0f32; self.rows.len() * count * d];
         for &(at, i, lo, hi) in &parts {
             let values = &v[at..at + (hi - lo) * d];
-            let weights = &scores[i * group * width + (lo - from)..];
-            let outs = &mut out[i * group * d..(i + 1) * group * d];
-            for_query_chunks(group, |m, g| {
+            let weights = &scores[i * count * width + (lo - from)..];
+            let outs = &mut out[i * count * d..(i + 1) * count * d];
+            for_query_chunks(count, |m, g| {
                 weigh(
                     m,
                     values,
@@ -177,10 +196,10 @@ impl Tile<'_> {
         out
     }
 
-    /// The `group` query rows of tile row `i` for this key/value head.
-    fn queries(&self, i: usize, group: usize, d: usize) -> &[f32] {
-        let at = ((self.first_row + i) * self.heads + self.kv_head * group) * d;
-        &self.q[at..at + group * d]
+    /// The tile's `count` queries of tile row `i`.
+    fn queries(&self, i: usize, d: usize) -> &[f32] {
+        let at = ((self.first_row + i) * self.heads + self.first_head) * d;
+        &self.q[at..at + self.count * d]
     }
 }
 
