@@ -170,14 +170,24 @@ pub(crate) fn product<A: ActBlock>(
                 tile(task * per_task + k, &xq, kb, tile_out);
             }
         });
-    let mut out = vec![0f32; m * rows];
-    for (t, tile) in by_tile.chunks_exact(m * ROWS).enumerate() {
-        let width = ROWS.min(rows - t * ROWS);
-        for (r, eight) in tile.chunks_exact(ROWS).enumerate() {
-            let at = r * rows + t * ROWS;
-            out[at..at + width].copy_from_slice(&eight[..width]);
-        }
-    }
+    // Reordered to `[row][rows]` by output row, in parallel, straight into
+    // the result's unwritten memory (no zeroing first).
+    let mut out: Vec<f32> = Vec::with_capacity(m * rows);
+    out.spare_capacity_mut()[..m * rows]
+        .par_chunks_mut(rows)
+        .with_min_len(8)
+        .enumerate()
+        .for_each(|(r, dst)| {
+            for (t, dst) in dst.chunks_mut(ROWS).enumerate() {
+                let src = &by_tile[(t * m + r) * ROWS..];
+                for (d, &s) in dst.iter_mut().zip(src) {
+                    d.write(s);
+                }
+            }
+        });
+    // SAFETY: every one of the `m · rows` values was written above: row
+    // `r`'s chunk `t` holds the `min(8, rows − 8t)` values of tile `t`.
+    unsafe { out.set_len(m * rows) };
     out
 }
 
