@@ -279,6 +279,21 @@ mod tests {
 
     use super::*;
 
+    /// Random keys and values for `blocks` blocks of `layout`, and the
+    /// block ids in a random order.
+    pub(super) fn random_cache(
+        rng: &mut StdRng,
+        layout: PagedLayout,
+        blocks: usize,
+    ) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
+        let len = blocks * layout.block_len();
+        let k = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let v = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut ids: Vec<u32> = (0..blocks as u32).collect();
+        ids.shuffle(rng);
+        (k, v, ids)
+    }
+
     #[test]
     fn matches_the_reference_on_scattered_blocks() {
         let mut rng = StdRng::seed_from_u64(3);
@@ -289,13 +304,8 @@ mod tests {
                 kv_heads,
                 head_dim: d,
             };
-            let blocks_total = 40;
-            let len = blocks_total * layout.block_len();
-            let k: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let v: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut ids: Vec<u32> = (0..blocks_total as u32).collect();
-            ids.shuffle(&mut rng);
-            let (a, b) = ids.split_at(blocks_total / 2);
+            let (k, v, ids) = random_cache(&mut rng, layout, 40);
+            let (a, b) = ids.split_at(ids.len() / 2);
             // Rows of two sequences at various positions, including a row
             // that ends exactly on a block boundary and the very first.
             let seen = [1, bs, bs + 1, 3 * bs - 1, a.len() * bs];

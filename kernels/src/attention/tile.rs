@@ -412,9 +412,9 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use rand::rngs::StdRng;
-    use rand::seq::SliceRandom;
     use rand::{Rng, SeedableRng};
 
+    use super::super::tests::random_cache;
     use super::super::{by_query, PagedLayout};
     use super::*;
 
@@ -440,13 +440,8 @@ mod tests {
                 kv_heads,
                 head_dim: d,
             };
-            let blocks_total = 48;
-            let len = blocks_total * layout.block_len();
-            let k: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let v: Vec<f32> = (0..len).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let mut ids: Vec<u32> = (0..blocks_total as u32).collect();
-            ids.shuffle(&mut rng);
-            let (a, b) = ids.split_at(blocks_total / 2);
+            let (k, v, ids) = random_cache(&mut rng, layout, 48);
+            let (a, b) = ids.split_at(ids.len() / 2);
             // A prompt of 19 rows (tiles of 8, 8 and 3), a decode row of
             // another sequence, then a chunk of the first one further on.
             let mut rows: Vec<QueryRow> =
