@@ -5,7 +5,9 @@
 //! time, and the output is summed 32 lanes at a time in registers over all
 //! of a block's values; elsewhere, and for head sizes that are not a
 //! multiple of 8, the portable loops run. Either way a row's result does not
-//! depend on the other rows of the call.
+//! depend on the other rows of the call. Where AVX2 runs, attention itself
+//! goes by tiles ([`super::tile`]); these AVX2 loops are the arithmetic the
+//! tiles are held to, bit for bit, in its tests.
 
 /// Appends `scale · (query · key)` for each key of `keys` (`d` values each).
 pub(super) fn scores(query: &[f32], keys: &[f32], d: usize, scale: f32, out: &mut Vec<f32>) {

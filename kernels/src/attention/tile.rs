@@ -60,9 +60,7 @@ pub(super) fn paged_attention(
         .collect();
     let parts: Vec<Vec<f32>> = tasks
         .par_iter()
-        .map_init(Scratch::default, |scratch, tile| {
-            tile.attend(cache, scoring, scratch)
-        })
+        .map_init(Vec::new, |scores, tile| tile.attend(cache, scoring, scores))
         .collect();
     let mut out = vec![0f32; q.len()];
     for (tile, part) in tasks.iter().zip(&parts) {
@@ -94,12 +92,6 @@ fn tiles<'a>(rows: &'a [QueryRow<'_>]) -> impl Iterator<Item = (usize, usize)> +
     })
 }
 
-/// Reused between the tiles of one worker.
-#[derive(Default)]
-struct Scratch {
-    scores: Vec<f32>,
-}
-
 /// The rows of one tile and `count` query heads from `first_head`, all of
 /// key/value head `kv_head`.
 struct Tile<'a> {
@@ -114,7 +106,8 @@ struct Tile<'a> {
 
 impl Tile<'_> {
     /// The tile's outputs: `[rows][count][head_dim]`.
-    fn attend(&self, cache: CacheLayer<'_>, scoring: Scoring, scratch: &mut Scratch) -> Vec<f32> {
+    /// `scores` is scratch, reused between the tiles of one worker.
+    fn attend(&self, cache: CacheLayer<'_>, scoring: Scoring, scores: &mut Vec<f32>) -> Vec<f32> {
         let CacheLayer { k, v, layout } = cache;
         let (d, bs, count) = (layout.head_dim, layout.block_size, self.count);
         let ranges: Vec<(usize, usize)> = self
@@ -129,7 +122,6 @@ impl Tile<'_> {
             blocks: self.rows[0].blocks,
             seen: to,
         };
-        let scores = &mut scratch.scores;
         scores.clear();
         scores.resize(self.rows.len() * count * width, 0.0);
 
